@@ -1,0 +1,1 @@
+"""ptserve prompts: artifacts, the prompted forward, prompt stores; no web framework here."""

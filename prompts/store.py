@@ -1,0 +1,73 @@
+"""The ``PromptStore`` protocol: where task artifacts live, with a current-version pointer per task.
+
+Stores deal in already-validated artifact bytes plus the manifest JSON; they never parse tensors.
+Every method is synchronous and may block on I/O: the service calls them off the event loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    """The raw bytes of one artifact version as read from a store."""
+
+    task: str
+    version: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One task as listed by a store: its current version and that version's manifest."""
+
+    task: str
+    version: str
+    manifest: dict[str, Any]
+    size_bytes: int
+    versions: tuple[str, ...]  # newest first, the current one included
+
+
+@runtime_checkable
+class PromptStore(Protocol):
+    """Artifacts stored under (task, version), with an atomically moved current-version pointer."""
+
+    def put(self, task: str, version: str, data: bytes, manifest_json: str) -> None:
+        """Store ``data`` as ``version`` of ``task`` and make it current, atomically.
+
+        Readers see the old current version or the new one, never a partial write. Putting a
+        version that already exists only moves the pointer. Older versions are kept (bounded).
+        """
+        ...
+
+    def get(self, task: str, version: str | None = None) -> StoredArtifact:
+        """The current version (or the named one). Raises TaskNotFoundError / VersionNotFoundError."""
+        ...
+
+    def current_version(self, task: str) -> str:
+        """The version the pointer names. Raises TaskNotFoundError."""
+        ...
+
+    def set_current(self, task: str, version: str) -> None:
+        """Move the pointer to an existing version (rollback). Raises Task/VersionNotFoundError."""
+        ...
+
+    def versions(self, task: str) -> list[str]:
+        """Stored versions, newest first. Raises TaskNotFoundError."""
+        ...
+
+    def list_tasks(self) -> list[TaskRecord]:
+        """Every task with its current version's manifest, sorted by task name, without tensors."""
+        ...
+
+    def delete(self, task: str) -> None:
+        """Remove the task and all its versions. Raises TaskNotFoundError."""
+        ...
+
+    def ping(self) -> None:
+        """Raise StoreUnavailableError if the store cannot be used right now."""
+        ...
+
+    def close(self) -> None: ...

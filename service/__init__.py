@@ -1,0 +1,1 @@
+"""ptserve: the serving runtime (settings, app, routes, batcher, cache, CLI)."""
