@@ -1,0 +1,310 @@
+"""The prompt artifact: one safetensors file whose metadata holds a JSON manifest.
+
+Tensors (all float32, float16 or bfloat16):
+
+- ``prefix``      [layers, 2, heads, prefix_length, head_dim]  deep prefix keys (index 0) and values (1)
+- ``prompt``      [prompt_length, hidden]                      input-prompt embeddings placed before the text
+- ``head.weight`` [num_labels, hidden]                         linear head on the pooled position
+- ``head.bias``   [num_labels]
+
+The manifest lives under the metadata key ``ptserve.manifest``. Artifacts are data only: no pickle is
+ever read, and every check below fails with a message that says what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from prompts.backbone import BackboneSpec
+from prompts.errors import ArtifactError, ArtifactTooLargeError, IncompatibleArtifactError
+from prompts.names import TASK_NAME_PATTERN
+
+FORMAT = "ptserve.prompt/1"
+MANIFEST_KEY = "ptserve.manifest"
+DEFAULT_MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
+MAX_LABELS = 10_000
+ALLOWED_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+Method = Literal["p-tuning-v2", "p-tuning", "prompt-tuning", "linear-probe", "custom"]
+
+
+class HeadSpec(BaseModel):
+    """Which position is pooled and whether the backbone's own pooler (dense + tanh) runs first.
+
+    ``cls`` pools the text's first token (after any input prompt), ``first`` pools sequence
+    position 0 (the first input-prompt token when there is one: PEFT's sequence-classification
+    convention), ``mean`` averages the text tokens.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pooling: Literal["cls", "first", "mean"] = "cls"
+    pooler: Literal["none", "backbone"] = "none"
+
+
+class BackboneRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fingerprint: str = Field(min_length=1, max_length=200)
+    model_type: str = Field(min_length=1, max_length=64)
+    num_layers: int = Field(ge=1)
+    num_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+
+
+class Manifest(BaseModel):
+    """Everything needed to serve the tensors exactly as they were trained."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["ptserve.prompt/1"] = FORMAT
+    task: str
+    labels: list[str] = Field(min_length=2, max_length=MAX_LABELS)
+    method: Method
+    prefix_length: int = Field(ge=0, le=4096)
+    prompt_length: int = Field(ge=0, le=4096)
+    head: HeadSpec = HeadSpec()
+    # "after_prefix": text positions start at prefix_length (the HF / PEFT / P-tuning v2 convention,
+    # where BERT offsets position ids by the cache length); "from_zero": they start at 0.
+    positions: Literal["after_prefix", "from_zero"] = "after_prefix"
+    backbone: BackboneRef
+    version: str = ""
+    created_at: str = ""
+    metrics: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None
+
+    @field_validator("task")
+    @classmethod
+    def _task_name(cls, value: str) -> str:
+        if TASK_NAME_PATTERN.fullmatch(value) is None:
+            raise ValueError(
+                f"invalid task name {value[:80]!r}: expected 1-64 characters of a-z, 0-9, '_', '.', '-', "
+                "starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: list[str]) -> list[str]:
+        for label in value:
+            if not label.strip() or len(label) > 200:
+                raise ValueError(f"label {label[:80]!r} must be 1-200 characters and not blank")
+        dupes = sorted(label for label, n in Counter(value).items() if n > 1)
+        if dupes:
+            raise ValueError(f"duplicate labels: {dupes[:10]}")
+        return value
+
+
+@dataclass(frozen=True)
+class PromptArtifact:
+    """A parsed, internally consistent artifact; ``data`` is its exact serialised form."""
+
+    manifest: Manifest
+    tensors: dict[str, torch.Tensor]
+    data: bytes
+
+    @property
+    def task(self) -> str:
+        return self.manifest.task
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    def manifest_json(self) -> str:
+        return self.manifest.model_dump_json()
+
+
+def content_version(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> str:
+    """A hash of everything that defines the artifact except the version field and creation time."""
+    h = hashlib.sha256()
+    payload = manifest.model_dump(mode="json", exclude={"version", "created_at"})
+    h.update(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"|{name}|{ALLOWED_DTYPES.get(t.dtype, str(t.dtype))}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def expected_shapes(manifest: Manifest) -> dict[str, tuple[int, ...]]:
+    b = manifest.backbone
+    shapes: dict[str, tuple[int, ...]] = {
+        "head.weight": (len(manifest.labels), b.hidden_size),
+        "head.bias": (len(manifest.labels),),
+    }
+    if manifest.prefix_length:
+        shapes["prefix"] = (b.num_layers, 2, b.num_heads, manifest.prefix_length, b.head_dim)
+    if manifest.prompt_length:
+        shapes["prompt"] = (manifest.prompt_length, b.hidden_size)
+    return shapes
+
+
+def build_artifact(
+    *,
+    task: str,
+    labels: list[str],
+    spec: BackboneSpec,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor,
+    prefix: torch.Tensor | None = None,
+    prompt: torch.Tensor | None = None,
+    method: Method = "p-tuning-v2",
+    pooling: Literal["cls", "first", "mean"] = "cls",
+    pooler: Literal["none", "backbone"] = "none",
+    positions: Literal["after_prefix", "from_zero"] = "after_prefix",
+    metrics: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+) -> PromptArtifact:
+    """Write an artifact from tensors (shapes as in the module docstring); validated like any upload."""
+    tensors: dict[str, torch.Tensor] = {
+        "head.weight": head_weight.detach().to("cpu", torch.float32).contiguous(),
+        "head.bias": head_bias.detach().to("cpu", torch.float32).contiguous(),
+    }
+    if prefix is not None:
+        tensors["prefix"] = prefix.detach().to("cpu", torch.float32).contiguous()
+    if prompt is not None:
+        tensors["prompt"] = prompt.detach().to("cpu", torch.float32).contiguous()
+    try:
+        manifest = Manifest(
+            task=task,
+            labels=list(labels),
+            method=method,
+            prefix_length=int(prefix.shape[3]) if prefix is not None and prefix.dim() == 5 else 0,
+            prompt_length=int(prompt.shape[0]) if prompt is not None else 0,
+            head=HeadSpec(pooling=pooling, pooler=pooler),
+            positions=positions,
+            backbone=BackboneRef(**spec.as_manifest()),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            metrics=metrics,
+            training=training,
+        )
+    except ValidationError as exc:
+        raise ArtifactError(f"invalid manifest: {_pydantic_message(exc)}") from exc
+    manifest = manifest.model_copy(update={"version": content_version(manifest, tensors)})
+    data = st_save(tensors, metadata={MANIFEST_KEY: manifest.model_dump_json()})
+    artifact = parse_artifact(data)
+    check_compatible(artifact, spec)
+    return artifact
+
+
+def _pydantic_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(x) for x in err["loc"]) or "manifest"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def _read_header(data: bytes) -> dict[str, Any]:
+    """Parse the safetensors header ourselves: it is the only way to read metadata from bytes."""
+    if len(data) == 0:
+        raise ArtifactError("the upload is empty (0 bytes); expected a safetensors file")
+    if data[:1] == b"\x80":
+        raise ArtifactError("not a safetensors file: it looks like a Python pickle, which is never loaded")
+    if len(data) < 8:
+        raise ArtifactError(f"not a safetensors file: {len(data)} bytes is shorter than the 8-byte header length")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len == 0 or header_len > len(data) - 8:
+        raise ArtifactError(
+            f"not a safetensors file (or truncated): header length {header_len} but only {len(data) - 8} bytes follow"
+        )
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"not a safetensors file: the header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ArtifactError("not a safetensors file: the header is not a JSON object")
+    return header
+
+
+def parse_artifact(data: bytes, *, max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) -> PromptArtifact:
+    """Validate everything that can be checked without a backbone; raise ArtifactError on any fault."""
+    if len(data) > max_bytes:
+        raise ArtifactTooLargeError(f"artifact is {len(data)} bytes; the limit is {max_bytes} bytes")
+    header = _read_header(data)
+    metadata = header.get("__metadata__") or {}
+    raw_manifest = metadata.get(MANIFEST_KEY) if isinstance(metadata, dict) else None
+    if raw_manifest is None:
+        raise ArtifactError(f"safetensors file has no ptserve manifest (metadata key {MANIFEST_KEY!r})")
+    try:
+        manifest = Manifest.model_validate_json(raw_manifest)
+    except ValidationError as exc:
+        raise ArtifactError(f"invalid manifest: {_pydantic_message(exc)}") from exc
+    try:
+        tensors = st_load(data)
+    except Exception as exc:
+        raise ArtifactError(f"corrupt or truncated tensor data: {exc}") from exc
+
+    expected = expected_shapes(manifest)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ArtifactError(
+            f"tensor names do not match the manifest (prefix_length={manifest.prefix_length}, "
+            f"prompt_length={manifest.prompt_length}): missing {missing}, unexpected {extra}"
+        )
+    for name, shape in expected.items():
+        t = tensors[name]
+        if t.dtype not in ALLOWED_DTYPES:
+            raise ArtifactError(f"tensor {name!r} has dtype {t.dtype}; expected float32, float16 or bfloat16")
+        if tuple(t.shape) != shape:
+            raise ArtifactError(f"tensor {name!r} has shape {list(t.shape)}; the manifest implies {list(shape)}")
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ArtifactError(f"tensor {name!r} holds {bad} non-finite values (NaN or Inf)")
+    if manifest.prefix_length == 0 and manifest.prompt_length == 0 and manifest.method not in (
+        "linear-probe",
+        "custom",
+    ):
+        raise ArtifactError(f"method {manifest.method!r} needs a prefix or an input prompt; the artifact has neither")
+
+    actual = content_version(manifest, tensors)
+    if manifest.version != actual:
+        raise ArtifactError(
+            f"manifest version {manifest.version!r} does not match the content hash {actual!r}: "
+            "the file is corrupt or was edited after export"
+        )
+    return PromptArtifact(manifest=manifest, tensors=tensors, data=data)
+
+
+def check_compatible(artifact: PromptArtifact, spec: BackboneSpec) -> None:
+    """Refuse an artifact that does not fit this backbone, naming the first mismatch."""
+    ref = artifact.manifest.backbone
+    mine = spec.as_manifest()
+    for field in ("model_type", "num_layers", "num_heads", "head_dim", "hidden_size"):
+        theirs = getattr(ref, field)
+        if theirs != mine[field]:
+            raise IncompatibleArtifactError(
+                f"artifact for task {artifact.task!r} was built for a backbone with {field}={theirs}; "
+                f"this service runs {spec.describe()} ({field}={mine[field]})"
+            )
+    if ref.fingerprint != spec.fingerprint:
+        raise IncompatibleArtifactError(
+            f"artifact for task {artifact.task!r} was trained on backbone {ref.fingerprint}; "
+            f"this service runs {spec.fingerprint} (same shapes, different weights)"
+        )
+    if max_text_tokens(artifact.manifest, spec) < 2:
+        raise IncompatibleArtifactError(
+            f"artifact for task {artifact.task!r} uses {artifact.manifest.prefix_length} prefix and "
+            f"{artifact.manifest.prompt_length} prompt positions, leaving no room for text within "
+            f"the backbone's {spec.max_positions} positions"
+        )
+
+
+def max_text_tokens(manifest: Manifest, spec: BackboneSpec) -> int:
+    """How many text tokens (special tokens included) fit in the position table for this task."""
+    used = manifest.prompt_length + (manifest.prefix_length if manifest.positions == "after_prefix" else 0)
+    return spec.max_positions - used

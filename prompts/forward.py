@@ -1,0 +1,235 @@
+"""The prompted forward: one backbone pass for a batch whose rows may each belong to a different task.
+
+This is the single implementation of how a task's prompt is applied to the backbone; the service and
+the trainer both call :func:`prompted_forward`, so a task gives the same logits served alone, in a
+mixed batch, or evaluated by the trainer.
+
+Per row ``b`` with task prefix length ``P_b``, input-prompt length ``K_b`` and text length ``T_b``:
+
+- keys/values seen by every layer: ``[prefix_b (P_b) | pad ... | prompt_b + text_b (K_b + T_b) | pad ...]``
+  where the prefix part is padded to ``P = max P_b`` and masked per row;
+- query sequence: ``[prompt_b (K_b) | text_b (T_b) | pad ...]`` padded to ``S = max (K_b + T_b)``;
+- position ids: ``base + offset_b + arange(S)``, ``offset_b = P_b`` under the "after_prefix" convention
+  (HF BERT offsets positions by the cache length, which is what PEFT and P-tuning v2 trained with);
+- pooled vector: text [CLS] (index ``K_b``), sequence position 0, or the mean of text tokens;
+- logits over the row's own labels; columns past its label count are ``-inf``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from prompts.artifact import PromptArtifact
+from prompts.backbone import Backbone
+
+
+@dataclass(eq=False)
+class TaskPrompt:
+    """One task's tensors on the backbone's device and dtype (or trainable parameters while training).
+
+    Compared by identity: a batch groups its rows by the TaskPrompt object they carry.
+    """
+
+    prefix: torch.Tensor | None  # [layers, 2, heads, P, head_dim]
+    prompt: torch.Tensor | None  # [K, hidden]
+    head_weight: torch.Tensor  # [C, hidden]
+    head_bias: torch.Tensor  # [C]
+    pooling: str = "cls"  # "cls" | "first" | "mean"
+    use_pooler: bool = False
+    positions_after_prefix: bool = True
+
+    @property
+    def prefix_length(self) -> int:
+        return 0 if self.prefix is None else int(self.prefix.shape[3])
+
+    @property
+    def prompt_length(self) -> int:
+        return 0 if self.prompt is None else int(self.prompt.shape[0])
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.head_weight.shape[0])
+
+    def nbytes(self) -> int:
+        tensors = [self.prefix, self.prompt, self.head_weight, self.head_bias]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    @classmethod
+    def from_artifact(cls, artifact: PromptArtifact, device: torch.device, dtype: torch.dtype) -> TaskPrompt:
+        t = artifact.tensors
+        m = artifact.manifest
+
+        def move(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(device=device, dtype=dtype).contiguous()
+
+        head_weight = move(t["head.weight"])
+        head_bias = move(t["head.bias"])
+        assert head_weight is not None and head_bias is not None
+        return cls(
+            prefix=move(t.get("prefix")),
+            prompt=move(t.get("prompt")),
+            head_weight=head_weight,
+            head_bias=head_bias,
+            pooling=m.head.pooling,
+            use_pooler=m.head.pooler == "backbone",
+            positions_after_prefix=m.positions == "after_prefix",
+        )
+
+
+def _pad_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """Zero-pad ``x`` along ``dim`` up to ``size`` (the padded part is always masked or ignored)."""
+    missing = size - x.shape[dim]
+    if missing == 0:
+        return x
+    pad_shape = list(x.shape)
+    pad_shape[dim] = missing
+    return torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
+
+
+def prompted_forward(
+    backbone: Backbone,
+    input_ids: Sequence[Sequence[int]],
+    rows: Sequence[TaskPrompt],
+) -> torch.Tensor:
+    """Run the backbone once over ``input_ids`` (one token list per row, special tokens included),
+    applying each row's task prompt. Returns logits ``[B, max labels]``, ``-inf`` past a row's labels.
+
+    Differentiable with respect to the TaskPrompt tensors (the trainer's path); the service wraps the
+    call in ``torch.inference_mode``.
+    """
+    if len(input_ids) != len(rows) or not rows:
+        raise ValueError(f"need one task per row and at least one row, got {len(input_ids)} texts, {len(rows)} tasks")
+    model = backbone.model
+    spec = backbone.spec
+    device, dtype = backbone.device, backbone.dtype
+    batch = len(rows)
+
+    # Group rows by task so each task's tensors are padded once, then spread to rows by index.
+    task_index: dict[int, int] = {}
+    tasks: list[TaskPrompt] = []
+    row_task_list: list[int] = []
+    for task in rows:
+        slot = task_index.get(id(task))
+        if slot is None:
+            slot = task_index[id(task)] = len(tasks)
+            tasks.append(task)
+        row_task_list.append(slot)
+    row_task = torch.tensor(row_task_list, device=device)  # [B]
+
+    def per_row(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, device=device)[row_task]  # [B]
+
+    prefix_len = per_row([t.prefix_length for t in tasks])  # [B]
+    prompt_len = per_row([t.prompt_length for t in tasks])  # [B]
+    text_len = torch.tensor([len(ids) for ids in input_ids], device=device)  # [B]
+    max_prefix = max(t.prefix_length for t in tasks)
+    max_prompt = max(t.prompt_length for t in tasks)
+    max_text = int(text_len.max())
+    seq_len = int((prompt_len + text_len).max())
+
+    # Text token embeddings, right-padded.
+    ids = torch.full((batch, max_text), backbone.pad_token_id, dtype=torch.long)  # [B, T]
+    for b, row_ids in enumerate(input_ids):
+        ids[b, : len(row_ids)] = torch.as_tensor(row_ids, dtype=torch.long)
+    text_embeds = backbone.word_embeddings(ids.to(device))  # [B, T, hidden]
+
+    if max_prompt == 0:
+        inputs_embeds = text_embeds  # [B, S, hidden], S == T
+    else:
+        # Row b reads prompt_b for j < K_b, then its text: a gather from [prompts | text] per row.
+        prompts = torch.stack(
+            [
+                _pad_dim(t.prompt, 0, max_prompt)
+                if t.prompt is not None
+                else text_embeds.new_zeros(max_prompt, spec.hidden_size)
+                for t in tasks
+            ]
+        )[row_task]  # [B, Kmax, hidden]
+        source = torch.cat([prompts.to(dtype), text_embeds], dim=1)  # [B, Kmax + T, hidden]
+        j = torch.arange(seq_len, device=device).unsqueeze(0)  # [1, S]
+        k = prompt_len.unsqueeze(1)  # [B, 1]
+        src = torch.where(j < k, j, max_prompt + (j - k))  # [B, S]
+        src = src.clamp(max=max_prompt + max_text - 1)  # padded slots read anything; they are masked
+        inputs_embeds = torch.gather(source, 1, src.unsqueeze(-1).expand(-1, -1, source.shape[-1]))
+
+    # Positions: [B, S]; padded slots clamped into the table (masked anyway).
+    offsets = torch.where(
+        per_row([int(t.positions_after_prefix) for t in tasks]).bool(), prefix_len, torch.zeros_like(prefix_len)
+    )
+    positions = spec.position_base + offsets.unsqueeze(1) + torch.arange(seq_len, device=device).unsqueeze(0)
+    positions = positions.clamp(max=spec.position_base + spec.max_positions - 1)
+
+    # Additive mask over keys [prefix (P) | sequence (S)], broadcast over heads and queries: [B, 1, 1, P + S].
+    key_pos = torch.arange(max_prefix + seq_len, device=device).unsqueeze(0)  # [1, P + S]
+    in_prefix = key_pos < prefix_len.unsqueeze(1)
+    in_seq = (key_pos >= max_prefix) & (key_pos < max_prefix + (prompt_len + text_len).unsqueeze(1))
+    mask = torch.zeros((batch, max_prefix + seq_len), dtype=dtype, device=device)
+    mask = mask.masked_fill(~(in_prefix | in_seq), torch.finfo(dtype).min)[:, None, None, :]
+
+    cache = None
+    if max_prefix > 0:
+        # A fresh cache per call: the forward appends this batch's keys/values to it.
+        prefixes = torch.stack(
+            [
+                _pad_dim(t.prefix, 3, max_prefix)
+                if t.prefix is not None
+                else text_embeds.new_zeros(spec.num_layers, 2, spec.num_heads, max_prefix, spec.head_dim)
+                for t in tasks
+            ]
+        )[row_task].to(dtype)  # [B, layers, 2, heads, P, head_dim]
+        cache = DynamicCache(ddp_cache_data=[(prefixes[:, layer, 0], prefixes[:, layer, 1]) for layer in range(spec.num_layers)])
+
+    out = model(
+        inputs_embeds=inputs_embeds,
+        attention_mask=mask,
+        position_ids=positions,
+        token_type_ids=torch.zeros((batch, seq_len), dtype=torch.long, device=device),
+        past_key_values=cache,
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state  # [B, S, hidden]
+
+    pooled = _pool(hidden, tasks, row_task, prompt_len, text_len)  # [B, hidden]
+    pooler_rows = per_row([int(t.use_pooler) for t in tasks]).bool()
+    if bool(pooler_rows.any()):
+        if model.pooler is None:
+            raise ValueError("a task asks for the backbone pooler, but this backbone has none")
+        pooled = torch.where(pooler_rows.unsqueeze(1), model.pooler.activation(model.pooler.dense(pooled)), pooled)
+
+    max_labels = max(t.num_labels for t in tasks)
+    weights = torch.stack([_pad_dim(t.head_weight, 0, max_labels) for t in tasks])[row_task]  # [B, C, hidden]
+    biases = torch.stack([_pad_dim(t.head_bias, 0, max_labels) for t in tasks])[row_task]  # [B, C]
+    logits = torch.einsum("bh,bch->bc", pooled.to(weights.dtype), weights) + biases  # [B, C]
+    num_labels = per_row([t.num_labels for t in tasks])
+    label_ok = torch.arange(max_labels, device=device).unsqueeze(0) < num_labels.unsqueeze(1)
+    return logits.masked_fill(~label_ok, float("-inf"))
+
+
+def _pool(
+    hidden: torch.Tensor,
+    tasks: list[TaskPrompt],
+    row_task: torch.Tensor,
+    prompt_len: torch.Tensor,
+    text_len: torch.Tensor,
+) -> torch.Tensor:
+    """The pooled vector per row [B, hidden], by each row's task's pooling mode."""
+    modes = {t.pooling for t in tasks}
+    batch = hidden.shape[0]
+    arange_b = torch.arange(batch, device=hidden.device)
+    cls_vec = hidden[arange_b, prompt_len]  # [B, hidden] text [CLS] (== position 0 without a prompt)
+    if modes == {"cls"}:
+        return cls_vec
+    mode_ids = torch.tensor([("cls", "first", "mean").index(t.pooling) for t in tasks], device=hidden.device)
+    row_mode = mode_ids[row_task].unsqueeze(1)  # [B, 1]
+    pooled = torch.where(row_mode == 1, hidden[:, 0], cls_vec)
+    if "mean" in modes:
+        j = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        k = prompt_len.unsqueeze(1)
+        in_text = ((j >= k) & (j < k + text_len.unsqueeze(1))).unsqueeze(-1).to(hidden.dtype)  # [B, S, 1]
+        mean = (hidden * in_text).sum(1) / text_len.unsqueeze(1).to(hidden.dtype)
+        pooled = torch.where(row_mode == 2, mean, pooled)
+    return pooled
