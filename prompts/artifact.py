@@ -284,7 +284,7 @@ def check_compatible(artifact: PromptArtifact, spec: BackboneSpec) -> None:
     """Refuse an artifact that does not fit this backbone, naming the first mismatch."""
     ref = artifact.manifest.backbone
     mine = spec.as_manifest()
-    for field in ("model_type", "num_layers", "num_heads", "head_dim", "hidden_size"):
+    for field in ("model_type", "num_layers", "hidden_size", "num_heads", "head_dim"):
         theirs = getattr(ref, field)
         if theirs != mine[field]:
             raise IncompatibleArtifactError(

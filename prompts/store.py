@@ -62,6 +62,10 @@ class PromptStore(Protocol):
         """Every task with its current version's manifest, sorted by task name, without tensors."""
         ...
 
+    def record(self, task: str) -> TaskRecord:
+        """One task as ``list_tasks`` would show it. Raises TaskNotFoundError."""
+        ...
+
     def delete(self, task: str) -> None:
         """Remove the task and all its versions. Raises TaskNotFoundError."""
         ...
