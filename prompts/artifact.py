@@ -69,7 +69,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: Literal["ptserve.prompt/1"] = FORMAT
+    format: Literal["ptserve.prompt/1"] = "ptserve.prompt/1"
     task: str
     labels: list[str] = Field(min_length=2, max_length=MAX_LABELS)
     method: Method
@@ -135,7 +135,7 @@ def content_version(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> str
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         h.update(f"|{name}|{ALLOWED_DTYPES.get(t.dtype, str(t.dtype))}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -212,14 +212,21 @@ def _read_header(data: bytes) -> dict[str, Any]:
     """Parse the safetensors header ourselves: it is the only way to read metadata from bytes."""
     if len(data) == 0:
         raise ArtifactError("the upload is empty (0 bytes); expected a safetensors file")
-    if data[:1] == b"\x80":
-        raise ArtifactError("not a safetensors file: it looks like a Python pickle, which is never loaded")
     if len(data) < 8:
-        raise ArtifactError(f"not a safetensors file: {len(data)} bytes is shorter than the 8-byte header length")
+        raise ArtifactError(
+            f"not a safetensors file: {len(data)} bytes is shorter than the 8-byte header length"
+        )
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len == 0 or header_len > len(data) - 8:
+        # Pickles open with the PROTO opcode (0x80) and a protocol number; judged only once the
+        # bytes fail as safetensors, since a valid header length can start with 0x80 too.
+        if data[0] == 0x80 and data[1] in range(2, 6):
+            raise ArtifactError(
+                "not a safetensors file: it looks like a Python pickle, which is never loaded"
+            )
         raise ArtifactError(
-            f"not a safetensors file (or truncated): header length {header_len} but only {len(data) - 8} bytes follow"
+            f"not a safetensors file (or truncated): header length {header_len} "
+            f"but only {len(data) - 8} bytes follow"
         )
     try:
         header = json.loads(data[8 : 8 + header_len])
@@ -261,15 +268,24 @@ def parse_artifact(data: bytes, *, max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) 
         if t.dtype not in ALLOWED_DTYPES:
             raise ArtifactError(f"tensor {name!r} has dtype {t.dtype}; expected float32, float16 or bfloat16")
         if tuple(t.shape) != shape:
-            raise ArtifactError(f"tensor {name!r} has shape {list(t.shape)}; the manifest implies {list(shape)}")
+            raise ArtifactError(
+                f"tensor {name!r} has shape {list(t.shape)}; the manifest implies {list(shape)}"
+            )
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise ArtifactError(f"tensor {name!r} holds {bad} non-finite values (NaN or Inf)")
-    if manifest.prefix_length == 0 and manifest.prompt_length == 0 and manifest.method not in (
-        "linear-probe",
-        "custom",
+    if (
+        manifest.prefix_length == 0
+        and manifest.prompt_length == 0
+        and manifest.method
+        not in (
+            "linear-probe",
+            "custom",
+        )
     ):
-        raise ArtifactError(f"method {manifest.method!r} needs a prefix or an input prompt; the artifact has neither")
+        raise ArtifactError(
+            f"method {manifest.method!r} needs a prefix or an input prompt; the artifact has neither"
+        )
 
     actual = content_version(manifest, tensors)
     if manifest.version != actual:

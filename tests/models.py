@@ -7,20 +7,21 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast, RobertaConfig, RobertaModel
 
-WORDS = (
-    "the a an is are was of to and in on for with this that it my your great bad good terrible "
-    "love hate phone laptop shirt shoe book movie food music price cheap expensive fast slow "
-    "battery screen size color red blue quality delivery refund broken works fine okay "
-    "what where when who why how question answer sport game team win lose market stock money "
-    "hello world test text label class spam free offer call now"
-).split()
+_WORDS_TEXT = """
+the a an is are was of to and in on for with this that it my your great bad good terrible love hate
+phone laptop shirt shoe book movie food music price cheap expensive fast slow battery screen size
+color red blue quality delivery refund broken works fine okay what where when who why how question
+answer sport game team win lose market stock money hello world test text label class spam free offer
+call now
+"""
+WORDS = tuple(_WORDS_TEXT.split())
 
 
 def write_vocab(path: Path) -> Path:
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     letters = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'")
     pieces = [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
-    vocab = specials + letters + pieces + WORDS
+    vocab = [*specials, *letters, *pieces, *WORDS]
     path.write_text("\n".join(dict.fromkeys(vocab)) + "\n")
     return path
 

@@ -39,8 +39,15 @@ def test_mixed_batch_equals_each_task_alone(backbone: Backbone) -> None:
         _task(backbone, task="b", num_labels=5, prefix_length=7, prompt_length=3, seed=2),
         _task(backbone, task="c", num_labels=2, prefix_length=0, prompt_length=2, pooling="mean", seed=3),
         _task(
-            backbone, task="d", num_labels=4, prefix_length=2, positions="from_zero", pooler="backbone",
-            pooling="first", prompt_length=1, seed=4,
+            backbone,
+            task="d",
+            num_labels=4,
+            prefix_length=2,
+            positions="from_zero",
+            pooler="backbone",
+            pooling="first",
+            prompt_length=1,
+            seed=4,
         ),
         _task(backbone, task="e", num_labels=2, prefix_length=0, prompt_length=0, seed=5),
     ]
@@ -62,7 +69,9 @@ def test_mixed_batch_equals_each_task_alone(backbone: Backbone) -> None:
     for task in tasks:
         picked = [r for r, t in enumerate(rows) if t is task]
         single = prompted_forward(backbone, [row_ids[r] for r in picked], [task] * len(picked))
-        torch.testing.assert_close(mixed[picked, : task.num_labels], single[:, : task.num_labels], rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            mixed[picked, : task.num_labels], single[:, : task.num_labels], rtol=0, atol=1e-5
+        )
 
 
 @torch.inference_mode()
@@ -124,7 +133,9 @@ def test_roberta_positions_offset_by_padding_idx(tmp_path: Path) -> None:
     backbone = load_backbone(make_tiny_roberta(tmp_path / "roberta"))
     assert backbone.spec.position_base == backbone.model.config.pad_token_id + 1
     task = TaskPrompt.from_artifact(
-        random_artifact(backbone.spec, prefix_length=0, prompt_length=0, seed=2), backbone.device, backbone.dtype
+        random_artifact(backbone.spec, prefix_length=0, prompt_length=0, seed=2),
+        backbone.device,
+        backbone.dtype,
     )
     ids = _encode(backbone, TEXTS[:3])
     ours = prompted_forward(backbone, ids, [task] * 3)
@@ -147,7 +158,9 @@ def _peft_texts(backbone: Backbone) -> dict[str, torch.Tensor]:
 def test_peft_prefix_tuning_logits_match(tiny_bert_dir: Path, backbone: Backbone) -> None:
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    base = BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=3, attn_implementation="sdpa")
+    base = BertForSequenceClassification.from_pretrained(
+        tiny_bert_dir, num_labels=3, attn_implementation="sdpa"
+    )
     config = peft.PrefixTuningConfig(task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=5)
     model = peft.get_peft_model(base, config).eval()
     spec = backbone.spec
@@ -175,8 +188,12 @@ def test_peft_prefix_tuning_logits_match(tiny_bert_dir: Path, backbone: Backbone
     ours = prompted_forward(backbone, ids, [task] * len(ids))
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
     # ... and mixed with another task the PEFT rows still match.
-    other = TaskPrompt.from_artifact(random_artifact(spec, num_labels=2, prefix_length=2, prompt_length=3), backbone.device, backbone.dtype)
-    mixed = prompted_forward(backbone, [x for i in ids for x in (i, i)], [t for _ in ids for t in (task, other)])
+    other = TaskPrompt.from_artifact(
+        random_artifact(spec, num_labels=2, prefix_length=2, prompt_length=3), backbone.device, backbone.dtype
+    )
+    mixed = prompted_forward(
+        backbone, [x for i in ids for x in (i, i)], [t for _ in ids for t in (task, other)]
+    )
     torch.testing.assert_close(mixed[0::2], expected, rtol=0, atol=1e-5)
 
 
@@ -184,7 +201,9 @@ def test_peft_prefix_tuning_logits_match(tiny_bert_dir: Path, backbone: Backbone
 def test_peft_prompt_tuning_logits_match(tiny_bert_dir: Path, backbone: Backbone) -> None:
     peft = pytest.importorskip("peft")
     torch.manual_seed(1)
-    base = BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=4, attn_implementation="sdpa")
+    base = BertForSequenceClassification.from_pretrained(
+        tiny_bert_dir, num_labels=4, attn_implementation="sdpa"
+    )
     config = peft.PromptTuningConfig(task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=3)
     model = peft.get_peft_model(base, config).eval()
     with torch.no_grad():

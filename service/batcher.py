@@ -1,0 +1,334 @@
+"""Dynamic batching: merge items submitted concurrently into batches for one blocking forward function.
+
+The batcher is generic over the item and result types and knows nothing about torch or HTTP. It runs
+on one asyncio event loop: callers ``await submit(...)``, a collector task forms batches in FIFO order
+and runs them one at a time in an executor thread, and results are set back on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from prompts.errors import PtserveError
+
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
+
+_log = logging.getLogger(__name__)
+
+
+class QueueFullError(PtserveError):
+    """The batcher's queue holds ``max_queue`` items already; retrying later may work."""
+
+    code = "overloaded"
+
+
+class BatcherClosedError(PtserveError):
+    """The batcher is stopping or stopped and accepts no more work."""
+
+    code = "shutting_down"
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one ``run_batch`` call did, reported to ``on_batch``."""
+
+    size: int
+    padded_tokens: int
+    real_tokens: int
+    queue_wait_s: float
+    run_s: float
+    closed_by: str
+
+
+class _Entry(Generic[ItemT, ResultT]):
+    """One queued item; compared by identity so ``deque.remove`` finds exactly this one."""
+
+    __slots__ = ("cost", "enqueued_at", "future", "item")
+
+    def __init__(self, item: ItemT, cost: int, future: asyncio.Future[ResultT], enqueued_at: float) -> None:
+        self.item = item
+        self.cost = cost
+        self.future = future
+        self.enqueued_at = enqueued_at
+
+
+# What the worker thread hands back: results or the error run_batch raised, and its wall time.
+_Outcome = tuple[list[ResultT] | None, Exception | None, float]
+
+
+class DynamicBatcher(Generic[ItemT, ResultT]):
+    """Collects items from many coroutines into batches and runs them through one blocking function.
+
+    A batch closes when it holds ``max_batch_size`` rows, when the next item would push its padded
+    size (rows x longest cost) over ``max_batch_tokens``, or ``max_wait_ms`` after its oldest item was
+    queued. Only one batch runs at a time; everything submitted meanwhile queues for the next one.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[ItemT]], list[ResultT]],
+        *,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        max_wait_ms: float,
+        cost: Callable[[ItemT], int],
+        executor: concurrent.futures.Executor | None = None,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        max_queue: int | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if max_queue is not None and max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1 or None, got {max_queue}")
+        self._run_batch = run_batch
+        self._max_batch_size = max_batch_size
+        self._max_batch_tokens = max_batch_tokens
+        self._max_wait_s = max_wait_ms / 1000.0
+        self._cost = cost
+        self._on_batch = on_batch
+        self._max_queue = max_queue
+        self._owns_executor = executor is None
+        self._executor: concurrent.futures.Executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="ptserve-forward"
+        )
+        self._queue: collections.deque[_Entry[ItemT, ResultT]] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting for a batch (not counting the batch that is running)."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        """Start the collector task; call from the event loop that will call ``submit``."""
+        if self._task is not None:
+            raise RuntimeError("DynamicBatcher.start() was called twice")
+        if self._closed:
+            raise BatcherClosedError("the batcher was stopped and cannot be restarted")
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._collect(), name="ptserve-batcher")
+
+    async def stop(self, *, drain: bool = True) -> None:
+        """Stop accepting work; run (``drain=True``) or fail (``drain=False``) what is queued.
+
+        A batch already running always finishes and delivers its results. Safe to call repeatedly.
+        """
+        self._closed = True
+        if not drain:
+            self._fail_queued(BatcherClosedError("the service is shutting down"))
+        self._wakeup.set()
+        task = self._task
+        if task is not None and not task.done():
+            # asyncio.wait, not await task: cancelling stop() must not cancel the collector.
+            await asyncio.wait({task})
+        if task is not None and not task.cancelled() and task.exception() is not None:
+            _log.error("batcher collector task crashed", exc_info=task.exception())
+        if self._owns_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, item: ItemT) -> ResultT:
+        """Queue one item and wait for its result."""
+        (future,) = self._enqueue([item])
+        return await future
+
+    async def submit_many(self, items: Sequence[ItemT]) -> list[ResultT]:
+        """Queue all rows of one request and wait for their results, in order.
+
+        If the caller is cancelled or one row fails, the rows that have not run yet are dropped.
+        """
+        if not items:
+            return []
+        futures = self._enqueue(items)
+        try:
+            return await asyncio.gather(*futures)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+    def _enqueue(self, items: Sequence[ItemT]) -> list[asyncio.Future[ResultT]]:
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("DynamicBatcher.start() has not been called")
+        if self._closed or self._task is None or self._task.done():
+            raise BatcherClosedError("the service is shutting down")
+        # Costs first, so a bad item rejects the whole request before any row is queued.
+        costs = [self._item_cost(item) for item in items]
+        if self._max_queue is not None and len(self._queue) + len(items) > self._max_queue:
+            raise QueueFullError(
+                f"the server is overloaded: {len(self._queue)} items are queued (limit {self._max_queue})"
+            )
+        now = loop.time()
+        futures: list[asyncio.Future[ResultT]] = []
+        for item, cost in zip(items, costs, strict=True):
+            future: asyncio.Future[ResultT] = loop.create_future()
+            entry = _Entry(item, cost, future, now)
+            future.add_done_callback(self._make_forget(entry))
+            self._queue.append(entry)
+            futures.append(future)
+        self._wakeup.set()
+        return futures
+
+    def _item_cost(self, item: ItemT) -> int:
+        cost = self._cost(item)
+        if cost < 0:
+            raise ValueError(f"an item's cost must be >= 0, got {cost}")
+        return cost
+
+    def _make_forget(self, entry: _Entry[ItemT, ResultT]) -> Callable[[asyncio.Future[ResultT]], None]:
+        def forget(future: asyncio.Future[ResultT]) -> None:
+            # A cancelled caller frees its queue slot at once, so queue_depth and max_queue stay honest.
+            if future.cancelled():
+                # ValueError: already taken into a batch, or failed by stop().
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(entry)
+
+        return forget
+
+    def _fail_queued(self, error: Exception) -> None:
+        entries = list(self._queue)
+        self._queue.clear()
+        self._fail(entries, error)
+
+    @staticmethod
+    def _fail(entries: Sequence[_Entry[ItemT, ResultT]], error: Exception) -> None:
+        for entry in entries:
+            if not entry.future.done():
+                entry.future.set_exception(error)
+
+    async def _collect(self) -> None:
+        try:
+            while True:
+                formed = await self._next_batch()
+                if formed is None:
+                    return
+                await self._run(*formed)
+        finally:
+            # However the loop ended (stop, cancellation, a bug), nobody may be left waiting forever.
+            self._closed = True
+            self._fail_queued(BatcherClosedError("the service is shutting down"))
+
+    async def _next_batch(self) -> tuple[list[_Entry[ItemT, ResultT]], str] | None:
+        """Wait until a batch can close, take it off the queue; ``None`` once stopped and empty."""
+        loop = asyncio.get_running_loop()
+        while True:
+            # Cleared before looking, so a submit that lands while we wait below still wakes us.
+            self._wakeup.clear()
+            while self._queue and self._queue[0].future.done():
+                self._queue.popleft()
+            if not self._queue:
+                if self._closed:
+                    return None
+                await self._wakeup.wait()
+                continue
+            taken, consumed, closed_by = self._scan()
+            if closed_by is None:
+                if self._closed:
+                    closed_by = "drain"
+                else:
+                    # Measured from when the oldest item was queued, so items that queued behind a
+                    # running batch for max_wait_ms already go as soon as it finishes.
+                    deadline = taken[0].enqueued_at + self._max_wait_s
+                    if loop.time() < deadline:
+                        try:
+                            async with asyncio.timeout_at(deadline):
+                                await self._wakeup.wait()
+                        except TimeoutError:
+                            pass
+                        continue
+                    closed_by = "time"
+            for _ in range(consumed):
+                self._queue.popleft()
+            return taken, closed_by
+
+    def _scan(self) -> tuple[list[_Entry[ItemT, ResultT]], int, str | None]:
+        """The batch the queue's head would form now, how many queue slots it spans, and why it closed.
+
+        ``None`` as the reason means the batch could still take more items.
+        """
+        taken: list[_Entry[ItemT, ResultT]] = []
+        longest = 0
+        consumed = 0
+        for entry in self._queue:
+            if entry.future.done():
+                consumed += 1  # cancelled; dropped along with the batch
+                continue
+            wider = max(longest, entry.cost)
+            # The first item always fits, so one item over budget still runs, alone.
+            if taken and (len(taken) + 1) * wider > self._max_batch_tokens:
+                return taken, consumed, "tokens"
+            taken.append(entry)
+            longest = wider
+            consumed += 1
+            if len(taken) == self._max_batch_size:
+                return taken, consumed, "size"
+        return taken, consumed, None
+
+    async def _run(self, batch: list[_Entry[ItemT, ResultT]], closed_by: str) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        items = [entry.item for entry in batch]
+        results: list[ResultT] | None
+        error: Exception | None
+        try:
+            results, error, run_s = await loop.run_in_executor(self._executor, self._run_timed, items)
+        except asyncio.CancelledError:
+            self._fail(batch, BatcherClosedError("the service shut down while this request was running"))
+            raise
+        except Exception as exc:  # the executor itself failed, e.g. it was shut down under us
+            results, error, run_s = None, exc, loop.time() - started
+        if error is None and results is not None and len(results) != len(batch):
+            error = RuntimeError(
+                f"run_batch returned {len(results)} results for a batch of {len(batch)} items"
+            )
+        if error is not None or results is None:
+            self._fail(batch, error or RuntimeError("run_batch returned no results"))
+        else:
+            for entry, result in zip(batch, results, strict=True):
+                # The caller may have been cancelled while the batch ran; its result is just dropped.
+                if not entry.future.done():
+                    entry.future.set_result(result)
+        if self._on_batch is not None:
+            costs = [entry.cost for entry in batch]
+            stats = BatchStats(
+                size=len(batch),
+                padded_tokens=len(batch) * max(costs),
+                real_tokens=sum(costs),
+                queue_wait_s=max(started - entry.enqueued_at for entry in batch),
+                run_s=run_s,
+                closed_by=closed_by,
+            )
+            try:
+                self._on_batch(stats)
+            except Exception:
+                _log.exception("on_batch callback failed")
+
+    def _run_timed(self, items: list[ItemT]) -> _Outcome[ResultT]:
+        # Errors travel back as values: asyncio futures cannot carry StopIteration, and timing a
+        # failed forward is still useful to on_batch.
+        t0 = time.perf_counter()
+        try:
+            results = self._run_batch(items)
+        except StopIteration as exc:
+            error = RuntimeError("run_batch raised StopIteration")
+            error.__cause__ = exc
+            return None, error, time.perf_counter() - t0
+        except Exception as exc:
+            return None, exc, time.perf_counter() - t0
+        return results, None, time.perf_counter() - t0

@@ -1,0 +1,182 @@
+"""HTTP routes. Every blocking step (tokenising, store I/O, artifact parsing) runs off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Request, UploadFile
+from fastapi.responses import JSONResponse
+
+from prompts.artifact import PromptArtifact, check_compatible, parse_artifact
+from prompts.errors import ArtifactTooLargeError, InvalidInputError, PtserveError
+from prompts.names import validate_task_name
+from prompts.store import TaskRecord
+from service.engine import Row
+from service.runtime import Runtime
+from service.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    ClassifyResult,
+    DeleteResponse,
+    ErrorResponse,
+    HealthResponse,
+    PromptInfo,
+    PromptListResponse,
+    UploadResponse,
+)
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        404: "unknown task or version",
+        413: "payload too large",
+        422: "invalid request or artifact",
+        429: "overloaded",
+        503: "store unavailable",
+    }.items()
+}
+
+router = APIRouter()
+
+
+def _runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def _check_texts(texts: list[str], runtime: Runtime) -> None:
+    limits = runtime.settings
+    if len(texts) > limits.max_texts_per_request:
+        raise InvalidInputError(
+            f"{len(texts)} texts in one request; the limit is {limits.max_texts_per_request}"
+        )
+    for i, text in enumerate(texts):
+        where = "text" if len(texts) == 1 else f"texts[{i}]"
+        if not text.strip():
+            raise InvalidInputError(f"{where} is empty or whitespace only")
+        if len(text) > limits.max_text_chars:
+            raise InvalidInputError(
+                f"{where} has {len(text)} characters; the limit is {limits.max_text_chars}"
+            )
+
+
+@router.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS, tags=["classify"])
+async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
+    """Classify one or several texts with a task's current version (one version for the whole request)."""
+    runtime = _runtime(request)
+    texts = body.all_texts()
+    _check_texts(texts, runtime)
+    task = await runtime.cache.resolve(body.task)
+    encodings = await asyncio.to_thread(runtime.backbone.encode, texts, task.max_text_tokens)
+    probabilities = await runtime.batcher.submit_many([Row(task, e.input_ids) for e in encodings])
+
+    labels = task.labels
+    results = []
+    for encoding, probs in zip(encodings, probabilities, strict=True):
+        order = sorted(range(len(labels)), key=lambda i: probs[i], reverse=True)
+        if body.top_k is not None:
+            order = order[: body.top_k]
+        results.append(
+            ClassifyResult(
+                label=labels[order[0]],
+                score=probs[order[0]],
+                scores={labels[i]: probs[i] for i in order},
+                truncated=encoding.truncated,
+            )
+        )
+    return ClassifyResponse(task=task.task, version=task.version, results=results)
+
+
+@router.post(
+    "/v1/prompts", status_code=201, response_model=UploadResponse, responses=ERRORS, tags=["prompts"]
+)
+async def upload_prompt(
+    request: Request, file: Annotated[UploadFile, File(description="a ptserve artifact (.safetensors)")]
+) -> UploadResponse:
+    """Upload a task artifact; once this returns, new requests for the task are served with it."""
+    runtime = _runtime(request)
+    limit = runtime.settings.max_artifact_bytes
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise ArtifactTooLargeError(f"artifact is larger than the limit of {limit} bytes")
+
+    def validate() -> PromptArtifact:
+        artifact = parse_artifact(data, max_bytes=limit)
+        check_compatible(artifact, runtime.backbone.spec)
+        return artifact
+
+    artifact = await asyncio.to_thread(validate)
+    # One upload at a time per replica: the store's pointer and this cache's move in the same order.
+    async with runtime.upload_lock:
+        await asyncio.to_thread(
+            runtime.store.put, artifact.task, artifact.version, artifact.data, artifact.manifest_json()
+        )
+        await runtime.cache.install(artifact)
+    m = artifact.manifest
+    return UploadResponse(task=m.task, version=m.version, labels=m.labels, method=m.method)
+
+
+def _info(record: TaskRecord) -> PromptInfo:
+    m = record.manifest
+    return PromptInfo(
+        task=record.task,
+        version=record.version,
+        labels=list(m.get("labels", [])),
+        method=str(m.get("method", "")),
+        prefix_length=int(m.get("prefix_length", 0)),
+        prompt_length=int(m.get("prompt_length", 0)),
+        created_at=str(m.get("created_at", "")),
+        size_bytes=record.size_bytes,
+        versions=list(record.versions),
+        metrics=m.get("metrics"),
+    )
+
+
+@router.get("/v1/prompts", response_model=PromptListResponse, tags=["prompts"])
+async def list_prompts(request: Request) -> PromptListResponse:
+    records = await asyncio.to_thread(_runtime(request).store.list_tasks)
+    return PromptListResponse(tasks=[_info(r) for r in records])
+
+
+@router.get("/v1/prompts/{task}", response_model=PromptInfo, responses=ERRORS, tags=["prompts"])
+async def get_prompt(task: str, request: Request) -> PromptInfo:
+    validate_task_name(task)
+    record = await asyncio.to_thread(_runtime(request).store.record, task)
+    return _info(record)
+
+
+@router.delete("/v1/prompts/{task}", response_model=DeleteResponse, responses=ERRORS, tags=["prompts"])
+async def delete_prompt(task: str, request: Request) -> DeleteResponse:
+    """Delete a task: new requests get 404; requests already admitted finish on their version."""
+    runtime = _runtime(request)
+    validate_task_name(task)
+    async with runtime.upload_lock:
+        await asyncio.to_thread(runtime.store.delete, task)
+        runtime.cache.forget(task)
+    return DeleteResponse(task=task, deleted=True)
+
+
+@router.get("/healthz", response_model=HealthResponse, tags=["health"])
+async def healthz() -> HealthResponse:
+    """The process is alive and its event loop answers."""
+    return HealthResponse(status="ok")
+
+
+@router.get(
+    "/readyz", response_model=HealthResponse, responses={503: {"model": HealthResponse}}, tags=["health"]
+)
+async def readyz(request: Request) -> HealthResponse | JSONResponse:
+    """Ready when the backbone is loaded and the prompt store answers."""
+    runtime: Runtime | None = getattr(request.app.state, "runtime", None)
+    if runtime is None:
+        body = HealthResponse(status="starting", checks={"backbone": "loading"})
+        return JSONResponse(body.model_dump(), status_code=503)
+    checks = {"backbone": runtime.backbone.spec.fingerprint}
+    try:
+        await asyncio.to_thread(runtime.store.ping)
+        checks["store"] = "ok"
+    except PtserveError as exc:
+        checks["store"] = exc.message
+        return JSONResponse(HealthResponse(status="unavailable", checks=checks).model_dump(), status_code=503)
+    return HealthResponse(status="ready", checks=checks)

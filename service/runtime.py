@@ -1,0 +1,57 @@
+"""The components one replica runs, built once in the app's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from prompts.backbone import Backbone
+from prompts.disk_store import DiskPromptStore
+from prompts.errors import StoreError
+from prompts.store import PromptStore
+from service.batcher import DynamicBatcher
+from service.cache import PromptCache
+from service.engine import Engine, Row
+from service.settings import Settings
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    backbone: Backbone
+    store: PromptStore
+    cache: PromptCache
+    engine: Engine
+    batcher: DynamicBatcher[Row, list[float]]
+    upload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def open_store(settings: Settings) -> PromptStore:
+    """The store the ``store`` setting names: a directory path, or a redis:// URL."""
+    if settings.store.startswith(("redis://", "rediss://", "unix://")):
+        raise StoreError(
+            f"store {settings.store!r}: the Redis prompt store is not available in this build; "
+            "use a directory path"
+        )
+    return DiskPromptStore(settings.store, keep_versions=settings.keep_versions)
+
+
+def build_runtime(settings: Settings, backbone: Backbone, store: PromptStore) -> Runtime:
+    """Wire the components; the caller starts the batcher from inside the event loop."""
+    cache = PromptCache(
+        store,
+        backbone,
+        budget_bytes=settings.cache_bytes,
+        max_artifact_bytes=settings.max_artifact_bytes,
+        pointer_ttl_s=settings.pointer_ttl_s,
+    )
+    engine = Engine(backbone)
+    batcher: DynamicBatcher[Row, list[float]] = DynamicBatcher(
+        engine.run_batch,
+        max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_wait_ms=settings.max_wait_ms,
+        cost=Row.cost,
+        max_queue=settings.max_queue,
+    )
+    return Runtime(settings, backbone, store, cache, engine, batcher)

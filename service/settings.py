@@ -1,0 +1,64 @@
+"""All service settings: one pydantic-settings object, built at start-up (env prefix ``PTSERVE_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of a ptserve replica. CLI flags override environment variables, which override defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="PTSERVE_", extra="forbid", validate_default=True)
+
+    # Backbone
+    model: Path | None = Field(
+        default=None, description="Hugging Face encoder directory; default: the packaged all-MiniLM-L6-v2"
+    )
+    device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(default="float32", description="backbone dtype")
+
+    # Prompt store
+    store: str = Field(
+        default="./ptserve-data", description="prompt store: a directory path (or redis:// URL)"
+    )
+    keep_versions: int = Field(default=10, ge=1, le=1000, description="versions kept per task")
+
+    # HTTP
+    host: str = Field(default="127.0.0.1", description="address to bind")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to bind")
+
+    # Batching
+    max_batch_size: int = Field(default=32, ge=1, le=4096, description="rows per forward pass")
+    max_batch_tokens: int = Field(default=8192, ge=16, description="padded tokens per forward pass")
+    max_wait_ms: float = Field(default=5.0, ge=0, le=10_000, description="how long a batch waits to fill")
+    max_queue: int = Field(default=4096, ge=1, description="rows queued before requests get 429")
+
+    # Cache
+    cache_bytes: int = Field(
+        default=512 * 1024 * 1024, ge=0, description="device prompt-cache budget in bytes"
+    )
+    pointer_ttl_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="how long a task's current-version pointer is trusted before re-reading",
+    )
+
+    # Limits
+    max_texts_per_request: int = Field(default=256, ge=1, description="texts in one classify request")
+    max_text_chars: int = Field(default=20_000, ge=1, description="characters in one text")
+    max_artifact_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="size of an uploaded artifact"
+    )
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="log level")
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("store must be a directory path or a redis:// URL")
+        return value

@@ -1,0 +1,261 @@
+"""Loading the frozen backbone: its spec, fingerprint, error messages and tokenisation."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import BertConfig, BertModel
+
+from prompts.backbone import Backbone, default_model_path, load_backbone
+from prompts.errors import BackboneError
+from prompts.forward import TaskPrompt, prompted_forward
+from tests.factories import random_artifact
+from tests.models import make_tiny_bert, make_tiny_roberta, write_vocab
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("backbones")
+
+
+def _load_error(path: Path, *fragments: str, device: str = "cpu", dtype: str = "float32") -> None:
+    with pytest.raises(BackboneError) as info:
+        load_backbone(path, device=device, dtype=dtype)
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{fragment!r} not in {info.value!s}"
+
+
+# --- spec and freezing -------------------------------------------------------------------------------
+
+
+def test_spec_of_tiny_bert(backbone: Backbone, tiny_bert_dir: Path) -> None:
+    spec = backbone.spec
+    assert spec.model_type == "bert"
+    assert (spec.num_layers, spec.num_heads, spec.head_dim, spec.hidden_size) == (2, 4, 8, 32)
+    assert spec.max_positions == 64
+    assert spec.position_base == 0
+    assert spec.has_pooler is True
+    assert spec.fingerprint.startswith("bert-L2-H32-")
+    assert spec.as_manifest() == {
+        "fingerprint": spec.fingerprint,
+        "model_type": "bert",
+        "num_layers": 2,
+        "num_heads": 4,
+        "head_dim": 8,
+        "hidden_size": 32,
+    }
+    assert backbone.path == tiny_bert_dir
+    assert backbone.device == torch.device("cpu")
+    assert backbone.dtype == torch.float32
+    assert backbone.pad_token_id == backbone.tokenizer.pad_token_id == 0
+
+
+def test_model_is_frozen_and_in_eval_mode(backbone: Backbone) -> None:
+    assert backbone.model.training is False
+    assert all(not m.training for m in backbone.model.modules())
+    params = list(backbone.model.parameters())
+    assert params and not any(p.requires_grad for p in params)
+
+
+def test_roberta_positions_start_after_padding_idx(model_dirs: Path) -> None:
+    roberta = load_backbone(make_tiny_roberta(model_dirs / "roberta"))
+    # The tiny RoBERTa pads with id 0, so position ids run from padding_idx + 1 = 1: 65 of 66 rows usable.
+    assert roberta.spec.model_type == "roberta"
+    assert roberta.spec.position_base == 1
+    assert roberta.spec.max_positions == 66 - 1
+
+
+# --- fingerprint -------------------------------------------------------------------------------------
+
+
+def test_fingerprint_is_stable_across_loads(backbone: Backbone, tiny_bert_dir: Path) -> None:
+    assert load_backbone(tiny_bert_dir).spec.fingerprint == backbone.spec.fingerprint
+
+
+def test_fingerprint_is_stable_across_copies_of_the_same_weights(
+    backbone: Backbone, model_dirs: Path
+) -> None:
+    copy = load_backbone(make_tiny_bert(model_dirs / "seed0-copy", seed=0))
+    assert copy.spec.fingerprint == backbone.spec.fingerprint
+
+
+def test_fingerprint_differs_for_other_weights(backbone: Backbone, model_dirs: Path) -> None:
+    other = load_backbone(make_tiny_bert(model_dirs / "seed1", seed=1))
+    assert other.spec.fingerprint != backbone.spec.fingerprint
+    # Same architecture: only the weight hash part differs.
+    assert other.spec.fingerprint.startswith("bert-L2-H32-")
+    assert other.spec.as_manifest() | {"fingerprint": ""} == backbone.spec.as_manifest() | {"fingerprint": ""}
+
+
+def test_bfloat16_replica_keeps_the_fp32_fingerprint(backbone: Backbone, tiny_bert_dir: Path) -> None:
+    bf16 = load_backbone(tiny_bert_dir, dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert bf16.spec.fingerprint == backbone.spec.fingerprint
+    assert bf16.spec == backbone.spec
+
+
+def _save_bert_without_pooler(directory: Path, backbone: Backbone) -> Path:
+    """A BERT checkpoint that carries no pooler weights, with the tiny model's WordPiece tokenizer."""
+    directory.mkdir(parents=True)
+    config = BertConfig(
+        vocab_size=len(backbone.tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(directory)
+    backbone.tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_checkpoint_without_pooler(backbone: Backbone, model_dirs: Path) -> None:
+    directory = _save_bert_without_pooler(model_dirs / "no-pooler", backbone)
+    first = load_backbone(directory)
+    second = load_backbone(directory)
+    assert first.spec.has_pooler is False
+    assert first.model.pooler is None
+    assert not any(name.startswith("pooler.") for name in first.model.state_dict())
+    # The randomly initialised pooler is dropped, so loading twice gives the same fingerprint.
+    assert first.spec.fingerprint == second.spec.fingerprint
+    assert second.model.pooler is None
+
+
+# --- load errors -------------------------------------------------------------------------------------
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    _load_error(missing, str(missing), "is not a Hugging Face model directory (no config.json)")
+
+
+def test_directory_without_config(tmp_path: Path) -> None:
+    write_vocab(tmp_path / "vocab.txt")
+    _load_error(tmp_path, "no config.json")
+
+
+def test_unsupported_model_type(tmp_path: Path) -> None:
+    transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
+    _load_error(tmp_path, "model type 'gpt2'", "is not supported", "'bert'", "a BERT-family encoder")
+
+
+def test_decoder_config_is_refused(tmp_path: Path) -> None:
+    BertConfig(
+        vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, is_decoder=True
+    ).save_pretrained(tmp_path)
+    _load_error(tmp_path, "configured as a decoder", "bidirectional encoder")
+
+
+def test_unreadable_config(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{not json")
+    _load_error(tmp_path, "cannot read the model config", str(tmp_path))
+
+
+def test_unknown_dtype(tiny_bert_dir: Path) -> None:
+    _load_error(tiny_bert_dir, "unknown dtype 'float64'", "'bfloat16', 'float16', 'float32'", dtype="float64")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda(tiny_bert_dir: Path) -> None:
+    _load_error(tiny_bert_dir, "device 'cuda' was asked for but CUDA is not available", device="cuda")
+
+
+def test_invalid_device(tiny_bert_dir: Path) -> None:
+    _load_error(
+        tiny_bert_dir,
+        "unknown device 'gpu0'",
+        "expected 'auto', 'cpu', 'cuda' or 'cuda:N'",
+        device="gpu0",
+    )
+
+
+def test_auto_device_on_cpu(tiny_bert_dir: Path) -> None:
+    loaded = load_backbone(tiny_bert_dir, device="auto")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert loaded.device.type == expected
+
+
+# --- encode ------------------------------------------------------------------------------------------
+
+
+def test_encode_short_text_is_not_truncated(backbone: Backbone) -> None:
+    tok = backbone.tokenizer
+    [enc] = backbone.encode(["this phone is great"], 40)
+    assert enc.truncated is False
+    assert enc.input_ids[0] == tok.cls_token_id
+    assert enc.input_ids[-1] == tok.sep_token_id
+    assert enc.input_ids == tok("this phone is great")["input_ids"]
+    assert len(enc.input_ids) == 6
+
+
+def test_encode_text_that_exactly_fits(backbone: Backbone) -> None:
+    [enc] = backbone.encode(["this phone is great"], 6)
+    assert enc.truncated is False and len(enc.input_ids) == 6
+
+
+def test_encode_long_text_is_truncated_keeping_sep(backbone: Backbone) -> None:
+    tok = backbone.tokenizer
+    text = " ".join(["great phone"] * 30)
+    full = tok(text)["input_ids"]
+    assert len(full) > 10
+    short, long = backbone.encode(["love it", text], 10)
+    assert short.truncated is False
+    assert long.truncated is True
+    assert len(long.input_ids) == 10
+    assert long.input_ids[0] == tok.cls_token_id
+    assert long.input_ids[-1] == tok.sep_token_id
+    assert long.input_ids[:9] == full[:9]
+
+
+def test_encode_minimum_room_is_cls_and_sep(backbone: Backbone) -> None:
+    tok = backbone.tokenizer
+    [enc] = backbone.encode(["hello world"], 2)
+    assert enc.input_ids == [tok.cls_token_id, tok.sep_token_id]
+    assert enc.truncated is True
+
+
+@pytest.mark.parametrize("max_tokens", [1, 0, -5])
+def test_encode_needs_room_for_special_tokens(backbone: Backbone, max_tokens: int) -> None:
+    with pytest.raises(ValueError, match=f"must leave room for the special tokens, got {max_tokens}"):
+        backbone.encode(["hello"], max_tokens)
+
+
+# --- the real packaged backbone ---------------------------------------------------------------------
+
+
+@functools.cache
+def _minilm() -> Backbone:
+    return load_backbone()
+
+
+@pytest.mark.slow
+def test_packaged_minilm_serves_a_prompted_task() -> None:
+    backbone = _minilm()
+    assert backbone.path == default_model_path()
+    spec = backbone.spec
+    assert (spec.model_type, spec.num_layers, spec.num_heads, spec.hidden_size) == ("bert", 6, 12, 384)
+    assert spec.head_dim == 32
+    assert spec.max_positions == 512 and spec.position_base == 0
+    assert spec.fingerprint.startswith("bert-L6-H384-")
+
+    artifact = random_artifact(spec, num_labels=4, prefix_length=16, prompt_length=2)
+    task = TaskPrompt.from_artifact(artifact, backbone.device, backbone.dtype)
+    texts = [
+        "this phone is great",
+        "terrible battery and the screen is broken",
+        "what time does the game start tonight?",
+    ]
+    encodings = backbone.encode(texts, 512 - 16 - 2)
+    assert not any(e.truncated for e in encodings)
+    with torch.inference_mode():
+        logits = prompted_forward(backbone, [e.input_ids for e in encodings], [task] * len(texts))
+    assert logits.shape == (3, 4)
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits.softmax(-1).sum(-1), torch.ones(3))

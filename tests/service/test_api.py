@@ -1,0 +1,290 @@
+from __future__ import annotations
+
+import pickle
+import shutil
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import save as st_save
+
+from prompts.artifact import PromptArtifact
+from prompts.backbone import Backbone, load_backbone
+from prompts.forward import TaskPrompt, prompted_forward
+from service.app import create_app
+from service.batcher import DynamicBatcher
+from service.engine import Row
+from service.runtime import Runtime
+from service.settings import Settings
+from tests.factories import random_artifact
+from tests.models import make_tiny_bert
+
+
+@pytest.fixture
+def client(tmp_path: Path, backbone: Backbone) -> Iterator[TestClient]:
+    settings = Settings(
+        store=str(tmp_path / "store"), max_wait_ms=1, max_texts_per_request=8, max_text_chars=500
+    )
+    with TestClient(create_app(settings, backbone=backbone)) as c:
+        yield c
+
+
+def upload(client: TestClient, artifact: PromptArtifact | bytes, name: str = "task.safetensors") -> Any:
+    data = artifact.data if isinstance(artifact, PromptArtifact) else artifact
+    return client.post("/v1/prompts", files={"file": (name, data, "application/octet-stream")})
+
+
+def expected_probs(backbone: Backbone, artifact: PromptArtifact, texts: list[str]) -> torch.Tensor:
+    task = TaskPrompt.from_artifact(artifact, backbone.device, backbone.dtype)
+    ids = [e.input_ids for e in backbone.encode(texts, backbone.spec.max_positions)]
+    with torch.inference_mode():
+        return torch.softmax(prompted_forward(backbone, ids, [task] * len(ids)), -1)
+
+
+def assert_error(response: Any, status: int, code: str, *fragments: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code, body
+    for fragment in fragments:
+        assert fragment in body["error"]["message"], body
+
+
+def test_round_trip_upload_classify_list_delete(client: TestClient, backbone: Backbone) -> None:
+    artifact = random_artifact(backbone.spec, task="product_type", num_labels=3, prefix_length=4, seed=1)
+    r = upload(client, artifact)
+    assert r.status_code == 201, r.text
+    assert r.json() == {
+        "task": "product_type",
+        "version": artifact.version,
+        "labels": ["label_0", "label_1", "label_2"],
+        "method": "p-tuning-v2",
+    }
+
+    texts = ["this phone is great", "the shirt color is red", "refund please, it is broken"]
+    r = client.post("/v1/classify", json={"task": "product_type", "texts": texts})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["task"] == "product_type" and body["version"] == artifact.version
+    expected = expected_probs(backbone, artifact, texts)
+    for i, result in enumerate(body["results"]):
+        assert set(result["scores"]) == {"label_0", "label_1", "label_2"}
+        assert list(result["scores"].values()) == sorted(result["scores"].values(), reverse=True)
+        assert result["label"] == f"label_{int(expected[i].argmax())}"
+        for j in range(3):
+            assert result["scores"][f"label_{j}"] == pytest.approx(float(expected[i, j]), abs=1e-5)
+        assert result["score"] == max(result["scores"].values())
+        assert result["truncated"] is False
+
+    r = client.post("/v1/classify", json={"task": "product_type", "text": texts[0], "top_k": 1})
+    assert r.status_code == 200
+    (single,) = r.json()["results"]
+    assert list(single["scores"]) == [single["label"]]
+
+    listed = client.get("/v1/prompts").json()["tasks"]
+    assert [t["task"] for t in listed] == ["product_type"]
+    assert listed[0]["version"] == artifact.version and listed[0]["prefix_length"] == 4
+    info = client.get("/v1/prompts/product_type").json()
+    assert info["versions"] == [artifact.version] and info["labels"] == ["label_0", "label_1", "label_2"]
+
+    r = client.delete("/v1/prompts/product_type")
+    assert r.status_code == 200 and r.json() == {"task": "product_type", "deleted": True}
+    assert_error(
+        client.post("/v1/classify", json={"task": "product_type", "text": "x"}), 404, "task_not_found"
+    )
+    assert_error(client.get("/v1/prompts/product_type"), 404, "task_not_found", "product_type")
+    assert_error(client.delete("/v1/prompts/product_type"), 404, "task_not_found")
+    assert client.get("/v1/prompts").json() == {"tasks": []}
+
+
+def test_new_upload_is_served_by_the_next_request(client: TestClient, backbone: Backbone) -> None:
+    v1 = random_artifact(backbone.spec, task="topic", seed=1)
+    v2 = random_artifact(backbone.spec, task="topic", seed=2)
+    assert upload(client, v1).status_code == 201
+    assert (
+        client.post("/v1/classify", json={"task": "topic", "text": "hello"}).json()["version"] == v1.version
+    )
+    assert upload(client, v2).status_code == 201
+    r = client.post("/v1/classify", json={"task": "topic", "text": "hello"}).json()
+    assert r["version"] == v2.version
+    assert r["results"][0]["scores"]["label_0"] == pytest.approx(
+        float(expected_probs(backbone, v2, ["hello"])[0, 0]), abs=1e-5
+    )
+    assert client.get("/v1/prompts/topic").json()["versions"] == [v2.version, v1.version]
+
+
+async def _gate_forward(runtime: Runtime) -> tuple[threading.Event, threading.Event]:
+    """Swap in a batcher whose forward signals ``entered`` and then waits for ``release``."""
+    entered, release = threading.Event(), threading.Event()
+
+    def gated(rows: list[Row]) -> list[list[float]]:
+        entered.set()
+        assert release.wait(10)
+        return runtime.engine.run_batch(rows)
+
+    await runtime.batcher.stop()
+    runtime.batcher = DynamicBatcher(
+        gated, max_batch_size=8, max_batch_tokens=4096, max_wait_ms=0, cost=Row.cost
+    )
+    runtime.batcher.start()
+    return entered, release
+
+
+def test_admitted_request_finishes_on_its_version_across_upload_and_delete(
+    client: TestClient, backbone: Backbone
+) -> None:
+    v1 = random_artifact(backbone.spec, task="pinned", seed=1)
+    v2 = random_artifact(backbone.spec, task="pinned", seed=2)
+    assert upload(client, v1).status_code == 201
+    runtime: Runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    entered, release = client.portal.call(_gate_forward, runtime)  # type: ignore[union-attr]
+
+    with ThreadPoolExecutor(1) as pool:
+        admitted = pool.submit(client.post, "/v1/classify", json={"task": "pinned", "text": "hello world"})
+        assert entered.wait(10)
+        # While the v1 request is inside the forward: publish v2, then delete the task.
+        assert upload(client, v2).status_code == 201
+        assert client.delete("/v1/prompts/pinned").status_code == 200
+        release.set()
+        r = admitted.result(10)
+    assert r.status_code == 200
+    assert r.json()["version"] == v1.version
+    assert r.json()["results"][0]["scores"]["label_0"] == pytest.approx(
+        float(expected_probs(backbone, v1, ["hello world"])[0, 0]), abs=1e-5
+    )
+    assert_error(client.post("/v1/classify", json={"task": "pinned", "text": "hello"}), 404, "task_not_found")
+
+
+def test_concurrent_requests_of_many_tasks_share_batches(client: TestClient, backbone: Backbone) -> None:
+    artifacts = [
+        random_artifact(
+            backbone.spec,
+            task=f"t{i}",
+            num_labels=2 + i % 3,
+            prefix_length=i % 4,
+            prompt_length=i % 3,
+            seed=i,
+            method="custom",
+        )
+        for i in range(6)
+    ]
+    for a in artifacts:
+        assert upload(client, a).status_code == 201
+    runtime: Runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    batches_before = runtime.engine.batches
+    texts = ["great phone", "bad shirt", "what is the price of this laptop", "free offer"]
+    jobs = [(a, t) for a in artifacts for t in texts]
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(
+            pool.map(
+                lambda job: client.post("/v1/classify", json={"task": job[0].task, "text": job[1]}), jobs
+            )
+        )
+    for (artifact, text), r in zip(jobs, responses, strict=True):
+        assert r.status_code == 200, r.text
+        expected = expected_probs(backbone, artifact, [text])[0]
+        got = r.json()["results"][0]["scores"]
+        for j in range(len(artifact.manifest.labels)):
+            assert got[f"label_{j}"] == pytest.approx(float(expected[j]), abs=1e-5)
+    # Mixed batching happened: fewer forwards than requests.
+    assert runtime.engine.batches - batches_before < len(jobs)
+
+
+def test_over_long_text_is_truncated_and_flagged(client: TestClient, backbone: Backbone) -> None:
+    artifact = random_artifact(backbone.spec, task="long", prefix_length=8, prompt_length=4)
+    assert upload(client, artifact).status_code == 201
+    long_text = " ".join(["phone"] * 80)  # 82 tokens > 64 positions - 8 prefix - 4 prompt
+    r = client.post("/v1/classify", json={"task": "long", "texts": [long_text, "short text"]})
+    assert r.status_code == 200, r.text
+    assert [x["truncated"] for x in r.json()["results"]] == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "fragment"),
+    [
+        ({"task": "nope", "text": "hi"}, 404, "task_not_found", "unknown task 'nope'"),
+        ({"text": "hi"}, 422, "invalid_request", "task"),
+        ({"task": "x"}, 422, "invalid_request", "exactly one of 'text' or 'texts'"),
+        ({"task": "x", "text": "a", "texts": ["b"]}, 422, "invalid_request", "exactly one"),
+        ({"task": "x", "texts": []}, 422, "invalid_request", "at least one text"),
+        ({"task": "x", "text": 5}, 422, "invalid_request", "text"),
+        ({"task": "x", "text": "hi", "top_k": 0}, 422, "invalid_request", "top_k"),
+        ({"task": "x", "text": "hi", "extra": 1}, 422, "invalid_request", "extra"),
+        ({"task": "Bad/Name", "text": "hi"}, 422, "invalid_task_name", "invalid task name"),
+        ({"task": "a" * 65, "text": "hi"}, 422, "invalid_task_name", "65 characters"),
+        ({"task": "..", "text": "hi"}, 422, "invalid_task_name", "invalid task name"),
+        ({"task": "x", "text": ""}, 422, "invalid_input", "text is empty"),
+        ({"task": "x", "text": " \n\t "}, 422, "invalid_input", "text is empty or whitespace only"),
+        ({"task": "x", "texts": ["ok", ""]}, 422, "invalid_input", "texts[1] is empty"),
+        ({"task": "x", "text": "y" * 501}, 422, "invalid_input", "501 characters; the limit is 500"),
+        ({"task": "x", "texts": ["a"] * 9}, 422, "invalid_input", "9 texts in one request; the limit is 8"),
+    ],
+)
+def test_classify_errors(
+    client: TestClient, backbone: Backbone, body: Any, status: int, code: str, fragment: str
+) -> None:
+    assert upload(client, random_artifact(backbone.spec, task="x")).status_code == 201
+    assert_error(client.post("/v1/classify", json=body), status, code, fragment)
+    # The service is still healthy and serving afterwards.
+    assert client.post("/v1/classify", json={"task": "x", "text": "still fine"}).status_code == 200
+
+
+def test_malformed_json_and_unknown_routes(client: TestClient) -> None:
+    r = client.post(
+        "/v1/classify", content=b'{"task": "x", "text": ', headers={"content-type": "application/json"}
+    )
+    assert_error(r, 422, "invalid_request", "JSON")
+    assert_error(client.get("/v1/nothing"), 404, "not_found")
+    assert_error(client.put("/v1/classify", json={}), 405, "method_not_allowed")
+    assert_error(client.get("/v1/prompts/UPPER"), 422, "invalid_task_name")
+
+
+def _other_backbone_artifact(tmp_path: Path, **kwargs: Any) -> PromptArtifact:
+    other = load_backbone(make_tiny_bert(tmp_path / "other", **kwargs))
+    return random_artifact(other.spec, task="foreign")
+
+
+def test_upload_errors(client: TestClient, backbone: Backbone, tmp_path: Path) -> None:
+    good = random_artifact(backbone.spec, task="good", num_labels=2)
+    cases: list[tuple[bytes, int, str, str]] = [
+        (b"", 422, "invalid_artifact", "empty"),
+        (b"hello, not tensors at all", 422, "invalid_artifact", "not a safetensors file"),
+        (pickle.dumps({"a": 1}), 422, "invalid_artifact", "pickle"),
+        (good.data[: len(good.data) // 2], 422, "invalid_artifact", ""),
+        (st_save({"x": torch.zeros(2)}), 422, "invalid_artifact", "no ptserve manifest"),
+        (_other_backbone_artifact(tmp_path, seed=1).data, 422, "incompatible_artifact", "different weights"),
+        (_other_backbone_artifact(tmp_path, hidden=48).data, 422, "incompatible_artifact", "hidden_size=48"),
+        (b"x" * (64 * 1024 * 1024 + 1), 413, "artifact_too_large", "limit"),
+    ]
+    for data, status, code, fragment in cases:
+        assert_error(upload(client, data), status, code, fragment)
+    assert_error(client.post("/v1/prompts", data={"nothing": "here"}), 422, "invalid_request", "file")
+    assert client.get("/v1/prompts").json() == {"tasks": []}
+    assert upload(client, good).status_code == 201
+
+
+def test_health_and_openapi(client: TestClient, backbone: Backbone) -> None:
+    assert client.get("/healthz").json() == {"status": "ok", "checks": {}}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"backbone": backbone.spec.fingerprint, "store": "ok"}
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/classify", "/v1/prompts", "/v1/prompts/{task}", "/healthz", "/readyz"} <= set(spec["paths"])
+    assert client.get("/docs").status_code == 200
+
+
+def test_readyz_reports_an_unusable_store(tmp_path: Path, backbone: Backbone) -> None:
+    store_dir = tmp_path / "store"
+    with TestClient(create_app(Settings(store=str(store_dir)), backbone=backbone)) as client:
+        assert client.get("/readyz").status_code == 200
+        # The store directory vanishes and a plain file takes its place (a lost mount, say).
+        shutil.rmtree(store_dir)
+        store_dir.write_text("not a directory")
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "unavailable"
+        assert str(store_dir) in r.json()["checks"]["store"]
+        assert client.get("/healthz").status_code == 200

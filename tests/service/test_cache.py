@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+
+from prompts.artifact import PromptArtifact
+from prompts.backbone import Backbone
+from prompts.disk_store import DiskPromptStore
+from prompts.errors import InvalidTaskNameError, TaskNotFoundError
+from prompts.store import StoredArtifact
+from service.cache import PromptCache
+from service.errors import TaskUnavailableError
+from tests.factories import random_artifact
+
+
+class CountingStore(DiskPromptStore):
+    """A real disk store that records which threads read artifacts, and can hold reads at a gate."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.gets: list[tuple[str, str | None, int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def get(self, task: str, version: str | None = None) -> StoredArtifact:
+        self.gets.append((task, version, threading.get_ident()))
+        assert self.gate.wait(10)
+        return super().get(task, version)
+
+
+def put(store: DiskPromptStore, artifact: PromptArtifact) -> None:
+    store.put(artifact.task, artifact.version, artifact.data, artifact.manifest_json())
+
+
+def make_cache(store: DiskPromptStore, backbone: Backbone, **kwargs: float) -> PromptCache:
+    options = {"budget_bytes": 1 << 30, "max_artifact_bytes": 1 << 26, "pointer_ttl_s": 60.0} | kwargs
+    return PromptCache(store, backbone, **options)  # type: ignore[arg-type]
+
+
+async def test_concurrent_misses_load_once_off_the_event_loop(tmp_path: Path, backbone: Backbone) -> None:
+    store = CountingStore(tmp_path)
+    artifact = random_artifact(backbone.spec, task="hot")
+    put(store, artifact)
+    cache = make_cache(store, backbone)
+    store.gate.clear()
+    waiters = [asyncio.create_task(cache.resolve("hot")) for _ in range(20)]
+    # Every waiter counts its miss before awaiting the load, which is held at the gate meanwhile.
+    async with asyncio.timeout(10):
+        while cache.misses < 20:
+            await asyncio.sleep(0.001)
+    store.gate.set()
+    loaded = await asyncio.gather(*waiters)
+    assert len(store.gets) == 1
+    assert store.gets[0][2] != threading.get_ident()
+    assert all(x is loaded[0] for x in loaded)
+    assert loaded[0].version == artifact.version
+    assert cache.misses == 20 and cache.hits == 0
+    assert await cache.resolve("hot") is loaded[0] and cache.hits == 1
+
+
+async def test_a_cancelled_requester_does_not_cancel_the_load(tmp_path: Path, backbone: Backbone) -> None:
+    store = CountingStore(tmp_path)
+    put(store, random_artifact(backbone.spec, task="t"))
+    cache = make_cache(store, backbone)
+    store.gate.clear()
+    first = asyncio.create_task(cache.resolve("t"))
+    while not store.gets:
+        await asyncio.sleep(0)
+    second = asyncio.create_task(cache.resolve("t"))
+    await asyncio.sleep(0)
+    first.cancel()
+    store.gate.set()
+    assert (await second).task == "t"
+    assert len(store.gets) == 1
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
+async def test_lru_eviction_stays_within_budget(tmp_path: Path, backbone: Backbone) -> None:
+    store = DiskPromptStore(tmp_path)
+    artifacts = [random_artifact(backbone.spec, task=f"t{i}", prefix_length=4, seed=i) for i in range(3)]
+    for a in artifacts:
+        put(store, a)
+    probe = make_cache(store, backbone)
+    size = (await probe.resolve("t0")).nbytes
+    cache = make_cache(store, backbone, budget_bytes=2 * size)
+    t0 = await cache.resolve("t0")
+    await cache.resolve("t1")
+    await cache.resolve("t0")  # t0 becomes most recent; t1 is now the eviction candidate
+    await cache.resolve("t2")
+    assert len(cache) == 2 and cache.nbytes == 2 * size and cache.evictions == 1
+    misses = cache.misses
+    assert await cache.resolve("t0") is t0 and cache.misses == misses
+    await cache.resolve("t1")
+    assert cache.misses == misses + 1
+
+
+async def test_versions_are_keys_and_install_switches_the_pointer(tmp_path: Path, backbone: Backbone) -> None:
+    store = DiskPromptStore(tmp_path)
+    v1 = random_artifact(backbone.spec, task="t", seed=1)
+    v2 = random_artifact(backbone.spec, task="t", seed=2)
+    put(store, v1)
+    cache = make_cache(store, backbone)
+    old = await cache.resolve("t")
+    put(store, v2)
+    await cache.install(v2)
+    new = await cache.resolve("t")
+    assert (old.version, new.version) == (v1.version, v2.version)
+    assert old.prompt is not new.prompt
+    cache.forget("t")
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
+async def test_pointer_changes_by_other_processes_are_seen_after_the_ttl(
+    tmp_path: Path, backbone: Backbone
+) -> None:
+    store = DiskPromptStore(tmp_path)
+    other_process = DiskPromptStore(tmp_path)
+    put(store, random_artifact(backbone.spec, task="t", seed=1))
+    fresh = make_cache(store, backbone, pointer_ttl_s=0.0)
+    trusting = make_cache(store, backbone, pointer_ttl_s=3600.0)
+    first = await fresh.resolve("t")
+    assert (await trusting.resolve("t")).version == first.version
+    v2 = random_artifact(backbone.spec, task="t", seed=2)
+    put(other_process, v2)
+    assert (await fresh.resolve("t")).version == v2.version
+    assert (await trusting.resolve("t")).version == first.version
+    other_process.delete("t")
+    with pytest.raises(TaskNotFoundError):
+        await fresh.resolve("t")
+
+
+async def test_unknown_invalid_and_corrupt_tasks(tmp_path: Path, backbone: Backbone) -> None:
+    store = DiskPromptStore(tmp_path)
+    cache = make_cache(store, backbone)
+    with pytest.raises(TaskNotFoundError, match="unknown task 'ghost'"):
+        await cache.resolve("ghost")
+    with pytest.raises(InvalidTaskNameError):
+        await cache.resolve("../etc")
+    store.put("broken", "0123456789abcdef", b"definitely not safetensors", '{"task": "broken"}')
+    with pytest.raises(TaskUnavailableError, match="stored version 0123456789abcdef of task 'broken'"):
+        await cache.resolve("broken")
