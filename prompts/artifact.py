@@ -19,6 +19,7 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -125,6 +126,9 @@ class PromptArtifact:
 
     def manifest_json(self) -> str:
         return self.manifest.model_dump_json()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.data)
 
 
 def content_version(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> str:
@@ -311,6 +315,12 @@ def check_compatible(artifact: PromptArtifact, spec: BackboneSpec) -> None:
         raise IncompatibleArtifactError(
             f"artifact for task {artifact.task!r} was trained on backbone {ref.fingerprint}; "
             f"this service runs {spec.fingerprint} (same shapes, different weights)"
+        )
+    if artifact.manifest.head.pooler == "backbone" and not spec.has_pooler:
+        # Refused here, not at forward time, where it would fail every task's rows in the batch.
+        raise IncompatibleArtifactError(
+            f"artifact for task {artifact.task!r} uses the backbone's pooler, but this backbone "
+            f"({spec.fingerprint}) has no pooler weights"
         )
     if max_text_tokens(artifact.manifest, spec) < 2:
         raise IncompatibleArtifactError(

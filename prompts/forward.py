@@ -125,13 +125,15 @@ def prompted_forward(
     def per_row(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, device=device)[row_task]  # [B]
 
-    prefix_len = per_row([t.prefix_length for t in tasks])  # [B]
-    prompt_len = per_row([t.prompt_length for t in tasks])  # [B]
-    text_len = torch.tensor([len(ids) for ids in input_ids], device=device)  # [B]
+    # Sizes come from Python ints: reading them back from device tensors would stall a GPU.
+    text_lens = [len(ids) for ids in input_ids]
     max_prefix = max(t.prefix_length for t in tasks)
     max_prompt = max(t.prompt_length for t in tasks)
-    max_text = int(text_len.max())
-    seq_len = int((prompt_len + text_len).max())
+    max_text = max(text_lens)
+    seq_len = max(rows[b].prompt_length + text_lens[b] for b in range(batch))
+    prefix_len = per_row([t.prefix_length for t in tasks])  # [B]
+    prompt_len = per_row([t.prompt_length for t in tasks])  # [B]
+    text_len = torch.tensor(text_lens, device=device)  # [B]
 
     # Text token embeddings, right-padded.
     ids = torch.full((batch, max_text), backbone.pad_token_id, dtype=torch.long)  # [B, T]
@@ -202,8 +204,8 @@ def prompted_forward(
     hidden = out.last_hidden_state  # [B, S, hidden]
 
     pooled = _pool(hidden, tasks, row_task, prompt_len, text_len)  # [B, hidden]
-    pooler_rows = per_row([int(t.use_pooler) for t in tasks]).bool()
-    if bool(pooler_rows.any()):
+    if any(t.use_pooler for t in tasks):
+        pooler_rows = per_row([int(t.use_pooler) for t in tasks]).bool()
         pooler = getattr(model, "pooler", None)
         if pooler is None:
             raise ValueError("a task asks for the backbone pooler, but this backbone has none")

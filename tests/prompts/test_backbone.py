@@ -11,7 +11,7 @@ import transformers
 from transformers import BertConfig, BertModel
 
 from prompts.backbone import Backbone, default_model_path, load_backbone
-from prompts.errors import BackboneError
+from prompts.errors import BackboneError, IncompatibleArtifactError
 from prompts.forward import TaskPrompt, prompted_forward
 from tests.factories import random_artifact
 from tests.models import make_tiny_bert, make_tiny_roberta, write_vocab
@@ -126,6 +126,10 @@ def test_checkpoint_without_pooler(backbone: Backbone, model_dirs: Path) -> None
     # The randomly initialised pooler is dropped, so loading twice gives the same fingerprint.
     assert first.spec.fingerprint == second.spec.fingerprint
     assert second.model.pooler is None
+    # A task that needs the pooler is refused up front, not when it would fail a mixed batch.
+    with pytest.raises(IncompatibleArtifactError, match="has no pooler weights"):
+        random_artifact(first.spec, pooler="backbone")
+    random_artifact(first.spec, pooler="none")
 
 
 # --- load errors -------------------------------------------------------------------------------------

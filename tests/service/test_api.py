@@ -288,3 +288,33 @@ def test_readyz_reports_an_unusable_store(tmp_path: Path, backbone: Backbone) ->
         assert r.status_code == 503 and r.json()["status"] == "unavailable"
         assert str(store_dir) in r.json()["checks"]["store"]
         assert client.get("/healthz").status_code == 200
+
+
+def test_upload_interrupted_before_the_pointer_rename_keeps_serving_the_previous_version(
+    client: TestClient, backbone: Backbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import prompts.disk_store as disk_store
+
+    v1 = random_artifact(backbone.spec, task="safe", seed=1)
+    v2 = random_artifact(backbone.spec, task="safe", seed=2)
+    assert upload(client, v1).status_code == 201
+    real_replace = disk_store.os.replace
+
+    def crash_on_pointer(src: str, dst: str) -> None:
+        if str(dst).endswith("current"):
+            raise OSError(5, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(disk_store.os, "replace", crash_on_pointer)
+    assert_error(upload(client, v2), 500, "store_error", "Input/output error")
+    monkeypatch.setattr(disk_store.os, "replace", real_replace)
+
+    r = client.post("/v1/classify", json={"task": "safe", "text": "hello"})
+    assert r.status_code == 200 and r.json()["version"] == v1.version
+    assert client.get("/v1/prompts/safe").json()["version"] == v1.version
+    # A fresh replica on the same store (a restart) serves v1 as well.
+    runtime: Runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    settings = runtime.settings
+    with TestClient(create_app(settings, backbone=backbone)) as restarted:
+        r = restarted.post("/v1/classify", json={"task": "safe", "text": "hello"})
+        assert r.status_code == 200 and r.json()["version"] == v1.version
