@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from prompts.errors import PtserveError
+from service.errors import OverloadedError, ShuttingDownError
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
@@ -25,16 +25,12 @@ ResultT = TypeVar("ResultT")
 _log = logging.getLogger(__name__)
 
 
-class QueueFullError(PtserveError):
+class QueueFullError(OverloadedError):
     """The batcher's queue holds ``max_queue`` items already; retrying later may work."""
 
-    code = "overloaded"
 
-
-class BatcherClosedError(PtserveError):
+class BatcherClosedError(ShuttingDownError):
     """The batcher is stopping or stopped and accepts no more work."""
-
-    code = "shutting_down"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,15 @@ class TaskUnavailableError(PtserveError):
 
 
 class OverloadedError(PtserveError):
+    """Too much work queued; retrying later may work."""
+
     code = "overloaded"
+
+
+class ShuttingDownError(PtserveError):
+    """The replica is draining and takes no new work."""
+
+    code = "shutting_down"
 
 
 class PayloadTooLargeError(InvalidInputError):
@@ -40,6 +48,7 @@ HTTP_STATUS: list[tuple[type[PtserveError], int]] = [
     (NotFoundError, 404),
     (TaskUnavailableError, 409),
     (OverloadedError, 429),
+    (ShuttingDownError, 503),
     (StoreFullError, 507),
     (StoreUnavailableError, 503),
     (StoreError, 500),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -62,3 +62,12 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("store must be a directory path or a redis:// URL")
         return value
+
+    @model_validator(mode="after")
+    def _queue_holds_a_request(self) -> Settings:
+        if self.max_queue < self.max_texts_per_request:
+            raise ValueError(
+                f"max_queue ({self.max_queue}) must be at least max_texts_per_request "
+                f"({self.max_texts_per_request}), or the largest request could never be queued"
+            )
+        return self

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import pickle
 import shutil
 import threading
@@ -127,8 +128,14 @@ async def _gate_forward(runtime: Runtime) -> tuple[threading.Event, threading.Ev
         return runtime.engine.run_batch(rows)
 
     await runtime.batcher.stop()
+    limits = runtime.settings
     runtime.batcher = DynamicBatcher(
-        gated, max_batch_size=8, max_batch_tokens=4096, max_wait_ms=0, cost=Row.cost
+        gated,
+        max_batch_size=limits.max_batch_size,
+        max_batch_tokens=limits.max_batch_tokens,
+        max_wait_ms=0,
+        cost=Row.cost,
+        max_queue=limits.max_queue,
     )
     runtime.batcher.start()
     return entered, release
@@ -318,3 +325,36 @@ def test_upload_interrupted_before_the_pointer_rename_keeps_serving_the_previous
     with TestClient(create_app(settings, backbone=backbone)) as restarted:
         r = restarted.post("/v1/classify", json={"task": "safe", "text": "hello"})
         assert r.status_code == 200 and r.json()["version"] == v1.version
+
+
+def test_full_queue_answers_429_and_the_queued_requests_still_finish(
+    tmp_path: Path, backbone: Backbone
+) -> None:
+    settings = Settings(store=str(tmp_path / "s"), max_queue=2, max_texts_per_request=2, max_batch_size=2)
+    with TestClient(create_app(settings, backbone=backbone)) as client:
+        assert upload(client, random_artifact(backbone.spec, task="busy")).status_code == 201
+        runtime: Runtime = client.app.state.runtime  # type: ignore[attr-defined]
+        entered, release = client.portal.call(_gate_forward, runtime)  # type: ignore[union-attr]
+        body = {"task": "busy", "texts": ["one", "two"]}
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(client.post, "/v1/classify", json=body)
+            assert entered.wait(10)  # its two rows are in the forward; the queue is empty
+            queued = pool.submit(client.post, "/v1/classify", json=body)
+            # The queued request holds both slots once the batcher reports them.
+            client.portal.call(_wait_for_depth, runtime, 2)  # type: ignore[union-attr]
+            r = client.post("/v1/classify", json={"task": "busy", "text": "three"})
+            assert_error(r, 429, "overloaded", "2 items are queued (limit 2)")
+            release.set()
+            assert running.result(10).status_code == 200
+            assert queued.result(10).status_code == 200
+
+
+async def _wait_for_depth(runtime: Runtime, depth: int) -> None:
+    async with asyncio.timeout(10):
+        while runtime.batcher.queue_depth < depth:
+            await asyncio.sleep(0.001)
+
+
+def test_settings_refuse_a_queue_smaller_than_a_request() -> None:
+    with pytest.raises(ValueError, match=r"max_queue \(4\) must be at least max_texts_per_request \(8\)"):
+        Settings(max_queue=4, max_texts_per_request=8)
