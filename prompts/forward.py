@@ -1,7 +1,9 @@
 """The prompted forward: one backbone pass for a batch whose rows may each belong to a different task.
 
-This is the single implementation of how a task's prompt is applied to the backbone; the service and
-the trainer both call :func:`prompted_forward`, so a task gives the same logits served alone, in a
+:func:`run_prompted` is the single implementation of how task prompts are applied to the backbone. It
+takes a :class:`PromptBatch` (per-row prompt tensors); the trainer and the reference path build one
+by stacking :class:`TaskPrompt` objects (:func:`prompted_forward`), the service gathers one from its
+pre-stacked device pool by slot index. Either way a task gives the same logits served alone, in a
 mixed batch, or evaluated by the trainer.
 
 Per row ``b`` with task prefix length ``P_b``, input-prompt length ``K_b`` and text length ``T_b``:
@@ -26,6 +28,8 @@ from transformers import DynamicCache
 from prompts.artifact import PromptArtifact
 from prompts.backbone import Backbone
 
+POOLING_MODES = ("cls", "first", "mean")
+
 
 @dataclass(eq=False)
 class TaskPrompt:
@@ -38,7 +42,7 @@ class TaskPrompt:
     prompt: torch.Tensor | None  # [K, hidden]
     head_weight: torch.Tensor  # [C, hidden]
     head_bias: torch.Tensor  # [C]
-    pooling: str = "cls"  # "cls" | "first" | "mean"
+    pooling: str = "cls"  # one of POOLING_MODES
     use_pooler: bool = False
     positions_after_prefix: bool = True
 
@@ -90,27 +94,32 @@ def _pad_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
 
 
-def prompted_forward(
-    backbone: Backbone,
-    input_ids: Sequence[Sequence[int]],
-    rows: Sequence[TaskPrompt],
-) -> torch.Tensor:
-    """Run the backbone once over ``input_ids`` (one token list per row, special tokens included),
-    applying each row's task prompt. Returns logits ``[B, max labels]``, ``-inf`` past a row's labels.
+@dataclass
+class PromptBatch:
+    """Every row's prompt tensors for one batch, on the backbone's device.
 
-    Differentiable with respect to the TaskPrompt tensors (the trainer's path); the service wraps the
-    call in ``torch.inference_mode``.
+    The ``*_lens`` lists and ``modes`` repeat on the host what the tensors hold, so sizes never have
+    to be read back from a GPU.
     """
-    if len(input_ids) != len(rows) or not rows:
-        raise ValueError(
-            f"need one task per row and at least one row, got {len(input_ids)} texts, {len(rows)} tasks"
-        )
-    model = backbone.model
-    spec = backbone.spec
-    device, dtype = backbone.device, backbone.dtype
-    batch = len(rows)
 
-    # Group rows by task so each task's tensors are padded once, then spread to rows by index.
+    prefix: torch.Tensor | None  # [B, layers, 2, heads, P, head_dim], P = max prefix length
+    prefix_len: torch.Tensor  # [B] long
+    prompt: torch.Tensor | None  # [B, K, hidden], K = max prompt length
+    prompt_len: torch.Tensor  # [B] long
+    head_weight: torch.Tensor  # [B, C, hidden], C = max label count
+    head_bias: torch.Tensor  # [B, C]
+    num_labels: torch.Tensor  # [B] long
+    pooling: torch.Tensor  # [B] long, index into POOLING_MODES
+    use_pooler: torch.Tensor  # [B] bool
+    after_prefix: torch.Tensor  # [B] bool
+    prompt_lens: list[int]
+    modes: frozenset[str]
+    any_pooler: bool
+
+
+def batch_from_tasks(rows: Sequence[TaskPrompt], device: torch.device) -> PromptBatch:
+    """Stack the rows' tasks into a PromptBatch; differentiable in the task tensors (the trainer's path)."""
+    # Each distinct task is padded once, then spread to its rows by index.
     task_index: dict[int, int] = {}
     tasks: list[TaskPrompt] = []
     row_task_list: list[int] = []
@@ -125,35 +134,94 @@ def prompted_forward(
     def per_row(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, device=device)[row_task]  # [B]
 
-    # Sizes come from Python ints: reading them back from device tensors would stall a GPU.
-    text_lens = [len(ids) for ids in input_ids]
     max_prefix = max(t.prefix_length for t in tasks)
     max_prompt = max(t.prompt_length for t in tasks)
-    max_text = max(text_lens)
-    seq_len = max(rows[b].prompt_length + text_lens[b] for b in range(batch))
-    prefix_len = per_row([t.prefix_length for t in tasks])  # [B]
-    prompt_len = per_row([t.prompt_length for t in tasks])  # [B]
-    text_len = torch.tensor(text_lens, device=device)  # [B]
-
-    # Text token embeddings, right-padded.
-    ids = torch.full((batch, max_text), backbone.pad_token_id, dtype=torch.long)  # [B, T]
-    for b, row_ids in enumerate(input_ids):
-        ids[b, : len(row_ids)] = torch.as_tensor(row_ids, dtype=torch.long)
-    text_embeds = backbone.word_embeddings(ids.to(device))  # [B, T, hidden]
-
-    if max_prompt == 0:
-        inputs_embeds = text_embeds  # [B, S, hidden], S == T
-    else:
-        # Row b reads prompt_b for j < K_b, then its text: a gather from [prompts | text] per row.
-        prompts = torch.stack(
+    max_labels = max(t.num_labels for t in tasks)
+    ref = tasks[0].head_weight
+    prefix = None
+    if max_prefix:
+        shape = next(t.prefix.shape for t in tasks if t.prefix is not None)
+        prefix = torch.stack(
+            [
+                _pad_dim(t.prefix, 3, max_prefix)
+                if t.prefix is not None
+                else ref.new_zeros(shape[0], 2, shape[2], max_prefix, shape[4])
+                for t in tasks
+            ]
+        )[row_task]  # [B, layers, 2, heads, P, head_dim]
+    prompt = None
+    if max_prompt:
+        prompt = torch.stack(
             [
                 _pad_dim(t.prompt, 0, max_prompt)
                 if t.prompt is not None
-                else text_embeds.new_zeros(max_prompt, spec.hidden_size)
+                else ref.new_zeros(max_prompt, ref.shape[1])
                 for t in tasks
             ]
-        )[row_task]  # [B, Kmax, hidden]
-        source = torch.cat([prompts.to(dtype), text_embeds], dim=1)  # [B, Kmax + T, hidden]
+        )[row_task]  # [B, K, hidden]
+    return PromptBatch(
+        prefix=prefix,
+        prefix_len=per_row([t.prefix_length for t in tasks]),
+        prompt=prompt,
+        prompt_len=per_row([t.prompt_length for t in tasks]),
+        head_weight=torch.stack([_pad_dim(t.head_weight, 0, max_labels) for t in tasks])[
+            row_task
+        ],  # [B, C, hidden]
+        head_bias=torch.stack([_pad_dim(t.head_bias, 0, max_labels) for t in tasks])[row_task],  # [B, C]
+        num_labels=per_row([t.num_labels for t in tasks]),
+        pooling=per_row([POOLING_MODES.index(t.pooling) for t in tasks]),
+        use_pooler=per_row([int(t.use_pooler) for t in tasks]).bool(),
+        after_prefix=per_row([int(t.positions_after_prefix) for t in tasks]).bool(),
+        prompt_lens=[t.prompt_length for t in rows],
+        modes=frozenset(t.pooling for t in tasks),
+        any_pooler=any(t.use_pooler for t in tasks),
+    )
+
+
+def prompted_forward(
+    backbone: Backbone,
+    input_ids: Sequence[Sequence[int]],
+    rows: Sequence[TaskPrompt],
+) -> torch.Tensor:
+    """Logits ``[B, max labels]`` for one token list per row, each row with its own task prompt."""
+    if len(input_ids) != len(rows) or not rows:
+        raise ValueError(
+            f"need one task per row and at least one row, got {len(input_ids)} texts, {len(rows)} tasks"
+        )
+    return run_prompted(backbone, input_ids, batch_from_tasks(rows, backbone.device))
+
+
+def run_prompted(backbone: Backbone, input_ids: Sequence[Sequence[int]], batch: PromptBatch) -> torch.Tensor:
+    """Run the backbone once over ``input_ids`` (special tokens included), applying each row's prompt.
+
+    Returns logits ``[B, max labels]``, ``-inf`` past a row's own labels. Differentiable with respect
+    to the PromptBatch tensors; the service wraps the call in ``torch.inference_mode``.
+    """
+    model = backbone.model
+    spec = backbone.spec
+    device, dtype = backbone.device, backbone.dtype
+    rows = len(input_ids)
+    prefix_len, prompt_len = batch.prefix_len, batch.prompt_len
+    max_prefix = 0 if batch.prefix is None else int(batch.prefix.shape[4])
+    max_prompt = 0 if batch.prompt is None else int(batch.prompt.shape[1])
+
+    # Sizes come from Python ints: reading them back from device tensors would stall a GPU.
+    text_lens = [len(ids) for ids in input_ids]
+    max_text = max(text_lens)
+    seq_len = max(k + t for k, t in zip(batch.prompt_lens, text_lens, strict=True))
+    text_len = torch.tensor(text_lens, device=device)  # [B]
+
+    # Text token embeddings, right-padded.
+    ids = torch.full((rows, max_text), backbone.pad_token_id, dtype=torch.long)  # [B, T]
+    for b, row_ids in enumerate(input_ids):
+        ids[b, : len(row_ids)] = torch.as_tensor(row_ids, dtype=torch.long)
+    text_embeds = backbone.word_embeddings(ids.to(device, non_blocking=True))  # [B, T, hidden]
+
+    if batch.prompt is None:
+        inputs_embeds = text_embeds  # [B, S, hidden], S == T
+    else:
+        # Row b reads prompt_b for j < K_b, then its text: a gather from [prompts | text] per row.
+        source = torch.cat([batch.prompt.to(dtype), text_embeds], dim=1)  # [B, Kmax + T, hidden]
         j = torch.arange(seq_len, device=device).unsqueeze(0)  # [1, S]
         k = prompt_len.unsqueeze(1)  # [B, 1]
         src = torch.where(j < k, j, max_prompt + (j - k))  # [B, S]
@@ -161,11 +229,7 @@ def prompted_forward(
         inputs_embeds = torch.gather(source, 1, src.unsqueeze(-1).expand(-1, -1, source.shape[-1]))
 
     # Positions: [B, S]; padded slots clamped into the table (masked anyway).
-    offsets = torch.where(
-        per_row([int(t.positions_after_prefix) for t in tasks]).bool(),
-        prefix_len,
-        torch.zeros_like(prefix_len),
-    )
+    offsets = torch.where(batch.after_prefix, prefix_len, torch.zeros_like(prefix_len))  # [B]
     positions = spec.position_base + offsets.unsqueeze(1) + torch.arange(seq_len, device=device).unsqueeze(0)
     positions = positions.clamp(max=spec.position_base + spec.max_positions - 1)
 
@@ -173,74 +237,52 @@ def prompted_forward(
     key_pos = torch.arange(max_prefix + seq_len, device=device).unsqueeze(0)  # [1, P + S]
     in_prefix = key_pos < prefix_len.unsqueeze(1)
     in_seq = (key_pos >= max_prefix) & (key_pos < max_prefix + (prompt_len + text_len).unsqueeze(1))
-    mask = torch.zeros((batch, max_prefix + seq_len), dtype=dtype, device=device)
+    mask = torch.zeros((rows, max_prefix + seq_len), dtype=dtype, device=device)
     mask = mask.masked_fill(~(in_prefix | in_seq), torch.finfo(dtype).min)[:, None, None, :]
 
     cache = None
-    if max_prefix > 0:
+    if batch.prefix is not None:
         # A fresh cache per call: the forward appends this batch's keys/values to it.
-        prefixes = torch.stack(
-            [
-                _pad_dim(t.prefix, 3, max_prefix)
-                if t.prefix is not None
-                else text_embeds.new_zeros(spec.num_layers, 2, spec.num_heads, max_prefix, spec.head_dim)
-                for t in tasks
-            ]
-        )[row_task].to(dtype)  # [B, layers, 2, heads, P, head_dim]
+        prefix = batch.prefix.to(dtype)
         cache = DynamicCache(
-            ddp_cache_data=[
-                (prefixes[:, layer, 0], prefixes[:, layer, 1]) for layer in range(spec.num_layers)
-            ]
+            ddp_cache_data=[(prefix[:, layer, 0], prefix[:, layer, 1]) for layer in range(spec.num_layers)]
         )
 
     out = model(
         inputs_embeds=inputs_embeds,
         attention_mask=mask,
         position_ids=positions,
-        token_type_ids=torch.zeros((batch, seq_len), dtype=torch.long, device=device),
+        token_type_ids=torch.zeros((rows, seq_len), dtype=torch.long, device=device),
         past_key_values=cache,
         use_cache=False,
     )
     hidden = out.last_hidden_state  # [B, S, hidden]
 
-    pooled = _pool(hidden, tasks, row_task, prompt_len, text_len)  # [B, hidden]
-    if any(t.use_pooler for t in tasks):
-        pooler_rows = per_row([int(t.use_pooler) for t in tasks]).bool()
+    pooled = _pool(hidden, batch, text_len)  # [B, hidden]
+    if batch.any_pooler:
         pooler = getattr(model, "pooler", None)
         if pooler is None:
             raise ValueError("a task asks for the backbone pooler, but this backbone has none")
-        pooled = torch.where(pooler_rows.unsqueeze(1), pooler.activation(pooler.dense(pooled)), pooled)
+        pooled = torch.where(batch.use_pooler.unsqueeze(1), pooler.activation(pooler.dense(pooled)), pooled)
 
-    max_labels = max(t.num_labels for t in tasks)
-    weights = torch.stack([_pad_dim(t.head_weight, 0, max_labels) for t in tasks])[row_task]  # [B, C, hidden]
-    biases = torch.stack([_pad_dim(t.head_bias, 0, max_labels) for t in tasks])[row_task]  # [B, C]
-    logits = torch.einsum("bh,bch->bc", pooled.to(weights.dtype), weights) + biases  # [B, C]
-    num_labels = per_row([t.num_labels for t in tasks])
-    label_ok = torch.arange(max_labels, device=device).unsqueeze(0) < num_labels.unsqueeze(1)
+    weights = batch.head_weight  # [B, C, hidden]
+    logits = torch.einsum("bh,bch->bc", pooled.to(weights.dtype), weights) + batch.head_bias  # [B, C]
+    label_ok = torch.arange(weights.shape[1], device=device).unsqueeze(0) < batch.num_labels.unsqueeze(1)
     return logits.masked_fill(~label_ok, float("-inf"))
 
 
-def _pool(
-    hidden: torch.Tensor,
-    tasks: list[TaskPrompt],
-    row_task: torch.Tensor,
-    prompt_len: torch.Tensor,
-    text_len: torch.Tensor,
-) -> torch.Tensor:
+def _pool(hidden: torch.Tensor, batch: PromptBatch, text_len: torch.Tensor) -> torch.Tensor:
     """The pooled vector per row [B, hidden], by each row's task's pooling mode."""
-    modes = {t.pooling for t in tasks}
-    batch = hidden.shape[0]
-    arange_b = torch.arange(batch, device=hidden.device)
-    cls_vec = hidden[arange_b, prompt_len]  # [B, hidden] text [CLS] (== position 0 without a prompt)
-    if modes == {"cls"}:
+    rows = hidden.shape[0]
+    cls_vec = hidden[torch.arange(rows, device=hidden.device), batch.prompt_len]  # [B, hidden] text [CLS]
+    if batch.modes == {"cls"}:
         return cls_vec
-    mode_ids = torch.tensor([("cls", "first", "mean").index(t.pooling) for t in tasks], device=hidden.device)
-    row_mode = mode_ids[row_task].unsqueeze(1)  # [B, 1]
-    pooled = torch.where(row_mode == 1, hidden[:, 0], cls_vec)
-    if "mean" in modes:
+    mode = batch.pooling.unsqueeze(1)  # [B, 1]
+    pooled = torch.where(mode == POOLING_MODES.index("first"), hidden[:, 0], cls_vec)
+    if "mean" in batch.modes:
         j = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        k = prompt_len.unsqueeze(1)
+        k = batch.prompt_len.unsqueeze(1)
         in_text = ((j >= k) & (j < k + text_len.unsqueeze(1))).unsqueeze(-1).to(hidden.dtype)  # [B, S, 1]
         mean = (hidden * in_text).sum(1) / text_len.unsqueeze(1).to(hidden.dtype)
-        pooled = torch.where(row_mode == 2, mean, pooled)
+        pooled = torch.where(mode == POOLING_MODES.index("mean"), mean, pooled)
     return pooled

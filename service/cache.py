@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -20,24 +21,54 @@ from prompts.forward import TaskPrompt
 from prompts.names import validate_task_name
 from prompts.store import PromptStore
 from service.errors import TaskUnavailableError
+from service.pool import PromptPool
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
 class LoadedTask:
-    """One (task, version) ready to serve: its manifest and its tensors on the device."""
+    """One (task, version) ready to serve: its manifest and the pool slot holding its tensors.
+
+    The slot is given back when this object is garbage-collected, i.e. once neither the cache nor
+    any admitted request holds it, so a slot is never reused under a request that still needs it.
+    """
 
     task: str
     version: str
     manifest: Manifest
-    prompt: TaskPrompt
+    slot: int
+    prefix_length: int
+    prompt_length: int
+    num_labels: int
+    pooling: str
+    use_pooler: bool
     max_text_tokens: int
     nbytes: int
 
     @property
     def labels(self) -> list[str]:
         return self.manifest.labels
+
+
+def prepare_task(artifact: PromptArtifact, backbone: Backbone, pool: PromptPool) -> LoadedTask:
+    """Copy a validated artifact's tensors into a pool slot on the device (blocking)."""
+    prompt = TaskPrompt.from_artifact(artifact, backbone.device, backbone.dtype)
+    entry = LoadedTask(
+        task=artifact.task,
+        version=artifact.version,
+        manifest=artifact.manifest,
+        slot=pool.add(prompt),
+        prefix_length=prompt.prefix_length,
+        prompt_length=prompt.prompt_length,
+        num_labels=prompt.num_labels,
+        pooling=prompt.pooling,
+        use_pooler=prompt.use_pooler,
+        max_text_tokens=max_text_tokens(artifact.manifest, backbone.spec),
+        nbytes=prompt.nbytes(),
+    )
+    weakref.finalize(entry, pool.free, entry.slot)
+    return entry
 
 
 @dataclass
@@ -53,6 +84,7 @@ class PromptCache:
         self,
         store: PromptStore,
         backbone: Backbone,
+        pool: PromptPool,
         *,
         budget_bytes: int,
         max_artifact_bytes: int,
@@ -60,6 +92,7 @@ class PromptCache:
     ) -> None:
         self._store = store
         self._backbone = backbone
+        self._pool = pool
         self._budget = budget_bytes
         self._max_artifact_bytes = max_artifact_bytes
         self._pointer_ttl = pointer_ttl_s
@@ -132,18 +165,7 @@ class PromptCache:
             raise TaskUnavailableError(
                 f"stored version {version} of task {task!r} cannot be served: {exc}"
             ) from exc
-        return self._prepare(artifact)
-
-    def _prepare(self, artifact: PromptArtifact) -> LoadedTask:
-        prompt = TaskPrompt.from_artifact(artifact, self._backbone.device, self._backbone.dtype)
-        return LoadedTask(
-            task=artifact.task,
-            version=artifact.version,
-            manifest=artifact.manifest,
-            prompt=prompt,
-            max_text_tokens=max_text_tokens(artifact.manifest, self._backbone.spec),
-            nbytes=prompt.nbytes(),
-        )
+        return prepare_task(artifact, self._backbone, self._pool)
 
     def _insert(self, entry: LoadedTask) -> None:
         key = (entry.task, entry.version)
@@ -160,7 +182,7 @@ class PromptCache:
 
     async def install(self, artifact: PromptArtifact) -> LoadedTask:
         """After a successful store write: the next request for this task gets this version."""
-        entry = await asyncio.to_thread(self._prepare, artifact)
+        entry = await asyncio.to_thread(prepare_task, artifact, self._backbone, self._pool)
         self._insert(entry)
         self._pointers[artifact.task] = _Pointer(artifact.version, time.monotonic())
         return entry

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from prompts.backbone import Backbone
-from prompts.forward import prompted_forward
+from prompts.forward import run_prompted
 from service.cache import LoadedTask
+from service.pool import PromptPool
 
 
 @dataclass(frozen=True, eq=False)
@@ -19,23 +20,35 @@ class Row:
     input_ids: list[int]
 
     def cost(self) -> int:
-        return len(self.input_ids) + self.task.prompt.prompt_length
+        return len(self.input_ids) + self.task.prompt_length
 
 
 class Engine:
     """Runs one forward pass per batch and returns each row's label probabilities (its own labels only)."""
 
-    def __init__(self, backbone: Backbone) -> None:
+    def __init__(self, backbone: Backbone, pool: PromptPool) -> None:
         self.backbone = backbone
+        self.pool = pool
         self.batches = 0
+
+    def logits(self, rows: list[Row]) -> torch.Tensor:
+        """Logits ``[B, max labels]`` of one mixed batch (call under ``torch.inference_mode``)."""
+        tasks = [r.task for r in rows]
+        batch = self.pool.gather(
+            [t.slot for t in tasks],
+            prompt_lens=[t.prompt_length for t in tasks],
+            max_prefix=max(t.prefix_length for t in tasks),
+            max_prompt=max(t.prompt_length for t in tasks),
+            max_labels=max(t.num_labels for t in tasks),
+            modes=frozenset(t.pooling for t in tasks),
+            any_pooler=any(t.use_pooler for t in tasks),
+        )
+        return run_prompted(self.backbone, [r.input_ids for r in rows], batch)
 
     def run_batch(self, rows: list[Row]) -> list[list[float]]:
         with torch.inference_mode():
-            logits = prompted_forward(
-                self.backbone, [r.input_ids for r in rows], [r.task.prompt for r in rows]
-            )
             # -inf columns past a row's own labels become exactly 0 probability.
-            probs = torch.softmax(logits.float(), dim=-1).cpu()  # [B, max labels]
+            probs = torch.softmax(self.logits(rows).float(), dim=-1).cpu()  # [B, max labels]
         self.batches += 1
         table = probs.tolist()
-        return [table[b][: row.task.prompt.num_labels] for b, row in enumerate(rows)]
+        return [table[b][: row.task.num_labels] for b, row in enumerate(rows)]

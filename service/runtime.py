@@ -12,6 +12,7 @@ from prompts.store import PromptStore
 from service.batcher import DynamicBatcher
 from service.cache import PromptCache
 from service.engine import Engine, Row
+from service.pool import PromptPool
 from service.settings import Settings
 
 
@@ -38,14 +39,16 @@ def open_store(settings: Settings) -> PromptStore:
 
 def build_runtime(settings: Settings, backbone: Backbone, store: PromptStore) -> Runtime:
     """Wire the components; the caller starts the batcher from inside the event loop."""
+    pool = PromptPool(backbone.spec, backbone.device, backbone.dtype)
     cache = PromptCache(
         store,
         backbone,
+        pool,
         budget_bytes=settings.cache_bytes,
         max_artifact_bytes=settings.max_artifact_bytes,
         pointer_ttl_s=settings.pointer_ttl_s,
     )
-    engine = Engine(backbone)
+    engine = Engine(backbone, pool)
     batcher: DynamicBatcher[Row, list[float]] = DynamicBatcher(
         engine.run_batch,
         max_batch_size=settings.max_batch_size,

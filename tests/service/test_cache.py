@@ -13,6 +13,7 @@ from prompts.errors import InvalidTaskNameError, TaskNotFoundError
 from prompts.store import StoredArtifact
 from service.cache import PromptCache
 from service.errors import TaskUnavailableError
+from service.pool import PromptPool
 from tests.factories import random_artifact
 
 
@@ -37,7 +38,8 @@ def put(store: DiskPromptStore, artifact: PromptArtifact) -> None:
 
 def make_cache(store: DiskPromptStore, backbone: Backbone, **kwargs: float) -> PromptCache:
     options = {"budget_bytes": 1 << 30, "max_artifact_bytes": 1 << 26, "pointer_ttl_s": 60.0} | kwargs
-    return PromptCache(store, backbone, **options)  # type: ignore[arg-type]
+    pool = PromptPool(backbone.spec, backbone.device, backbone.dtype)
+    return PromptCache(store, backbone, pool, **options)  # type: ignore[arg-type]
 
 
 async def test_concurrent_misses_load_once_off_the_event_loop(tmp_path: Path, backbone: Backbone) -> None:
@@ -109,7 +111,7 @@ async def test_versions_are_keys_and_install_switches_the_pointer(tmp_path: Path
     await cache.install(v2)
     new = await cache.resolve("t")
     assert (old.version, new.version) == (v1.version, v2.version)
-    assert old.prompt is not new.prompt
+    assert old.slot != new.slot  # both stay usable: a request pinned to v1 still reads v1's slot
     cache.forget("t")
     assert len(cache) == 0 and cache.nbytes == 0
 

@@ -1,0 +1,163 @@
+"""The device prompt pool: every cached task's tensors pre-stacked on the device, one slot per task.
+
+A batch gathers its rows' prefixes, prompts and heads with one ``index_select`` per tensor, so the
+work per batch does not grow with the number of distinct tasks in it. Slots are padded to the
+longest prefix, prompt and label count seen; a batch slices the pool to its own longest first.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from prompts.backbone import BackboneSpec
+from prompts.forward import POOLING_MODES, PromptBatch, TaskPrompt
+
+# Per-slot metadata columns of PromptPool._meta.
+_PREFIX_LEN, _PROMPT_LEN, _NUM_LABELS, _POOLING, _POOLER, _AFTER_PREFIX = range(6)
+
+
+class PromptPool:
+    """Slots of task tensors on one device. Thread-safe: loads add slots while the engine gathers."""
+
+    def __init__(
+        self, spec: BackboneSpec, device: torch.device, dtype: torch.dtype, initial_slots: int = 16
+    ) -> None:
+        self._spec = spec
+        self._device = device
+        self._dtype = dtype
+        self._lock = threading.Lock()
+        self._capacity = 0
+        self._free: list[int] = []
+        self._used = 0
+        self._prefix_cap = 0
+        self._prompt_cap = 0
+        self._label_cap = 2
+        self._prefix = self._zeros(0, spec.num_layers, 2, spec.num_heads, 0, spec.head_dim)
+        self._prompt = self._zeros(0, 0, spec.hidden_size)
+        self._head_weight = self._zeros(0, 2, spec.hidden_size)
+        self._head_bias = self._zeros(0, 2)
+        self._meta = torch.zeros((0, 6), dtype=torch.long, device=device)
+        self._grow_slots(initial_slots)
+
+    def _zeros(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(shape, dtype=self._dtype, device=self._device)
+
+    @property
+    def slots_in_use(self) -> int:
+        return self._used
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self._prefix, self._prompt, self._head_weight, self._head_bias, self._meta)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def add(self, task: TaskPrompt) -> int:
+        """Copy ``task``'s tensors into a free slot and return its index."""
+        with self._lock:
+            if not self._free:
+                self._grow_slots(max(16, self._capacity))
+            self._widen(task.prefix_length, task.prompt_length, task.num_labels)
+            slot = self._free.pop()
+            self._used += 1
+            # Stale values past this task's lengths stay: they are masked or never read.
+            if task.prefix is not None:
+                self._prefix[slot, :, :, :, : task.prefix_length].copy_(task.prefix)
+            if task.prompt is not None:
+                self._prompt[slot, : task.prompt_length].copy_(task.prompt)
+            self._head_weight[slot, : task.num_labels].copy_(task.head_weight)
+            self._head_bias[slot, : task.num_labels].copy_(task.head_bias)
+            meta = [
+                task.prefix_length,
+                task.prompt_length,
+                task.num_labels,
+                POOLING_MODES.index(task.pooling),
+                int(task.use_pooler),
+                int(task.positions_after_prefix),
+            ]
+            self._meta[slot] = torch.tensor(meta, dtype=torch.long)
+            return slot
+
+    def free(self, slot: int) -> None:
+        """Give a slot back; called once nothing (cache or admitted request) uses its task any more."""
+        with self._lock:
+            self._free.append(slot)
+            self._used -= 1
+
+    def gather(
+        self,
+        slots: Sequence[int],
+        *,
+        prompt_lens: list[int],
+        max_prefix: int,
+        max_prompt: int,
+        max_labels: int,
+        modes: frozenset[str],
+        any_pooler: bool,
+    ) -> PromptBatch:
+        """The PromptBatch for rows whose tasks sit in ``slots``, sliced to this batch's longest lengths."""
+        index = torch.tensor(slots, dtype=torch.long).to(self._device, non_blocking=True)  # [B]
+        with self._lock:  # the pool's tensors may be swapped by a concurrent grow
+            prefix = None
+            if max_prefix:
+                prefix = self._prefix[:, :, :, :, :max_prefix].index_select(0, index)  # [B, L, 2, H, P, D]
+            prompt = (
+                self._prompt[:, :max_prompt].index_select(0, index) if max_prompt else None
+            )  # [B, K, hidden]
+            head_weight = self._head_weight[:, :max_labels].index_select(0, index)  # [B, C, hidden]
+            head_bias = self._head_bias[:, :max_labels].index_select(0, index)  # [B, C]
+            meta = self._meta.index_select(0, index)  # [B, 6]
+        return PromptBatch(
+            prefix=prefix,
+            prefix_len=meta[:, _PREFIX_LEN],
+            prompt=prompt,
+            prompt_len=meta[:, _PROMPT_LEN],
+            head_weight=head_weight,
+            head_bias=head_bias,
+            num_labels=meta[:, _NUM_LABELS],
+            pooling=meta[:, _POOLING],
+            use_pooler=meta[:, _POOLER].bool(),
+            after_prefix=meta[:, _AFTER_PREFIX].bool(),
+            prompt_lens=prompt_lens,
+            modes=modes,
+            any_pooler=any_pooler,
+        )
+
+    def _grow_slots(self, extra: int) -> None:
+        old = self._capacity
+        new = old + extra
+
+        def grown(t: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros((new, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            out[:old] = t
+            return out
+
+        self._prefix, self._prompt = grown(self._prefix), grown(self._prompt)
+        self._head_weight, self._head_bias, self._meta = (
+            grown(self._head_weight),
+            grown(self._head_bias),
+            grown(self._meta),
+        )
+        self._free.extend(range(new - 1, old - 1, -1))  # lowest slot first
+        self._capacity = new
+
+    def _widen(self, prefix_length: int, prompt_length: int, num_labels: int) -> None:
+        """Grow the padded per-slot sizes when a task longer than every earlier one arrives."""
+        if prefix_length > self._prefix_cap:
+            self._prefix = _pad_to(self._prefix, 4, prefix_length)
+            self._prefix_cap = prefix_length
+        if prompt_length > self._prompt_cap:
+            self._prompt = _pad_to(self._prompt, 1, prompt_length)
+            self._prompt_cap = prompt_length
+        if num_labels > self._label_cap:
+            self._head_weight = _pad_to(self._head_weight, 1, num_labels)
+            self._head_bias = _pad_to(self._head_bias, 1, num_labels)
+            self._label_cap = num_labels
+
+
+def _pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[dim] = size - shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from prompts.backbone import Backbone
+from prompts.forward import TaskPrompt, prompted_forward
+from service.cache import LoadedTask, prepare_task
+from service.engine import Engine, Row
+from service.pool import PromptPool
+from tests.factories import random_artifact
+
+TEXTS = ["great phone", "the shirt is red and the price is cheap", "what is it", "free offer call now", "a"]
+
+
+def _pair(backbone: Backbone, pool: PromptPool, seed: int, **kwargs: object) -> tuple[LoadedTask, TaskPrompt]:
+    artifact = random_artifact(backbone.spec, task=f"t{seed}", seed=seed, **kwargs)  # type: ignore[arg-type]
+    return prepare_task(artifact, backbone, pool), TaskPrompt.from_artifact(
+        artifact, backbone.device, backbone.dtype
+    )
+
+
+def _assert_served_equals_alone(
+    backbone: Backbone, engine: Engine, pairs: list[tuple[LoadedTask, TaskPrompt]]
+) -> None:
+    ids = [e.input_ids for e in backbone.encode(TEXTS, 40)]
+    picks = [(i * 3) % len(pairs) for i in range(2 * len(pairs) + 3)]
+    rows = [Row(pairs[p][0], ids[i % len(ids)]) for i, p in enumerate(picks)]
+    with torch.inference_mode():
+        served = engine.logits(rows)
+        for r, p in enumerate(picks):
+            loaded, reference = pairs[p]
+            alone = prompted_forward(backbone, [rows[r].input_ids], [reference])[0]
+            c = loaded.num_labels
+            torch.testing.assert_close(served[r, :c], alone[:c], rtol=0, atol=1e-5)
+            assert torch.isinf(served[r, c:]).all()
+
+
+def test_pool_gather_gives_each_task_its_own_logits(backbone: Backbone) -> None:
+    pool = PromptPool(backbone.spec, backbone.device, backbone.dtype, initial_slots=2)
+    shapes = [
+        {"prefix_length": 4, "num_labels": 3},
+        {"prefix_length": 9, "prompt_length": 3, "num_labels": 6, "pooling": "mean"},
+        {"prefix_length": 0, "prompt_length": 2, "num_labels": 2, "pooler": "backbone", "pooling": "first"},
+        {"prefix_length": 2, "positions": "from_zero", "num_labels": 4},
+        {"prefix_length": 0, "prompt_length": 0, "num_labels": 2},
+    ]
+    # Added one by one, so the pool grows in slots and widens its prefix, prompt and label sizes
+    # while earlier tasks already sit in it.
+    pairs = [_pair(backbone, pool, seed, **shape) for seed, shape in enumerate(shapes)]
+    assert pool.slots_in_use == 5 and len({loaded.slot for loaded, _ in pairs}) == 5
+    _assert_served_equals_alone(backbone, Engine(backbone, pool), pairs)
+
+
+def test_a_slot_is_reused_only_after_its_task_is_gone(backbone: Backbone) -> None:
+    pool = PromptPool(backbone.spec, backbone.device, backbone.dtype, initial_slots=2)
+    keep, keep_ref = _pair(backbone, pool, 1)
+    gone, _ = _pair(backbone, pool, 2)
+    gone_slot = gone.slot
+    assert pool.slots_in_use == 2
+    del gone
+    gc.collect()
+    assert pool.slots_in_use == 1
+    newcomer, newcomer_ref = _pair(backbone, pool, 3, prefix_length=6)
+    assert newcomer.slot == gone_slot != keep.slot
+    # The surviving task was not disturbed by the slot's new tenant, and vice versa.
+    _assert_served_equals_alone(
+        backbone, Engine(backbone, pool), [(keep, keep_ref), (newcomer, newcomer_ref)]
+    )
