@@ -212,9 +212,10 @@ def run_prompted(backbone: Backbone, input_ids: Sequence[Sequence[int]], batch: 
     text_len = torch.tensor(text_lens, device=device)  # [B]
 
     # Text token embeddings, right-padded.
-    ids = torch.full((rows, max_text), backbone.pad_token_id, dtype=torch.long)  # [B, T]
-    for b, row_ids in enumerate(input_ids):
-        ids[b, : len(row_ids)] = torch.as_tensor(row_ids, dtype=torch.long)
+    pad = backbone.pad_token_id
+    ids = torch.tensor(
+        [[*row, *([pad] * (max_text - len(row)))] for row in input_ids], dtype=torch.long
+    )  # [B, T]
     text_embeds = backbone.word_embeddings(ids.to(device, non_blocking=True))  # [B, T, hidden]
 
     if batch.prompt is None:

@@ -80,6 +80,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         executor: concurrent.futures.Executor | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
         max_queue: int | None = None,
+        group_window: int | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -87,6 +88,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if group_window is not None and group_window < 1:
+            raise ValueError(f"group_window must be >= 1 or None, got {group_window}")
         if max_queue is not None and max_queue < 1:
             raise ValueError(f"max_queue must be >= 1 or None, got {max_queue}")
         self._run_batch = run_batch
@@ -96,6 +99,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._cost = cost
         self._on_batch = on_batch
         self._max_queue = max_queue
+        self._group_window = group_window
         self._owns_executor = executor is None
         self._executor: concurrent.futures.Executor = executor or concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="ptserve-forward"
@@ -233,7 +237,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                     return None
                 await self._wakeup.wait()
                 continue
-            taken, consumed, closed_by = self._scan()
+            taken, consumed, closed_by = self._scan() if self._group_window is None else self._scan_grouped()
             if closed_by is None:
                 if self._closed:
                     closed_by = "drain"
@@ -249,8 +253,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                             pass
                         continue
                     closed_by = "time"
-            for _ in range(consumed):
-                self._queue.popleft()
+            if consumed >= 0:
+                for _ in range(consumed):
+                    self._queue.popleft()
+            else:  # a grouped batch is not a prefix of the queue
+                chosen = {id(entry) for entry in taken}
+                self._queue = collections.deque(e for e in self._queue if id(e) not in chosen)
             return taken, closed_by
 
     def _scan(self) -> tuple[list[_Entry[ItemT, ResultT]], int, str | None]:
@@ -275,6 +283,39 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             if len(taken) == self._max_batch_size:
                 return taken, consumed, "size"
         return taken, consumed, None
+
+    def _scan_grouped(self) -> tuple[list[_Entry[ItemT, ResultT]], int, str | None]:
+        """Like ``_scan``, but fills the batch with queued items of lengths close to the oldest one.
+
+        Only the oldest ``group_window`` live items are candidates. The oldest item always goes, so
+        no item waits behind more than a window's worth of others; its companions are picked by how
+        close their cost is to its own, which keeps padding low under a mixed length distribution.
+        Returns ``-1`` as the consumed count: the taken items are removed by identity.
+        """
+        assert self._group_window is not None
+        window: list[_Entry[ItemT, ResultT]] = []
+        for entry in self._queue:
+            if not entry.future.done():
+                window.append(entry)
+                if len(window) >= self._group_window:
+                    break
+        head = window[0]
+        others = sorted(window[1:], key=lambda e: (abs(e.cost - head.cost), e.enqueued_at))
+        taken = [head]
+        longest = head.cost
+        skipped = False
+        for entry in others:
+            if len(taken) == self._max_batch_size:
+                break
+            wider = max(longest, entry.cost)
+            if (len(taken) + 1) * wider > self._max_batch_tokens:
+                skipped = True
+                continue
+            taken.append(entry)
+            longest = wider
+        if len(taken) == self._max_batch_size:
+            return taken, -1, "size"
+        return taken, -1, "tokens" if skipped else None
 
     async def _run(self, batch: list[_Entry[ItemT, ResultT]], closed_by: str) -> None:
         loop = asyncio.get_running_loop()

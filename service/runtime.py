@@ -56,5 +56,7 @@ def build_runtime(settings: Settings, backbone: Backbone, store: PromptStore) ->
         max_wait_ms=settings.max_wait_ms,
         cost=Row.cost,
         max_queue=settings.max_queue,
+        # Candidates for length grouping: enough to fill a batch well, few enough to bound waiting.
+        group_window=4 * settings.max_batch_size if settings.length_grouping else None,
     )
     return Runtime(settings, backbone, store, cache, engine, batcher)

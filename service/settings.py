@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(default=8192, ge=16, description="padded tokens per forward pass")
     max_wait_ms: float = Field(default=5.0, ge=0, le=10_000, description="how long a batch waits to fill")
     max_queue: int = Field(default=4096, ge=1, description="rows queued before requests get 429")
+    length_grouping: bool = Field(
+        default=True, description="fill batches with queued texts of similar length (less padding)"
+    )
 
     # Cache
     cache_bytes: int = Field(

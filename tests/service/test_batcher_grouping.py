@@ -1,0 +1,64 @@
+"""Length-aware grouping in DynamicBatcher (the service turns it on with ``length_grouping``)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from service.batcher import DynamicBatcher
+from tests.service import test_batcher as base
+from tests.service.test_batcher import Factory, FakeForward, Harness, Item, until
+
+make = base.make  # the same fixture as the FIFO tests
+
+
+async def _queue_behind_a_running_batch(
+    h: Harness, size: int, costs: dict[str, int]
+) -> list[asyncio.Task[str]]:
+    """Fill and hold a first batch of ``size`` unit items, then queue ``costs`` behind it."""
+    batcher: DynamicBatcher[Item, str] = h.batcher
+    first = asyncio.create_task(batcher.submit_many([Item(f"f{i}", 1) for i in range(size)]))
+    await h.fake.wait_entered()
+    queued = [asyncio.create_task(batcher.submit(Item(n, c))) for n, c in costs.items()]
+    await until(lambda: batcher.queue_depth == len(costs))
+    h.fake.release.set()
+    await batcher.stop(drain=True)
+    assert len(await first) == size
+    return queued
+
+
+async def test_companions_of_the_oldest_item_have_similar_lengths(make: Factory) -> None:
+    h = make(FakeForward(hold=True), max_batch_size=3, group_window=12)
+    costs = {"s1": 5, "l1": 60, "s2": 6, "l2": 58, "s3": 4, "l3": 61, "m1": 30}
+    tasks = await _queue_behind_a_running_batch(h, 3, costs)
+    assert [await t for t in tasks] == [n.upper() for n in costs]
+    # The oldest queued item always goes; its companions are the closest in length (older first on ties).
+    assert h.fake.batches[1:] == [["s1", "s2", "s3"], ["l1", "l3", "l2"], ["m1"]]
+    assert [s.closed_by for s in h.stats] == ["size", "size", "size", "drain"]
+
+
+async def test_grouping_respects_the_token_budget_and_skips_what_does_not_fit(make: Factory) -> None:
+    h = make(FakeForward(hold=True), max_batch_size=8, max_batch_tokens=40, group_window=16)
+    costs = {"a": 10, "b": 30, "c": 10, "d": 9, "e": 11}
+    tasks = await _queue_behind_a_running_batch(h, 8, costs)
+    assert len([await t for t in tasks]) == 5
+    # With a, c, d taken (3 x 10), "e" would make 4 x 11 > 40 and "b" 4 x 30: both are skipped,
+    # not dropped, and lead later batches.
+    assert h.fake.batches[1:] == [["a", "c", "d"], ["b"], ["e"]]
+    assert [s.closed_by for s in h.stats[1:]] == ["tokens", "tokens", "drain"]
+    assert all(s.padded_tokens <= 40 for s in h.stats)
+
+
+async def test_grouping_lowers_padding_on_a_mixed_length_queue(make: Factory) -> None:
+    rng = random.Random(0)
+    # Two populations of text lengths, interleaved in arrival order (short questions, long reviews).
+    costs = {f"r{i}": rng.choice([rng.randint(20, 28), rng.randint(50, 60)]) for i in range(96)}
+    results = {}
+    for window in (None, 64):
+        h = make(FakeForward(hold=True), max_batch_size=16, group_window=window)
+        tasks = await _queue_behind_a_running_batch(h, 16, costs)
+        assert len([await t for t in tasks]) == 96
+        stats = h.stats[1:]
+        assert sum(s.size for s in stats) == 96
+        results[window] = sum(s.real_tokens for s in stats) / sum(s.padded_tokens for s in stats)
+    assert results[64] > 0.85 and results[None] < 0.8, results
