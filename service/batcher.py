@@ -67,6 +67,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
     A batch closes when it holds ``max_batch_size`` rows, when the next item would push its padded
     size (rows x longest cost) over ``max_batch_tokens``, or ``max_wait_ms`` after its oldest item was
     queued. Only one batch runs at a time; everything submitted meanwhile queues for the next one.
+    ``on_batch`` is called after every batch, failed ones included.
     """
 
     def __init__(
@@ -244,7 +245,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 else:
                     # Measured from when the oldest item was queued, so items that queued behind a
                     # running batch for max_wait_ms already go as soon as it finishes.
-                    deadline = taken[0].enqueued_at + self._max_wait_s
+                    deadline = min(e.enqueued_at for e in taken) + self._max_wait_s
                     if loop.time() < deadline:
                         try:
                             async with asyncio.timeout_at(deadline):
@@ -288,9 +289,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         """Like ``_scan``, but fills the batch with queued items of lengths close to the oldest one.
 
         Only the oldest ``group_window`` live items are candidates. The oldest item always goes, so
-        no item waits behind more than a window's worth of others; its companions are picked by how
-        close their cost is to its own, which keeps padding low under a mixed length distribution.
-        Returns ``-1`` as the consumed count: the taken items are removed by identity.
+        no item waits behind more than a window's worth of others. Among the runs of up to
+        ``max_batch_size`` candidates in length order that contain it, the one with the least padding
+        is taken (trimmed from its long end to the token budget). Returns ``-1`` as the consumed
+        count: the taken items are removed by identity, not as a prefix of the queue.
         """
         assert self._group_window is not None
         window: list[_Entry[ItemT, ResultT]] = []
@@ -300,22 +302,26 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 if len(window) >= self._group_window:
                     break
         head = window[0]
-        others = sorted(window[1:], key=lambda e: (abs(e.cost - head.cost), e.enqueued_at))
-        taken = [head]
-        longest = head.cost
-        skipped = False
-        for entry in others:
-            if len(taken) == self._max_batch_size:
-                break
-            wider = max(longest, entry.cost)
-            if (len(taken) + 1) * wider > self._max_batch_tokens:
-                skipped = True
-                continue
-            taken.append(entry)
-            longest = wider
-        if len(taken) == self._max_batch_size:
-            return taken, -1, "size"
-        return taken, -1, "tokens" if skipped else None
+        order = sorted(window, key=lambda e: e.cost)  # stable: equal lengths stay oldest first
+        at = next(i for i, e in enumerate(order) if e is head)
+        size = min(self._max_batch_size, len(order))
+        best: list[_Entry[ItemT, ResultT]] = [head]
+        best_key = (0, 0.0)
+        trimmed = False
+        for start in range(max(0, at - size + 1), min(at, len(order) - size) + 1):
+            run = order[start : start + size]
+            cut = False
+            # Drop the longest items (never the head) until the padded size fits the budget.
+            while len(run) > 1 and len(run) * run[-1].cost > self._max_batch_tokens:
+                run.remove(run[-1] if run[-1] is not head else run[-2])
+                cut = True
+            real = sum(e.cost for e in run)
+            key = (len(run), real / max(1, len(run) * run[-1].cost))
+            if key > best_key:
+                best, best_key, trimmed = run, key, cut
+        if len(best) == self._max_batch_size:
+            return best, -1, "size"
+        return best, -1, "tokens" if trimmed else None
 
     async def _run(self, batch: list[_Entry[ItemT, ResultT]], closed_by: str) -> None:
         loop = asyncio.get_running_loop()

@@ -56,7 +56,8 @@ def build_runtime(settings: Settings, backbone: Backbone, store: PromptStore) ->
         max_wait_ms=settings.max_wait_ms,
         cost=Row.cost,
         max_queue=settings.max_queue,
-        # Candidates for length grouping: enough to fill a batch well, few enough to bound waiting.
-        group_window=4 * settings.max_batch_size if settings.length_grouping else None,
+        # Candidates for length grouping: 32 batches' worth fills batches with similar lengths
+        # (benchmarks/perf_padding.py); capped because each batch sorts them (~0.7 ms per 1,024).
+        group_window=min(32 * settings.max_batch_size, 1024) if settings.length_grouping else None,
     )
     return Runtime(settings, backbone, store, cache, engine, batcher)

@@ -177,7 +177,7 @@ async def test_batch_closes_after_max_wait(make: Factory) -> None:
 
 
 async def test_items_that_waited_during_a_forward_go_without_waiting_again(make: Factory) -> None:
-    max_wait_s = 0.1
+    max_wait_s = 0.25
     h = make(FakeForward(hold=True), max_batch_tokens=10, max_wait_ms=max_wait_s * 1000)
     first = asyncio.create_task(h.batcher.submit_many([Item("big", 10), Item("b")]))
     await h.fake.wait_entered()
@@ -193,7 +193,7 @@ async def test_items_that_waited_during_a_forward_go_without_waiting_again(make:
     assert h.fake.batches == [["big"], ["b", "c", "d"]]
     assert h.stats[1].closed_by == "time"
     assert h.stats[1].queue_wait_s >= max_wait_s
-    # Waiting max_wait_ms again after the forward would put this gap at >= 0.1 s.
+    # Waiting max_wait_ms again after the forward would put this gap at >= max_wait_s.
     assert h.fake.entered_at[1] - released_at < max_wait_s * 0.8
 
 
