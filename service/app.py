@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -73,6 +74,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.torch_threads is not None:
+            # Fewer forward threads than cores leaves the event loop and tokenizer a core of their own.
+            torch.set_num_threads(settings.torch_threads)
         loaded = backbone
         if loaded is None:
             loaded = await asyncio.to_thread(

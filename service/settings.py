@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     )
     device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(default="float32", description="backbone dtype")
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="intra-op threads for the forward; default: torch's (all cores)"
+    )
 
     # Prompt store
     store: str = Field(
