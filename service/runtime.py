@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from prompts.backbone import Backbone
 from prompts.disk_store import DiskPromptStore
-from prompts.errors import StoreError
+from prompts.redis_store import RedisPromptStore
 from prompts.store import PromptStore
 from service.batcher import DynamicBatcher
 from service.cache import PromptCache
@@ -28,12 +28,9 @@ class Runtime:
 
 
 def open_store(settings: Settings) -> PromptStore:
-    """The store the ``store`` setting names: a directory path, or a redis:// URL."""
+    """The store the ``store`` setting names: a redis:// URL, or else a directory path."""
     if settings.store.startswith(("redis://", "rediss://", "unix://")):
-        raise StoreError(
-            f"store {settings.store!r}: the Redis prompt store is not available in this build; "
-            "use a directory path"
-        )
+        return RedisPromptStore(settings.store, keep_versions=settings.keep_versions)
     return DiskPromptStore(settings.store, keep_versions=settings.keep_versions)
 
 

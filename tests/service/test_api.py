@@ -25,6 +25,8 @@ from service.settings import Settings
 from tests.factories import random_artifact
 from tests.models import make_tiny_bert
 
+pytest_plugins = ("tests.redis_server",)
+
 
 @pytest.fixture
 def client(tmp_path: Path, backbone: Backbone) -> Iterator[TestClient]:
@@ -358,3 +360,30 @@ async def _wait_for_depth(runtime: Runtime, depth: int) -> None:
 def test_settings_refuse_a_queue_smaller_than_a_request() -> None:
     with pytest.raises(ValueError, match=r"max_queue \(4\) must be at least max_texts_per_request \(8\)"):
         Settings(max_queue=4, max_texts_per_request=8)
+
+
+def test_round_trip_on_the_redis_store(redis_url: str, redis_prefix: str, backbone: Backbone) -> None:
+    from prompts.redis_store import RedisPromptStore
+
+    store = RedisPromptStore(redis_url, prefix=redis_prefix)
+    v1 = random_artifact(backbone.spec, task="on_redis", seed=1)
+    with TestClient(create_app(Settings(store=redis_url), backbone=backbone, store=store)) as client:
+        assert upload(client, v1).status_code == 201
+        r = client.post("/v1/classify", json={"task": "on_redis", "text": "hello"})
+        assert r.status_code == 200 and r.json()["version"] == v1.version
+        assert [t["task"] for t in client.get("/v1/prompts").json()["tasks"]] == ["on_redis"]
+        assert client.get("/readyz").json()["checks"]["store"] == "ok"
+        assert client.delete("/v1/prompts/on_redis").status_code == 200
+        assert_error(
+            client.post("/v1/classify", json={"task": "on_redis", "text": "x"}), 404, "task_not_found"
+        )
+
+
+def test_settings_select_the_redis_store(redis_url: str) -> None:
+    from prompts.redis_store import RedisPromptStore
+    from service.runtime import open_store
+
+    store = open_store(Settings(store=redis_url))
+    assert isinstance(store, RedisPromptStore)
+    store.ping()
+    store.close()

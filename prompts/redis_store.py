@@ -1,0 +1,519 @@
+"""``RedisPromptStore``: a ``PromptStore`` in Redis, shared by every replica of the service.
+
+Key layout (``prefix`` defaults to ``ptserve``; task names cannot contain ``:``, so keys never
+collide)::
+
+    {prefix}:art:{task}:{version}   string  artifact bytes
+    {prefix}:man:{task}:{version}   string  manifest JSON (so listing never reads tensors)
+    {prefix}:cur:{task}             string  the current version: the pointer
+    {prefix}:hist:{task}            list    stored versions, newest first
+    {prefix}:tasks                  set     names of the tasks that have a pointer (the listing index)
+    {prefix}:changes                pub/sub channel, not a key: one JSON message per change,
+                                    {"task": ..., "version": ... or null, "op": "put"|"rollback"|"delete"}
+
+Every write (put, set_current, delete) is one Lua script, so other clients see all of it or none
+of it, and its change message is published inside the same script. Reads that follow the pointer
+are scripts too: reading the pointer and then the artifact in two round trips could lose a race
+with a put that prunes the version in between.
+
+Scripts rather than WATCH/MULTI/EXEC because a put must read the history to decide what to prune:
+a script decides and writes in one step, where an optimistic transaction retries under contention.
+Redis does not roll a script back when a command in it fails, but it checks ``maxmemory`` only
+before a script's first write; the scripts therefore do every read first and write the artifact
+first, so a put refused for lack of memory writes nothing and the previous version stays current.
+
+Scripts derive per-version key names from the history and ``{prefix}:tasks`` spans every task, so
+this store needs a single Redis primary (or a proxy that behaves like one), not Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.commands.core import Script
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from prompts.errors import (
+    ArtifactError,
+    StoreError,
+    StoreFullError,
+    StoreUnavailableError,
+    TaskNotFoundError,
+    VersionNotFoundError,
+)
+from prompts.names import TASK_NAME_PATTERN, VERSION_PATTERN, validate_task_name, validate_version
+from prompts.store import StoredArtifact, TaskRecord
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "ChangeEvent",
+    "ChangeOp",
+    "RedisPromptStore",
+    "changes_channel",
+    "redact_url",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "ptserve"
+ChangeOp = Literal["put", "rollback", "delete"]
+_CHANGE_OPS: frozenset[str] = frozenset({"put", "rollback", "delete"})
+# Tasks per RECORDS script call in list_tasks: large enough that 10,000 tasks take 10 calls in one
+# pipeline, small enough that one call blocks the server for only a millisecond or two.
+_LIST_CHUNK = 1000
+# Script return codes for the two "not found" outcomes (a script cannot raise our exception types).
+_TASK_MISSING = -1
+_VERSION_MISSING = -2
+
+
+def changes_channel(prefix: str = DEFAULT_PREFIX) -> str:
+    """The pub/sub channel a store with ``prefix`` publishes its change messages on."""
+    return f"{prefix}:changes"
+
+
+@dataclass(frozen=True)
+class ChangeEvent:
+    """One message on the changes channel: ``version`` is None for a delete."""
+
+    task: str
+    version: str | None
+    op: ChangeOp
+
+    def to_json(self) -> str:
+        return json.dumps({"task": self.task, "version": self.version, "op": self.op}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> ChangeEvent:
+        """Parse a change message; ValueError if it is not one (the channel is open to anyone)."""
+        payload: Any = json.loads(raw)
+        if not isinstance(payload, dict):
+            raise ValueError(f"change message must be a JSON object, got {raw!r}")
+        task, version, op = payload.get("task"), payload.get("version"), payload.get("op")
+        if not isinstance(task, str) or TASK_NAME_PATTERN.fullmatch(task) is None:
+            raise ValueError(f"change message has no valid task: {raw!r}")
+        if version is not None and (not isinstance(version, str) or not VERSION_PATTERN.fullmatch(version)):
+            raise ValueError(f"change message has an invalid version: {raw!r}")
+        if op not in _CHANGE_OPS:
+            raise ValueError(f"change message has an unknown op: {raw!r}")
+        return cls(task, version, cast(ChangeOp, op))
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user, password or query string, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "<invalid redis url>"
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 literal
+    netloc = f"{host}:{port}" if port is not None else host
+    return f"{parts.scheme}://{netloc}{parts.path}"
+
+
+def _is_oom(exc: RedisError) -> bool:
+    # A command refused for memory gets an "-OOM" reply (redis-py: OutOfMemoryError), but inside a
+    # script Redis 6.2 wraps it in a generic "ERR Error running script ... -OOM command not allowed".
+    return isinstance(exc, OutOfMemoryError) or "OOM command not allowed" in str(exc)
+
+
+# Keys derived inside scripts use the same layout as ``RedisPromptStore._key``; ARGV[1] is always the
+# prefix and ARGV[2] the task, so every script can build them.
+_LUA_KEYS = """
+local prefix, task = ARGV[1], ARGV[2]
+local cur_key = prefix .. ':cur:' .. task
+local hist_key = prefix .. ':hist:' .. task
+local tasks_key = prefix .. ':tasks'
+local function art_key(v) return prefix .. ':art:' .. task .. ':' .. v end
+local function man_key(v) return prefix .. ':man:' .. task .. ':' .. v end
+"""
+
+# ARGV: prefix, task, version, data, manifest, keep_versions, channel, message.
+_PUT = (
+    _LUA_KEYS
+    + """
+local version, data, manifest = ARGV[3], ARGV[4], ARGV[5]
+local keep = tonumber(ARGV[6])
+-- Every read before the first write: see the module docstring on maxmemory.
+local exists = redis.call('EXISTS', art_key(version)) == 1 and redis.call('EXISTS', man_key(version)) == 1
+local kept, dropped, seen = {version}, {}, {[version] = true}
+for _, v in ipairs(redis.call('LRANGE', hist_key, 0, -1)) do
+  if not seen[v] then
+    seen[v] = true
+    -- Entries without an artifact must not count against keep_versions.
+    if #kept < keep and redis.call('EXISTS', art_key(v)) == 1 then
+      kept[#kept + 1] = v
+    else
+      dropped[#dropped + 1] = v
+    end
+  end
+end
+if not exists then
+  redis.call('SET', art_key(version), data)
+  redis.call('SET', man_key(version), manifest)
+end
+redis.call('SET', cur_key, version)
+redis.call('DEL', hist_key)
+for _, v in ipairs(kept) do redis.call('RPUSH', hist_key, v) end
+for _, v in ipairs(dropped) do redis.call('DEL', art_key(v), man_key(v)) end
+redis.call('SADD', tasks_key, task)
+redis.call('PUBLISH', ARGV[7], ARGV[8])
+return #dropped
+"""
+)
+
+# ARGV: prefix, task, version, channel, message.
+_SET_CURRENT = (
+    _LUA_KEYS
+    + f"""
+local version = ARGV[3]
+-- Only the pointer has to exist (whatever it holds), so a rollback can repair a corrupt pointer.
+if redis.call('EXISTS', cur_key) == 0 then return {_TASK_MISSING} end
+if redis.call('EXISTS', art_key(version)) == 0 or redis.call('EXISTS', man_key(version)) == 0 then
+  return {_VERSION_MISSING}
+end
+redis.call('SET', cur_key, version)
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 0
+"""
+)
+
+# ARGV: prefix, task, channel, message.
+_DELETE = (
+    _LUA_KEYS
+    + f"""
+local cur = redis.call('GET', cur_key)
+local doomed = redis.call('LRANGE', hist_key, 0, -1)
+if cur then doomed[#doomed + 1] = cur end
+for _, v in ipairs(doomed) do redis.call('DEL', art_key(v), man_key(v)) end
+redis.call('DEL', cur_key, hist_key)
+redis.call('SREM', tasks_key, task)
+-- Leftovers without a pointer are cleaned up, but were never a task.
+if not cur then return {_TASK_MISSING} end
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 0
+"""
+)
+
+# ARGV: prefix, task, version ('' for the current one), '1' to return the bytes, else only whether
+# they exist. Returns {} for an unknown task, else {pointer, version, bytes-or-nil | 0/1}.
+_READ = (
+    _LUA_KEYS
+    + """
+local cur = redis.call('GET', cur_key)
+if not cur then return {} end
+local version = ARGV[3]
+if version == '' then version = cur end
+if ARGV[4] == '1' then return {cur, version, redis.call('GET', art_key(version))} end
+return {cur, version, redis.call('EXISTS', art_key(version))}
+"""
+)
+
+# ARGV: prefix, task... Returns per task {} (unknown) or {pointer, size or -1, manifest or nil, history}.
+_RECORDS = """
+local prefix = ARGV[1]
+local out = {}
+for i = 2, #ARGV do
+  local task = ARGV[i]
+  local cur = redis.call('GET', prefix .. ':cur:' .. task)
+  if not cur then
+    out[#out + 1] = {}
+  else
+    local art = prefix .. ':art:' .. task .. ':' .. cur
+    local size = -1
+    -- STRLEN is 0 for a missing key, which an empty artifact could not be told apart from.
+    if redis.call('EXISTS', art) == 1 then size = redis.call('STRLEN', art) end
+    out[#out + 1] = {
+      cur, size, redis.call('GET', prefix .. ':man:' .. task .. ':' .. cur),
+      redis.call('LRANGE', prefix .. ':hist:' .. task, 0, -1),
+    }
+  end
+end
+return out
+"""
+
+
+def _text(raw: object) -> str:
+    """A reply element as text; garbage becomes U+FFFD so a pattern check rejects it."""
+    if isinstance(raw, bytes):
+        return raw.decode("ascii", errors="replace")
+    return str(raw)
+
+
+class RedisPromptStore:
+    """A ``PromptStore`` in one Redis database, safe for any number of processes sharing it."""
+
+    def __init__(
+        self,
+        url: str,
+        keep_versions: int = 10,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        socket_timeout: float = 2.0,
+    ) -> None:
+        if keep_versions < 1:
+            raise ValueError(f"keep_versions must be at least 1, got {keep_versions}")
+        if not prefix or any(c.isspace() for c in prefix):
+            raise ValueError(f"prefix must be a non-empty string without whitespace, got {prefix!r}")
+        self.keep_versions = keep_versions
+        self.prefix = prefix
+        self.channel = changes_channel(prefix)
+        self._shown_url = redact_url(url)
+        try:
+            self._client: redis.Redis = redis.Redis.from_url(
+                url,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout,
+                # One immediate retry on connection errors only: a pooled connection is stale after
+                # a server restart, and the retry reconnects. Timeouts are not retried, since the
+                # command may have run (a repeated delete would report an unknown task).
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            )
+        except ValueError as exc:
+            raise StoreError(f"invalid prompt store URL {self._shown_url}: {exc}") from exc
+        self._put_script = self._client.register_script(_PUT)
+        self._set_current_script = self._client.register_script(_SET_CURRENT)
+        self._delete_script = self._client.register_script(_DELETE)
+        self._read_script = self._client.register_script(_READ)
+        self._records_script = self._client.register_script(_RECORDS)
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisPromptStore({self._shown_url!r}, keep_versions={self.keep_versions}, "
+            f"prefix={self.prefix!r})"
+        )
+
+    def _key(self, kind: Literal["art", "man", "cur", "hist"], task: str, version: str | None = None) -> str:
+        """The key layout of the module docstring (the scripts build the same names)."""
+        return f"{self.prefix}:{kind}:{task}" if version is None else f"{self.prefix}:{kind}:{task}:{version}"
+
+    @contextlib.contextmanager
+    def _redis(self, action: str) -> Iterator[None]:
+        """Translate redis-py errors raised while doing ``action`` into store errors."""
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise StoreUnavailableError(f"prompt store {self._shown_url} is unreachable: {exc}") from exc
+        except RedisError as exc:
+            if _is_oom(exc):
+                raise StoreFullError(
+                    f"prompt store {self._shown_url} is full (Redis maxmemory reached): cannot {action}"
+                ) from exc
+            raise StoreError(f"prompt store {self._shown_url} failed to {action}: {exc}") from exc
+
+    def _run(self, script: Script, action: str, *args: str | bytes | int) -> Any:
+        """Run ``script`` with ARGV = prefix, *args (the convention every script here follows)."""
+        with self._redis(action):
+            return script(keys=[], args=[self.prefix, *args])
+
+    # ---------------------------------------------------------------------------------- reading
+
+    def _check_pointer(self, task: str, raw: object) -> str:
+        version = _text(raw)
+        if VERSION_PATTERN.fullmatch(version) is None:
+            shown = raw[:80] if isinstance(raw, bytes) else raw
+            raise StoreError(
+                f"corrupt current-version pointer for task {task!r} at key {self._key('cur', task)}: "
+                f"{shown!r}"
+            )
+        return version
+
+    def _missing_current(self, task: str, version: str) -> StoreError:
+        return StoreError(
+            f"current-version pointer for task {task!r} names version {version!r}, "
+            "which is not in the store (the store is corrupt; set_current or re-put to repair)"
+        )
+
+    def _require_task(self, task: str) -> None:
+        with self._redis(f"read task {task!r}"):
+            exists = self._client.exists(self._key("cur", task))
+        if not exists:
+            raise TaskNotFoundError(f"unknown task {task!r}")
+
+    def get(self, task: str, version: str | None = None) -> StoredArtifact:
+        """The current version (or the named one). Raises TaskNotFoundError / VersionNotFoundError."""
+        validate_task_name(task)
+        if version is not None and VERSION_PATTERN.fullmatch(version) is None:
+            self._require_task(task)  # an unknown task wins over an unknown version
+            validate_version(task, version)
+        reply = self._run(self._read_script, f"read task {task!r}", task, version or "", "1")
+        if not reply:
+            raise TaskNotFoundError(f"unknown task {task!r}")
+        pointer, _, data = reply
+        if version is not None:
+            if data is None:
+                raise VersionNotFoundError(f"task {task!r} has no version {version!r}")
+            return StoredArtifact(task, version, bytes(data))
+        current = self._check_pointer(task, pointer)
+        if data is None:
+            raise self._missing_current(task, current)
+        return StoredArtifact(task, current, bytes(data))
+
+    def current_version(self, task: str) -> str:
+        """The version the pointer names. Raises TaskNotFoundError."""
+        validate_task_name(task)
+        reply = self._run(self._read_script, f"read task {task!r}", task, "", "0")
+        if not reply:
+            raise TaskNotFoundError(f"unknown task {task!r}")
+        pointer, _, exists = reply
+        current = self._check_pointer(task, pointer)
+        if not exists:
+            raise self._missing_current(task, current)
+        return current
+
+    def versions(self, task: str) -> list[str]:
+        """Stored versions, newest first, the current one included. Raises TaskNotFoundError."""
+        return list(self.record(task).versions)
+
+    def record(self, task: str) -> TaskRecord:
+        """One task's listing entry. Raises TaskNotFoundError."""
+        validate_task_name(task)
+        [entry] = self._run(self._records_script, f"read task {task!r}", task)
+        record = self._parse_record(task, entry)
+        if record is None:
+            raise TaskNotFoundError(f"unknown task {task!r}")
+        return record
+
+    def list_tasks(self) -> list[TaskRecord]:
+        """Every task with its current version's manifest, sorted by task name, without tensors.
+
+        A constant number of round trips whatever the number of tasks: the member list, then every
+        chunk's RECORDS script in one pipeline (plus the pipeline's SCRIPT EXISTS/LOAD check).
+        """
+        with self._redis("list tasks"):
+            members = cast(set[bytes], self._client.smembers(f"{self.prefix}:tasks"))
+        names = sorted(name for name in map(_text, members) if TASK_NAME_PATTERN.fullmatch(name))
+        chunks = [names[i : i + _LIST_CHUNK] for i in range(0, len(names), _LIST_CHUNK)]
+        if not chunks:
+            return []
+        with self._redis("list tasks"):
+            pipe = self._client.pipeline(transaction=False)
+            for chunk in chunks:
+                self._records_script(keys=[], args=[self.prefix, *chunk], client=pipe)
+            replies: list[Any] = pipe.execute()
+        records: list[TaskRecord] = []
+        for chunk, entries in zip(chunks, replies, strict=True):
+            for name, entry in zip(chunk, entries, strict=True):
+                try:
+                    record = self._parse_record(name, entry)
+                except StoreError as exc:
+                    # One damaged task must not hide every other task from the listing.
+                    logger.warning("skipping task %r in listing: %s", name, exc.message)
+                    continue
+                if record is not None:  # deleted since SMEMBERS
+                    records.append(record)
+        return records
+
+    def _parse_record(self, task: str, entry: Sequence[Any]) -> TaskRecord | None:
+        """A RECORDS entry as a TaskRecord; None for an unknown task, StoreError if corrupt."""
+        if not entry:
+            return None
+        pointer, size, raw_manifest, raw_history = entry
+        current = self._check_pointer(task, pointer)
+        if size < 0:
+            raise self._missing_current(task, current)
+        where = f"key {self._key('man', task, current)}"
+        if raw_manifest is None:
+            raise StoreError(f"corrupt manifest for task {task!r} version {current!r}: {where} is missing")
+        try:
+            manifest: Any = json.loads(raw_manifest)
+        except ValueError as exc:
+            raise StoreError(
+                f"corrupt manifest for task {task!r} version {current!r} at {where}: {exc}"
+            ) from exc
+        if not isinstance(manifest, dict):
+            raise StoreError(
+                f"corrupt manifest for task {task!r} version {current!r}: expected a JSON object"
+            )
+        history: list[str] = []
+        for raw in raw_history:
+            version = _text(raw)
+            if VERSION_PATTERN.fullmatch(version) and version not in history:
+                history.append(version)
+        # put always puts the current version into history; it is missing only if someone edited
+        # the keys by hand, and then it is treated as the newest, like the disk store does.
+        versions = history if current in history else [current, *history]
+        return TaskRecord(task, current, manifest, int(size), tuple(versions))
+
+    def ping(self) -> None:
+        """Raise StoreUnavailableError if Redis does not answer."""
+        with self._redis("ping"):
+            self._client.ping()
+
+    def close(self) -> None:
+        """Close pooled connections; a later call would open new ones."""
+        with contextlib.suppress(RedisError):
+            self._client.close()
+
+    # ---------------------------------------------------------------------------------- writing
+
+    def put(self, task: str, version: str, data: bytes, manifest_json: str) -> None:
+        """Store ``data`` as ``version`` of ``task`` and make it current, atomically.
+
+        Putting a version that already exists only moves the pointer and makes it the newest in
+        the history. Versions beyond ``keep_versions`` are pruned in the same step, never the
+        current one.
+        """
+        validate_task_name(task)
+        validate_version(task, version)
+        try:
+            manifest = json.loads(manifest_json)
+        except ValueError as exc:
+            raise ArtifactError(f"manifest for task {task!r} is not valid JSON: {exc}") from exc
+        if not isinstance(manifest, dict):
+            raise ArtifactError(f"manifest for task {task!r} must be a JSON object")
+        message = ChangeEvent(task, version, "put").to_json()
+        self._run(
+            self._put_script,
+            f"store version {version!r} of task {task!r}",
+            task,
+            version,
+            data,
+            manifest_json.encode("utf-8"),
+            self.keep_versions,
+            self.channel,
+            message,
+        )
+
+    def set_current(self, task: str, version: str) -> None:
+        """Move the pointer to an existing version (rollback). Raises Task/VersionNotFoundError.
+
+        The history order is left alone: a rolled-back version is not the newest one.
+        """
+        validate_task_name(task)
+        if VERSION_PATTERN.fullmatch(version) is None:
+            self._require_task(task)
+            validate_version(task, version)
+        message = ChangeEvent(task, version, "rollback").to_json()
+        status = self._run(
+            self._set_current_script,
+            f"move the pointer of task {task!r}",
+            task,
+            version,
+            self.channel,
+            message,
+        )
+        if status == _TASK_MISSING:
+            raise TaskNotFoundError(f"unknown task {task!r}")
+        if status == _VERSION_MISSING:
+            raise VersionNotFoundError(f"task {task!r} has no version {version!r}")
+
+    def delete(self, task: str) -> None:
+        """Remove the task and all its versions. Raises TaskNotFoundError."""
+        validate_task_name(task)
+        message = ChangeEvent(task, None, "delete").to_json()
+        status = self._run(self._delete_script, f"delete task {task!r}", task, self.channel, message)
+        if status == _TASK_MISSING:
+            raise TaskNotFoundError(f"unknown task {task!r}")
