@@ -1,16 +1,36 @@
-"""The ``ptserve`` command line. Every flag is also a setting (``PTSERVE_<NAME>`` in the environment)."""
+"""The ``ptserve`` command line: ``serve`` (every flag is also a setting, ``PTSERVE_<NAME>`` in the
+environment), ``train``, ``eval``, ``import-peft`` and ``export-peft``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from prompts.errors import PtserveError, TaskNotFoundError
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    import httpx
+
+    from prompts.artifact import PromptArtifact
+    from prompts.backbone import Backbone
+    from prompts.data import Example
+    from prompts.metrics import Report
+    from prompts.trainer import EpochStats, TrainConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_TASK = "product_type"
+DEMO_DATA = REPO_ROOT / "examples" / "product_type"
+# The demo must be answering within a couple of CPU minutes on a fresh machine, whatever the load.
+DEMO_MAX_SECONDS = 150.0
 
 # (flag, setting, type, help): only flags given on the command line override the environment.
 SERVE_FLAGS: list[tuple[str, str, type, str]] = [
@@ -28,13 +48,144 @@ SERVE_FLAGS: list[tuple[str, str, type, str]] = [
 ]
 
 
+METHOD_CHOICES = [
+    "prefix",
+    "ptuning",
+    "prompt",
+    "probe",
+    "p-tuning-v2",
+    "p-tuning",
+    "prompt-tuning",
+    "linear-probe",
+]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the HTTP service")
     for flag, dest, kind, text in SERVE_FLAGS:
         serve.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"first train the demo task {DEMO_TASK!r} from examples/ into the store, unless it is there",
+    )
+
+    train = commands.add_parser("train", help="train a task's prompt on labelled data and publish it")
+    train.add_argument("--task", required=True, help="task name ([a-z0-9][a-z0-9_.-]{0,63})")
+    train.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="directory with train/dev/test .jsonl or .tsv files (and optional labels.json), or one "
+        "train file (a stratified dev split is cut off)",
+    )
+    train.add_argument(
+        "--method", choices=METHOD_CHOICES, default="prefix", help="default: prefix (P-tuning v2)"
+    )
+    _add_destination(train, upload=True)
+    _add_backbone_flags(train)
+    train.add_argument("--max-train-rows", type=_positive_int, help="cap the train set (stratified sample)")
+    train.add_argument(
+        "--epochs", type=_positive_int, help="maximum epochs (default per method: 30; probe 200)"
+    )
+    train.add_argument(
+        "--patience", type=_positive_int, help="epochs without a better dev accuracy before stopping"
+    )
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--lr", type=_positive_float, help="learning rate of the prompt (default per method)")
+    train.add_argument("--head-lr", type=_positive_float, help="learning rate of the linear head")
+    train.add_argument(
+        "--prefix-length",
+        "--prompt-length",
+        dest="length",
+        type=_positive_int,
+        help="prefix length (prefix) or virtual tokens (ptuning, prompt); default 16",
+    )
+    train.add_argument("--batch-size", type=_positive_int, default=32)
+    train.add_argument("--max-length", type=_positive_int, default=128, help="text tokens per example")
+    train.add_argument("--reparam", action="store_true", help="prefix: MLP reparameterisation while training")
+    train.add_argument(
+        "--class-balanced", action="store_true", help="weight the loss by inverse label frequency"
+    )
+    train.add_argument(
+        "--head",
+        choices=["cls", "peft", "mean"],
+        help="cls (default; probe: mean): text [CLS] into the head; peft: BertForSequenceClassification's "
+        "head (exportable to PEFT); mean: mean of the text tokens (the better probe on sentence-embedding "
+        "backbones)",
+    )
+    train.add_argument("--dev-fraction", type=float, default=0.1, help="dev split of a single data file")
+    train.add_argument("--max-seconds", type=_positive_float, help="stop training after this many seconds")
+    train.add_argument("--search", action="store_true", help="try every --search-lrs x --search-lengths pair")
+    train.add_argument("--search-lrs", type=_float_list, default=[5e-3, 1e-2, 2e-2], help="comma-separated")
+    train.add_argument("--search-lengths", type=_int_list, default=[8, 16, 32], help="comma-separated")
+
+    ev = commands.add_parser("eval", help="score a published task on labelled data")
+    ev.add_argument("--task", required=True)
+    ev.add_argument(
+        "--data", required=True, type=Path, help="a .jsonl/.tsv file, or a data directory (test split)"
+    )
+    _add_destination(ev, upload=False)
+    _add_backbone_flags(ev)
+    ev.add_argument("--png", type=Path, help="save the confusion matrix as a PNG")
+    ev.add_argument("--batch-size", type=_positive_int, default=64)
+
+    imp = commands.add_parser("import-peft", help="turn a PEFT prompt-learning adapter into a task")
+    imp.add_argument(
+        "adapter", type=Path, help="directory with adapter_config.json + adapter_model.safetensors"
+    )
+    imp.add_argument("--task", required=True)
+    imp.add_argument("--labels", help="comma-separated label names in classifier row order")
+    _add_destination(imp, upload=True)
+    _add_backbone_flags(imp)
+
+    exp = commands.add_parser("export-peft", help="write a task as a PEFT adapter directory")
+    exp.add_argument("--task", required=True)
+    exp.add_argument("--out", required=True, type=Path, help="adapter directory to write")
+    exp.add_argument("--store", help="prompt store directory (default: PTSERVE_STORE or ./ptserve-data)")
+    exp.add_argument("--artifact", type=Path, help="read the task from this .safetensors file instead")
+    exp.add_argument("--base-model", help="base_model_name_or_path to record in adapter_config.json")
     return parser
+
+
+def _add_destination(parser: argparse.ArgumentParser, *, upload: bool) -> None:
+    where = parser.add_mutually_exclusive_group()
+    verb = "publish to" if upload else "read from"
+    where.add_argument("--store", help=f"{verb} this prompt store (default: PTSERVE_STORE or ./ptserve-data)")
+    where.add_argument("--server", help=f"{verb} a running service at this URL (e.g. http://127.0.0.1:8000)")
+    if upload:
+        where.add_argument("--out", type=Path, help="write the artifact to this .safetensors file")
+
+
+def _add_backbone_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", help="Hugging Face encoder directory (default: PTSERVE_MODEL or packaged MiniLM)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -52,7 +203,7 @@ def _setting_errors(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, backbone: Backbone | None = None) -> None:
     import uvicorn
 
     from service.app import create_app
@@ -60,18 +211,418 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(
+        create_app(settings, backbone=backbone),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+    )
+
+
+class CliError(PtserveError):
+    """A command that cannot go on; the message is printed as is."""
+
+    code = "cli_error"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def default_store() -> str:
+    """The store ``serve`` would use: PTSERVE_STORE, else the settings default."""
+    default = Settings.model_fields["store"].default
+    return os.environ.get("PTSERVE_STORE") or str(default)
+
+
+def _load_backbone(model: str | None, device: str) -> Backbone:
+    from prompts.backbone import load_backbone
+
+    path = model or os.environ.get("PTSERVE_MODEL") or None
+    # Training and evaluation run in float32: gradients in half precision lose the small prompt updates.
+    return load_backbone(path, device=device, dtype="float32")
+
+
+def make_http_client() -> httpx.Client:
+    """The HTTP client ``--server`` commands use (tests swap in the app's TestClient)."""
+    import httpx
+
+    return httpx.Client(timeout=httpx.Timeout(120.0, connect=10.0))
+
+
+def _server_error(response: httpx.Response, what: str) -> CliError:
+    try:
+        error = response.json()["error"]
+        detail = f"{error['code']}: {error['message']}"
+    except (ValueError, KeyError, TypeError):
+        detail = response.text[:500]
+    return CliError(f"{what} failed with HTTP {response.status_code}: {detail}")
+
+
+def upload_artifact(server: str, data: bytes, *, client: httpx.Client | None = None) -> dict[str, Any]:
+    """POST an artifact to ``{server}/v1/prompts`` (multipart field ``file``); returns the 201 body."""
+    import httpx
+
+    owned = client is None
+    http = client if client is not None else make_http_client()
+    url = f"{server.rstrip('/')}/v1/prompts"
+    try:
+        response = http.post(url, files={"file": ("artifact.safetensors", data, "application/octet-stream")})
+    except httpx.HTTPError as exc:
+        raise CliError(f"cannot reach {url}: {exc}") from exc
+    finally:
+        if owned:
+            http.close()
+    if response.status_code != 201:
+        raise _server_error(response, f"upload to {url}")
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def publish(artifact: PromptArtifact, *, store: str | None, server: str | None, out: Path | None) -> str:
+    """Write the artifact where the flags say (default: the default store); returns where, for the user."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        artifact.save(out)
+        return str(out)
+    if server is not None:
+        with make_http_client() as client:
+            body = upload_artifact(server, artifact.data, client=client)
+        return f"{server} (version {body.get('version')})"
+    from prompts.disk_store import DiskPromptStore
+
+    path = store or default_store()
+    disk = DiskPromptStore(path)
+    try:
+        disk.put(artifact.task, artifact.version, artifact.data, artifact.manifest_json())
+    finally:
+        disk.close()
+    return f"store {path}"
+
+
+class TqdmProgress:
+    """A tqdm bar over optimiser steps with the running loss, and one line per epoch."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.bar: Any = None
+        self.loss_sum = 0.0
+        self.loss_count = 0
+        self.dev = float("nan")
+
+    def start(self, total_steps: int, epochs: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=total_steps, desc=self.description, unit="step", dynamic_ncols=True, file=sys.stderr
+        )
+
+    def step(self, loss: float) -> None:
+        self.loss_sum += loss
+        self.loss_count += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                loss=f"{self.loss_sum / self.loss_count:.4f}", dev_acc=f"{self.dev:.4f}", refresh=False
+            )
+
+    def epoch(self, stats: EpochStats) -> None:
+        self.dev = stats.dev_accuracy
+        self.loss_sum, self.loss_count = 0.0, 0
+        if self.bar is not None:
+            mark = "  (best)" if stats.best else ""
+            self.bar.write(
+                f"epoch {stats.epoch:3d}  loss {stats.train_loss:.4f}  "
+                f"dev accuracy {stats.dev_accuracy:.4f}  macro-F1 {stats.dev_macro_f1:.4f}  "
+                f"{stats.seconds:6.1f}s{mark}",
+                file=sys.stderr,
+            )
+            self.bar.set_postfix(loss=f"{stats.train_loss:.4f}", dev_acc=f"{stats.dev_accuracy:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    from prompts.trainer import TrainConfig
+
+    length = {} if args.length is None else {"prefix_length": args.length, "prompt_length": args.length}
+    return TrainConfig(
+        method=args.method,
+        epochs=args.epochs,
+        patience=args.patience,
+        seed=args.seed,
+        lr=args.lr,
+        head_lr=args.head_lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        reparam=args.reparam,
+        class_balanced=args.class_balanced,
+        head=args.head,
+        max_seconds=args.max_seconds,
+        **length,
+    )
+
+
+def train_command(args: argparse.Namespace, backbone: Backbone | None = None) -> int:
+    from prompts.data import load_task_data
+    from prompts.names import validate_task_name
+    from prompts.trainer import search, train_task
+
+    validate_task_name(args.task)
+    data = load_task_data(
+        args.data, dev_fraction=args.dev_fraction, seed=args.seed, max_train_rows=args.max_train_rows
+    )
+    for note in data.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(
+        f"data: {len(data.train)} train, {len(data.dev)} dev, {len(data.test)} test rows, "
+        f"{len(data.labels)} labels",
+        file=sys.stderr,
+    )
+    config = _train_config(args)
+    try:
+        config.resolved()
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    backbone = backbone or _load_backbone(args.model, args.device)
+    if args.search:
+        result = search(
+            backbone,
+            args.task,
+            data,
+            config,
+            lrs=args.search_lrs,
+            lengths=args.search_lengths,
+            progress_factory=lambda c: TqdmProgress(f"{args.task} lr={c.lr} P={c.prefix_length}"),
+        )
+        for trial in result.trials:
+            print(f"search: {json.dumps(trial)}", file=sys.stderr)
+    else:
+        result = train_task(backbone, args.task, data, config, progress=TqdmProgress(args.task))
+    where = publish(result.artifact, store=args.store, server=args.server, out=args.out)
+    m = result.artifact.manifest
+    print(f"task {m.task} version {m.version} ({m.method}) -> {where}")
+    print(
+        f"dev accuracy {result.dev.accuracy:.4f}  macro-F1 {result.dev.macro_f1:.4f}"
+        f"  (best epoch {result.best_epoch} of {result.epochs_run}, {result.seconds:.1f}s, "
+        f"{result.trainable_parameters} trainable parameters)"
+    )
+    if result.test is not None:
+        print(f"test accuracy {result.test.accuracy:.4f}  macro-F1 {result.test.macro_f1:.4f}")
+    return 0
+
+
+def _eval_examples(path: Path) -> list[Example]:
+    from prompts.data import DataError, find_split_file, read_examples
+
+    if path.is_dir():
+        found = find_split_file(path, "test") or find_split_file(path, "dev")
+        if found is None:
+            raise DataError(
+                f"{path}: no test or dev file (test.jsonl, test.tsv, dev.jsonl, dev.tsv) to evaluate on"
+            )
+        path = found
+    return read_examples(path)
+
+
+def _predict_local(
+    args: argparse.Namespace, texts: list[str], backbone: Backbone | None
+) -> tuple[list[str], list[str]]:
+    """(labels, predicted label per text) running the stored artifact through prompted_forward here."""
+    from prompts.artifact import check_compatible, max_text_tokens, parse_artifact
+    from prompts.disk_store import DiskPromptStore
+    from prompts.forward import TaskPrompt
+    from prompts.trainer import predict
+
+    store = DiskPromptStore(args.store or default_store())
+    try:
+        stored = store.get(args.task)
+    finally:
+        store.close()
+    artifact = parse_artifact(stored.data)
+    backbone = backbone or _load_backbone(args.model, args.device)
+    check_compatible(artifact, backbone.spec)
+    task = TaskPrompt.from_artifact(artifact, backbone.device, backbone.dtype)
+    # Cut texts exactly as the service does for this task.
+    room = max_text_tokens(artifact.manifest, backbone.spec)
+    ids = [e.input_ids for e in backbone.encode(texts, room)]
+    logits = predict(backbone, task, ids, args.batch_size)
+    labels = artifact.manifest.labels
+    return labels, [labels[i] for i in logits.argmax(-1).tolist()]
+
+
+def classify_remote(
+    server: str, task: str, texts: list[str], *, batch_size: int = 64, client: httpx.Client | None = None
+) -> tuple[list[str], list[str]]:
+    """(labels, predicted label per text) from a running service: GET the task, POST /v1/classify."""
+    import httpx
+
+    owned = client is None
+    http = client if client is not None else make_http_client()
+    base = server.rstrip("/")
+    try:
+        info = http.get(f"{base}/v1/prompts/{task}")
+        if info.status_code != 200:
+            raise _server_error(info, f"reading task {task!r} from {base}")
+        labels = [str(x) for x in info.json()["labels"]]
+        predicted: list[str] = []
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start : start + batch_size]
+            response = http.post(f"{base}/v1/classify", json={"task": task, "texts": chunk})
+            if response.status_code != 200:
+                raise _server_error(response, f"classify on {base}")
+            predicted.extend(str(r["label"]) for r in response.json()["results"])
+    except httpx.HTTPError as exc:
+        raise CliError(f"cannot reach {base}: {exc}") from exc
+    finally:
+        if owned:
+            http.close()
+    return labels, predicted
+
+
+def eval_command(args: argparse.Namespace, backbone: Backbone | None = None) -> Report:
+    from prompts.data import check_labels
+    from prompts.metrics import evaluate, format_confusion, format_report, save_confusion_png
+    from prompts.names import validate_task_name
+
+    validate_task_name(args.task)
+    examples = _eval_examples(args.data)
+    texts = [e.text for e in examples]
+    if args.server is not None:
+        with make_http_client() as client:
+            labels, predicted = classify_remote(
+                args.server, args.task, texts, batch_size=args.batch_size, client=client
+            )
+    else:
+        labels, predicted = _predict_local(args, texts, backbone)
+    check_labels(examples, labels, f"{args.data} (checked against task {args.task!r})")
+    index = {label: i for i, label in enumerate(labels)}
+    report = evaluate([index[e.label] for e in examples], [index[p] for p in predicted], labels)
+    print(f"task {args.task} on {args.data}")
+    print(format_report(report))
+    print()
+    print("confusion matrix (rows: true label, columns: predicted label)")
+    print(format_confusion(report))
+    if args.png is not None:
+        save_confusion_png(report, args.png, title=f"{args.task} on {args.data.name}")
+        print(f"confusion matrix saved to {args.png}")
+    return report
+
+
+def import_peft_command(args: argparse.Namespace, backbone: Backbone | None = None) -> int:
+    from prompts.peft_io import import_peft_adapter
+
+    backbone = backbone or _load_backbone(args.model, args.device)
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    artifact = import_peft_adapter(args.adapter, task=args.task, spec=backbone.spec, labels=labels)
+    where = publish(artifact, store=args.store, server=args.server, out=args.out)
+    print(f"task {artifact.task} version {artifact.version} ({artifact.manifest.method}) -> {where}")
+    return 0
+
+
+def export_peft_command(args: argparse.Namespace) -> int:
+    from prompts.artifact import parse_artifact
+    from prompts.disk_store import DiskPromptStore
+    from prompts.peft_io import export_peft_adapter
+
+    if args.artifact is not None:
+        artifact = parse_artifact(args.artifact.read_bytes())
+    else:
+        store = DiskPromptStore(args.store or default_store())
+        try:
+            artifact = parse_artifact(store.get(args.task).data)
+        finally:
+            store.close()
+    if artifact.task != args.task:
+        raise CliError(f"{args.artifact} holds task {artifact.task!r}, not {args.task!r}")
+    out = export_peft_adapter(artifact, args.out, base_model_name_or_path=args.base_model)
+    print(f"task {artifact.task} version {artifact.version} -> PEFT adapter {out}")
+    return 0
+
+
+def ensure_demo_task(settings: Settings, backbone: Backbone, data: Path | None = None) -> bool:
+    """Train the demo task into the settings' store unless a servable version is there; True if trained."""
+    data = data if data is not None else DEMO_DATA
+    from prompts.data import load_task_data
+    from prompts.trainer import TrainConfig, train_task
+    from service.runtime import open_store
+
+    store = open_store(settings)
+    try:
+        try:
+            record = store.record(DEMO_TASK)
+        except TaskNotFoundError:
+            record = None
+        fingerprint = (record.manifest.get("backbone") or {}).get("fingerprint") if record else None
+        if fingerprint == backbone.spec.fingerprint:
+            return False
+        if record is not None:
+            print(
+                f"demo: stored {DEMO_TASK!r} was trained on another backbone; training it again",
+                file=sys.stderr,
+            )
+        if not data.is_dir():
+            raise CliError(f"demo data {data} is missing; run from a checkout of the repository")
+        task_data = load_task_data(data)
+        config = TrainConfig(method="p-tuning-v2", max_seconds=DEMO_MAX_SECONDS)
+        print(f"demo: training {DEMO_TASK!r} on {len(task_data.train)} examples from {data}", file=sys.stderr)
+        result = train_task(backbone, DEMO_TASK, task_data, config, progress=TqdmProgress(DEMO_TASK))
+        artifact = result.artifact
+        store.put(artifact.task, artifact.version, artifact.data, artifact.manifest_json())
+        test = f", test accuracy {result.test.accuracy:.3f}" if result.test is not None else ""
+        print(
+            f"demo: {DEMO_TASK!r} version {artifact.version} stored in {settings.store} "
+            f"(dev accuracy {result.dev.accuracy:.3f}{test}, {result.seconds:.0f}s)",
+            file=sys.stderr,
+        )
+        return True
+    finally:
+        store.close()
+
+
+def serve_command(settings: Settings, demo: bool) -> None:
+    backbone = None
+    if demo:
+        from prompts.backbone import load_backbone
+
+        trainer_backbone = load_backbone(settings.model, device=settings.device, dtype="float32")
+        ensure_demo_task(settings, trainer_backbone)
+        # Reuse the loaded backbone when it is what the service would load anyway.
+        backbone = trainer_backbone if settings.dtype == "float32" else None
+    serve(settings, backbone)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], object]] = {
+    "train": train_command,
+    "eval": eval_command,
+    "import-peft": import_peft_command,
+    "export-peft": export_peft_command,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        # Long-running commands report progress through logging too (backbone load, early stop).
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            COMMANDS[args.command](args)
+        except PtserveError as exc:
+            print(f"ptserve {args.command}: error: {exc.message}", file=sys.stderr)
+            return 1
+        return 0
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
         print(f"ptserve: invalid settings:\n{_setting_errors(exc)}", file=sys.stderr)
         return 2
-    if args.command == "serve":
-        serve(settings)
+    try:
+        serve_command(settings, args.demo)
+    except PtserveError as exc:
+        print(f"ptserve serve: error: {exc.message}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,348 @@
+"""Accuracy benchmark: every prompt method against a linear probe and full fine-tuning, per dataset.
+
+Reads ``<data-root>/<name>/{train,dev,test}.jsonl`` (the shared datasets, see ../shared/data/README.md),
+trains each method on the same capped train set with the same backbone, and reports test accuracy,
+macro-F1, trainable parameters and training time. Writes ``results.json``, ``results.md`` and
+``accuracy.png`` under ``--out``; results are saved after every run, so an interrupted benchmark keeps
+what it measured.
+
+    .venv/bin/python benchmarks/accuracy.py --data-root ../shared/data --datasets trec \\
+        --methods probe,prefix --max-train-rows 1000
+
+Methods: ``probe`` (linear probe), ``prompt`` (prompt tuning), ``ptuning`` (P-tuning), ``prefix``
+(P-tuning v2, the default), all trained by :func:`prompts.trainer.train_task` through the serving
+forward, and ``finetune``: an unfrozen copy of the backbone with a linear head on [CLS], the ceiling.
+Not part of the test run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prompts.backbone import Backbone, load_backbone
+from prompts.data import TaskData, cap_rows, load_task_data
+from prompts.metrics import Report, evaluate
+from prompts.trainer import TrainConfig, seed_everything, train_task
+
+DATASETS = ["sst2", "agnews", "trec", "banking77", "sms_spam", "emotion", "comment_zh"]
+# comment_zh is Chinese with 63 train rows on an English vocabulary: reported on its own.
+SEPARATE = {"comment_zh"}
+METHODS = {
+    "probe": "linear-probe",
+    "prompt": "prompt-tuning",
+    "ptuning": "p-tuning",
+    "prefix": "p-tuning-v2",
+    "finetune": "full fine-tuning",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", type=Path, required=True, help="folder holding <name>/train.jsonl ...")
+    p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated (default: all)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {list(METHODS)}")
+    p.add_argument("--max-train-rows", type=int, default=4000, help="same train cap for every method")
+    p.add_argument("--max-dev-rows", type=int, default=1000, help="dev rows used for early stopping")
+    p.add_argument("--max-test-rows", type=int, help="cap the test set (default: all of it)")
+    p.add_argument(
+        "--epochs", type=int, help="epochs for prompt, ptuning and prefix (default: each method's own)"
+    )
+    p.add_argument(
+        "--probe-epochs", type=int, help="epochs for the probe (default 200: it trains on cached features)"
+    )
+    p.add_argument("--finetune-epochs", type=int, default=4)
+    p.add_argument("--finetune-lr", type=float, default=5e-5)
+    p.add_argument("--model", help="Hugging Face encoder directory (default: packaged MiniLM)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-seconds", type=float, help="time budget per training run")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out/accuracy"))
+    args = p.parse_args(argv)
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; expected some of {list(METHODS)}")
+    return args
+
+
+def load(args: argparse.Namespace, name: str) -> TaskData:
+    data = load_task_data(args.data_root / name, seed=args.seed, max_train_rows=args.max_train_rows)
+    if len(data.dev) > args.max_dev_rows:
+        data.dev = cap_rows(data.dev, args.max_dev_rows, args.seed)
+    if args.max_test_rows is not None and len(data.test) > args.max_test_rows:
+        data.test = cap_rows(data.test, args.max_test_rows, args.seed)
+    return data
+
+
+# ---------------------------------------------------------------------------------- full fine-tuning
+
+
+class FineTuned(nn.Module):
+    """The whole encoder, trainable (dropout on), with a linear head on [CLS]."""
+
+    def __init__(self, backbone: Backbone, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = copy.deepcopy(backbone.model).float()
+        self.encoder.requires_grad_(True)
+        self.dropout = nn.Dropout(0.1)
+        self.head = nn.Linear(backbone.spec.hidden_size, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits: torch.Tensor = self.head(self.dropout(hidden[:, 0]))  # [B, C] from [CLS]
+        return logits
+
+
+def _pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, T]
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def _ft_predict(model: FineTuned, backbone: Backbone, ids: list[list[int]], batch: int) -> list[int]:
+    model.eval()
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = [0] * len(ids)
+    for start in range(0, len(ids), batch):
+        idx = order[start : start + batch]
+        x, mask = _pad([ids[i] for i in idx], backbone.pad_token_id, backbone.device)
+        for i, p in zip(idx, model(x, mask).argmax(-1).tolist(), strict=True):
+            out[i] = p
+    model.train()
+    return out
+
+
+def finetune(
+    backbone: Backbone, data: TaskData, args: argparse.Namespace
+) -> tuple[Report, Report, int, float, int]:
+    """(dev, test, trainable parameters, seconds, epochs run): AdamW, warmup + linear decay,
+    early stopping on dev accuracy (patience 2), best epoch restored."""
+    seed_everything(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    model = FineTuned(backbone, len(data.labels)).to(backbone.device).train()
+    encode = lambda rows: [e.input_ids for e in backbone.encode([r.text for r in rows], args.max_length)]  # noqa: E731
+    train_ids, dev_ids, test_ids = encode(data.train), encode(data.dev), encode(data.test)
+    y = torch.tensor(data.label_ids(data.train), device=backbone.device)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": model.encoder.parameters(), "lr": args.finetune_lr},
+            {"params": model.head.parameters(), "lr": 1e-3},
+        ],
+        weight_decay=0.01,
+    )
+    steps = math.ceil(len(train_ids) / args.batch_size) * args.finetune_epochs
+    warmup = max(1, int(0.06 * steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)),
+    )
+    best: tuple[float, float] | None = None
+    best_state: dict[str, torch.Tensor] = {}
+    stale, epochs = 0, 0
+    started = time.perf_counter()
+    for epoch in range(1, args.finetune_epochs + 1):
+        epochs = epoch
+        perm = torch.randperm(len(train_ids), generator=generator).tolist()
+        for start in range(0, len(perm), args.batch_size):
+            batch = perm[start : start + args.batch_size]
+            x, mask = _pad([train_ids[i] for i in batch], backbone.pad_token_id, backbone.device)
+            loss = F.cross_entropy(model(x, mask), y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            if args.max_seconds is not None and time.perf_counter() - started > args.max_seconds:
+                break
+        dev = evaluate(data.label_ids(data.dev), _ft_predict(model, backbone, dev_ids, 128), data.labels)
+        key = (dev.accuracy, dev.macro_f1)
+        if best is None or key > best:
+            best, stale = key, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+        print(f"    finetune epoch {epoch}: dev accuracy {dev.accuracy:.4f}", flush=True)
+        if stale >= 2 or (args.max_seconds is not None and time.perf_counter() - started > args.max_seconds):
+            break
+    seconds = time.perf_counter() - started
+    model.load_state_dict(best_state)
+    dev = evaluate(data.label_ids(data.dev), _ft_predict(model, backbone, dev_ids, 128), data.labels)
+    test = evaluate(data.label_ids(data.test), _ft_predict(model, backbone, test_ids, 128), data.labels)
+    trainable = sum(p.numel() for p in model.parameters())
+    return dev, test, trainable, seconds, epochs
+
+
+# ------------------------------------------------------------------------------------------ reports
+
+
+def run_one(
+    backbone: Backbone, name: str, data: TaskData, method: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"dataset": name, "method": method, "train_rows": len(data.train)}
+    row |= {"dev_rows": len(data.dev), "test_rows": len(data.test), "labels": len(data.labels)}
+    if method == "finetune":
+        dev, test, trainable, seconds, epochs = finetune(backbone, data, args)
+        row |= {"trainable_parameters": trainable, "artifact_parameters": trainable, "epochs_run": epochs}
+    else:
+        config = TrainConfig(
+            method=METHODS[method],
+            epochs=args.probe_epochs if method == "probe" else args.epochs,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            max_seconds=args.max_seconds,
+        )
+        result = train_task(backbone, f"bench-{method}", data, config)
+        assert result.test is not None
+        dev, test, seconds = result.dev, result.test, result.seconds
+        training = result.artifact.manifest.training or {}
+        row |= {
+            "trainable_parameters": result.trainable_parameters,
+            "artifact_parameters": training.get("artifact_parameters"),
+            "epochs_run": result.epochs_run,
+            "best_epoch": result.best_epoch,
+            "hyperparameters": training.get("hyperparameters"),
+        }
+    backbone_parameters = sum(p.numel() for p in backbone.model.parameters())
+    row |= {
+        "dev_accuracy": round(dev.accuracy, 4),
+        "test_accuracy": round(test.accuracy, 4),
+        "test_macro_f1": round(test.macro_f1, 4),
+        "trainable_percent": round(100 * row["trainable_parameters"] / backbone_parameters, 3),
+        "train_seconds": round(seconds, 1),
+    }
+    return row
+
+
+def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        "# Accuracy benchmark",
+        "",
+        f"Backbone `{meta['backbone']}` on `{meta['device']}`, train cap {meta['max_train_rows']} rows, "
+        f"seed {meta['seed']}, {meta['date']}. Test accuracy / macro-F1; trainable parameters while "
+        "training (% of the backbone); training time (CPU timings are noisy on shared machines).",
+        "",
+    ]
+    for title, keep in (
+        ("Datasets", lambda n: n not in SEPARATE),
+        ("Reported separately", lambda n: n in SEPARATE),
+    ):
+        rows = [r for r in results if keep(r["dataset"])]
+        if not rows:
+            continue
+        lines += [
+            f"## {title}",
+            "",
+            "| dataset | method | test acc | macro-F1 | trainable | train s | epochs |",
+        ]
+        lines.append("|---|---|---:|---:|---:|---:|---:|")
+        for r in rows:
+            lines.append(
+                f"| {r['dataset']} | {METHODS[r['method']]} | {r['test_accuracy']:.4f} "
+                f"| {r['test_macro_f1']:.4f} "
+                f"| {r['trainable_parameters']:,} ({r['trainable_percent']}%) | {r['train_seconds']} "
+                f"| {r['epochs_run']} |"
+            )
+        lines.append("")
+    if any(r["dataset"] == "comment_zh" for r in results):
+        lines.append(
+            "comment_zh is Chinese with 63 train rows and 2 test labels absent from train; the English "
+            "vocabulary covers ~26% of its characters, so its figures say little about the methods."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in results))
+    methods = [m for m in METHODS if any(r["method"] == m for r in results)]
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(datasets) + 3.5), 4.5))
+    for j, method in enumerate(methods):
+        xs, ys = [], []
+        for i, name in enumerate(datasets):
+            hit = [r for r in results if r["dataset"] == name and r["method"] == method]
+            if hit:
+                xs.append(i + (j - (len(methods) - 1) / 2) * width)
+                ys.append(hit[-1]["test_accuracy"])
+        ax.bar(xs, ys, width, label=METHODS[method])
+    ax.set_xticks(range(len(datasets)), datasets)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars reach the top
+    ax.set_title("ptserve methods vs linear probe and full fine-tuning")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    backbone = load_backbone(args.model, device=args.device, dtype="float32")
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "backbone": backbone.spec.fingerprint,
+        "device": str(backbone.device)
+        + (f" ({torch.cuda.get_device_name()})" if backbone.device.type == "cuda" else ""),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "max_train_rows": args.max_train_rows,
+        "seed": args.seed,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "argv": sys.argv[1:] if argv is None else argv,
+    }
+    results: list[dict[str, Any]] = []
+    for name in args.datasets.split(","):
+        data = load(args, name)
+        print(
+            f"{name}: {len(data.train)} train, {len(data.dev)} dev, {len(data.test)} test, "
+            f"{len(data.labels)} labels"
+        )
+        for method in args.methods.split(","):
+            print(f"  {METHODS[method]} ...", flush=True)
+            row = run_one(backbone, name, data, method, args)
+            print(
+                f"  {METHODS[method]}: test accuracy {row['test_accuracy']:.4f}, "
+                f"macro-F1 {row['test_macro_f1']:.4f}, {row['trainable_parameters']:,} trainable, "
+                f"{row['train_seconds']}s, {row['epochs_run']} epochs",
+                flush=True,
+            )
+            results.append(row)
+            (args.out / "results.json").write_text(
+                json.dumps({"meta": meta, "results": results}, indent=2) + "\n"
+            )
+            (args.out / "results.md").write_text(markdown(results, meta))
+    bar_chart(results, args.out / "accuracy.png")
+    print(f"wrote {args.out / 'results.json'}, results.md, accuracy.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""The trainable parametrisations of a task's prompt, one per method, over a frozen backbone.
+
+Each method is a small ``torch.nn.Module`` whose :meth:`PromptMethod.task_prompt` returns a
+:class:`~prompts.forward.TaskPrompt` built from (differentiable) tensors, so training runs the very
+``prompted_forward`` the service runs. :meth:`PromptMethod.export` evaluates the parametrisation once
+in eval mode and keeps plain tensors: an MLP reparameterisation or a P-tuning prompt encoder exists
+only while training, and folding it away changes no logit.
+
+- ``p-tuning-v2``: deep prefix keys/values at every layer ``[layers, 2, heads, P, head_dim]``, optionally
+  produced by an MLP from ``[P, hidden]`` embeddings (Li & Liang / P-tuning v2 reparameterisation).
+- ``p-tuning``: ``K`` input embeddings produced by a bi-LSTM + MLP prompt encoder (Liu et al. 2021).
+- ``prompt-tuning``: ``K`` free input embeddings initialised from real token embeddings (Lester et al.).
+- ``linear-probe``: no prompt at all, only the head.
+
+The backbone is never a submodule here: ``module.train()`` must not switch on the backbone's dropout.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from prompts.artifact import Method
+from prompts.backbone import Backbone, BackboneSpec
+from prompts.forward import TaskPrompt
+
+__all__ = [
+    "METHODS",
+    "METHOD_ALIASES",
+    "DeepPrefix",
+    "ExportedPrompt",
+    "HeadStyle",
+    "LinearProbe",
+    "MethodName",
+    "PTuningEncoder",
+    "PromptMethod",
+    "SoftPrompt",
+    "label_word_embeddings",
+    "prefix_from_tokens",
+    "resolve_method",
+    "vocabulary_sample",
+]
+
+MethodName = Literal["p-tuning-v2", "p-tuning", "prompt-tuning", "linear-probe"]
+METHODS: tuple[MethodName, ...] = ("p-tuning-v2", "p-tuning", "prompt-tuning", "linear-probe")
+METHOD_ALIASES: dict[str, MethodName] = {
+    "prefix": "p-tuning-v2",
+    "ptuning": "p-tuning",
+    "prompt": "prompt-tuning",
+    "probe": "linear-probe",
+    **{m: m for m in METHODS},
+}
+# "cls": the text's [CLS] straight into the head (P-tuning v2). "peft": sequence position 0 through the
+# backbone's pooler, i.e. BertForSequenceClassification's head, so the task exports to PEFT unchanged.
+# "mean": the mean of the text tokens, what sentence-embedding backbones (all-MiniLM-L6-v2) were trained
+# to produce: the stronger linear probe on such a backbone.
+HeadStyle = Literal["cls", "peft", "mean"]
+
+
+def resolve_method(name: str) -> MethodName:
+    try:
+        return METHOD_ALIASES[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHOD_ALIASES)}") from None
+
+
+@dataclass(frozen=True)
+class ExportedPrompt:
+    """Plain detached float32 CPU tensors and conventions: what an artifact is built from."""
+
+    method: MethodName
+    prefix: torch.Tensor | None  # [layers, 2, heads, P, head_dim]
+    prompt: torch.Tensor | None  # [K, hidden]
+    head_weight: torch.Tensor  # [C, hidden]
+    head_bias: torch.Tensor  # [C]
+    pooling: Literal["cls", "first", "mean"]
+    pooler: Literal["none", "backbone"]
+
+    def parameter_count(self) -> int:
+        tensors = [self.prefix, self.prompt, self.head_weight, self.head_bias]
+        return sum(t.numel() for t in tensors if t is not None)
+
+
+class PromptMethod(nn.Module):
+    """Base: a linear head on the pooled position; subclasses add a prefix or an input prompt."""
+
+    method: MethodName = "linear-probe"
+    artifact_method: Method = "linear-probe"
+
+    def __init__(self, spec: BackboneSpec, num_labels: int, *, head: HeadStyle = "cls") -> None:
+        super().__init__()
+        if head == "peft" and not spec.has_pooler:
+            raise ValueError("head 'peft' needs the backbone's pooler, and this backbone has none")
+        self.spec = spec
+        self.head_style: HeadStyle = head
+        self.head = nn.Linear(spec.hidden_size, num_labels)  # weight [C, hidden], bias [C]
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def pooling(self) -> Literal["cls", "first", "mean"]:
+        return {"cls": "cls", "peft": "first", "mean": "mean"}[self.head_style]  # type: ignore[return-value]
+
+    @property
+    def pooler(self) -> Literal["none", "backbone"]:
+        return "backbone" if self.head_style == "peft" else "none"
+
+    def prefix(self) -> torch.Tensor | None:
+        return None
+
+    def prompt(self) -> torch.Tensor | None:
+        return None
+
+    def task_prompt(self) -> TaskPrompt:
+        """The task as ``prompted_forward`` takes it, built from the current parameters (differentiable)."""
+        return TaskPrompt(
+            prefix=self.prefix(),
+            prompt=self.prompt(),
+            head_weight=self.head.weight,
+            head_bias=self.head.bias,
+            pooling=self.pooling,
+            use_pooler=self.pooler == "backbone",
+            positions_after_prefix=True,
+        )
+
+    def lengths(self) -> tuple[int, int]:
+        """(prefix length, input-prompt length) this method produces."""
+        return 0, 0
+
+    def prompt_parameters(self) -> list[nn.Parameter]:
+        head = {id(p) for p in self.head.parameters()}
+        return [p for p in self.parameters() if id(p) not in head]
+
+    def trainable_parameter_count(self) -> int:
+        """Everything the optimiser updates, the training-only reparameterisation included."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    @torch.no_grad()
+    def export(self) -> ExportedPrompt:
+        """Evaluate the parametrisation once (eval mode: no dropout) and keep only its outputs."""
+        was_training = self.training
+        self.eval()
+        try:
+            prefix, prompt = self.prefix(), self.prompt()
+        finally:
+            self.train(was_training)
+
+        def plain(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.detach().to("cpu", torch.float32).clone().contiguous()
+
+        weight, bias = plain(self.head.weight), plain(self.head.bias)
+        assert weight is not None and bias is not None
+        return ExportedPrompt(
+            method=self.method,
+            prefix=plain(prefix),
+            prompt=plain(prompt),
+            head_weight=weight,
+            head_bias=bias,
+            pooling=self.pooling,
+            pooler=self.pooler,
+        )
+
+
+class LinearProbe(PromptMethod):
+    """The frozen backbone's pooled vector into a trained linear head: the baseline every prompt must beat."""
+
+    method: MethodName = "linear-probe"
+    artifact_method: Method = "linear-probe"
+
+
+class DeepPrefix(PromptMethod):
+    """P-tuning v2: trainable keys/values prepended at every layer.
+
+    Without reparameterisation the prefix is one parameter ``[layers, 2, heads, P, head_dim]``. With it,
+    ``P`` embeddings ``[P, hidden]`` pass through Linear -> tanh -> Linear to ``[P, layers * 2 * hidden]``,
+    read in PEFT's order ``[P, layers, 2, heads, head_dim]``; the MLP is dropped at export.
+    """
+
+    method: MethodName = "p-tuning-v2"
+    artifact_method: Method = "p-tuning-v2"
+
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        num_labels: int,
+        *,
+        length: int = 16,
+        reparam: bool = False,
+        reparam_hidden: int = 512,
+        dropout: float = 0.1,
+        init: torch.Tensor | None = None,
+        head: HeadStyle = "cls",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(spec, num_labels, head=head)
+        if length < 1:
+            raise ValueError(f"prefix length must be at least 1, got {length}")
+        self.length = length
+        self.reparam = reparam
+        shape = (spec.num_layers, 2, spec.num_heads, length, spec.head_dim)
+        if init is not None and tuple(init.shape) != shape:
+            raise ValueError(f"prefix init has shape {list(init.shape)}; expected {list(shape)}")
+        self.table: nn.Parameter | None = None
+        self.embedding: nn.Parameter | None = None
+        self.mlp: nn.Sequential | None = None
+        if reparam:
+            # [P, hidden] -> [P, reparam_hidden] -> [P, layers * 2 * hidden]
+            self.embedding = nn.Parameter(torch.randn(length, spec.hidden_size, generator=generator) * 0.02)
+            self.mlp = nn.Sequential(
+                nn.Linear(spec.hidden_size, reparam_hidden),
+                nn.Tanh(),
+                nn.Linear(reparam_hidden, spec.num_layers * 2 * spec.hidden_size),
+            )
+            if init is not None:
+                # Start the MLP's output at the given prefix: its last bias carries it, the weights
+                # start small so the embeddings still steer it.
+                last = self.mlp[2]
+                assert isinstance(last, nn.Linear)
+                with torch.no_grad():
+                    flat = init.permute(3, 0, 1, 2, 4).reshape(length, -1)  # [P, layers * 2 * hidden]
+                    last.weight.mul_(0.1)
+                    # One bias for all P rows: the mean row; the embeddings differentiate positions.
+                    last.bias.copy_(flat.mean(0))
+        else:
+            start = init if init is not None else torch.randn(shape, generator=generator) * 0.5
+            self.table = nn.Parameter(start.clone().float())  # [layers, 2, heads, P, head_dim]
+        self.dropout = nn.Dropout(dropout)
+
+    def lengths(self) -> tuple[int, int]:
+        return self.length, 0
+
+    def prefix(self) -> torch.Tensor:
+        if self.table is not None:
+            prefix = self.table
+        else:
+            assert self.mlp is not None and self.embedding is not None
+            s = self.spec
+            flat = self.mlp(self.embedding)  # [P, layers * 2 * hidden]
+            prefix = flat.view(self.length, s.num_layers, 2, s.num_heads, s.head_dim).permute(1, 2, 3, 0, 4)
+        dropped: torch.Tensor = self.dropout(prefix)  # [layers, 2, heads, P, head_dim]
+        return dropped
+
+
+class SoftPrompt(PromptMethod):
+    """Prompt tuning: ``K`` free embeddings ``[K, hidden]`` placed before the text."""
+
+    method: MethodName = "prompt-tuning"
+    artifact_method: Method = "prompt-tuning"
+
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        num_labels: int,
+        *,
+        init: torch.Tensor,
+        head: HeadStyle = "cls",
+    ) -> None:
+        super().__init__(spec, num_labels, head=head)
+        if init.dim() != 2 or init.shape[1] != spec.hidden_size or init.shape[0] < 1:
+            raise ValueError(f"prompt init must be [K >= 1, {spec.hidden_size}], got {list(init.shape)}")
+        self.embedding = nn.Parameter(init.detach().clone().float())  # [K, hidden]
+
+    def lengths(self) -> tuple[int, int]:
+        return 0, int(self.embedding.shape[0])
+
+    def prompt(self) -> torch.Tensor:
+        return self.embedding
+
+
+class PTuningEncoder(PromptMethod):
+    """P-tuning: virtual-token embeddings from a prompt encoder (bi-LSTM then a two-layer MLP).
+
+    The encoder ties the virtual tokens together while training; at export only its output
+    ``[K, hidden]`` is kept as the artifact's input prompt.
+    """
+
+    method: MethodName = "p-tuning"
+    artifact_method: Method = "p-tuning"
+
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        num_labels: int,
+        *,
+        init: torch.Tensor,
+        lstm_layers: int = 2,
+        dropout: float = 0.0,
+        head: HeadStyle = "cls",
+    ) -> None:
+        super().__init__(spec, num_labels, head=head)
+        hidden = spec.hidden_size
+        if init.dim() != 2 or init.shape[1] != hidden or init.shape[0] < 1:
+            raise ValueError(f"prompt init must be [K >= 1, {hidden}], got {list(init.shape)}")
+        self.embedding = nn.Parameter(init.detach().clone().float())  # [K, hidden]
+        half = max(1, hidden // 2)
+        # Both directions concatenated: [1, K, 2 * half].
+        self.lstm = nn.LSTM(
+            input_size=hidden,
+            hidden_size=half,
+            num_layers=lstm_layers,
+            bidirectional=True,
+            batch_first=True,
+            dropout=dropout if lstm_layers > 1 else 0.0,
+        )
+        self.mlp = nn.Sequential(nn.Linear(2 * half, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+
+    def lengths(self) -> tuple[int, int]:
+        return 0, int(self.embedding.shape[0])
+
+    def prompt(self) -> torch.Tensor:
+        encoded, _ = self.lstm(self.embedding.unsqueeze(0))  # [1, K, 2 * half]
+        # A residual to the embeddings: starting from real token embeddings, the encoder learns a
+        # correction instead of having to reproduce the embedding scale from scratch.
+        prompt: torch.Tensor = self.embedding + self.mlp(encoded[0])  # [K, hidden]
+        return prompt
+
+
+# ------------------------------------------------------------------------------------- initialisers
+
+_WORD = re.compile(r"[a-z]{3,}")
+
+
+def _word_token_ids(backbone: Backbone) -> list[int]:
+    """Ids of whole-word, alphabetic, non-special vocabulary entries (WordPiece or BPE spellings)."""
+    tokenizer = backbone.tokenizer
+    special = set(tokenizer.all_special_ids)
+    ids: list[int] = []
+    for token, idx in tokenizer.get_vocab().items():
+        if idx in special or token.startswith("##") or token.startswith("[") or token.startswith("<"):
+            continue
+        word = token.lstrip("Ġ▁").lower()
+        if _WORD.fullmatch(word):
+            ids.append(int(idx))
+    ids.sort()
+    return ids
+
+
+def vocabulary_sample(backbone: Backbone, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` embeddings ``[count, hidden]`` of random whole-word vocabulary tokens."""
+    candidates = _word_token_ids(backbone)
+    if not candidates:
+        special = set(backbone.tokenizer.all_special_ids)
+        candidates = [i for i in range(backbone.word_embeddings.num_embeddings) if i not in special]
+    # Low ids are the frequent words in WordPiece vocabularies ordered by frequency; Lester et al.
+    # sample from the 5,000 most common tokens.
+    pool = torch.tensor(candidates[:5000])
+    picks = pool[torch.randint(len(pool), (count,), generator=generator)]
+    with torch.no_grad():
+        return backbone.word_embeddings.weight[picks.to(backbone.device)].detach().float().cpu()
+
+
+def label_word_embeddings(backbone: Backbone, labels: list[str]) -> torch.Tensor | None:
+    """One embedding per label ``[C, hidden]``: the mean of its word pieces, or None if any label has
+    no real-word pieces (e.g. opaque codes such as "LABEL_3" or digits)."""
+    tokenizer = backbone.tokenizer
+    special = set(tokenizer.all_special_ids)
+    unk = tokenizer.unk_token_id
+    rows: list[torch.Tensor] = []
+    for label in labels:
+        words = re.sub(r"[_\-/.:]+", " ", label).strip()
+        ids = [i for i in tokenizer(words, add_special_tokens=False)["input_ids"] if i not in special]
+        if not ids or unk in ids or not re.search(r"[A-Za-z]{3,}", words):
+            return None
+        with torch.no_grad():
+            vectors = backbone.word_embeddings.weight[torch.tensor(ids, device=backbone.device)]
+        rows.append(vectors.float().mean(0).cpu())
+    return torch.stack(rows)  # [C, hidden]
+
+
+@torch.no_grad()
+def prefix_from_tokens(backbone: Backbone, length: int, generator: torch.Generator) -> torch.Tensor:
+    """A deep prefix ``[layers, 2, heads, P, head_dim]`` made of the keys/values the frozen backbone
+    computes for ``P`` random vocabulary words: the right scale at every layer from step one."""
+    spec = backbone.spec
+    candidates = torch.tensor(_word_token_ids(backbone)[:5000] or [backbone.pad_token_id])
+    words = candidates[torch.randint(len(candidates), (length,), generator=generator)].tolist()
+    tokenizer = backbone.tokenizer
+    cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    ids = [i for i in (cls_id, *words, sep_id) if i is not None]
+    offset = 1 if cls_id is not None else 0
+    input_ids = torch.tensor([ids], device=backbone.device)
+    out = backbone.model(input_ids=input_ids, output_hidden_states=True)
+    model: Any = backbone.model
+    layers = model.encoder.layer  # BERT-family layout: encoder.layer[i].attention.self.key/value
+    keys_values = []
+    for i in range(spec.num_layers):
+        hidden = out.hidden_states[i][0, offset : offset + length].float()  # [P, hidden], input to layer i
+        attention = layers[i].attention.self
+        k = attention.key(hidden.to(backbone.dtype)).float()
+        v = attention.value(hidden.to(backbone.dtype)).float()
+        # [P, hidden] -> [heads, P, head_dim]
+        k = k.view(length, spec.num_heads, spec.head_dim).transpose(0, 1)
+        v = v.view(length, spec.num_heads, spec.head_dim).transpose(0, 1)
+        keys_values.append(torch.stack([k, v]))  # [2, heads, P, head_dim]
+    return torch.stack(keys_values).cpu()  # [layers, 2, heads, P, head_dim]

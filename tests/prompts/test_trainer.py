@@ -1,0 +1,209 @@
+"""Training every method through prompted_forward, and exporting exactly what was trained."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from prompts.artifact import parse_artifact
+from prompts.backbone import Backbone, load_backbone
+from prompts.data import Example, TaskData
+from prompts.forward import TaskPrompt, prompted_forward
+from prompts.trainer import (
+    EpochStats,
+    TrainConfig,
+    TrainResult,
+    _class_weights,
+    search,
+    train_task,
+)
+from tests.factories import random_artifact
+from tests.synthetic import make_learnable_bert, make_task_data
+
+# Fast, decisive settings for the tiny model (the real defaults are tuned for BERT-size backbones).
+FAST = TrainConfig(
+    epochs=12, batch_size=16, lr=0.05, head_lr=0.05, patience=100, prefix_length=4, prompt_length=4
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny models are all thread overhead: one thread runs them many times faster on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def learnable(tmp_path_factory: pytest.TempPathFactory) -> Backbone:
+    return load_backbone(make_learnable_bert(tmp_path_factory.mktemp("models") / "learnable"))
+
+
+@pytest.fixture(scope="module")
+def data() -> TaskData:
+    return make_task_data(train=60, dev=30, test=30)
+
+
+@pytest.fixture(scope="module")
+def trained(learnable: Backbone, data: TaskData) -> dict[str, TrainResult]:
+    """Each method trained once for the module (the tests below only inspect the results)."""
+    return {
+        method: train_task(learnable, f"task-{method}", data, dataclasses.replace(FAST, method=method))
+        for method in ("p-tuning-v2", "p-tuning", "prompt-tuning", "linear-probe")
+    }
+
+
+METHODS = ["p-tuning-v2", "p-tuning", "prompt-tuning", "linear-probe"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_learns_the_keyword_task(trained: dict[str, TrainResult], method: str) -> None:
+    result = trained[method]
+    losses = [h.train_loss for h in result.history]
+    assert losses[-1] < 0.6 * losses[0], losses
+    # Three balanced labels: chance is 1/3.
+    assert result.dev.accuracy >= 0.75, result.dev
+    assert result.test is not None and result.test.accuracy >= 0.7, result.test
+    m = result.artifact.manifest
+    assert m.method == method and m.labels == ["book", "phone", "shirt"]
+    assert m.metrics is not None and m.metrics["dev"]["accuracy"] == pytest.approx(
+        result.dev.accuracy, abs=1e-6
+    )
+    assert set(m.metrics["test"]) >= {"accuracy", "macro_f1", "per_class_f1"}
+    assert m.training is not None
+    assert m.training["method"] == method and m.training["seed"] == 0 and m.training["train_rows"] == 60
+    assert m.training["epochs_run"] == len(result.history) == result.epochs_run
+    assert m.training["trainable_parameters"] == result.trainable_parameters > 0
+    assert m.training["hyperparameters"]["lr"] == 0.05 and m.training["duration_seconds"] >= 0
+    expected = {"p-tuning-v2": (4, 0), "p-tuning": (0, 4), "prompt-tuning": (0, 4), "linear-probe": (0, 0)}
+    assert (m.prefix_length, m.prompt_length) == expected[method]
+    assert (m.head.pooling, m.head.pooler) == ("mean" if method == "linear-probe" else "cls", "none")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_served_artifact_gives_the_trainers_logits(
+    trained: dict[str, TrainResult], learnable: Backbone, data: TaskData, method: str
+) -> None:
+    result = trained[method]
+    texts = [e.text for e in data.test[:12]]
+    ids = [e.input_ids for e in learnable.encode(texts, 60)]
+    module = result.module.eval()
+    with torch.no_grad():
+        ours = prompted_forward(learnable, ids, [module.task_prompt()] * len(ids))
+        # The engine path: uploaded bytes parsed, tensors loaded, run in a batch mixed with another task.
+        served = TaskPrompt.from_artifact(
+            parse_artifact(result.artifact.data), learnable.device, learnable.dtype
+        )
+        other = TaskPrompt.from_artifact(
+            random_artifact(learnable.spec, num_labels=5, prefix_length=3, prompt_length=2),
+            learnable.device,
+            learnable.dtype,
+        )
+        mixed = prompted_forward(learnable, [i for x in ids for i in (x, x)], [served, other] * len(ids))
+    torch.testing.assert_close(mixed[0::2, :3], ours, rtol=0, atol=1e-5)
+    assert torch.isinf(mixed[0::2, 3:]).all()
+
+
+def test_training_leaves_the_backbone_frozen(trained: dict[str, TrainResult], learnable: Backbone) -> None:
+    assert not learnable.model.training
+    assert all(not p.requires_grad and p.grad is None for p in learnable.model.parameters())
+
+
+def test_same_seed_same_tensors(learnable: Backbone, data: TaskData) -> None:
+    config = dataclasses.replace(FAST, epochs=2, method="p-tuning-v2", reparam=True, reparam_hidden=16)
+    a = train_task(learnable, "t", data, config).artifact.tensors
+    b = train_task(learnable, "t", data, config).artifact.tensors
+    c = train_task(learnable, "t", data, dataclasses.replace(config, seed=1)).artifact.tensors
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["prefix"], c["prefix"])
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.total = 0
+        self.steps = 0
+        self.epochs: list[EpochStats] = []
+        self.closed = False
+
+    def start(self, total_steps: int, epochs: int) -> None:
+        self.total = total_steps
+
+    def step(self, loss: float) -> None:
+        self.steps += 1
+
+    def epoch(self, stats: EpochStats) -> None:
+        self.epochs.append(stats)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_early_stopping_restores_the_best_epoch(learnable: Backbone, data: TaskData) -> None:
+    # Nothing can improve with zero learning rates: epoch 1 stays best, patience 2 stops after epoch 3.
+    config = dataclasses.replace(FAST, method="prompt-tuning", epochs=10, lr=0.0, head_lr=0.0, patience=2)
+    recorder = Recorder()
+    result = train_task(learnable, "t", data, config, progress=recorder)
+    assert result.epochs_run == 3 and result.best_epoch == 1
+    assert [s.best for s in recorder.epochs] == [True, False, False]
+    assert recorder.total == 4 * 10 and recorder.steps == 4 * 3 and recorder.closed
+
+
+def test_time_budget_stops_training(learnable: Backbone, data: TaskData) -> None:
+    config = dataclasses.replace(FAST, method="p-tuning-v2", max_seconds=0.0)
+    recorder = Recorder()
+    result = train_task(learnable, "t", data, config, progress=recorder)
+    assert result.epochs_run == 1 and recorder.steps == 1
+
+
+def test_class_balanced_loss_weights() -> None:
+    weights = _class_weights([0, 0, 0, 1], 3, torch.device("cpu"))
+    torch.testing.assert_close(weights, torch.tensor([4 / 9, 4 / 3, 0.0]))
+
+
+def test_class_balanced_training_on_skewed_data(learnable: Backbone) -> None:
+    base = make_task_data(train=90, dev=30, test=0, seed=4)
+    skewed = [e for e in base.train if e.label != "book"] + [e for e in base.train if e.label == "book"][:5]
+    data = TaskData(labels=base.labels, train=skewed, dev=base.dev)
+    config = dataclasses.replace(FAST, method="linear-probe", epochs=60)
+    plain = train_task(learnable, "t", data, config)
+    result = train_task(learnable, "t", data, dataclasses.replace(config, class_balanced=True))
+    # The rare label is found more often when its examples weigh more.
+    assert result.dev.per_class["book"].recall > plain.dev.per_class["book"].recall
+    assert result.artifact.manifest.training is not None
+    assert result.artifact.manifest.training["hyperparameters"]["class_balanced"] is True
+
+
+def test_search_keeps_the_best_dev_accuracy(learnable: Backbone, data: TaskData) -> None:
+    config = dataclasses.replace(FAST, method="linear-probe", epochs=20)
+    result = search(learnable, "t", data, config, lrs=[0.0, 0.05], lengths=[8, 16])
+    assert [t["lr"] for t in result.trials] == [0.0, 0.05]  # lengths mean nothing to a probe
+    assert result.dev.accuracy == max(t["dev_accuracy"] for t in result.trials)
+    assert result.config.head_lr == 0.05
+
+
+def test_prompts_must_leave_room_for_text(learnable: Backbone, data: TaskData) -> None:
+    with pytest.raises(ValueError, match="leave no room for text"):
+        train_task(learnable, "t", data, dataclasses.replace(FAST, method="prompt-tuning", prompt_length=63))
+
+
+def test_invalid_task_name_is_refused_before_training(learnable: Backbone, data: TaskData) -> None:
+    from prompts.errors import InvalidTaskNameError
+
+    with pytest.raises(InvalidTaskNameError):
+        train_task(learnable, "Bad Name", data, FAST)
+
+
+def test_data_labels_drive_the_head(learnable: Backbone, tmp_path: Path) -> None:
+    data = TaskData(
+        labels=["a", "b", "unused"],
+        train=[Example("phone battery", "a"), Example("shirt size", "b")] * 4,
+        dev=[Example("phone screen", "a"), Example("shirt color", "b")],
+    )
+    result = train_task(learnable, "t", data, dataclasses.replace(FAST, method="linear-probe", epochs=2))
+    assert result.artifact.manifest.labels == ["a", "b", "unused"]
+    assert result.artifact.tensors["head.weight"].shape[0] == 3

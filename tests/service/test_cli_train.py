@@ -1,0 +1,246 @@
+"""``ptserve train`` / ``eval`` / ``import-peft`` / ``export-peft`` / ``serve --demo`` through ``main``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from prompts.artifact import parse_artifact
+from prompts.backbone import Backbone, load_backbone
+from prompts.disk_store import DiskPromptStore
+from prompts.forward import TaskPrompt, prompted_forward
+from service import cli
+from service.app import create_app
+from service.settings import Settings
+from tests.factories import random_artifact
+from tests.synthetic import make_examples, make_learnable_bert, write_data_dir, write_jsonl
+
+FAST = ["--epochs", "12", "--batch-size", "16", "--lr", "0.05", "--head-lr", "0.05", "--prefix-length", "4"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_learnable_bert(tmp_path_factory.mktemp("models") / "learnable")
+
+
+@pytest.fixture(scope="module")
+def learnable(model_dir: Path) -> Backbone:
+    return load_backbone(model_dir)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_data_dir(tmp_path_factory.mktemp("data") / "keywords", train=60, dev=30, test=30)
+
+
+def _train(model_dir: Path, data_dir: Path, *extra: str, task: str = "keywords") -> list[str]:
+    return [
+        "train",
+        "--task",
+        task,
+        "--data",
+        str(data_dir),
+        "--model",
+        str(model_dir),
+        "--device",
+        "cpu",
+        *FAST,
+        *extra,
+    ]
+
+
+def test_train_store_eval_round_trip(
+    model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "store"
+    assert cli.main(_train(model_dir, data_dir, "--store", str(store))) == 0
+    out, err = capsys.readouterr()
+    assert "task keywords version" in out and "test accuracy" in out
+    assert "epoch   1" in err and "dev accuracy" in err  # the per-epoch progress lines
+    version = (store / "tasks" / "keywords" / "current").read_text().strip()
+    assert f"version {version}" in out
+
+    png = tmp_path / "cm.png"
+    argv = ["eval", "--task", "keywords", "--data", str(data_dir / "test.jsonl"), "--store", str(store)]
+    assert cli.main([*argv, "--model", str(model_dir), "--device", "cpu", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "macro-F1" in out and "confusion matrix" in out
+    accuracy = float(next(line.split()[1] for line in out.splitlines() if line.startswith("accuracy")))
+    artifact = parse_artifact(DiskPromptStore(store).get("keywords").data)
+    assert artifact.manifest.metrics is not None
+    # eval runs the stored artifact as the service would: the trainer's recorded test accuracy.
+    assert accuracy == pytest.approx(artifact.manifest.metrics["test"]["accuracy"], abs=1e-4)
+    assert accuracy >= 0.7
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_to_a_file_with_each_method(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    for method, name in (("ptuning", "p-tuning"), ("prompt", "prompt-tuning"), ("probe", "linear-probe")):
+        out = tmp_path / f"{method}.safetensors"
+        assert (
+            cli.main(_train(model_dir, data_dir, "--method", method, "--out", str(out), "--epochs", "2")) == 0
+        )
+        artifact = parse_artifact(out.read_bytes())
+        assert artifact.manifest.method == name
+        assert artifact.manifest.training is not None and artifact.manifest.training["epochs_run"] <= 2
+
+
+def test_train_reports_bad_data(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad"
+    write_data_dir(bad, train=12, dev=6, test=6)
+    (bad / "dev.jsonl").write_text('{"text": "x", "label": "phone"}\n{"text": "y", "label": "toys"}\n')
+    assert cli.main(_train(model_dir, bad, "--out", str(tmp_path / "x.safetensors"))) == 1
+    err = capsys.readouterr().err
+    assert "ptserve train: error:" in err and "'toys' (1)" in err
+    assert cli.main(_train(model_dir, bad, "--out", str(tmp_path / "x.safetensors"), task="Bad Name")) == 1
+    assert "invalid task name" in capsys.readouterr().err
+
+
+def _app_client(store: Path, backbone: Backbone) -> TestClient:
+    return TestClient(create_app(Settings(store=str(store), max_wait_ms=1), backbone=backbone))
+
+
+def test_upload_to_a_running_service(
+    model_dir: Path,
+    data_dir: Path,
+    learnable: Backbone,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    store = tmp_path / "served"
+    monkeypatch.setattr(cli, "make_http_client", lambda: _app_client(store, learnable))
+    assert cli.main(_train(model_dir, data_dir, "--server", "http://testserver", "--epochs", "6")) == 0
+    assert "-> http://testserver (version" in capsys.readouterr().out
+    stored = parse_artifact(DiskPromptStore(store).get("keywords").data)
+
+    # eval --server classifies through the service and agrees with running the artifact here.
+    argv = ["eval", "--task", "keywords", "--data", str(data_dir), "--server", "http://testserver"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    remote = float(next(line.split()[1] for line in out.splitlines() if line.startswith("accuracy")))
+    assert stored.manifest.metrics is not None
+    assert remote == pytest.approx(stored.manifest.metrics["test"]["accuracy"], abs=1e-4)
+
+
+def test_uploader_reports_refusals(learnable: Backbone, backbone: Backbone, tmp_path: Path) -> None:
+    with _app_client(tmp_path / "s", learnable) as client:
+        good = random_artifact(learnable.spec, task="up")
+        body = cli.upload_artifact("http://testserver", good.data, client=client)
+        assert body["task"] == "up" and body["version"] == good.version
+        foreign = random_artifact(backbone.spec, task="other")  # the default tiny BERT: other weights
+        with pytest.raises(cli.CliError, match="HTTP 422: incompatible_artifact"):
+            cli.upload_artifact("http://testserver", foreign.data, client=client)
+        with pytest.raises(cli.CliError, match="task_not_found"):
+            cli.classify_remote("http://testserver", "missing", ["a text"], client=client)
+
+
+def test_unreachable_server_is_a_clear_error(
+    model_dir: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["eval", "--task", "keywords", "--data", str(data_dir), "--server", "http://127.0.0.1:9"]
+    assert cli.main(argv) == 1
+    assert "cannot reach http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_eval_refuses_labels_the_task_lacks(
+    model_dir: Path, learnable: Backbone, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "store"
+    artifact = random_artifact(learnable.spec, task="three", num_labels=3)
+    DiskPromptStore(store).put(artifact.task, artifact.version, artifact.data, artifact.manifest_json())
+    data = write_jsonl(tmp_path / "eval.jsonl", make_examples(6, seed=0))  # book/phone/shirt labels
+    argv = ["eval", "--task", "three", "--data", str(data), "--store", str(store), "--model", str(model_dir)]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "labels the task does not know" in err and "'book' (2)" in err
+
+
+def test_peft_export_and_import_commands(
+    model_dir: Path, data_dir: Path, learnable: Backbone, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "store"
+    assert (
+        cli.main(_train(model_dir, data_dir, "--store", str(store), "--head", "peft", "--epochs", "2")) == 0
+    )
+    adapter = tmp_path / "adapter"
+    assert cli.main(["export-peft", "--task", "keywords", "--store", str(store), "--out", str(adapter)]) == 0
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+    out = tmp_path / "imported.safetensors"
+    argv = ["import-peft", str(adapter), "--task", "again", "--out", str(out), "--model", str(model_dir)]
+    assert cli.main(argv) == 0
+    original = parse_artifact(DiskPromptStore(store).get("keywords").data)
+    imported = parse_artifact(out.read_bytes())
+    assert imported.manifest.labels == original.manifest.labels
+    ids = [e.input_ids for e in learnable.encode(["phone battery", "a book", "shirt size okay"], 50)]
+    with torch.no_grad():
+        a, b = (
+            prompted_forward(
+                learnable, ids, [TaskPrompt.from_artifact(x, learnable.device, learnable.dtype)] * 3
+            )
+            for x in (original, imported)
+        )
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+    capsys.readouterr()
+    cls_store = tmp_path / "cls"
+    cls_task = random_artifact(learnable.spec, task="clshead")
+    DiskPromptStore(cls_store).put(cls_task.task, cls_task.version, cls_task.data, cls_task.manifest_json())
+    argv = ["export-peft", "--task", "clshead", "--store", str(cls_store), "--out", str(tmp_path / "x")]
+    assert cli.main(argv) == 1
+    assert "--head peft" in capsys.readouterr().err
+
+
+def test_serve_demo_trains_once_then_serves(
+    model_dir: Path, data_dir: Path, backbone: Backbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served: list[Any] = []
+    monkeypatch.setattr(cli, "DEMO_DATA", data_dir)
+    monkeypatch.setattr(cli, "serve", lambda settings, backbone=None: served.append((settings, backbone)))
+    store = tmp_path / "store"
+    argv = ["serve", "--demo", "--model", str(model_dir), "--store", str(store), "--device", "cpu"]
+    assert cli.main(argv) == 0
+    version = DiskPromptStore(store).current_version(cli.DEMO_TASK)
+    settings, reused = served[0]
+    assert settings.store == str(store) and reused is not None  # the trainer's backbone is reused
+    assert cli.main(argv) == 0  # already there: nothing retrained
+    assert DiskPromptStore(store).versions(cli.DEMO_TASK) == [version]
+    assert cli.ensure_demo_task(settings, backbone_used := served[0][1]) is False
+    # A stored demo task trained on another backbone cannot be served by this one: it is retrained.
+    assert backbone.spec.fingerprint != backbone_used.spec.fingerprint
+    assert cli.ensure_demo_task(settings, backbone) is True
+    assert len(DiskPromptStore(store).versions(cli.DEMO_TASK)) == 2
+
+
+def test_serve_without_demo_is_unchanged(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    served: list[Any] = []
+    monkeypatch.setattr(cli, "serve", lambda settings, backbone=None: served.append((settings, backbone)))
+    assert cli.main(["serve", "--store", str(tmp_path / "s")]) == 0
+    assert served[0][1] is None and not (tmp_path / "s").exists()
+
+
+def test_bad_arguments_are_refused_before_any_work(
+    model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(_train(model_dir, data_dir, "--epochs", "0"))
+    assert exit_info.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(_train(model_dir, data_dir, "--out", str(tmp_path / "a"), "--store", str(tmp_path / "s")))
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert cli.main(_train(model_dir, data_dir, "--max-length", "1", "--out", str(tmp_path / "a"))) == 1
+    assert "max_length must leave room" in capsys.readouterr().err
