@@ -82,7 +82,7 @@ def create_app(
             loaded = await asyncio.to_thread(
                 load_backbone, settings.model, device=settings.device, dtype=settings.dtype
             )
-        opened = store if store is not None else open_store(settings)
+        opened = store if store is not None else open_store(settings.store, settings.keep_versions)
         runtime = build_runtime(settings, loaded, opened)
         runtime.batcher.start()
         app.state.runtime = runtime

@@ -288,14 +288,14 @@ def publish(artifact: PromptArtifact, *, store: str | None, server: str | None, 
         with make_http_client() as client:
             body = upload_artifact(server, artifact.data, client=client)
         return f"{server} (version {body.get('version')})"
-    from prompts.disk_store import DiskPromptStore
+    from service.runtime import open_store
 
     path = store or default_store()
-    disk = DiskPromptStore(path)
+    target = open_store(path)
     try:
-        disk.put(artifact.task, artifact.version, artifact.data, artifact.manifest_json())
+        target.put(artifact.task, artifact.version, artifact.data, artifact.manifest_json())
     finally:
-        disk.close()
+        target.close()
     return f"store {path}"
 
 
@@ -432,11 +432,11 @@ def _predict_local(
 ) -> tuple[list[str], list[str]]:
     """(labels, predicted label per text) running the stored artifact through prompted_forward here."""
     from prompts.artifact import check_compatible, max_text_tokens, parse_artifact
-    from prompts.disk_store import DiskPromptStore
     from prompts.forward import TaskPrompt
     from prompts.trainer import predict
+    from service.runtime import open_store
 
-    store = DiskPromptStore(args.store or default_store())
+    store = open_store(args.store or default_store())
     try:
         stored = store.get(args.task)
     finally:
@@ -524,13 +524,13 @@ def import_peft_command(args: argparse.Namespace, backbone: Backbone | None = No
 
 def export_peft_command(args: argparse.Namespace) -> int:
     from prompts.artifact import parse_artifact
-    from prompts.disk_store import DiskPromptStore
     from prompts.peft_io import export_peft_adapter
+    from service.runtime import open_store
 
     if args.artifact is not None:
         artifact = parse_artifact(args.artifact.read_bytes())
     else:
-        store = DiskPromptStore(args.store or default_store())
+        store = open_store(args.store or default_store())
         try:
             artifact = parse_artifact(store.get(args.task).data)
         finally:
@@ -549,7 +549,7 @@ def ensure_demo_task(settings: Settings, backbone: Backbone, data: Path | None =
     from prompts.trainer import TrainConfig, train_task
     from service.runtime import open_store
 
-    store = open_store(settings)
+    store = open_store(settings.store, settings.keep_versions)
     try:
         try:
             record = store.record(DEMO_TASK)

@@ -27,11 +27,11 @@ class Runtime:
     upload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-def open_store(settings: Settings) -> PromptStore:
-    """The store the ``store`` setting names: a redis:// URL, or else a directory path."""
-    if settings.store.startswith(("redis://", "rediss://", "unix://")):
-        return RedisPromptStore(settings.store, keep_versions=settings.keep_versions)
-    return DiskPromptStore(settings.store, keep_versions=settings.keep_versions)
+def open_store(location: str, keep_versions: int = 10) -> PromptStore:
+    """The store a ``store`` setting or flag names: a redis:// URL, or else a directory path."""
+    if location.startswith(("redis://", "rediss://", "unix://")):
+        return RedisPromptStore(location, keep_versions=keep_versions)
+    return DiskPromptStore(location, keep_versions=keep_versions)
 
 
 def build_runtime(settings: Settings, backbone: Backbone, store: PromptStore) -> Runtime:

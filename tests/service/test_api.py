@@ -383,7 +383,7 @@ def test_settings_select_the_redis_store(redis_url: str) -> None:
     from prompts.redis_store import RedisPromptStore
     from service.runtime import open_store
 
-    store = open_store(Settings(store=redis_url))
+    store = open_store(redis_url)
     assert isinstance(store, RedisPromptStore)
     store.ping()
     store.close()

@@ -16,6 +16,7 @@ from service.cli import build_parser, main, settings_from_args
 from tests.factories import random_artifact
 
 REPO = Path(__file__).resolve().parents[2]
+pytest_plugins = ("tests.redis_server",)
 
 
 def test_flags_override_environment_which_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,3 +95,17 @@ def test_serve_runs_a_real_server_process(tmp_path: Path, tiny_bert_dir: Path, b
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "Application shutdown complete" in out
     assert (tmp_path / "store" / "tasks" / "cli_task" / "current").read_text().strip() == artifact.version
+
+
+def test_cli_publishes_to_a_redis_store_url(redis_url: str, backbone: Backbone) -> None:
+    from prompts.redis_store import RedisPromptStore
+    from service.cli import publish
+
+    artifact = random_artifact(backbone.spec, task="cli_redis")
+    assert publish(artifact, store=redis_url, server=None, out=None) == f"store {redis_url}"
+    store = RedisPromptStore(redis_url)
+    try:
+        assert store.get("cli_redis").data == artifact.data
+        store.delete("cli_redis")
+    finally:
+        store.close()
