@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from prompts.errors import (
-    ArtifactError,
     StoreError,
     StoreFullError,
     StoreUnavailableError,
@@ -38,7 +37,7 @@ from prompts.errors import (
     VersionNotFoundError,
 )
 from prompts.names import TASK_NAME_PATTERN, VERSION_PATTERN, validate_task_name, validate_version
-from prompts.store import StoredArtifact, TaskRecord
+from prompts.store import StoredArtifact, TaskRecord, check_put
 
 __all__ = ["DiskPromptStore"]
 
@@ -374,14 +373,7 @@ class DiskPromptStore:
         Putting a version that already exists only moves the pointer and makes it the newest in
         the history. Afterwards versions beyond ``keep_versions`` are pruned, never the current one.
         """
-        validate_task_name(task)
-        validate_version(task, version)
-        try:
-            manifest = json.loads(manifest_json)
-        except ValueError as exc:
-            raise ArtifactError(f"manifest for task {task!r} is not valid JSON: {exc}") from exc
-        if not isinstance(manifest, dict):
-            raise ArtifactError(f"manifest for task {task!r} must be a JSON object")
+        check_put(task, version, manifest_json)
         with self._locked(task):
             self._remove_temp_files(task)
             self._ensure_task_dirs(task)

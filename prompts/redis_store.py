@@ -45,7 +45,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from prompts.errors import (
-    ArtifactError,
     StoreError,
     StoreFullError,
     StoreUnavailableError,
@@ -53,7 +52,7 @@ from prompts.errors import (
     VersionNotFoundError,
 )
 from prompts.names import TASK_NAME_PATTERN, VERSION_PATTERN, validate_task_name, validate_version
-from prompts.store import StoredArtifact, TaskRecord
+from prompts.store import StoredArtifact, TaskRecord, check_put
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -466,14 +465,7 @@ class RedisPromptStore:
         the history. Versions beyond ``keep_versions`` are pruned in the same step, never the
         current one.
         """
-        validate_task_name(task)
-        validate_version(task, version)
-        try:
-            manifest = json.loads(manifest_json)
-        except ValueError as exc:
-            raise ArtifactError(f"manifest for task {task!r} is not valid JSON: {exc}") from exc
-        if not isinstance(manifest, dict):
-            raise ArtifactError(f"manifest for task {task!r} must be a JSON object")
+        check_put(task, version, manifest_json)
         message = ChangeEvent(task, version, "put").to_json()
         self._run(
             self._put_script,

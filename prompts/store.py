@@ -6,8 +6,12 @@ Every method is synchronous and may block on I/O: the service calls them off the
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+from prompts.errors import ArtifactError
+from prompts.names import validate_task_name, validate_version
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,18 @@ class TaskRecord:
     manifest: dict[str, Any]
     size_bytes: int
     versions: tuple[str, ...]  # newest first, the current one included
+
+
+def check_put(task: str, version: str, manifest_json: str) -> None:
+    """Validate ``put``'s arguments the same way in every store (the manifest must be a JSON object)."""
+    validate_task_name(task)
+    validate_version(task, version)
+    try:
+        manifest = json.loads(manifest_json)
+    except ValueError as exc:
+        raise ArtifactError(f"manifest for task {task!r} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"manifest for task {task!r} must be a JSON object")
 
 
 @runtime_checkable
