@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -16,8 +16,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from prompts.backbone import Backbone, load_backbone
 from prompts.errors import PtserveError
 from prompts.store import PromptStore
+from service.auth import require_scope
 from service.errors import http_status
-from service.routes import router
+from service.routes import admin_router, classify_router, public_router
 from service.runtime import build_runtime, open_store
 from service.settings import Settings
 
@@ -103,5 +104,7 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.include_router(router)
+    app.include_router(public_router)
+    app.include_router(classify_router, dependencies=[Depends(require_scope("classify"))])
+    app.include_router(admin_router, dependencies=[Depends(require_scope("admin"))])
     return app

@@ -37,7 +37,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     }.items()
 }
 
-router = APIRouter()
+# Three routers so app.py can guard each with its auth scope in one place.
+public_router = APIRouter()  # health probes: no key
+classify_router = APIRouter()  # classify and read-only prompt listing: the ``classify`` scope
+admin_router = APIRouter()  # uploads, deletes, rollbacks: the ``admin`` scope
 
 
 def _runtime(request: Request) -> Runtime:
@@ -61,7 +64,7 @@ def _check_texts(texts: list[str], runtime: Runtime) -> None:
             )
 
 
-@router.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS, tags=["classify"])
+@classify_router.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS, tags=["classify"])
 async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     """Classify one or several texts with a task's current version (one version for the whole request)."""
     runtime = _runtime(request)
@@ -88,7 +91,7 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     return ClassifyResponse(task=task.task, version=task.version, results=results)
 
 
-@router.post(
+@admin_router.post(
     "/v1/prompts", status_code=201, response_model=UploadResponse, responses=ERRORS, tags=["prompts"]
 )
 async def upload_prompt(
@@ -133,20 +136,20 @@ def _info(record: TaskRecord) -> PromptInfo:
     )
 
 
-@router.get("/v1/prompts", response_model=PromptListResponse, tags=["prompts"])
+@classify_router.get("/v1/prompts", response_model=PromptListResponse, tags=["prompts"])
 async def list_prompts(request: Request) -> PromptListResponse:
     records = await asyncio.to_thread(_runtime(request).store.list_tasks)
     return PromptListResponse(tasks=[_info(r) for r in records])
 
 
-@router.get("/v1/prompts/{task}", response_model=PromptInfo, responses=ERRORS, tags=["prompts"])
+@classify_router.get("/v1/prompts/{task}", response_model=PromptInfo, responses=ERRORS, tags=["prompts"])
 async def get_prompt(task: str, request: Request) -> PromptInfo:
     validate_task_name(task)
     record = await asyncio.to_thread(_runtime(request).store.record, task)
     return _info(record)
 
 
-@router.delete("/v1/prompts/{task}", response_model=DeleteResponse, responses=ERRORS, tags=["prompts"])
+@admin_router.delete("/v1/prompts/{task}", response_model=DeleteResponse, responses=ERRORS, tags=["prompts"])
 async def delete_prompt(task: str, request: Request) -> DeleteResponse:
     """Delete a task: new requests get 404; requests already admitted finish on their version."""
     runtime = _runtime(request)
@@ -157,13 +160,13 @@ async def delete_prompt(task: str, request: Request) -> DeleteResponse:
     return DeleteResponse(task=task, deleted=True)
 
 
-@router.get("/healthz", response_model=HealthResponse, tags=["health"])
+@public_router.get("/healthz", response_model=HealthResponse, tags=["health"])
 async def healthz() -> HealthResponse:
     """The process is alive and its event loop answers."""
     return HealthResponse(status="ok")
 
 
-@router.get(
+@public_router.get(
     "/readyz", response_model=HealthResponse, responses={503: {"model": HealthResponse}}, tags=["health"]
 )
 async def readyz(request: Request) -> HealthResponse | JSONResponse:
