@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -38,6 +39,7 @@ from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.client import PubSub
 from redis.commands.core import Script
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError
@@ -57,6 +59,7 @@ from prompts.store import StoredArtifact, TaskRecord, check_put
 __all__ = [
     "DEFAULT_PREFIX",
     "ChangeEvent",
+    "ChangeFeed",
     "ChangeOp",
     "RedisPromptStore",
     "changes_channel",
@@ -106,6 +109,38 @@ class ChangeEvent:
         if op not in _CHANGE_OPS:
             raise ValueError(f"change message has an unknown op: {raw!r}")
         return cls(task, version, cast(ChangeOp, op))
+
+
+class ChangeFeed:
+    """A subscription to a store's change channel on a connection of its own (see ``change_feed``).
+
+    Any connection problem raises StoreUnavailableError and the feed is then finished: messages
+    published while it was broken are lost, so the owner opens a new feed and reconciles.
+    """
+
+    def __init__(self, pubsub: PubSub, shown_url: str) -> None:
+        self._pubsub = pubsub
+        self._shown_url = shown_url
+
+    def next(self, timeout: float) -> ChangeEvent | None:
+        """The next change message, or None if none came within ``timeout`` seconds."""
+        try:
+            message = self._pubsub.get_message(timeout=timeout)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(
+                f"change feed of prompt store {self._shown_url} was cut: {exc}"
+            ) from exc
+        if message is None or message.get("type") != "message":
+            return None
+        try:
+            return ChangeEvent.from_json(message["data"])
+        except ValueError as exc:
+            logger.warning("ignoring a message on the change channel: %s", exc)
+            return None
+
+    def close(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            self._pubsub.close()
 
 
 def redact_url(url: str) -> str:
@@ -371,6 +406,49 @@ class RedisPromptStore:
         if not exists:
             raise self._missing_current(task, current)
         return current
+
+    def current_versions(self, tasks: Sequence[str]) -> dict[str, str | None]:
+        """Pointers only, in one MGET: None for a task without one; a corrupt pointer is left out."""
+        names = [t for t in tasks if TASK_NAME_PATTERN.fullmatch(t)]
+        if not names:
+            return {}
+        with self._redis("read pointers"):
+            raw: list[Any] = self._client.mget([self._key("cur", t) for t in names])
+        out: dict[str, str | None] = {}
+        for task, pointer in zip(names, raw, strict=True):
+            if pointer is None:
+                out[task] = None
+                continue
+            try:
+                out[task] = self._check_pointer(task, pointer)
+            except StoreError as exc:
+                logger.warning("prompt store: %s", exc.message)
+        return out
+
+    def change_feed(self, timeout: float = 2.0) -> ChangeFeed:
+        """Subscribe to this store's change messages; returns once Redis confirmed the subscription.
+
+        Every message published after this returns is delivered by the feed. StoreUnavailableError
+        if Redis cannot be reached or does not confirm within ``timeout`` seconds.
+        """
+        pubsub = self._client.pubsub()
+        try:
+            with self._redis("subscribe to changes"):
+                pubsub.subscribe(self.channel)
+                deadline = time.monotonic() + timeout
+                while True:
+                    message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+                    if message is not None and message.get("type") == "subscribe":
+                        break
+                    if time.monotonic() >= deadline:
+                        raise StoreUnavailableError(
+                            f"prompt store {self._shown_url} did not confirm the change subscription"
+                        )
+        except BaseException:
+            with contextlib.suppress(RedisError, OSError):
+                pubsub.close()
+            raise
+        return ChangeFeed(pubsub, self._shown_url)
 
     def versions(self, task: str) -> list[str]:
         """Stored versions, newest first, the current one included. Raises TaskNotFoundError."""

@@ -86,6 +86,8 @@ def create_app(
         opened = store if store is not None else open_store(settings.store, settings.keep_versions)
         runtime = build_runtime(settings, loaded, opened)
         runtime.batcher.start()
+        if runtime.watcher is not None:
+            runtime.watcher.start()
         app.state.runtime = runtime
         logger.info("ptserve ready: backbone %s, store %s", loaded.spec.describe(), settings.store)
         try:
@@ -93,6 +95,8 @@ def create_app(
         finally:
             # Admitted requests finish before the store closes.
             await runtime.batcher.stop(drain=True)
+            if runtime.watcher is not None:
+                await runtime.watcher.stop()
             if store is None:
                 opened.close()
             del app.state.runtime

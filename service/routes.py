@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import APIRouter, Body, File, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from prompts.artifact import PromptArtifact, check_compatible, parse_artifact
-from prompts.errors import ArtifactTooLargeError, InvalidInputError, PtserveError
+from prompts.errors import ArtifactTooLargeError, InvalidInputError, PtserveError, VersionNotFoundError
 from prompts.names import validate_task_name
-from prompts.store import TaskRecord
+from prompts.store import PromptStore, TaskRecord
 from service.engine import Row
 from service.runtime import Runtime
 from service.schemas import (
@@ -23,6 +23,8 @@ from service.schemas import (
     HealthResponse,
     PromptInfo,
     PromptListResponse,
+    RollbackRequest,
+    RollbackResponse,
     UploadResponse,
 )
 
@@ -158,6 +160,41 @@ async def delete_prompt(task: str, request: Request) -> DeleteResponse:
         await asyncio.to_thread(runtime.store.delete, task)
         runtime.cache.forget(task)
     return DeleteResponse(task=task, deleted=True)
+
+
+def _rollback_target(store: PromptStore, task: str, version: str | None) -> tuple[str, str]:
+    """(current, target): the named version, else the one after the current in the history."""
+    record = store.record(task)
+    if version is not None:
+        return record.version, version
+    versions = list(record.versions)
+    position = versions.index(record.version)
+    if position + 1 >= len(versions):
+        raise VersionNotFoundError(
+            f"task {task!r} has no version older than its current version {record.version!r} to roll back to"
+        )
+    return record.version, versions[position + 1]
+
+
+@admin_router.post(
+    "/v1/prompts/{task}/rollback", response_model=RollbackResponse, responses=ERRORS, tags=["prompts"]
+)
+async def rollback_prompt(
+    task: str, request: Request, body: Annotated[RollbackRequest | None, Body()] = None
+) -> RollbackResponse:
+    """Make an older stored version current; once this returns, new requests here are served with it."""
+    runtime = _runtime(request)
+    validate_task_name(task)
+    async with runtime.upload_lock:
+        previous, target = await asyncio.to_thread(
+            _rollback_target, runtime.store, task, body.version if body is not None else None
+        )
+        # Loaded before the pointer moves, so a version this replica cannot serve is refused
+        # (404 unknown, 409 unusable) without changing what every replica serves.
+        await runtime.cache.load(task, target)
+        await asyncio.to_thread(runtime.store.set_current, task, target)
+        await runtime.cache.activate(task, target)
+    return RollbackResponse(task=task, version=target, previous=previous)
 
 
 @public_router.get("/healthz", response_model=HealthResponse, tags=["health"])

@@ -14,6 +14,7 @@ from service.cache import PromptCache
 from service.engine import Engine, Row
 from service.pool import PromptPool
 from service.settings import Settings
+from service.watcher import ChangeWatcher, make_watcher
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Runtime:
     cache: PromptCache
     engine: Engine
     batcher: DynamicBatcher[Row, list[float]]
+    watcher: ChangeWatcher | None = None
     upload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -35,7 +37,7 @@ def open_store(location: str, keep_versions: int = 10) -> PromptStore:
 
 
 def build_runtime(settings: Settings, backbone: Backbone, store: PromptStore) -> Runtime:
-    """Wire the components; the caller starts the batcher from inside the event loop."""
+    """Wire the components; the caller starts the batcher and the watcher inside the event loop."""
     pool = PromptPool(backbone.spec, backbone.device, backbone.dtype)
     cache = PromptCache(
         store,
@@ -44,6 +46,7 @@ def build_runtime(settings: Settings, backbone: Backbone, store: PromptStore) ->
         budget_bytes=settings.cache_bytes,
         max_artifact_bytes=settings.max_artifact_bytes,
         pointer_ttl_s=settings.pointer_ttl_s,
+        host_budget_bytes=settings.host_cache_bytes,
     )
     engine = Engine(backbone, pool)
     batcher: DynamicBatcher[Row, list[float]] = DynamicBatcher(
@@ -57,4 +60,9 @@ def build_runtime(settings: Settings, backbone: Backbone, store: PromptStore) ->
         # (benchmarks/perf_padding.py); capped because each batch sorts them (~0.7 ms per 1,024).
         group_window=min(32 * settings.max_batch_size, 1024) if settings.length_grouping else None,
     )
-    return Runtime(settings, backbone, store, cache, engine, batcher)
+    watcher = None
+    if settings.watch_changes:
+        watcher = make_watcher(
+            store, cache, disk_poll_s=settings.disk_change_poll_s, max_backoff_s=settings.watch_max_backoff_s
+        )
+    return Runtime(settings, backbone, store, cache, engine, batcher, watcher)

@@ -70,6 +70,20 @@ class UploadResponse(BaseModel):
     method: str
 
 
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str | None = Field(
+        default=None, description="version to make current; default: the one before the current version"
+    )
+
+
+class RollbackResponse(BaseModel):
+    task: str
+    version: str = Field(description="the version now current")
+    previous: str = Field(description="the version that was current before the rollback")
+
+
 class DeleteResponse(BaseModel):
     task: str
     deleted: bool

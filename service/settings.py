@@ -48,9 +48,38 @@ class Settings(BaseSettings):
         default=512 * 1024 * 1024, ge=0, description="device prompt-cache budget in bytes"
     )
     pointer_ttl_s: float = Field(
-        default=1.0,
+        default=30.0,
         ge=0,
-        description="how long a task's current-version pointer is trusted before re-reading",
+        description=(
+            "how long a task's current-version pointer is trusted before re-reading it from the store; "
+            "a safety net behind the change watcher (set it to ~1 s if watch_changes is off)"
+        ),
+    )
+
+    # Hot swap
+    host_cache_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=0,
+        description="host-memory tier: parsed artifacts kept so a device miss does not read the store",
+    )
+    watch_changes: bool = Field(
+        default=True,
+        description=(
+            "follow changes made by other replicas and processes (Redis pub/sub, or polling the "
+            "disk store's change token) so they are served within milliseconds"
+        ),
+    )
+    disk_change_poll_s: float = Field(
+        default=0.05,
+        ge=0.005,
+        le=60,
+        description="how often the disk store's change token is read (one small file read)",
+    )
+    watch_max_backoff_s: float = Field(
+        default=2.0,
+        ge=0.05,
+        le=300,
+        description="longest wait between attempts to restore a lost Redis change subscription",
     )
 
     # Limits
