@@ -118,7 +118,8 @@ class ChangeFeed:
     published while it was broken are lost, so the owner opens a new feed and reconciles.
     """
 
-    def __init__(self, pubsub: PubSub, shown_url: str) -> None:
+    def __init__(self, client: redis.Redis, pubsub: PubSub, shown_url: str) -> None:
+        self._client = client
         self._pubsub = pubsub
         self._shown_url = shown_url
 
@@ -130,7 +131,13 @@ class ChangeFeed:
             raise StoreUnavailableError(
                 f"change feed of prompt store {self._shown_url} was cut: {exc}"
             ) from exc
-        if message is None or message.get("type") != "message":
+        if message is None:
+            return None
+        if message.get("type") == "subscribe":
+            # redis-py re-subscribed on a new connection by itself: whatever was published in
+            # between is lost, so this feed is finished like any other cut.
+            raise StoreUnavailableError(f"change feed of prompt store {self._shown_url} was reconnected")
+        if message.get("type") != "message":
             return None
         try:
             return ChangeEvent.from_json(message["data"])
@@ -141,6 +148,8 @@ class ChangeFeed:
     def close(self) -> None:
         with contextlib.suppress(RedisError, OSError):
             self._pubsub.close()
+        with contextlib.suppress(RedisError, OSError):
+            self._client.close()
 
 
 def redact_url(url: str) -> str:
@@ -305,6 +314,8 @@ class RedisPromptStore:
         self.prefix = prefix
         self.channel = changes_channel(prefix)
         self._shown_url = redact_url(url)
+        self._url = url
+        self._socket_timeout = socket_timeout
         try:
             self._client: redis.Redis = redis.Redis.from_url(
                 url,
@@ -431,7 +442,17 @@ class RedisPromptStore:
         Every message published after this returns is delivered by the feed. StoreUnavailableError
         if Redis cannot be reached or does not confirm within ``timeout`` seconds.
         """
-        pubsub = self._client.pubsub()
+        # A client of its own without retries: a cut must surface as an error, not be papered over
+        # by a silent reconnect that loses the messages published in between. The health check
+        # PINGs an idle subscription, so a half-open connection is noticed too.
+        client = redis.Redis.from_url(
+            self._url,
+            socket_timeout=self._socket_timeout,
+            socket_connect_timeout=self._socket_timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=10,
+        )
+        pubsub = client.pubsub()
         try:
             with self._redis("subscribe to changes"):
                 pubsub.subscribe(self.channel)
@@ -445,10 +466,9 @@ class RedisPromptStore:
                             f"prompt store {self._shown_url} did not confirm the change subscription"
                         )
         except BaseException:
-            with contextlib.suppress(RedisError, OSError):
-                pubsub.close()
+            ChangeFeed(client, pubsub, self._shown_url).close()
             raise
-        return ChangeFeed(pubsub, self._shown_url)
+        return ChangeFeed(client, pubsub, self._shown_url)
 
     def versions(self, task: str) -> list[str]:
         """Stored versions, newest first, the current one included. Raises TaskNotFoundError."""
