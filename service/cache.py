@@ -273,6 +273,11 @@ class PromptCache:
         try:
             artifact = parse_artifact(stored.data, max_bytes=self._max_artifact_bytes)
             check_compatible(artifact, self._backbone.spec)
+            if (artifact.task, artifact.version) != (task, version):
+                # Never serve one task's tensors under another name (a store edited by hand).
+                raise ArtifactError(
+                    f"the artifact stored there is {artifact.task!r} version {artifact.version}"
+                )
         except ArtifactError as exc:
             raise TaskUnavailableError(
                 f"stored version {version} of task {task!r} cannot be served: {exc}"
