@@ -334,17 +334,20 @@ class PromptCache:
         """A change message: ``task`` now has ``version`` as current, or was deleted (None).
 
         Tasks this replica never served are left alone (the first request reads the store). For
-        the others the pointer moves at once and the new version starts loading, so the first
-        request after the swap does not wait for the store.
+        the others the pointer moves at once; if the replaced version is on the device (a hot
+        task), the new one starts loading, so the first request after the swap does not wait for
+        the store. Cold tasks are not preloaded: that would only push hot ones out.
         """
         if version is None:
             self.forget(task)
             return
-        if task not in self._pointers:
+        old = self._pointers.get(task)
+        if old is None:
             self._note_write(task)  # a read of it in flight may be older than this message
             return
+        hot = (task, old.version) in self._entries
         self._set_pointer(task, version)
-        if (task, version) not in self._entries:
+        if hot and (task, version) not in self._entries:
             self._start_load((task, version))
 
     async def reconcile(self) -> int:
