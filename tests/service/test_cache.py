@@ -234,3 +234,29 @@ async def test_store_outage_serves_cached_tasks_and_refuses_uncached_ones(
         assert await cache.resolve("cached") is served
     finally:
         store.close()
+
+
+async def test_change_messages_preload_hot_tasks_only(tmp_path: Path, backbone: Backbone) -> None:
+    store = CountingStore(tmp_path)
+    put(store, random_artifact(backbone.spec, task="cold", seed=1))
+    put(store, random_artifact(backbone.spec, task="hot", seed=2))
+    probe = make_cache(store, backbone)
+    size = (await probe.resolve("hot")).nbytes
+    cache = make_cache(store, backbone, budget_bytes=size)  # one task on the device
+    await cache.resolve("cold")
+    await cache.resolve("hot")  # pushes "cold" off the device
+    cold2 = random_artifact(backbone.spec, task="cold", seed=3)
+    hot2 = random_artifact(backbone.spec, task="hot", seed=4)
+    put(store, cold2)
+    put(store, hot2)
+    store.gets.clear()
+    cache.apply_change("cold", cold2.version)
+    cache.apply_change("hot", hot2.version)
+    cache.apply_change("unknown", hot2.version)
+    assert (cache.current("cold"), cache.current("hot")) == (cold2.version, hot2.version)
+    assert cache.current("unknown") is None and cache.swaps == 2
+    # Only the hot task's new version is being loaded ahead of its first request.
+    assert set(cache._loading) == {("hot", hot2.version)}
+    assert (await cache.resolve("hot")).version == hot2.version
+    # The request joined (or found) the preload: one store read in all.
+    assert [g[:2] for g in store.gets] == [("hot", hot2.version)]
