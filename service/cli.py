@@ -224,6 +224,9 @@ def _setting_errors(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         name = ".".join(str(x) for x in err["loc"])
+        if not name:  # a check across several settings names them in its message
+            lines.append(f"  {err['msg']}")
+            continue
         lines.append(f"  {name} (--{name.replace('_', '-')} / PTSERVE_{name.upper()}): {err['msg']}")
     return "\n".join(lines)
 

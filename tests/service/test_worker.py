@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,10 +22,11 @@ from fastapi.testclient import TestClient
 from prompts.artifact import parse_artifact
 from prompts.backbone import Backbone
 from prompts.errors import TaskNotFoundError
-from prompts.jobs import JobQueue, JobStatus
+from prompts.jobs import JobQueue, JobSpec, JobStatus
 from prompts.redis_store import RedisPromptStore
 from service.app import create_app
 from service.settings import Settings
+from service.worker import TrainingWorker
 from tests.synthetic import make_examples, write_data_dir
 
 if TYPE_CHECKING:
@@ -174,8 +176,6 @@ def test_job_round_trip_ends_with_the_task_served_and_bad_data_failing(
 def test_job_of_a_killed_worker_is_finished_by_another(
     private_redis: RedisServer, tiny_bert_dir: Path, tmp_path: Path, workers: list[Worker]
 ) -> None:
-    from prompts.jobs import JobSpec
-
     queue = JobQueue(private_redis.url)
     store = RedisPromptStore(private_redis.url)
     try:
@@ -218,3 +218,91 @@ def test_job_of_a_killed_worker_is_finished_by_another(
     finally:
         queue.close()
         store.close()
+
+
+# ----------------------------------------------------------------------- in-process, no subprocess
+
+
+@pytest.fixture
+def queue(private_redis: RedisServer) -> Iterator[JobQueue]:
+    q = JobQueue(private_redis.url, claim_idle_s=0.2)
+    yield q
+    q.close()
+
+
+def _worker(private_redis: RedisServer, backbone: Backbone, queue: JobQueue) -> TrainingWorker:
+    settings = Settings(store=private_redis.url, worker_heartbeat_s=0.05, worker_claim_idle_s=0.2)
+    return TrainingWorker(settings, backbone, queue, RedisPromptStore(private_redis.url), name="inproc")
+
+
+def test_worker_trains_reports_progress_and_publishes(
+    private_redis: RedisServer, backbone: Backbone, queue: JobQueue
+) -> None:
+    worker = _worker(private_redis, backbone, queue)
+    job_id = queue.submit(JobSpec.model_validate(job(epochs=3)))
+    lease = queue.take(worker.name, block_s=0.1)
+    assert lease is not None
+    assert worker.run_job(lease, threading.Event()) == "succeeded"
+    status = queue.status(job_id)
+    assert status.state == "succeeded" and status.progress is not None and status.metrics is not None
+    assert status.progress["epoch"] == 3 and status.progress["dev_accuracy"] is not None
+    assert worker.store.current_version("keywords") == status.version
+
+
+def test_worker_stopping_gives_the_job_back(
+    private_redis: RedisServer, backbone: Backbone, queue: JobQueue
+) -> None:
+    worker = _worker(private_redis, backbone, queue)
+    job_id = queue.submit(JobSpec.model_validate(job(epochs=3)))
+    lease = queue.take(worker.name, block_s=0.1)
+    assert lease is not None
+    stop = threading.Event()
+    stop.set()
+    assert worker.run_job(lease, stop) == "released"
+    assert queue.status(job_id).state == "queued"
+    with pytest.raises(TaskNotFoundError):
+        worker.store.current_version("keywords")
+
+
+def test_worker_that_lost_its_job_publishes_nothing(
+    private_redis: RedisServer, backbone: Backbone, queue: JobQueue
+) -> None:
+    worker = _worker(private_redis, backbone, queue)
+    job_id = queue.submit(JobSpec.model_validate(job(epochs=3)))
+    lease = queue.take(worker.name, block_s=0.1)
+    assert lease is not None
+    # Another worker takes the job over (as after a stall past the claim timeout).
+    deadline = time.monotonic() + DEADLINE_S
+    while (queue.pending_idle_s(lease) or 0.0) < queue.claim_idle_s:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert queue.take("other", block_s=0.1) is not None
+    assert worker.run_job(lease, threading.Event()) == "lost"
+    assert queue.status(job_id).worker == "other"
+    with pytest.raises(TaskNotFoundError):
+        worker.store.current_version("keywords")
+
+
+def test_worker_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.cli import build_parser, main, settings_from_args
+
+    monkeypatch.setenv("PTSERVE_JOBS_URL", "redis://env:6379/0")
+    monkeypatch.setenv("PTSERVE_WORKER_CLAIM_IDLE_S", "30")
+    args = build_parser().parse_args(["worker", "--heartbeat-s", "2", "--name", "w7"])
+    settings = settings_from_args(args)
+    assert (settings.jobs_url, settings.worker_claim_idle_s) == ("redis://env:6379/0", 30.0)
+    assert (settings.worker_heartbeat_s, settings.worker_name) == (2.0, "w7")
+    assert settings.job_queue_url() == "redis://env:6379/0"
+    assert main(["worker", "--heartbeat-s", "40"]) == 2  # not below the claim timeout of 30 s
+    monkeypatch.delenv("PTSERVE_JOBS_URL")
+    assert Settings(store="redis://s:1/0").job_queue_url() == "redis://s:1/0"
+    assert Settings(store="./dir").job_queue_url() is None
+
+
+def test_worker_without_a_job_queue_stops_with_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    assert main(["worker", "--store", str(tmp_path / "store")]) == 1
+    assert "no job queue" in capsys.readouterr().err
