@@ -200,8 +200,11 @@ def resolve_data_path(data_root: Path | None, data_path: str) -> Path:
             "send the examples inline as 'train' (and optional 'dev', 'test')"
         )
     root = data_root.resolve()
-    # An absolute data_path is taken as is (and must still lie inside the root).
-    path = (root / data_path).resolve()
+    try:
+        # An absolute data_path is taken as is (and must still lie inside the root).
+        path = (root / data_path).resolve()
+    except (OSError, ValueError) as exc:  # a NUL byte, a symlink loop
+        raise InvalidInputError(f"data_path {data_path!r} is not a usable path: {exc}") from exc
     if not path.is_relative_to(root):
         raise InvalidInputError(f"data_path {data_path!r} lies outside the server's data root")
     if not path.exists():

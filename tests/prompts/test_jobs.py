@@ -242,6 +242,8 @@ def test_data_paths_must_lie_inside_the_data_root(tmp_path: Path) -> None:
             resolve_data_path(root, outside)
     with pytest.raises(InvalidInputError, match=r"'nothing\.jsonl' does not exist"):
         resolve_data_path(root, "nothing.jsonl")
+    with pytest.raises(InvalidInputError, match="not a usable path"):
+        resolve_data_path(root, "a\x00b")
     with pytest.raises(InvalidInputError, match="no data root configured"):
         resolve_data_path(None, "keywords")
     data = job_task_data(spec(train=None, data_path="keywords"), root)
