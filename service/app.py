@@ -18,8 +18,9 @@ from prompts.errors import PtserveError
 from prompts.store import PromptStore
 from service.auth import require_scope
 from service.errors import http_status
+from service.jobs_routes import jobs_router
 from service.routes import admin_router, classify_router, public_router
-from service.runtime import build_runtime, open_store
+from service.runtime import build_runtime, open_job_queue, open_store
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def create_app(
             )
         opened = store if store is not None else open_store(settings.store, settings.keep_versions)
         runtime = build_runtime(settings, loaded, opened)
+        runtime.jobs = open_job_queue(settings)
         runtime.batcher.start()
         if runtime.watcher is not None:
             runtime.watcher.start()
@@ -99,6 +101,8 @@ def create_app(
                 await runtime.watcher.stop()
             if store is None:
                 opened.close()
+            if runtime.jobs is not None:
+                runtime.jobs.close()
             del app.state.runtime
 
     app = FastAPI(
@@ -111,4 +115,5 @@ def create_app(
     app.include_router(public_router)
     app.include_router(classify_router, dependencies=[Depends(require_scope("classify"))])
     app.include_router(admin_router, dependencies=[Depends(require_scope("admin"))])
+    app.include_router(jobs_router, dependencies=[Depends(require_scope("admin"))])
     return app

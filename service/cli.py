@@ -1,5 +1,5 @@
-"""The ``ptserve`` command line: ``serve`` (every flag is also a setting, ``PTSERVE_<NAME>`` in the
-environment), ``train``, ``eval``, ``import-peft`` and ``export-peft``."""
+"""The ``ptserve`` command line: ``serve`` and ``worker`` (every flag is also a setting,
+``PTSERVE_<NAME>`` in the environment), ``train``, ``eval``, ``import-peft`` and ``export-peft``."""
 
 from __future__ import annotations
 
@@ -47,6 +47,24 @@ SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--log-level", "log_level", str, "debug, info, warning or error (PTSERVE_LOG_LEVEL)"),
 ]
 
+# The worker's flags: the backbone and store ones it shares with ``serve``, then its own.
+WORKER_FLAGS: list[tuple[str, str, type, str]] = [
+    *(f for f in SERVE_FLAGS if f[1] in ("model", "store", "device", "log_level")),
+    ("--jobs-url", "jobs_url", str, "job queue Redis URL (PTSERVE_JOBS_URL); default: a redis:// store"),
+    ("--data-root", "data_root", Path, "server-side job data paths must lie in it (PTSERVE_DATA_ROOT)"),
+    ("--name", "worker_name", str, "consumer name in the job queue (PTSERVE_WORKER_NAME); default: host-pid"),
+    (
+        "--claim-idle-s",
+        "worker_claim_idle_s",
+        float,
+        "take over jobs whose worker is silent this long (PTSERVE_WORKER_CLAIM_IDLE_S)",
+    ),
+    ("--heartbeat-s", "worker_heartbeat_s", float, "heartbeat interval (PTSERVE_WORKER_HEARTBEAT_S)"),
+    ("--max-attempts", "worker_max_attempts", int, "takes before a job fails (PTSERVE_WORKER_MAX_ATTEMPTS)"),
+    ("--torch-threads", "torch_threads", int, "intra-op threads for training (PTSERVE_TORCH_THREADS)"),
+]
+SETTINGS_FLAGS = {"serve": SERVE_FLAGS, "worker": WORKER_FLAGS}
+
 
 METHOD_CHOICES = [
     "prefix",
@@ -93,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"first train the demo task {DEMO_TASK!r} from examples/ into the store, unless it is there",
     )
+
+    worker = commands.add_parser(
+        "worker", help="train the jobs queued by POST /v1/training-jobs and publish them to the store"
+    )
+    for flag, dest, kind, text in WORKER_FLAGS:
+        worker.add_argument(flag, dest=dest, type=kind, default=None, help=text)
 
     train = commands.add_parser("train", help="train a task's prompt on labelled data and publish it")
     train.add_argument("--task", required=True, help="task name ([a-z0-9][a-z0-9_.-]{0,63})")
@@ -189,8 +213,9 @@ def _add_backbone_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
+    flags = SETTINGS_FLAGS[args.command]
     overrides: dict[str, Any] = {
-        dest: getattr(args, dest) for _, dest, _, _ in SERVE_FLAGS if getattr(args, dest) is not None
+        dest: getattr(args, dest) for _, dest, _, _ in flags if getattr(args, dest) is not None
     }
     return Settings(**overrides)
 
@@ -199,6 +224,9 @@ def _setting_errors(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         name = ".".join(str(x) for x in err["loc"])
+        if not name:  # a check across several settings names them in its message
+            lines.append(f"  {err['msg']}")
+            continue
         lines.append(f"  {name} (--{name.replace('_', '-')} / PTSERVE_{name.upper()}): {err['msg']}")
     return "\n".join(lines)
 
@@ -345,11 +373,11 @@ class TqdmProgress:
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    from prompts.trainer import TrainConfig
+    from service.training import make_train_config
 
-    length = {} if args.length is None else {"prefix_length": args.length, "prompt_length": args.length}
-    return TrainConfig(
-        method=args.method,
+    return make_train_config(
+        args.method,
+        length=args.length,
         epochs=args.epochs,
         patience=args.patience,
         seed=args.seed,
@@ -361,14 +389,13 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         class_balanced=args.class_balanced,
         head=args.head,
         max_seconds=args.max_seconds,
-        **length,
     )
 
 
 def train_command(args: argparse.Namespace, backbone: Backbone | None = None) -> int:
     from prompts.data import load_task_data
     from prompts.names import validate_task_name
-    from prompts.trainer import search, train_task
+    from service.training import SearchGrid, run_training
 
     validate_task_name(args.task)
     data = load_task_data(
@@ -382,25 +409,15 @@ def train_command(args: argparse.Namespace, backbone: Backbone | None = None) ->
         file=sys.stderr,
     )
     config = _train_config(args)
-    try:
-        config.resolved()
-    except ValueError as exc:
-        raise CliError(str(exc)) from exc
     backbone = backbone or _load_backbone(args.model, args.device)
-    if args.search:
-        result = search(
-            backbone,
-            args.task,
-            data,
-            config,
-            lrs=args.search_lrs,
-            lengths=args.search_lengths,
-            progress_factory=lambda c: TqdmProgress(f"{args.task} lr={c.lr} P={c.prefix_length}"),
-        )
-        for trial in result.trials:
-            print(f"search: {json.dumps(trial)}", file=sys.stderr)
-    else:
-        result = train_task(backbone, args.task, data, config, progress=TqdmProgress(args.task))
+    grid = SearchGrid(args.search_lrs, args.search_lengths) if args.search else None
+
+    def progress(c: TrainConfig) -> TqdmProgress:
+        return TqdmProgress(f"{args.task} lr={c.lr} P={c.prefix_length}" if args.search else args.task)
+
+    result = run_training(backbone, args.task, data, config, progress_factory=progress, grid=grid)
+    for trial in result.trials:
+        print(f"search: {json.dumps(trial)}", file=sys.stderr)
     where = publish(result.artifact, store=args.store, server=args.server, out=args.out)
     m = result.artifact.manifest
     print(f"task {m.task} version {m.version} ({m.method}) -> {where}")
@@ -594,6 +611,15 @@ def serve_command(settings: Settings, demo: bool) -> None:
     serve(settings, backbone)
 
 
+def worker_command(settings: Settings) -> None:
+    from service.worker import run_worker
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    run_worker(settings)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], object]] = {
     "train": train_command,
     "eval": eval_command,
@@ -604,7 +630,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], object]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "serve":
+    if args.command not in SETTINGS_FLAGS:
         # Long-running commands report progress through logging too (backbone load, early stop).
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         try:
@@ -619,9 +645,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ptserve: invalid settings:\n{_setting_errors(exc)}", file=sys.stderr)
         return 2
     try:
-        serve_command(settings, args.demo)
+        if args.command == "worker":
+            worker_command(settings)
+        else:
+            serve_command(settings, args.demo)
     except PtserveError as exc:
-        print(f"ptserve serve: error: {exc.message}", file=sys.stderr)
+        print(f"ptserve {args.command}: error: {exc.message}", file=sys.stderr)
         return 1
     return 0
 

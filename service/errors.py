@@ -34,6 +34,12 @@ class ShuttingDownError(PtserveError):
     code = "shutting_down"
 
 
+class JobsDisabledError(PtserveError):
+    """This replica has no training-job queue configured."""
+
+    code = "jobs_disabled"
+
+
 class PayloadTooLargeError(InvalidInputError):
     code = "payload_too_large"
 
@@ -49,6 +55,7 @@ HTTP_STATUS: list[tuple[type[PtserveError], int]] = [
     (TaskUnavailableError, 409),
     (OverloadedError, 429),
     (ShuttingDownError, 503),
+    (JobsDisabledError, 503),
     (StoreFullError, 507),
     (StoreUnavailableError, 503),
     (StoreError, 500),

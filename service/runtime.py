@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from prompts.backbone import Backbone
 from prompts.disk_store import DiskPromptStore
+from prompts.jobs import JobQueue
 from prompts.redis_store import RedisPromptStore
 from prompts.store import PromptStore
 from service.batcher import DynamicBatcher
@@ -27,6 +28,7 @@ class Runtime:
     batcher: DynamicBatcher[Row, list[float]]
     watcher: ChangeWatcher | None = None
     upload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    jobs: JobQueue | None = None  # None: training jobs are disabled on this replica
 
 
 def open_store(location: str, keep_versions: int = 10) -> PromptStore:
@@ -34,6 +36,14 @@ def open_store(location: str, keep_versions: int = 10) -> PromptStore:
     if location.startswith(("redis://", "rediss://", "unix://")):
         return RedisPromptStore(location, keep_versions=keep_versions)
     return DiskPromptStore(location, keep_versions=keep_versions)
+
+
+def open_job_queue(settings: Settings) -> JobQueue | None:
+    """The training-job queue the settings name, or None when jobs are disabled (no Redis to use)."""
+    url = settings.job_queue_url()
+    if url is None:
+        return None
+    return JobQueue(url, claim_idle_s=settings.worker_claim_idle_s, max_attempts=settings.worker_max_attempts)
 
 
 def build_runtime(settings: Settings, backbone: Backbone, store: PromptStore) -> Runtime:

@@ -89,6 +89,35 @@ class Settings(BaseSettings):
         default=64 * 1024 * 1024, ge=1024, description="size of an uploaded artifact"
     )
 
+    # Training jobs
+    jobs_url: str | None = Field(
+        default=None,
+        description="Redis URL of the training-job queue; default: the store's URL when the store is "
+        "redis://, otherwise training jobs are disabled (the job routes answer 503)",
+    )
+    data_root: Path | None = Field(
+        default=None,
+        description="directory that server-side job data paths must lie inside; default: none, so jobs "
+        "must send their examples inline",
+    )
+    max_job_examples: int = Field(
+        default=100_000, ge=1, description="inline examples (train + dev + test) in one training job"
+    )
+    worker_name: str | None = Field(
+        default=None, description="this worker's consumer name in the job queue; default: host-pid"
+    )
+    worker_claim_idle_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="a job whose worker sent no heartbeat for this long is taken over by another worker",
+    )
+    worker_heartbeat_s: float = Field(
+        default=10.0, gt=0, description="how often a worker renews its hold on the job it trains"
+    )
+    worker_max_attempts: int = Field(
+        default=3, ge=1, le=100, description="takes of one job (workers that died) before it is failed"
+    )
+
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="log level")
 
     @field_validator("store")
@@ -96,6 +125,20 @@ class Settings(BaseSettings):
     def _store(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("store must be a directory path or a redis:// URL")
+        return value
+
+    @field_validator("jobs_url")
+    @classmethod
+    def _jobs_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("jobs_url must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("data_root")
+    @classmethod
+    def _data_root(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"data_root {str(value)!r} is not a directory")
         return value
 
     @model_validator(mode="after")
@@ -106,3 +149,20 @@ class Settings(BaseSettings):
                 f"({self.max_texts_per_request}), or the largest request could never be queued"
             )
         return self
+
+    @model_validator(mode="after")
+    def _heartbeat_within_claim(self) -> Settings:
+        if self.worker_heartbeat_s >= self.worker_claim_idle_s:
+            raise ValueError(
+                f"worker_heartbeat_s ({self.worker_heartbeat_s}) must be below worker_claim_idle_s "
+                f"({self.worker_claim_idle_s}), or live workers would lose their jobs to others"
+            )
+        return self
+
+    def job_queue_url(self) -> str | None:
+        """Where training jobs queue: ``jobs_url``, else a redis:// store's URL, else None (disabled)."""
+        if self.jobs_url is not None:
+            return self.jobs_url
+        if self.store.startswith(("redis://", "rediss://", "unix://")):
+            return self.store
+        return None
