@@ -22,6 +22,10 @@ Redis does not roll a script back when a command in it fails, but it checks ``ma
 before a script's first write; the scripts therefore do every read first and write the artifact
 first, so a put refused for lack of memory writes nothing and the previous version stays current.
 
+Replicas follow changes with :meth:`RedisPromptStore.change_feed` (a subscription on a connection
+of its own that ends at the first cut, since messages published meanwhile are lost) and recover
+what a cut lost with :meth:`RedisPromptStore.current_versions` (every pointer they know, one MGET).
+
 Scripts derive per-version key names from the history and ``{prefix}:tasks`` spans every task, so
 this store needs a single Redis primary (or a proxy that behaves like one), not Redis Cluster.
 """
