@@ -373,7 +373,7 @@ class TqdmProgress:
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    from service.training import make_train_config
+    from prompts.training import make_train_config
 
     return make_train_config(
         args.method,
@@ -395,7 +395,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 def train_command(args: argparse.Namespace, backbone: Backbone | None = None) -> int:
     from prompts.data import load_task_data
     from prompts.names import validate_task_name
-    from service.training import SearchGrid, run_training
+    from prompts.training import SearchGrid, run_training
 
     validate_task_name(args.task)
     data = load_task_data(

@@ -10,10 +10,10 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from prompts.jobs import JobQueue, JobSpec, JobStatus, job_task_data, resolve_data_path
+from prompts.training import job_train_config
 from service.errors import JobsDisabledError, PayloadTooLargeError
 from service.runtime import Runtime
 from service.schemas import ErrorResponse
-from service.training import job_train_config
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,8 +25,7 @@ from prompts.jobs import JobQueue, JobSpec, JobStatus
 from prompts.redis_store import RedisPromptStore
 from service.app import create_app
 from service.settings import Settings
-from service.worker import TrainingWorker
-from tests.synthetic import make_examples, write_data_dir
+from tests.synthetic import job_request, write_data_dir
 
 if TYPE_CHECKING:
     from tests.redis_server import RedisServer
@@ -40,22 +38,6 @@ DEADLINE_S = 120.0
 # Tiny BERT, 24 rows, batch 8: ~15 ms an epoch on one thread, so this job runs for seconds, long
 # enough to kill its worker mid-training, short enough for the next worker to finish it.
 LONG_EPOCHS = 200
-
-
-def rows(count: int, seed: int = 0) -> list[dict[str, str]]:
-    return [{"text": e.text, "label": e.label} for e in make_examples(count, seed)]
-
-
-def job(epochs: int, **overrides: Any) -> dict[str, Any]:
-    return {
-        "task": "keywords",
-        "method": "prefix",
-        "hyperparameters": {"epochs": epochs, "patience": epochs, "batch_size": 8, "prefix_length": 4},
-        "train": rows(24),
-        "dev": rows(12, seed=1),
-        "test": rows(12, seed=2),
-        **overrides,
-    }
 
 
 class Worker:
@@ -134,7 +116,7 @@ def test_job_round_trip_ends_with_the_task_served_and_bad_data_failing(
         assert r.status_code == 404, r.text
 
         bad = client.post("/v1/training-jobs", json={"task": "broken", "data_path": "broken"})
-        good = client.post("/v1/training-jobs", json=job(epochs=6))
+        good = client.post("/v1/training-jobs", json=job_request(epochs=6))
         assert bad.status_code == 202 and good.status_code == 202, (bad.text, good.text)
 
         worker = Worker("worker-1", tiny_bert_dir, private_redis.url, tmp_path, "--data-root", str(root))
@@ -164,7 +146,7 @@ def test_job_round_trip_ends_with_the_task_served_and_bad_data_failing(
         assert set(r.json()["results"][0]["scores"]) == {"book", "phone", "shirt"}
 
         # SIGTERM mid-job: the worker gives the job back to the queue and exits cleanly.
-        long = client.post("/v1/training-jobs", json=job(epochs=10_000, task="long"))
+        long = client.post("/v1/training-jobs", json=job_request(epochs=10_000, task="long"))
         long_id = long.json()["id"]
         wait_for(get(long_id), lambda s: s["state"] == "running" and s["progress"] is not None, worker)
         assert worker.stop(signal.SIGTERM) == 0, worker.output()
@@ -179,7 +161,7 @@ def test_job_of_a_killed_worker_is_finished_by_another(
     queue = JobQueue(private_redis.url)
     store = RedisPromptStore(private_redis.url)
     try:
-        job_id = queue.submit(JobSpec.model_validate(job(epochs=LONG_EPOCHS)))
+        job_id = queue.submit(JobSpec.model_validate(job_request(epochs=LONG_EPOCHS)))
         first = Worker("worker-a", tiny_bert_dir, private_redis.url, tmp_path)
         workers.append(first)
         wait_for(
@@ -218,69 +200,6 @@ def test_job_of_a_killed_worker_is_finished_by_another(
     finally:
         queue.close()
         store.close()
-
-
-# ----------------------------------------------------------------------- in-process, no subprocess
-
-
-@pytest.fixture
-def queue(private_redis: RedisServer) -> Iterator[JobQueue]:
-    q = JobQueue(private_redis.url, claim_idle_s=0.2)
-    yield q
-    q.close()
-
-
-def _worker(private_redis: RedisServer, backbone: Backbone, queue: JobQueue) -> TrainingWorker:
-    settings = Settings(store=private_redis.url, worker_heartbeat_s=0.05, worker_claim_idle_s=0.2)
-    return TrainingWorker(settings, backbone, queue, RedisPromptStore(private_redis.url), name="inproc")
-
-
-def test_worker_trains_reports_progress_and_publishes(
-    private_redis: RedisServer, backbone: Backbone, queue: JobQueue
-) -> None:
-    worker = _worker(private_redis, backbone, queue)
-    job_id = queue.submit(JobSpec.model_validate(job(epochs=3)))
-    lease = queue.take(worker.name, block_s=0.1)
-    assert lease is not None
-    assert worker.run_job(lease, threading.Event()) == "succeeded"
-    status = queue.status(job_id)
-    assert status.state == "succeeded" and status.progress is not None and status.metrics is not None
-    assert status.progress["epoch"] == 3 and status.progress["dev_accuracy"] is not None
-    assert worker.store.current_version("keywords") == status.version
-
-
-def test_worker_stopping_gives_the_job_back(
-    private_redis: RedisServer, backbone: Backbone, queue: JobQueue
-) -> None:
-    worker = _worker(private_redis, backbone, queue)
-    job_id = queue.submit(JobSpec.model_validate(job(epochs=3)))
-    lease = queue.take(worker.name, block_s=0.1)
-    assert lease is not None
-    stop = threading.Event()
-    stop.set()
-    assert worker.run_job(lease, stop) == "released"
-    assert queue.status(job_id).state == "queued"
-    with pytest.raises(TaskNotFoundError):
-        worker.store.current_version("keywords")
-
-
-def test_worker_that_lost_its_job_publishes_nothing(
-    private_redis: RedisServer, backbone: Backbone, queue: JobQueue
-) -> None:
-    worker = _worker(private_redis, backbone, queue)
-    job_id = queue.submit(JobSpec.model_validate(job(epochs=3)))
-    lease = queue.take(worker.name, block_s=0.1)
-    assert lease is not None
-    # Another worker takes the job over (as after a stall past the claim timeout).
-    deadline = time.monotonic() + DEADLINE_S
-    while (queue.pending_idle_s(lease) or 0.0) < queue.claim_idle_s:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    assert queue.take("other", block_s=0.1) is not None
-    assert worker.run_job(lease, threading.Event()) == "lost"
-    assert queue.status(job_id).worker == "other"
-    with pytest.raises(TaskNotFoundError):
-        worker.store.current_version("keywords")
 
 
 def test_worker_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
