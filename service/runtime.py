@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prompts.backbone import Backbone
 from prompts.disk_store import DiskPromptStore
 from prompts.redis_store import RedisPromptStore
 from prompts.store import PromptStore
-from service.batcher import DynamicBatcher
+from service.batcher import BatchStats, DynamicBatcher
 from service.cache import PromptCache
 from service.engine import Engine, Row
 from service.pool import PromptPool
@@ -34,8 +35,19 @@ def open_store(location: str, keep_versions: int = 10) -> PromptStore:
     return DiskPromptStore(location, keep_versions=keep_versions)
 
 
-def build_runtime(settings: Settings, backbone: Backbone, store: PromptStore) -> Runtime:
-    """Wire the components; the caller starts the batcher from inside the event loop."""
+def build_runtime(
+    settings: Settings,
+    backbone: Backbone,
+    store: PromptStore,
+    *,
+    on_batch: Callable[[BatchStats], None] | None = None,
+    on_rows: Callable[[list[Row]], None] | None = None,
+) -> Runtime:
+    """Wire the components; the caller starts the batcher from inside the event loop.
+
+    ``on_batch`` gets every batch's stats (on the event loop), ``on_rows`` every batch's rows just
+    before its forward (in the forward thread): the metrics hooks.
+    """
     pool = PromptPool(backbone.spec, backbone.device, backbone.dtype)
     cache = PromptCache(
         store,
@@ -46,8 +58,17 @@ def build_runtime(settings: Settings, backbone: Backbone, store: PromptStore) ->
         pointer_ttl_s=settings.pointer_ttl_s,
     )
     engine = Engine(backbone, pool)
+    run_batch = engine.run_batch
+    if on_rows is not None:
+        observe = on_rows
+
+        def run_batch(rows: list[Row]) -> list[list[float]]:
+            observe(rows)
+            return engine.run_batch(rows)
+
     batcher: DynamicBatcher[Row, list[float]] = DynamicBatcher(
-        engine.run_batch,
+        run_batch,
+        on_batch=on_batch,
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens,
         max_wait_ms=settings.max_wait_ms,

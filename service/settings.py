@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# An API-key entry: ``<scope>:<sha256 hex of the key>`` (``ptserve hash-key`` prints one).
+API_KEY_ENTRY = re.compile(r"^(classify|admin):([0-9a-f]{64})$")
 
 
 class Settings(BaseSettings):
@@ -59,14 +63,70 @@ class Settings(BaseSettings):
     max_artifact_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="size of an uploaded artifact"
     )
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="request body size of JSON routes (uploads: max_artifact_bytes plus 1 MiB of "
+        "multipart overhead); larger bodies get 413",
+    )
+    max_concurrent_requests: int = Field(
+        default=1024,
+        ge=1,
+        description="requests handled at once (health probes and /metrics excluded); more get 429 "
+        "with Retry-After",
+    )
+    retry_after_s: int = Field(
+        default=1, ge=1, le=3600, description="Retry-After seconds sent with every 429"
+    )
+    request_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600, description="time for one request, body upload included; then 504"
+    )
+
+    # Auth
+    auth: Literal["on", "off"] = Field(
+        default="on",
+        description="'off' serves every route without a key (logged loudly at start-up); 'on' (the "
+        "default) needs api_keys, or 'ptserve serve' refuses to start ('serve --demo' without keys: off)",
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated '<scope>:<sha256 hex of the key>' entries, scope 'classify' or "
+        "'admin' (admin may also classify); 'ptserve hash-key' prints one",
+    )
+    metrics_public: bool = Field(
+        default=True, description="serve GET /metrics without a key (else the admin scope is needed)"
+    )
 
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="log level")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="'text' lines or one JSON object per line"
+    )
 
     @field_validator("store")
     @classmethod
     def _store(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("store must be a directory path or a redis:// URL")
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        # The environment holds one comma-separated string; Python callers may pass a list.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, value: list[str]) -> list[str]:
+        for i, entry in enumerate(value):
+            if not API_KEY_ENTRY.match(entry):
+                shown = entry.split(":", 1)[0]
+                raise ValueError(
+                    f"entry {i + 1} (scope {shown!r}) is not '<classify|admin>:<64 lowercase hex digits>', "
+                    "the sha256 of the key; 'ptserve hash-key' prints one"
+                )
         return value
 
     @model_validator(mode="after")
