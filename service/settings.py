@@ -20,31 +20,44 @@ class Settings(BaseSettings):
 
     # Backbone
     model: Path | None = Field(
-        default=None, description="Hugging Face encoder directory; default: the packaged all-MiniLM-L6-v2"
+        default=None,
+        description="local Hugging Face BERT-family encoder directory (BERT, RoBERTa, XLM-R, CamemBERT); "
+        "default: the packaged all-MiniLM-L6-v2",
     )
     device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(default="float32", description="backbone dtype")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        default="float32", description="backbone dtype: 'float32', 'float16' or 'bfloat16'"
+    )
     torch_threads: int | None = Field(
-        default=None, ge=1, description="intra-op threads for the forward; default: torch's (all cores)"
+        default=None,
+        ge=1,
+        description="intra-op threads for the forward; default: torch's (all cores); fewer than the "
+        "cores leaves the event loop a core",
     )
 
     # Prompt store
     store: str = Field(
-        default="./ptserve-data", description="prompt store: a directory path (or redis:// URL)"
+        default="./ptserve-data",
+        description="prompt store: a directory, or a redis://host:port/db URL (artifacts and pointers "
+        "changed atomically by Lua scripts; change messages on ptserve:changes)",
     )
     keep_versions: int = Field(default=10, ge=1, le=1000, description="versions kept per task")
 
     # HTTP
-    host: str = Field(default="127.0.0.1", description="address to bind")
+    host: str = Field(default="127.0.0.1", description="address to bind ('0.0.0.0' in containers)")
     port: int = Field(default=8000, ge=0, le=65535, description="port to bind")
 
     # Batching
     max_batch_size: int = Field(default=32, ge=1, le=4096, description="rows per forward pass")
     max_batch_tokens: int = Field(default=8192, ge=16, description="padded tokens per forward pass")
     max_wait_ms: float = Field(default=5.0, ge=0, le=10_000, description="how long a batch waits to fill")
-    max_queue: int = Field(default=4096, ge=1, description="rows queued before requests get 429")
+    max_queue: int = Field(
+        default=4096, ge=1, description="rows queued before requests get 429 (at least max_texts_per_request)"
+    )
     length_grouping: bool = Field(
-        default=True, description="fill batches with queued texts of similar length (less padding)"
+        default=True,
+        description="fill batches with queued texts of similar length (window of 32 batches, at most "
+        "1,024 rows): less padding",
     )
 
     # Cache
@@ -76,7 +89,7 @@ class Settings(BaseSettings):
         "with Retry-After",
     )
     retry_after_s: int = Field(
-        default=1, ge=1, le=3600, description="Retry-After seconds sent with every 429"
+        default=1, ge=1, le=3600, description="Retry-After seconds sent with 429 and 503 answers"
     )
     request_timeout_s: float = Field(
         default=60.0, gt=0, le=3600, description="time for one request, body upload included; then 504"
@@ -90,14 +103,16 @@ class Settings(BaseSettings):
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="comma-separated '<scope>:<sha256 hex of the key>' entries, scope 'classify' or "
-        "'admin' (admin may also classify); 'ptserve hash-key' prints one",
+        description="comma-separated 'SCOPE:SHA256HEX' entries: SCOPE 'classify' or 'admin' (admin may "
+        "also classify), SHA256HEX the key's sha256 in lower-case hex; 'ptserve hash-key' prints one",
     )
     metrics_public: bool = Field(
         default=True, description="serve GET /metrics without a key (else the admin scope is needed)"
     )
 
-    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="log level")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="'debug', 'info', 'warning' or 'error'"
+    )
     log_format: Literal["text", "json"] = Field(
         default="text", description="'text' lines or one JSON object per line"
     )
