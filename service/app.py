@@ -19,7 +19,7 @@ from prompts.store import PromptStore
 from service.auth import KeyRing, log_auth_mode, require_scope
 from service.errors import error_body, http_headers, http_status
 from service.limits import Limits, LimitsMiddleware
-from service.logs import RequestLogMiddleware
+from service.logs import RequestLogMiddleware, RouteTemplates
 from service.metrics import CONTENT_TYPE, Metrics
 from service.routes import admin_router, classify_router, public_router
 from service.runtime import build_runtime, open_store
@@ -143,7 +143,11 @@ def create_app(
     install_error_handlers(app, settings.retry_after_s)
     # The last middleware added runs first: request ids and access lines wrap the limits.
     app.add_middleware(LimitsMiddleware, limits=Limits.from_settings(settings))
-    app.add_middleware(RequestLogMiddleware, observers=[metrics.observe_request])
+    app.add_middleware(
+        RequestLogMiddleware,
+        observers=[metrics.observe_request],
+        route_of=RouteTemplates(lambda: app.openapi()["paths"]),
+    )
     app.include_router(public_router)
     install_metrics_route(app, metrics, settings.metrics_public)
     app.include_router(classify_router, dependencies=[Depends(require_scope("classify"))])

@@ -9,7 +9,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -61,6 +61,28 @@ def request_state(scope: Scope) -> dict[str, Any]:
     return state
 
 
+class RouteTemplates:
+    """Maps a raw path to its route template, for requests refused before routing (413, 429).
+
+    Built on first use from ``paths`` (the app's OpenAPI paths), so routes added later are included.
+    """
+
+    def __init__(self, paths: Callable[[], Iterable[str]]) -> None:
+        self._paths = paths
+        self._patterns: list[tuple[re.Pattern[str], str]] | None = None
+
+    def __call__(self, path: str) -> str:
+        if self._patterns is None:
+            self._patterns = [
+                (re.compile("^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(t)) + "$"), t)
+                for t in self._paths()
+            ]
+        for pattern, template in self._patterns:
+            if pattern.match(path):
+                return template
+        return ""
+
+
 class RequestLogMiddleware:
     """Outermost ASGI middleware: request id in and out, latency, one access line, observers.
 
@@ -68,9 +90,15 @@ class RequestLogMiddleware:
     response, failed ones included, has the X-Request-ID header and an access line.
     """
 
-    def __init__(self, app: ASGIApp, observers: Sequence[Callable[[RequestRecord], None]] = ()) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        observers: Sequence[Callable[[RequestRecord], None]] = (),
+        route_of: Callable[[str], str] | None = None,
+    ) -> None:
         self.app = app
         self.observers = list(observers)
+        self.route_of = route_of
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -101,12 +129,15 @@ class RequestLogMiddleware:
             body = error_body("internal_error", f"internal error: {type(exc).__name__}", request_id)
             await JSONResponse(body, status_code=500)(scope, receive, send_with_id)
         finally:
-            route = scope.get("route")
+            path = str(scope.get("path", ""))
+            route = str(getattr(scope.get("route"), "path", ""))
+            if not route and self.route_of is not None:
+                route = self.route_of(path)
             record = RequestRecord(
                 request_id=request_id,
                 method=str(scope.get("method", "")),
-                path=str(scope.get("path", "")),
-                route=str(getattr(route, "path", "")),
+                path=path,
+                route=route,
                 task=state.get("task"),
                 version=state.get("version"),
                 status=status,

@@ -187,3 +187,20 @@ def test_two_apps_in_one_process_keep_their_own_registries(tmp_path: Path, backb
         route = "/v1/prompts"
         assert value(scrape(ca), "ptserve_requests_total", route=route, task="", status="200") == 2
         assert value(scrape(cb), "ptserve_requests_total", route=route, task="", status="200") == 0
+
+
+def test_requests_refused_before_routing_are_counted_under_their_route(
+    tmp_path: Path, backbone: Backbone
+) -> None:
+    settings = Settings(store=str(tmp_path / "s"), max_wait_ms=1, max_body_bytes=1024)
+    with TestClient(create_app(settings, backbone=backbone)) as c:
+        big = b'{"task": "x", "text": "' + b"y" * 2000 + b'"}'
+        r = c.post(CLASSIFY, content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        r = c.request("DELETE", "/v1/prompts/some_task", content=b"z" * 2000)
+        assert r.status_code == 413
+        samples = scrape(c)
+        assert value(samples, "ptserve_requests_total", route=CLASSIFY, task="", status="413") == 1
+        assert (
+            value(samples, "ptserve_requests_total", route="/v1/prompts/{task}", task="", status="413") == 1
+        )
