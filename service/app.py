@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from prompts.backbone import Backbone, load_backbone
 from prompts.errors import PtserveError
 from prompts.store import PromptStore
-from service.auth import KeyRing, log_auth_mode, require_scope
+from service.auth import AuthMiddleware, KeyRing, ScopeTable, log_auth_mode, require_scope
 from service.errors import error_body, http_headers, http_status
 from service.limits import Limits, LimitsMiddleware
 from service.logs import RequestLogMiddleware, RouteTemplates
@@ -74,9 +74,11 @@ def install_error_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
         return error_response(request, 500, "internal_error", f"internal error: {type(exc).__name__}")
 
 
-def install_metrics_route(app: FastAPI, metrics: Metrics, public: bool) -> None:
+def install_metrics_route(app: FastAPI, metrics: Metrics, public: bool, scopes: ScopeTable) -> None:
     """``GET /metrics``: public by default, as Prometheus scrapes expect; else the admin scope."""
     guard = [] if public else [Depends(require_scope("admin"))]
+    if not public:
+        scopes.add_path("/metrics", {"GET"}, "admin")
 
     @app.get(
         "/metrics",
@@ -141,15 +143,22 @@ def create_app(
     app.state.keyring = keyring
     app.state.metrics = metrics
     install_error_handlers(app, settings.retry_after_s)
-    # The last middleware added runs first: request ids and access lines wrap the limits.
+    scopes = ScopeTable()
+    # The last middleware added runs first: request ids and access lines wrap everything, keys are
+    # checked before the limits (an unauthenticated flood takes no concurrency slots) and before
+    # any body is read.
     app.add_middleware(LimitsMiddleware, limits=Limits.from_settings(settings))
+    app.add_middleware(AuthMiddleware, ring=keyring, table=scopes)
     app.add_middleware(
         RequestLogMiddleware,
         observers=[metrics.observe_request],
         route_of=RouteTemplates(lambda: app.openapi()["paths"]),
     )
     app.include_router(public_router)
-    install_metrics_route(app, metrics, settings.metrics_public)
+    install_metrics_route(app, metrics, settings.metrics_public, scopes)
+    # Each guarded router: the dependency and the middleware's table (see service/auth.py).
     app.include_router(classify_router, dependencies=[Depends(require_scope("classify"))])
+    scopes.add(classify_router, "classify")
     app.include_router(admin_router, dependencies=[Depends(require_scope("admin"))])
+    scopes.add(admin_router, "admin")
     return app

@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
@@ -198,3 +199,49 @@ def test_hash_key_prints_the_entry_for_a_given_or_new_key(capsys: pytest.Capture
     # The printed entry is accepted as is, and the printed key authenticates against it.
     ring = KeyRing.from_settings(Settings(auth="on", api_keys=[entry]))
     assert ring is not None and ring.scope_of(key) == "classify"
+
+
+async def test_keys_are_checked_before_the_body_is_read(tmp_path: Path, backbone: Backbone) -> None:
+    pulled = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        for _ in range(4):
+            pulled += 1
+            yield b"{garbage"
+
+    app = create_app(auth_settings(tmp_path), backbone=backbone)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ptserve") as client,
+    ):
+        # Without auth first these would be 422 (bad JSON) and 400 (bad multipart).
+        r = await client.post("/v1/classify", content=body(), headers={"content-type": "application/json"})
+        assert r.status_code == 401 and r.json()["error"]["request_id"] == r.headers["X-Request-ID"]
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        assert pulled == 0
+        multipart = {"content-type": "multipart/form-data; boundary=x", **bearer(CLASSIFY_KEY)}
+        r = await client.post("/v1/prompts", content=b"garbage", headers=multipart)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+        r = await client.post("/v1/prompts", content=b"garbage", headers={**multipart, **bearer(ADMIN_KEY)})
+        assert r.status_code == 400  # an admin key gets as far as the body
+
+
+def test_a_router_included_later_is_guarded_by_its_dependency(tmp_path: Path, backbone: Backbone) -> None:
+    from fastapi import APIRouter, Depends
+
+    from service.auth import require_scope
+
+    extra = APIRouter()
+
+    @extra.post("/v1/extra")
+    async def extra_route(payload: dict[str, int]) -> dict[str, int]:
+        return payload
+
+    app = create_app(auth_settings(tmp_path), backbone=backbone)
+    app.include_router(extra, dependencies=[Depends(require_scope("admin"))])
+    with TestClient(app) as c:
+        assert_error(c.post("/v1/extra", json={"a": 1}), 401, "unauthorized")
+        assert_error(c.post("/v1/extra", json={"a": 1}, headers=bearer(CLASSIFY_KEY)), 403, "forbidden")
+        r = c.post("/v1/extra", json={"a": 1}, headers=bearer(ADMIN_KEY))
+        assert r.status_code == 200 and r.json() == {"a": 1}
