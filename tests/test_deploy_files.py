@@ -11,6 +11,7 @@ environment and the image's own HEALTHCHECK command.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -23,9 +24,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import crossplane
 import httpx
 import pytest
 import yaml
+from compose_spec import PyCompose
 
 from service.app import create_app
 from service.cli import build_parser
@@ -110,8 +113,21 @@ def subcommands() -> set[str]:
     raise AssertionError("ptserve has no subcommands")
 
 
-def nginx_directives() -> str:
-    return "\n".join(line.split("#", 1)[0] for line in NGINX.read_text(encoding="utf-8").splitlines())
+def nginx_config() -> list[dict[str, Any]]:
+    """docker/nginx.conf as nginx's own grammar reads it (crossplane checks directive contexts)."""
+    parsed = crossplane.parse(str(NGINX), comments=False)
+    assert parsed["status"] == "ok", parsed["errors"]
+    (config,) = parsed["config"]
+    block: list[dict[str, Any]] = config["parsed"]
+    return block
+
+
+def find(block: list[dict[str, Any]], *path: str) -> list[dict[str, Any]]:
+    """Every directive reached by following directive names, e.g. ``find(conf, "http", "upstream")``."""
+    found = [d for d in block if d["directive"] == path[0]]
+    if len(path) == 1:
+        return found
+    return [deeper for d in found for deeper in find(d.get("block", []), *path[1:])]
 
 
 def _command(service: dict[str, Any]) -> list[str]:
@@ -130,6 +146,14 @@ def _healthcheck_url(test: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ compose
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    # Anchors and merge keys resolved (as compose does) and x- fragments dropped, then parsed by the
+    # Compose specification's types: unknown keys, bad conditions or durations would be refused.
+    data = {k: v for k, v in load_compose().items() if not k.startswith("x-")}
+    compose = PyCompose.from_json(json.dumps(data))
+    assert set(compose.service_names()) == set(data["services"])
 
 
 def test_compose_has_redis_service_worker_and_a_load_balancer() -> None:
@@ -255,30 +279,41 @@ def test_gpu_profile_reserves_the_device() -> None:
 def test_nginx_balances_over_the_service_port_and_publishes_8080() -> None:
     compose = load_compose()
     nginx = compose["services"]["nginx"]
-    conf = nginx_directives()
+    conf = nginx_config()
     port = compose_environment("service")["PTSERVE_PORT"]
-    upstream = re.search(r"upstream\s+(\w+)\s*\{([^}]*)\}", conf)
-    assert upstream is not None
-    servers = re.findall(r"^\s*server\s+([\w.-]+):(\d+)", upstream.group(2), flags=re.M)
-    assert servers == [("service", port)]
-    assert re.search(rf"proxy_pass\s+http://{upstream.group(1)};", conf)
-    assert re.search(r"resolver\s+127\.0\.0\.11\b", conf)  # Docker's DNS: every replica, re-read
-    assert re.search(r"^\s*listen\s+8080;", conf, flags=re.M)
+    (upstream,) = find(conf, "http", "upstream")
+    name = upstream["args"][0]
+    servers = [d["args"] for d in find(upstream["block"], "server")]
+    # Docker's DNS name of the service, its port, re-resolved as replicas come and go.
+    assert servers == [[f"service:{port}", "resolve"]]
+    assert find(upstream["block"], "zone")  # `resolve` needs a shared-memory zone
+    assert [d["args"][0] for d in find(conf, "http", "resolver")] == ["127.0.0.11"]
+    (server,) = find(conf, "http", "server")
+    assert [d["args"] for d in find(server["block"], "listen")] == [["8080"]]
+    passes = [d["args"] for d in find(server["block"], "location", "proxy_pass")]
+    assert passes == [[f"http://{name}"]]
     assert nginx["ports"] == ["8080:8080"]
-    mounted = {v.split(":")[0] for v in nginx["volumes"]}
-    assert "./docker/nginx.conf" in mounted
+    mounted = {v.split(":")[0]: v.split(":")[1] for v in nginx["volumes"]}
+    assert mounted["./docker/nginx.conf"] == "/etc/nginx/nginx.conf"
 
 
 def test_nginx_lets_uploads_and_slow_requests_reach_the_service() -> None:
-    conf = nginx_directives()
-    size = re.search(r"client_max_body_size\s+(\d+)m;", conf)
-    assert size is not None
+    conf = nginx_config()
     fields = Settings.model_fields
+    (size,) = find(conf, "http", "client_max_body_size")
+    assert size["args"][0].endswith("m")
     upload = fields["max_artifact_bytes"].default + MULTIPART_OVERHEAD_BYTES
-    assert int(size.group(1)) * 1024 * 1024 >= upload
-    read = re.search(r"proxy_read_timeout\s+(\d+)s;", conf)
-    assert read is not None and int(read.group(1)) > fields["request_timeout_s"].default
-    assert re.search(r"proxy_set_header\s+X-Request-ID\s+\$\w+;", conf)
+    assert int(size["args"][0][:-1]) * 1024 * 1024 >= upload
+    (location,) = [d for d in find(conf, "http", "server", "location") if d["args"] == ["/"]]
+    directives = {d["directive"]: d["args"] for d in location["block"]}
+    # nginx gives up later than ptserve, so a slow request gets ptserve's own 504.
+    assert int(directives["proxy_read_timeout"][0].removesuffix("s")) > fields["request_timeout_s"].default
+    request_ids = [
+        d["args"] for d in find(location["block"], "proxy_set_header") if d["args"][0] == "X-Request-ID"
+    ]
+    assert request_ids == [["X-Request-ID", "$ptserve_request_id"]]
+    (mapping,) = find(conf, "http", "map")
+    assert mapping["args"] == ["$http_x_request_id", "$ptserve_request_id"]
 
 
 # ------------------------------------------------------------------------------------------ Dockerfile
