@@ -194,3 +194,22 @@ def test_serve_writes_json_lines_only(tmp_path: Path, tiny_bert_dir: Path, backb
     assert any("AUTH IS OFF" in m for m in messages)
     assert any("Application startup complete" in m for m in messages)  # uvicorn's, in JSON too
     assert not any(line["logger"] == "uvicorn.access" for line in lines)
+
+
+def test_an_unhandled_error_is_a_500_with_the_request_id_and_an_access_line(
+    tmp_path: Path, backbone: Backbone, access_lines: io.StringIO
+) -> None:
+    app = create_app(Settings(store=str(tmp_path / "store")), backbone=backbone)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("boom")
+
+    with TestClient(app) as c:
+        r = c.get("/boom", headers={"X-Request-ID": "boom-1"})
+    assert r.status_code == 500 and r.headers["X-Request-ID"] == "boom-1"
+    assert r.json() == {
+        "error": {"code": "internal_error", "message": "internal error: RuntimeError", "request_id": "boom-1"}
+    }
+    (line,) = [line for line in parsed(access_lines) if line["request_id"] == "boom-1"]
+    assert line["status"] == 500 and line["route"] == "/boom"
