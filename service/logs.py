@@ -132,7 +132,10 @@ class RequestLogMiddleware:
             path = str(scope.get("path", ""))
             route = str(getattr(scope.get("route"), "path", ""))
             if not route and self.route_of is not None:
-                route = self.route_of(path)
+                try:
+                    route = self.route_of(path)
+                except Exception:  # a label is not worth failing the request's bookkeeping
+                    logger.exception("cannot match %s to a route template", path)
             record = RequestRecord(
                 request_id=request_id,
                 method=str(scope.get("method", "")),
