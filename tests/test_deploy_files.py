@@ -72,6 +72,31 @@ def compose_environment(service: str, env: Mapping[str, str] | None = None) -> d
     return {str(k): interpolate(str(v), env or {}) for k, v in block.items()}
 
 
+def local_environment(
+    service: str,
+    *,
+    redis_url: str,
+    port: int | None = None,
+    paths: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Compose's environment for ``service`` as a process on this machine: the Redis URL (store, and
+    jobs if set) points at ``redis_url``, the bind address is loopback with ``port``, and container
+    paths (e.g. ``/data/training``) are mapped by ``paths``. For topology tests."""
+    local = compose_environment(service, env)
+    for key in ("PTSERVE_STORE", "PTSERVE_JOBS_URL"):
+        if local.get(key, "").startswith("redis://redis:6379"):
+            local[key] = redis_url
+    if "PTSERVE_HOST" in local:
+        local["PTSERVE_HOST"] = "127.0.0.1"
+    if port is not None:
+        local["PTSERVE_PORT"] = str(port)
+    for key, value in list(local.items()):
+        if paths and value in paths:
+            local[key] = paths[value]
+    return local
+
+
 def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
     instructions: list[tuple[str, str]] = []
@@ -249,6 +274,16 @@ def test_redis_persists_on_a_volume_and_holds_the_prompts() -> None:
         assert store.startswith("redis://redis:6379/"), store
 
 
+def test_local_environment_maps_redis_host_and_paths() -> None:
+    env = local_environment(
+        "worker", redis_url="redis://127.0.0.1:7000/3", port=9001, paths={"/data/training": "/tmp/data"}
+    )
+    assert env["PTSERVE_STORE"] == "redis://127.0.0.1:7000/3"
+    assert env["PTSERVE_DATA_ROOT"] == "/tmp/data"
+    assert env["PTSERVE_HOST"] == "127.0.0.1" and env["PTSERVE_PORT"] == "9001"
+    assert env["PTSERVE_LOG_FORMAT"] == compose_environment("worker")["PTSERVE_LOG_FORMAT"]
+
+
 def test_worker_data_root_is_a_mounted_volume() -> None:
     compose = load_compose()
     for name in ("worker", "worker-gpu"):
@@ -393,9 +428,10 @@ def test_service_starts_from_compose_environment_and_passes_both_healthchecks(
 ) -> None:
     """``ptserve serve`` with compose's service environment (Redis and port mapped to loopback)."""
     port = _free_port()
-    env = compose_environment("service", {"PTSERVE_API_KEYS": "admin:" + "a" * 64})
-    env.update(PTSERVE_STORE=private_redis.url, PTSERVE_HOST="127.0.0.1", PTSERVE_PORT=str(port))
-    env.update(PTSERVE_MODEL=str(tiny_bert_dir))
+    keys = {"PTSERVE_API_KEYS": "admin:" + "a" * 64}
+    env = local_environment("service", redis_url=private_redis.url, port=port, env=keys)
+    assert env["PTSERVE_STORE"] == private_redis.url and env["PTSERVE_HOST"] == "127.0.0.1"
+    env["PTSERVE_MODEL"] = str(tiny_bert_dir)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("PTSERVE_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", *_command(load_compose()["services"]["service"])],
