@@ -73,6 +73,8 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     texts = body.all_texts()
     _check_texts(texts, runtime)
     task = await runtime.cache.resolve(body.task)
+    # For the access line and the metrics (service/logs.py): only resolved tasks become labels.
+    request.state.task, request.state.version = task.task, task.version
     encodings = await asyncio.to_thread(runtime.backbone.encode, texts, task.max_text_tokens)
     probabilities = await runtime.batcher.submit_many([Row(task, e.input_ids) for e in encodings])
 
@@ -112,6 +114,7 @@ async def upload_prompt(
         return artifact
 
     artifact = await asyncio.to_thread(validate)
+    request.state.task, request.state.version = artifact.task, artifact.version
     # One upload at a time per replica: the store's pointer and this cache's move in the same order.
     async with runtime.upload_lock:
         await asyncio.to_thread(

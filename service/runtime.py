@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prompts.backbone import Backbone
@@ -10,7 +11,7 @@ from prompts.disk_store import DiskPromptStore
 from prompts.jobs import JobQueue
 from prompts.redis_store import RedisPromptStore
 from prompts.store import PromptStore
-from service.batcher import DynamicBatcher
+from service.batcher import BatchStats, DynamicBatcher
 from service.cache import PromptCache
 from service.engine import Engine, Row
 from service.pool import PromptPool
@@ -46,8 +47,19 @@ def open_job_queue(settings: Settings) -> JobQueue | None:
     return JobQueue(url, claim_idle_s=settings.worker_claim_idle_s, max_attempts=settings.worker_max_attempts)
 
 
-def build_runtime(settings: Settings, backbone: Backbone, store: PromptStore) -> Runtime:
-    """Wire the components; the caller starts the batcher and the watcher inside the event loop."""
+def build_runtime(
+    settings: Settings,
+    backbone: Backbone,
+    store: PromptStore,
+    *,
+    on_batch: Callable[[BatchStats], None] | None = None,
+    on_rows: Callable[[list[Row]], None] | None = None,
+) -> Runtime:
+    """Wire the components; the caller starts the batcher and the watcher inside the event loop.
+
+    ``on_batch`` gets every batch's stats (on the event loop), ``on_rows`` every batch's rows just
+    before its forward (in the forward thread): the metrics hooks.
+    """
     pool = PromptPool(backbone.spec, backbone.device, backbone.dtype)
     cache = PromptCache(
         store,
@@ -59,8 +71,17 @@ def build_runtime(settings: Settings, backbone: Backbone, store: PromptStore) ->
         host_budget_bytes=settings.host_cache_bytes,
     )
     engine = Engine(backbone, pool)
+    run_batch = engine.run_batch
+    if on_rows is not None:
+        observe = on_rows
+
+        def run_batch(rows: list[Row]) -> list[list[float]]:
+            observe(rows)
+            return engine.run_batch(rows)
+
     batcher: DynamicBatcher[Row, list[float]] = DynamicBatcher(
-        engine.run_batch,
+        run_batch,
+        on_batch=on_batch,
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens,
         max_wait_ms=settings.max_wait_ms,

@@ -92,6 +92,7 @@ class DeleteResponse(BaseModel):
 class ErrorBody(BaseModel):
     code: str
     message: str
+    request_id: str | None = Field(default=None, description="the request's X-Request-ID")
 
 
 class ErrorResponse(BaseModel):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# An API-key entry: ``<scope>:<sha256 hex of the key>`` (``ptserve hash-key`` prints one).
+API_KEY_ENTRY = re.compile(r"^(classify|admin):([0-9a-f]{64})$")
 
 
 class Settings(BaseSettings):
@@ -16,31 +20,44 @@ class Settings(BaseSettings):
 
     # Backbone
     model: Path | None = Field(
-        default=None, description="Hugging Face encoder directory; default: the packaged all-MiniLM-L6-v2"
+        default=None,
+        description="local Hugging Face BERT-family encoder directory (BERT, RoBERTa, XLM-R, CamemBERT); "
+        "default: the packaged all-MiniLM-L6-v2",
     )
     device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(default="float32", description="backbone dtype")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        default="float32", description="backbone dtype: 'float32', 'float16' or 'bfloat16'"
+    )
     torch_threads: int | None = Field(
-        default=None, ge=1, description="intra-op threads for the forward; default: torch's (all cores)"
+        default=None,
+        ge=1,
+        description="intra-op threads for the forward; default: torch's (all cores); fewer than the "
+        "cores leaves the event loop a core",
     )
 
     # Prompt store
     store: str = Field(
-        default="./ptserve-data", description="prompt store: a directory path (or redis:// URL)"
+        default="./ptserve-data",
+        description="prompt store: a directory, or a redis://host:port/db URL (artifacts and pointers "
+        "changed atomically by Lua scripts; change messages on ptserve:changes)",
     )
     keep_versions: int = Field(default=10, ge=1, le=1000, description="versions kept per task")
 
     # HTTP
-    host: str = Field(default="127.0.0.1", description="address to bind")
+    host: str = Field(default="127.0.0.1", description="address to bind ('0.0.0.0' in containers)")
     port: int = Field(default=8000, ge=0, le=65535, description="port to bind")
 
     # Batching
     max_batch_size: int = Field(default=32, ge=1, le=4096, description="rows per forward pass")
     max_batch_tokens: int = Field(default=8192, ge=16, description="padded tokens per forward pass")
     max_wait_ms: float = Field(default=5.0, ge=0, le=10_000, description="how long a batch waits to fill")
-    max_queue: int = Field(default=4096, ge=1, description="rows queued before requests get 429")
+    max_queue: int = Field(
+        default=4096, ge=1, description="rows queued before requests get 429 (at least max_texts_per_request)"
+    )
     length_grouping: bool = Field(
-        default=True, description="fill batches with queued texts of similar length (less padding)"
+        default=True,
+        description="fill batches with queued texts of similar length (window of 32 batches, at most "
+        "1,024 rows): less padding",
     )
 
     # Cache
@@ -88,6 +105,24 @@ class Settings(BaseSettings):
     max_artifact_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="size of an uploaded artifact"
     )
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="request body size of JSON routes (uploads: max_artifact_bytes plus 1 MiB of "
+        "multipart overhead); larger bodies get 413",
+    )
+    max_concurrent_requests: int = Field(
+        default=1024,
+        ge=1,
+        description="requests handled at once (health probes and /metrics excluded); more get 429 "
+        "with Retry-After",
+    )
+    retry_after_s: int = Field(
+        default=1, ge=1, le=3600, description="Retry-After seconds sent with 429 and 503 answers"
+    )
+    request_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600, description="time for one request, body upload included; then 504"
+    )
 
     # Training jobs
     jobs_url: str | None = Field(
@@ -118,7 +153,27 @@ class Settings(BaseSettings):
         default=3, ge=1, le=100, description="takes of one job (workers that died) before it is failed"
     )
 
-    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="log level")
+    # Auth
+    auth: Literal["on", "off"] = Field(
+        default="on",
+        description="'off' serves every route without a key (logged loudly at start-up); 'on' (the "
+        "default) needs api_keys, or 'ptserve serve' refuses to start ('serve --demo' without keys: off)",
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated 'SCOPE:SHA256HEX' entries: SCOPE 'classify' or 'admin' (admin may "
+        "also classify), SHA256HEX the key's sha256 in lower-case hex; 'ptserve hash-key' prints one",
+    )
+    metrics_public: bool = Field(
+        default=True, description="serve GET /metrics without a key (else the admin scope is needed)"
+    )
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="'debug', 'info', 'warning' or 'error'"
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="'text' lines or one JSON object per line"
+    )
 
     @field_validator("store")
     @classmethod
@@ -139,6 +194,26 @@ class Settings(BaseSettings):
     def _data_root(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_dir():
             raise ValueError(f"data_root {str(value)!r} is not a directory")
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        # The environment holds one comma-separated string; Python callers may pass a list.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, value: list[str]) -> list[str]:
+        for i, entry in enumerate(value):
+            if not API_KEY_ENTRY.match(entry):
+                shown = entry.split(":", 1)[0]
+                raise ValueError(
+                    f"entry {i + 1} (scope {shown!r}) is not '<classify|admin>:<64 lowercase hex digits>', "
+                    "the sha256 of the key; 'ptserve hash-key' prints one"
+                )
         return value
 
     @model_validator(mode="after")
