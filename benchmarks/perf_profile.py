@@ -1,0 +1,177 @@
+"""Where one batch's time goes: tokenising, pool gather, assembly, the backbone's own forward, readout.
+
+The optimisation list of the performance issue (pipelining the next batch's assembly with the current
+forward, fewer Python loops on the hot path) only pays where the steps around the forward are a
+measurable share of a batch. This script measures each step on the serving path (``Engine.run_batch``
+over 100 tasks, the same texts at each batch size) and reports its share of the batch.
+
+Steps, per batch:
+- tokenise: ``Backbone.encode`` of the batch's texts (done per request, in a worker thread, before
+  the batcher; listed for scale);
+- gather: ``PromptPool.gather`` of the rows' slots (prefix, prompt, heads);
+- assembly + readout: the rest of ``run_prompted`` (ids, embeddings lookup, positions, mask, cache
+  object, pooling, heads) and the softmax and copy to host in ``run_batch``;
+- backbone forward: the time inside the Hugging Face model call (forward hooks).
+
+    .venv/bin/python -m benchmarks.perf_profile --data-root ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    DEFAULT_DATA_ROOT,
+    load_texts,
+    machine,
+    markdown_table,
+    median,
+    sync,
+    write_report,
+)
+from benchmarks.perf_engine import make_tasks
+from prompts.backbone import load_backbone
+from service.engine import Engine, Row
+from service.pool import PromptPool
+
+
+class ForwardClock:
+    """Adds up the wall time spent inside the backbone model's forward (synchronised on CUDA)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.device = device
+        self.total = 0.0
+        self._start = 0.0
+        model.register_forward_pre_hook(self._before)
+        model.register_forward_hook(self._after)
+
+    def _before(self, *_: Any) -> None:
+        sync(self.device)
+        self._start = time.perf_counter()
+
+    def _after(self, *_: Any) -> None:
+        sync(self.device)
+        self.total += time.perf_counter() - self._start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
+    parser.add_argument("--dataset", default="agnews")
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--tasks", type=int, default=100)
+    parser.add_argument("--prefix-length", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=10, help="batches timed per batch size")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/profile"))
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    backbone = load_backbone(args.model, device=args.device, dtype=args.dtype)
+    device = backbone.device
+    pool = PromptPool(backbone.spec, device, backbone.dtype)
+    tasks = make_tasks(backbone, pool, args.tasks, args.prefix_length, num_labels=4)
+    engine = Engine(backbone, pool)
+    clock = ForwardClock(backbone.model, device)
+    texts = load_texts(args.data_root, args.dataset, limit=512)
+    rng = random.Random(0)
+
+    results = []
+    for size in [int(x) for x in args.batch_sizes.split(",")]:
+        steps: dict[str, list[float]] = {"tokenise": [], "gather": [], "assembly+readout": [], "forward": []}
+        totals: list[float] = []
+        for repeat in range(args.repeats + 1):  # the first batch of each size warms up
+            batch_texts = [texts[rng.randrange(len(texts))] for _ in range(size)]
+            t0 = time.perf_counter()
+            encodings = backbone.encode(batch_texts, args.max_tokens)
+            tokenise = time.perf_counter() - t0
+            rows = [Row(tasks[rng.randrange(len(tasks))], e.input_ids) for e in encodings]
+            picked = [r.task for r in rows]
+            with torch.inference_mode():
+                sync(device)
+                t0 = time.perf_counter()
+                pool.gather(
+                    [t.slot for t in picked],
+                    prompt_lens=[t.prompt_length for t in picked],
+                    max_prefix=max(t.prefix_length for t in picked),
+                    max_prompt=max(t.prompt_length for t in picked),
+                    max_labels=max(t.num_labels for t in picked),
+                    modes=frozenset(t.pooling for t in picked),
+                    any_pooler=any(t.use_pooler for t in picked),
+                )
+                sync(device)
+                gather = time.perf_counter() - t0
+            clock.total = 0.0
+            sync(device)
+            t0 = time.perf_counter()
+            engine.run_batch(rows)  # gathers again: its own gather is part of this total
+            total = time.perf_counter() - t0
+            if repeat == 0:
+                continue
+            steps["tokenise"].append(tokenise)
+            steps["gather"].append(gather)
+            steps["forward"].append(clock.total)
+            steps["assembly+readout"].append(total - clock.total - gather)
+            totals.append(total)
+        batch_ms = median(totals) * 1000
+        row: dict[str, Any] = {"batch_size": size, "run_batch_ms": batch_ms}
+        for name, values in steps.items():
+            row[f"{name}_ms"] = median(values) * 1000
+            row[f"{name}_share"] = median(values) * 1000 / batch_ms
+        results.append(row)
+        print(row)
+
+    headers = [
+        "batch",
+        "run_batch ms",
+        "forward ms",
+        "gather ms",
+        "assembly+readout ms",
+        "outside forward",
+        "tokenise ms",
+    ]
+    table = [
+        [
+            r["batch_size"],
+            r["run_batch_ms"],
+            r["forward_ms"],
+            r["gather_ms"],
+            r["assembly+readout_ms"],
+            f"{(r['gather_share'] + r['assembly+readout_share']):.1%}",
+            r["tokenise_ms"],
+        ]
+        for r in results
+    ]
+    name = f"profile_{device.type}_{args.dtype}"
+    markdown = "\n".join(
+        [
+            f"## Where a batch's time goes ({backbone.spec.model_type}, {device.type}/{args.dtype})",
+            "",
+            f"{args.tasks} tasks, prefix length {args.prefix_length}, {args.dataset} test texts "
+            f"(≤{args.max_tokens} tokens), median of {args.repeats} batches per size. 'outside forward' "
+            "is the share of `Engine.run_batch` spent around the backbone's own forward: the most that "
+            "overlapping the next batch's assembly with the current forward could win.",
+            "",
+            markdown_table(headers, table),
+            "",
+            f"<sub>`python -m benchmarks.perf_profile --device {args.device} --dtype {args.dtype}` — "
+            f"{time.perf_counter() - started:.0f} s</sub>",
+        ]
+    )
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    write_report(args.out, name, {"machine": machine(), "args": settings, "results": results}, markdown)
+
+
+if __name__ == "__main__":
+    main()
