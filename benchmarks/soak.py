@@ -157,6 +157,7 @@ def window_row(index: int, start_s: float, outcome: dict[str, Any], rss: float, 
     return {
         "window": index,
         "start_s": round(start_s, 1),
+        "end_s": round(start_s + outcome["window_s"], 1),
         "sent": outcome["sent"],
         "ok": outcome["ok"],
         "errors": errors,
@@ -179,21 +180,26 @@ def plot(path: Path, windows: list[dict[str, Any]], rss_start: float, title: str
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    t = [w["start_s"] for w in windows]
+    t = [(w["start_s"] + w["end_s"]) / 2 for w in windows]  # latency: at each window's middle
     fig, (lat, mem) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     lat.plot(t, [w["p50_ms"] for w in windows], marker="o", label="p50")
     lat.plot(t, [w["p99_ms"] for w in windows], marker="o", label="p99")
     bad = [w for w in windows if w["errors"] + w["unfinished"] + w["dropped"]]
     if bad:
         lat.scatter(
-            [w["start_s"] for w in bad], [w["p99_ms"] for w in bad], color="red", zorder=3, label="errors"
+            [(w["start_s"] + w["end_s"]) / 2 for w in bad],
+            [w["p99_ms"] for w in bad],
+            color="red",
+            zorder=3,
+            label="errors",
         )
     lat.set_ylabel("latency (ms)")
     lat.legend()
     lat.set_title(title)
-    mem.plot([0.0, *t], [rss_start, *(w["rss_mb"] for w in windows)], marker="o", color="tab:green")
+    ends = [0.0, *(w["end_s"] for w in windows)]  # memory: sampled at each window's end
+    mem.plot(ends, [rss_start, *(w["rss_mb"] for w in windows)], marker="o", color="tab:green")
     mem.set_ylabel("server RSS (MiB)")
-    mem.set_xlabel("seconds into the soak (window start)")
+    mem.set_xlabel("seconds into the soak")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -4,7 +4,8 @@ read-only store. After each, the store holds complete versions only and the serv
 The kill lands at an exact point of the disk store's write through its test-only pause hook
 (``PTSERVE_TEST_PAUSE_AT``): the writer creates a marker file and blocks, the test sees the marker
 and kills the process. The full and read-only disks are a real, tiny tmpfs mounted by the test
-(skipped where this process may not mount).
+(skipped where this process may not mount); a file-size limit (RLIMIT_FSIZE) on the server makes the
+kernel refuse a write everywhere.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -62,7 +64,10 @@ def _ready(base: str) -> bool:
 
 @contextlib.contextmanager
 def serve(
-    model: Path, store: Path, env: dict[str, str] | None = None
+    model: Path,
+    store: Path,
+    env: dict[str, str] | None = None,
+    preexec: Callable[[], None] | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """A real ``ptserve serve`` on a free port; killed on the way out if the test did not kill it."""
     port = _free_port()
@@ -74,6 +79,7 @@ def serve(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=preexec,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
@@ -275,3 +281,31 @@ def test_full_and_read_only_store_refuse_uploads_and_keep_serving(
         _remount(tiny_tmpfs, "rw")
         assert upload(base, v3).status_code == 201
         assert_serves(base, backbone, v3, [v3.version, v2.version, v1.version])
+
+
+FILE_LIMIT = 16 * 1024
+
+
+def _limit_file_size() -> None:
+    """In the server child: files may not grow past FILE_LIMIT (a quota), and writing past it fails
+    with EFBIG instead of killing the process with SIGXFSZ."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_LIMIT, FILE_LIMIT))
+
+
+def test_a_write_the_filesystem_refuses_fails_the_upload_and_keeps_serving(
+    tmp_path: Path, tiny_bert_dir: Path, backbone: Backbone
+) -> None:
+    """Runs everywhere (no mount needed): the kernel refuses the write through RLIMIT_FSIZE."""
+    small = random_artifact(backbone.spec, task="quota", seed=1, prefix_length=4)
+    big = random_artifact(backbone.spec, task="quota", seed=2, prefix_length=48)
+    assert len(small.data) < FILE_LIMIT < len(big.data)
+    root = tmp_path / "store"
+    with serve(tiny_bert_dir, root, preexec=_limit_file_size) as (base, _):
+        assert upload(base, small).status_code == 201
+        r = upload(base, big)
+        assert r.status_code == 500, r.text
+        assert r.json()["error"]["code"] == "store_error"
+        assert "File too large" in r.json()["error"]["message"]
+        assert_serves(base, backbone, small, [small.version])
+        assert _temp_files(root) == []
