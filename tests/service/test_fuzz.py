@@ -99,7 +99,7 @@ def test_api_conforms_to_its_schema(mode: GenerationMode, fuzz_client: ASGIClien
     # derandomize: the same bounded set of examples every run, so CI never flakes on a new draw;
     # FUZZ_RANDOM=1 FUZZ_EXAMPLES=2000 explores further by hand.
     @settings(
-        max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")),
+        max_examples=int(os.environ.get("FUZZ_EXAMPLES", "200")),
         deadline=None,
         derandomize=not os.environ.get("FUZZ_RANDOM"),
         database=None,
@@ -114,7 +114,8 @@ def test_api_conforms_to_its_schema(mode: GenerationMode, fuzz_client: ASGIClien
         # The draw reached the forward pass, not only the validators.
         assert seen[("POST", "/v1/classify", 200)] > 0, seen
     else:
-        assert set(seen) and all(400 <= status < 500 for _, _, status in seen), seen
-    # Whatever came before, the service still answers a good request correctly.
+        # Schema-violating bodies reached the validators (negative_data_rejection checked each answer).
+        assert seen[("POST", "/v1/classify", 422)] > 0, seen
+    # Whatever came before, the service still answers a good request.
     r = fuzz_client.post("/v1/classify", json={"task": FUZZ_TASK, "text": "still fine"})
     assert r.status_code == 200 and len(r.json()["results"]) == 1
