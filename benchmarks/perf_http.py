@@ -92,6 +92,7 @@ def running_server(args: argparse.Namespace, store: Path, log_path: Path) -> Ite
             "PTSERVE_MAX_WAIT_MS": str(args.max_wait_ms),
             "PTSERVE_MAX_BATCH_TOKENS": str(args.max_batch_tokens),
             "PTSERVE_LOG_LEVEL": args.log_level,
+            "PTSERVE_AUTH": "off",  # a loopback benchmark server; auth has its own tests
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -397,7 +398,7 @@ def main() -> None:
     parser.add_argument(
         "--log-level",
         default="warning",
-        help="PTSERVE_LOG_LEVEL (info logs every request: uvicorn's access log)",
+        help="PTSERVE_LOG_LEVEL (info logs every request: the ptserve.access line)",
     )
     parser.add_argument("--batch-texts", type=int, default=32, help="texts per multi-text request")
     parser.add_argument("--closed-single", default="16,64", help="concurrent clients, single-text requests")

@@ -8,11 +8,17 @@ Layout under ``root``::
     tasks/<task>/versions/<version>.json         manifest JSON (so listing never reads tensors)
     locks/<task>.lock                          flock held by writers of <task>
     .trash/                                    deleted task directories on their way out
+    changes                                    a random token rewritten after every change
 
 Every file is written to a ``.tmp-*`` sibling, fsynced and renamed into place, and the ``current``
 pointer is written after the version's files: the pointer rename is the commit point, so a crash at
 any moment leaves the previous version current and complete. Writers of one task serialise on an
 ``fcntl.flock``; readers take no lock and rely on renames being atomic.
+
+Other processes notice changes through ``changes``: every put, set_current and delete rewrites it
+with a fresh random token after moving the pointer, so a reader that sees a token it has not seen
+before and then reads pointers sees every change made before that token was written. A token, not
+an mtime, because timestamps can be too coarse to tell two changes in the same tick apart.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import os
 import secrets
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +276,45 @@ class DiskPromptStore:
         validate_task_name(task)
         return self._resolve_current(task)
 
+    def current_versions(self, tasks: Sequence[str]) -> dict[str, str | None]:
+        """Pointers only: None for a task without one; a corrupt pointer leaves its task out."""
+        out: dict[str, str | None] = {}
+        for task in tasks:
+            if TASK_NAME_PATTERN.fullmatch(task) is None:
+                continue
+            try:
+                out[task] = self._read_pointer(task)
+            except TaskNotFoundError:
+                out[task] = None
+            except StoreError as exc:
+                logger.warning("prompt store: %s", exc.message)
+        return out
+
+    def change_token(self) -> str:
+        """The token the last change wrote ('' before the first); see the module docstring."""
+        try:
+            return (self.root / "changes").read_text(encoding="ascii", errors="replace").strip()
+        except FileNotFoundError:
+            return ""
+        except OSError as exc:
+            raise StoreUnavailableError(
+                f"cannot read {self.root / 'changes'}: {exc.strerror or exc}"
+            ) from exc
+
+    def _note_change(self) -> None:
+        """Write a fresh change token (after the pointer moved; see the module docstring)."""
+        path = self.root / "changes"
+        tmp = path.with_name(f"{TMP_PREFIX}{secrets.token_hex(8)}-changes")
+        try:
+            # No fsync: the token only has to differ from earlier ones, not survive a crash.
+            tmp.write_bytes(secrets.token_hex(16).encode("ascii"))
+            os.replace(tmp, path)
+        except OSError as exc:
+            # The change itself is done; watchers fall back on their pointer TTL.
+            logger.warning("prompt store: could not write change token %s: %s", path, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
     def versions(self, task: str) -> list[str]:
         """Stored versions, newest first, the current one included. Raises TaskNotFoundError."""
         validate_task_name(task)
@@ -413,6 +458,7 @@ class DiskPromptStore:
             # Entries whose files are gone must not count against keep_versions.
             history = [version, *(v for v in self._stored_versions(task) if v != version)]
             self._write_history_and_prune(task, version, history)
+            self._note_change()
 
     def set_current(self, task: str, version: str) -> None:
         """Move the pointer to an existing version (rollback). Raises Task/VersionNotFoundError.
@@ -427,6 +473,7 @@ class DiskPromptStore:
             if not self._has_version(task, version):
                 raise VersionNotFoundError(f"task {task!r} has no version {version!r}")
             _atomic_write(self._task_dir(task) / "current", f"{version}\n".encode("ascii"))
+            self._note_change()
 
     def _write_history_and_prune(self, task: str, current: str, history: list[str]) -> None:
         """Record ``history`` cut to ``keep_versions`` and delete what fell off (and crash leftovers).
@@ -479,6 +526,8 @@ class DiskPromptStore:
                 raise _write_error(task_dir, exc) from exc
             with contextlib.suppress(OSError):
                 _fsync_dir(self._tasks)  # the task is gone either way; durability is best effort
+            if had_pointer:
+                self._note_change()
             self._empty_trash()
             if not had_pointer:
                 # A half-created directory from a crashed first put: cleaned up, but never a task.

@@ -22,6 +22,10 @@ Redis does not roll a script back when a command in it fails, but it checks ``ma
 before a script's first write; the scripts therefore do every read first and write the artifact
 first, so a put refused for lack of memory writes nothing and the previous version stays current.
 
+Replicas follow changes with :meth:`RedisPromptStore.change_feed` (a subscription on a connection
+of its own that ends at the first cut, since messages published meanwhile are lost) and recover
+what a cut lost with :meth:`RedisPromptStore.current_versions` (every pointer they know, one MGET).
+
 Scripts derive per-version key names from the history and ``{prefix}:tasks`` spans every task, so
 this store needs a single Redis primary (or a proxy that behaves like one), not Redis Cluster.
 """
@@ -31,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -38,6 +43,7 @@ from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.client import PubSub
 from redis.commands.core import Script
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError
@@ -57,6 +63,7 @@ from prompts.store import StoredArtifact, TaskRecord, check_put
 __all__ = [
     "DEFAULT_PREFIX",
     "ChangeEvent",
+    "ChangeFeed",
     "ChangeOp",
     "RedisPromptStore",
     "changes_channel",
@@ -106,6 +113,47 @@ class ChangeEvent:
         if op not in _CHANGE_OPS:
             raise ValueError(f"change message has an unknown op: {raw!r}")
         return cls(task, version, cast(ChangeOp, op))
+
+
+class ChangeFeed:
+    """A subscription to a store's change channel on a connection of its own (see ``change_feed``).
+
+    Any connection problem raises StoreUnavailableError and the feed is then finished: messages
+    published while it was broken are lost, so the owner opens a new feed and reconciles.
+    """
+
+    def __init__(self, client: redis.Redis, pubsub: PubSub, shown_url: str) -> None:
+        self._client = client
+        self._pubsub = pubsub
+        self._shown_url = shown_url
+
+    def next(self, timeout: float) -> ChangeEvent | None:
+        """The next change message, or None if none came within ``timeout`` seconds."""
+        try:
+            message = self._pubsub.get_message(timeout=timeout)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(
+                f"change feed of prompt store {self._shown_url} was cut: {exc}"
+            ) from exc
+        if message is None:
+            return None
+        if message.get("type") == "subscribe":
+            # redis-py re-subscribed on a new connection by itself: whatever was published in
+            # between is lost, so this feed is finished like any other cut.
+            raise StoreUnavailableError(f"change feed of prompt store {self._shown_url} was reconnected")
+        if message.get("type") != "message":
+            return None
+        try:
+            return ChangeEvent.from_json(message["data"])
+        except ValueError as exc:
+            logger.warning("ignoring a message on the change channel: %s", exc)
+            return None
+
+    def close(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            self._pubsub.close()
+        with contextlib.suppress(RedisError, OSError):
+            self._client.close()
 
 
 def redact_url(url: str) -> str:
@@ -270,6 +318,8 @@ class RedisPromptStore:
         self.prefix = prefix
         self.channel = changes_channel(prefix)
         self._shown_url = redact_url(url)
+        self._url = url
+        self._socket_timeout = socket_timeout
         try:
             self._client: redis.Redis = redis.Redis.from_url(
                 url,
@@ -371,6 +421,58 @@ class RedisPromptStore:
         if not exists:
             raise self._missing_current(task, current)
         return current
+
+    def current_versions(self, tasks: Sequence[str]) -> dict[str, str | None]:
+        """Pointers only, in one MGET: None for a task without one; a corrupt pointer is left out."""
+        names = [t for t in tasks if TASK_NAME_PATTERN.fullmatch(t)]
+        if not names:
+            return {}
+        with self._redis("read pointers"):
+            raw: list[Any] = self._client.mget([self._key("cur", t) for t in names])
+        out: dict[str, str | None] = {}
+        for task, pointer in zip(names, raw, strict=True):
+            if pointer is None:
+                out[task] = None
+                continue
+            try:
+                out[task] = self._check_pointer(task, pointer)
+            except StoreError as exc:
+                logger.warning("prompt store: %s", exc.message)
+        return out
+
+    def change_feed(self, timeout: float = 2.0) -> ChangeFeed:
+        """Subscribe to this store's change messages; returns once Redis confirmed the subscription.
+
+        Every message published after this returns is delivered by the feed. StoreUnavailableError
+        if Redis cannot be reached or does not confirm within ``timeout`` seconds.
+        """
+        # A client of its own without retries: a cut must surface as an error, not be papered over
+        # by a silent reconnect that loses the messages published in between. The health check
+        # PINGs an idle subscription, so a half-open connection is noticed too.
+        client = redis.Redis.from_url(
+            self._url,
+            socket_timeout=self._socket_timeout,
+            socket_connect_timeout=self._socket_timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=10,
+        )
+        pubsub = client.pubsub()
+        try:
+            with self._redis("subscribe to changes"):
+                pubsub.subscribe(self.channel)
+                deadline = time.monotonic() + timeout
+                while True:
+                    message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+                    if message is not None and message.get("type") == "subscribe":
+                        break
+                    if time.monotonic() >= deadline:
+                        raise StoreUnavailableError(
+                            f"prompt store {self._shown_url} did not confirm the change subscription"
+                        )
+        except BaseException:
+            ChangeFeed(client, pubsub, self._shown_url).close()
+            raise
+        return ChangeFeed(client, pubsub, self._shown_url)
 
     def versions(self, task: str) -> list[str]:
         """Stored versions, newest first, the current one included. Raises TaskNotFoundError."""

@@ -7,6 +7,7 @@ Every method is synchronous and may block on I/O: the service calls them off the
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -68,6 +69,14 @@ class PromptStore(Protocol):
 
     def set_current(self, task: str, version: str) -> None:
         """Move the pointer to an existing version (rollback). Raises Task/VersionNotFoundError."""
+        ...
+
+    def current_versions(self, tasks: Sequence[str]) -> dict[str, str | None]:
+        """Pointers only, for many tasks at once: None for a task without one.
+
+        A corrupt pointer leaves its task out of the result. Used to reconcile a cache with the
+        store after change messages may have been missed.
+        """
         ...
 
     def versions(self, task: str) -> list[str]:

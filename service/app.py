@@ -10,23 +10,34 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompts.backbone import Backbone, load_backbone
 from prompts.errors import PtserveError
 from prompts.store import PromptStore
-from service.auth import require_scope
-from service.errors import http_status
+from service.auth import AuthMiddleware, KeyRing, ScopeTable, log_auth_mode, require_scope
+from service.errors import error_body, http_headers, http_status
+from service.jobs_routes import jobs_router
+from service.limits import Limits, LimitsMiddleware
+from service.logs import RequestLogMiddleware, RouteTemplates
+from service.metrics import CONTENT_TYPE, Metrics
 from service.routes import admin_router, classify_router, public_router
-from service.runtime import build_runtime, open_store
+from service.runtime import build_runtime, open_job_queue, open_store
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def error_response(
+    request: Request, status: int, code: str, message: str, retry_after_s: int = 1
+) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", None)
+    return JSONResponse(
+        error_body(code, message, request_id),
+        status_code=status,
+        headers=http_headers(status, retry_after_s),
+    )
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -70,33 +81,54 @@ def _not_found_message(request: Request) -> str:
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
     @app.exception_handler(PtserveError)
-    async def _ptserve(_: Request, exc: PtserveError) -> JSONResponse:
+    async def _ptserve(request: Request, exc: PtserveError) -> JSONResponse:
         status = http_status(exc)
         if status >= 500:
             logger.error("request failed: %s: %s", exc.code, exc.message)
-        return error_response(status, exc.code, exc.message)
+        return error_response(request, status, exc.code, exc.message, retry_after_s)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "invalid_request", _validation_message(exc))
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(request, 422, "invalid_request", _validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:
             # Undecodable bodies (bad UTF-8, broken multipart) are bad input like malformed JSON:
             # the same status and code, so clients handle one kind of refusal.
-            return error_response(422, "invalid_request", _bad_request_message(exc))
+            return error_response(request, 422, "invalid_request", _bad_request_message(exc))
         message = str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
             message = _not_found_message(request)
-        return error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), message)
+        return error_response(
+            request, exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), message
+        )
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error", exc_info=exc)
-        return error_response(500, "internal_error", f"internal error: {type(exc).__name__}")
+        return error_response(request, 500, "internal_error", f"internal error: {type(exc).__name__}")
+
+
+def install_metrics_route(app: FastAPI, metrics: Metrics, public: bool, scopes: ScopeTable) -> None:
+    """``GET /metrics``: public by default, as Prometheus scrapes expect; else the admin scope."""
+    guard = [] if public else [Depends(require_scope("admin"))]
+    if not public:
+        scopes.add_path("/metrics", {"GET"}, "admin")
+
+    @app.get(
+        "/metrics",
+        dependencies=guard,
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format"}},
+        tags=["health"],
+    )
+    async def metrics_route() -> Response:
+        """Prometheus metrics of this replica."""
+        # A scrape may ask Redis for the training-job counts: off the event loop.
+        return Response(await asyncio.to_thread(metrics.render), media_type=CONTENT_TYPE)
 
 
 def create_app(
@@ -105,8 +137,13 @@ def create_app(
     backbone: Backbone | None = None,
     store: PromptStore | None = None,
 ) -> FastAPI:
-    """Build the app. ``backbone`` and ``store`` may be injected (tests share one tiny backbone)."""
+    """Build the app. ``backbone`` and ``store`` may be injected (tests share one tiny backbone).
+
+    Raises SettingsError when auth is on without API keys.
+    """
     settings = settings if settings is not None else Settings()
+    keyring = KeyRing.from_settings(settings)
+    metrics = Metrics(lambda: getattr(app.state, "runtime", None))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -119,17 +156,27 @@ def create_app(
                 load_backbone, settings.model, device=settings.device, dtype=settings.dtype
             )
         opened = store if store is not None else open_store(settings.store, settings.keep_versions)
-        runtime = build_runtime(settings, loaded, opened)
+        runtime = build_runtime(
+            settings, loaded, opened, on_batch=metrics.observe_batch, on_rows=metrics.observe_rows
+        )
+        runtime.jobs = open_job_queue(settings)
         runtime.batcher.start()
+        if runtime.watcher is not None:
+            runtime.watcher.start()
         app.state.runtime = runtime
+        log_auth_mode(keyring)
         logger.info("ptserve ready: backbone %s, store %s", loaded.spec.describe(), settings.store)
         try:
             yield
         finally:
             # Admitted requests finish before the store closes.
             await runtime.batcher.stop(drain=True)
+            if runtime.watcher is not None:
+                await runtime.watcher.stop()
             if store is None:
                 opened.close()
+            if runtime.jobs is not None:
+                runtime.jobs.close()
             del app.state.runtime
 
     app = FastAPI(
@@ -138,8 +185,27 @@ def create_app(
         summary="One frozen encoder serving many prompt-tuned classification tasks in mixed batches.",
         lifespan=lifespan,
     )
-    install_error_handlers(app)
+    app.state.keyring = keyring
+    app.state.metrics = metrics
+    install_error_handlers(app, settings.retry_after_s)
+    scopes = ScopeTable()
+    # The last middleware added runs first: request ids and access lines wrap everything, keys are
+    # checked before the limits (an unauthenticated flood takes no concurrency slots) and before
+    # any body is read.
+    app.add_middleware(LimitsMiddleware, limits=Limits.from_settings(settings))
+    app.add_middleware(AuthMiddleware, ring=keyring, table=scopes)
+    app.add_middleware(
+        RequestLogMiddleware,
+        observers=[metrics.observe_request],
+        route_of=RouteTemplates(lambda: app.openapi()["paths"]),
+    )
     app.include_router(public_router)
+    install_metrics_route(app, metrics, settings.metrics_public, scopes)
+    # Each guarded router: the dependency and the middleware's table (see service/auth.py).
     app.include_router(classify_router, dependencies=[Depends(require_scope("classify"))])
+    scopes.add(classify_router, "classify")
     app.include_router(admin_router, dependencies=[Depends(require_scope("admin"))])
+    scopes.add(admin_router, "admin")
+    app.include_router(jobs_router, dependencies=[Depends(require_scope("admin"))])
+    scopes.add(jobs_router, "admin")
     return app

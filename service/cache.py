@@ -1,8 +1,13 @@
-"""The device prompt cache: task tensors stay on the backbone's device between batches.
+"""The tiered prompt cache: device tensors for hot tasks, parsed artifacts in host memory, then the store.
 
 Entries are keyed by (task, version); a separate table maps each task to its current version. A
 request resolves its task once, gets a :class:`LoadedTask` and keeps that object to the end, so an
 upload, a delete or an eviction never changes the version a request already started with.
+
+Pointers are kept fresh by change messages (``service.watcher`` calls :meth:`PromptCache.apply_change`
+and :meth:`PromptCache.reconcile`); the pointer TTL is a safety net behind them. Every pointer write
+gets a sequence number, and a store read that started before a later write to the same task is
+not stored, so a slow read can never put back a version a change message has replaced.
 """
 
 from __future__ import annotations
@@ -14,9 +19,15 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from prompts.artifact import Manifest, PromptArtifact, check_compatible, max_text_tokens, parse_artifact
+from prompts.artifact import (
+    Manifest,
+    PromptArtifact,
+    check_compatible,
+    max_text_tokens,
+    parse_artifact,
+)
 from prompts.backbone import Backbone
-from prompts.errors import ArtifactError, TaskNotFoundError
+from prompts.errors import ArtifactError, StoreUnavailableError, TaskNotFoundError, VersionNotFoundError
 from prompts.forward import TaskPrompt
 from prompts.names import validate_task_name
 from prompts.store import PromptStore
@@ -77,8 +88,16 @@ class _Pointer:
     checked_at: float
 
 
+def artifact_nbytes(artifact: PromptArtifact) -> int:
+    """Host memory an artifact holds: its serialised bytes plus its parsed tensors."""
+    return len(artifact.data) + sum(t.numel() * t.element_size() for t in artifact.tensors.values())
+
+
 class PromptCache:
-    """LRU of loaded tasks under a byte budget, with single-flight loads that run off the event loop."""
+    """Device LRU and host LRU of tasks under byte budgets, with single-flight loads off the event loop.
+
+    Every method runs on the event loop; only store reads, parsing and device copies go to threads.
+    """
 
     def __init__(
         self,
@@ -89,32 +108,62 @@ class PromptCache:
         budget_bytes: int,
         max_artifact_bytes: int,
         pointer_ttl_s: float = 1.0,
+        host_budget_bytes: int = 0,
     ) -> None:
         self._store = store
         self._backbone = backbone
         self._pool = pool
         self._budget = budget_bytes
+        self._host_budget = host_budget_bytes
         self._max_artifact_bytes = max_artifact_bytes
         self._pointer_ttl = pointer_ttl_s
         self._pointers: dict[str, _Pointer] = {}
         self._entries: OrderedDict[tuple[str, str], LoadedTask] = OrderedDict()
         self._bytes = 0
+        # Parsed, validated artifacts: a device miss that hits here never touches the store.
+        self._host: OrderedDict[tuple[str, str], PromptArtifact] = OrderedDict()
+        self._host_bytes = 0
         self._loading: dict[tuple[str, str], asyncio.Future[LoadedTask]] = {}
+        # Sequence number of the last pointer write per task, for tasks known here or being read.
+        self._seq = 0
+        self._written_at: dict[str, int] = {}
+        self._reading: dict[str, int] = {}
+        self._outage_logged = False
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self.host_hits = 0
+        self.swaps = 0
 
     @property
     def nbytes(self) -> int:
         return self._bytes
 
+    @property
+    def host_nbytes(self) -> int:
+        return self._host_bytes
+
     def __len__(self) -> int:
         return len(self._entries)
+
+    def current(self, task: str) -> str | None:
+        """The version this replica would serve ``task`` with now, if it has a pointer for it."""
+        pointer = self._pointers.get(task)
+        return None if pointer is None else pointer.version
 
     async def resolve(self, task: str) -> LoadedTask:
         """The current version of ``task``, loaded; raises TaskNotFoundError for unknown tasks."""
         validate_task_name(task)
         version = await self._current_version(task)
+        try:
+            return await self._get(task, version)
+        except VersionNotFoundError:
+            # The pointer trusted here names a version pruned since (a change message was missed):
+            # read the pointer again, once.
+            self._pointers.pop(task, None)
+            return await self._get(task, await self._current_version(task))
+
+    async def _get(self, task: str, version: str) -> LoadedTask:
         key = (task, version)
         entry = self._entries.get(key)
         if entry is not None:
@@ -122,17 +171,29 @@ class PromptCache:
             self._entries.move_to_end(key)
             return entry
         self.misses += 1
+        try:
+            return await asyncio.shield(self._start_load(key))
+        except TaskNotFoundError:
+            self.forget(task)
+            raise
+
+    def _start_load(self, key: tuple[str, str]) -> asyncio.Future[LoadedTask]:
         loading = self._loading.get(key)
         if loading is None:
             # One load per key however many requests miss at once; it is not tied to any one
             # request, so a cancelled client does not cancel the load for the others.
-            loading = asyncio.ensure_future(self._load_and_insert(task, version))
+            loading = asyncio.ensure_future(self._load_and_insert(*key))
             self._loading[key] = loading
             loading.add_done_callback(lambda done: self._load_finished(key, done))
-        return await asyncio.shield(loading)
+        return loading
 
     async def _load_and_insert(self, task: str, version: str) -> LoadedTask:
-        entry = await asyncio.to_thread(self._load, task, version)
+        cached = self._host.get((task, version))
+        if cached is not None:
+            self.host_hits += 1
+            self._host.move_to_end((task, version))
+        artifact, entry = await asyncio.to_thread(self._load, task, version, cached)
+        self._host_insert(artifact)
         self._insert(entry)
         return entry
 
@@ -146,26 +207,82 @@ class PromptCache:
         now = time.monotonic()
         if pointer is not None and now - pointer.checked_at < self._pointer_ttl:
             return pointer.version
-        # Another process (the trainer, another replica's upload) may have moved the pointer.
+        # Another process may have moved the pointer without this replica hearing of it.
+        started = self._seq
+        self._reading[task] = self._reading.get(task, 0) + 1
         try:
             version = await asyncio.to_thread(self._store.current_version, task)
         except TaskNotFoundError:
-            self.forget(task)
+            if self._written_at.get(task, -1) <= started:
+                self.forget(task)
             raise
-        self._pointers[task] = _Pointer(version, now)
+        except StoreUnavailableError as exc:
+            pointer = self._pointers.get(task)
+            if pointer is None:
+                raise StoreUnavailableError(
+                    f"task {task!r} is not cached on this replica and the prompt store cannot be "
+                    f"reached: {exc.message}"
+                ) from exc
+            # A store outage must not fail the tasks this replica already serves.
+            if not self._outage_logged:
+                logger.warning("prompt store unreachable; serving cached versions: %s", exc.message)
+                self._outage_logged = True
+            pointer.checked_at = now  # ask the store again only after another TTL
+            return pointer.version
+        finally:
+            self._reading[task] -= 1
+            if not self._reading[task]:
+                del self._reading[task]
+        if self._outage_logged:
+            logger.info("prompt store reachable again")
+            self._outage_logged = False
+        if self._written_at.get(task, -1) > started:
+            # A change message (or an upload here) moved the pointer while this read was running.
+            current = self._pointers.get(task)
+            return version if current is None else current.version
+        self._set_pointer(task, version)
         return version
 
-    def _load(self, task: str, version: str) -> LoadedTask:
-        """Blocking: read, validate and move one artifact to the device (runs in a worker thread)."""
-        stored = self._store.get(task, version)
+    def _set_pointer(self, task: str, version: str) -> None:
+        old = self._pointers.get(task)
+        if old is not None and old.version != version:
+            self.swaps += 1
+        self._pointers[task] = _Pointer(version, time.monotonic())
+        self._note_write(task)
+
+    def _note_write(self, task: str) -> None:
+        self._seq += 1
+        if task in self._pointers or task in self._reading:
+            self._written_at[task] = self._seq
+
+    def _load(
+        self, task: str, version: str, cached: PromptArtifact | None
+    ) -> tuple[PromptArtifact, LoadedTask]:
+        """Blocking: read and validate (unless cached in host memory), then copy to the device."""
+        artifact = cached if cached is not None else self._read(task, version)
+        return artifact, prepare_task(artifact, self._backbone, self._pool)
+
+    def _read(self, task: str, version: str) -> PromptArtifact:
+        try:
+            stored = self._store.get(task, version)
+        except StoreUnavailableError as exc:
+            raise StoreUnavailableError(
+                f"task {task!r} is not cached on this replica and the prompt store cannot be "
+                f"reached: {exc.message}"
+            ) from exc
         try:
             artifact = parse_artifact(stored.data, max_bytes=self._max_artifact_bytes)
             check_compatible(artifact, self._backbone.spec)
+            if (artifact.task, artifact.version) != (task, version):
+                # Never serve one task's tensors under another name (a store edited by hand).
+                raise ArtifactError(
+                    f"the artifact stored there is {artifact.task!r} version {artifact.version}"
+                )
         except ArtifactError as exc:
             raise TaskUnavailableError(
                 f"stored version {version} of task {task!r} cannot be served: {exc}"
             ) from exc
-        return prepare_task(artifact, self._backbone, self._pool)
+        return artifact
 
     def _insert(self, entry: LoadedTask) -> None:
         key = (entry.task, entry.version)
@@ -180,15 +297,91 @@ class PromptCache:
             self._bytes -= old.nbytes
             self.evictions += 1
 
+    def _host_insert(self, artifact: PromptArtifact) -> None:
+        key = (artifact.task, artifact.version)
+        if key in self._host:
+            self._host.move_to_end(key)
+            return
+        size = artifact_nbytes(artifact)
+        if size > self._host_budget:
+            return
+        self._host[key] = artifact
+        self._host_bytes += size
+        while self._host_bytes > self._host_budget:
+            _, old = self._host.popitem(last=False)
+            self._host_bytes -= artifact_nbytes(old)
+
     async def install(self, artifact: PromptArtifact) -> LoadedTask:
         """After a successful store write: the next request for this task gets this version."""
         entry = await asyncio.to_thread(prepare_task, artifact, self._backbone, self._pool)
+        self._host_insert(artifact)
         self._insert(entry)
-        self._pointers[artifact.task] = _Pointer(artifact.version, time.monotonic())
+        self._set_pointer(artifact.task, artifact.version)
         return entry
+
+    async def load(self, task: str, version: str) -> LoadedTask:
+        """``version`` of ``task`` loaded (host memory or store), without making it current."""
+        validate_task_name(task)
+        return await self._get(task, version)
+
+    async def activate(self, task: str, version: str) -> LoadedTask:
+        """After a rollback here: load ``version`` if needed and serve it from now on."""
+        entry = await self._get(task, version)
+        self._set_pointer(task, version)
+        return entry
+
+    def apply_change(self, task: str, version: str | None) -> None:
+        """A change message: ``task`` now has ``version`` as current, or was deleted (None).
+
+        Tasks this replica never served are left alone (the first request reads the store). For
+        the others the pointer moves at once; if the replaced version is on the device (a hot
+        task), the new one starts loading, so the first request after the swap does not wait for
+        the store. Cold tasks are not preloaded: that would only push hot ones out.
+        """
+        if version is None:
+            self.forget(task)
+            return
+        old = self._pointers.get(task)
+        if old is None:
+            self._note_write(task)  # a read of it in flight may be older than this message
+            return
+        hot = (task, old.version) in self._entries
+        self._set_pointer(task, version)
+        if hot and (task, version) not in self._entries:
+            self._start_load((task, version))
+
+    async def reconcile(self) -> int:
+        """Re-read the pointers of every task known here and fix the ones that moved.
+
+        For change messages that may have been missed (the subscription was down, another process
+        wrote to a disk store). Returns how many pointers changed.
+        """
+        tasks = list(self._pointers)
+        if not tasks:
+            return 0
+        started = self._seq
+        current = await asyncio.to_thread(self._store.current_versions, tasks)
+        changed = 0
+        for task in tasks:
+            if task not in current or self._written_at.get(task, -1) > started:
+                continue  # a corrupt pointer, or a newer write than this read
+            version = current[task]
+            if version is None:
+                if task in self._pointers:
+                    self.forget(task)
+                    changed += 1
+            elif self.current(task) != version:
+                self.apply_change(task, version)
+                changed += 1
+            elif task in self._pointers:
+                self._pointers[task].checked_at = time.monotonic()
+        return changed
 
     def forget(self, task: str) -> None:
         """Drop the pointer and every cached version of ``task`` (after a delete)."""
+        self._note_write(task)
         self._pointers.pop(task, None)
         for key in [k for k in self._entries if k[0] == task]:
             self._bytes -= self._entries.pop(key).nbytes
+        for key in [k for k in self._host if k[0] == task]:
+            self._host_bytes -= artifact_nbytes(self._host.pop(key))

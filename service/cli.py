@@ -1,11 +1,13 @@
-"""The ``ptserve`` command line: ``serve`` (every flag is also a setting, ``PTSERVE_<NAME>`` in the
-environment), ``train``, ``eval``, ``import-peft`` and ``export-peft``."""
+"""The ``ptserve`` command line: ``serve`` and ``worker`` (every flag is also a setting,
+``PTSERVE_<NAME>`` in the environment), ``train``, ``eval``, ``import-peft``, ``export-peft`` and
+``hash-key``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from prompts.errors import PtserveError, TaskNotFoundError
+from service.errors import SettingsError
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -45,7 +48,26 @@ SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--max-wait-ms", "max_wait_ms", float, "how long a batch waits to fill (PTSERVE_MAX_WAIT_MS)"),
     ("--cache-bytes", "cache_bytes", int, "device prompt-cache budget (PTSERVE_CACHE_BYTES)"),
     ("--log-level", "log_level", str, "debug, info, warning or error (PTSERVE_LOG_LEVEL)"),
+    ("--log-format", "log_format", str, "text or json (PTSERVE_LOG_FORMAT)"),
 ]
+
+# The worker's flags: the backbone and store ones it shares with ``serve``, then its own.
+WORKER_FLAGS: list[tuple[str, str, type, str]] = [
+    *(f for f in SERVE_FLAGS if f[1] in ("model", "store", "device", "log_level", "log_format")),
+    ("--jobs-url", "jobs_url", str, "job queue Redis URL (PTSERVE_JOBS_URL); default: a redis:// store"),
+    ("--data-root", "data_root", Path, "server-side job data paths must lie in it (PTSERVE_DATA_ROOT)"),
+    ("--name", "worker_name", str, "consumer name in the job queue (PTSERVE_WORKER_NAME); default: host-pid"),
+    (
+        "--claim-idle-s",
+        "worker_claim_idle_s",
+        float,
+        "take over jobs whose worker is silent this long (PTSERVE_WORKER_CLAIM_IDLE_S)",
+    ),
+    ("--heartbeat-s", "worker_heartbeat_s", float, "heartbeat interval (PTSERVE_WORKER_HEARTBEAT_S)"),
+    ("--max-attempts", "worker_max_attempts", int, "takes before a job fails (PTSERVE_WORKER_MAX_ATTEMPTS)"),
+    ("--torch-threads", "torch_threads", int, "intra-op threads for training (PTSERVE_TORCH_THREADS)"),
+]
+SETTINGS_FLAGS = {"serve": SERVE_FLAGS, "worker": WORKER_FLAGS}
 
 
 METHOD_CHOICES = [
@@ -91,8 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--demo",
         action="store_true",
-        help=f"first train the demo task {DEMO_TASK!r} from examples/ into the store, unless it is there",
+        help=f"first train the demo task {DEMO_TASK!r} from examples/ into the store, unless it is there; "
+        "without PTSERVE_API_KEYS (and PTSERVE_AUTH unset) the demo serves with auth off",
     )
+
+    worker = commands.add_parser(
+        "worker", help="train the jobs queued by POST /v1/training-jobs and publish them to the store"
+    )
+    for flag, dest, kind, text in WORKER_FLAGS:
+        worker.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+    hk = commands.add_parser(
+        "hash-key", help="print an API key and its PTSERVE_API_KEYS entry ('<scope>:<sha256 hex>')"
+    )
+    hk.add_argument("--scope", choices=["classify", "admin"], default="classify")
+    hk.add_argument("--key", help="the key to hash (default: a new random key); read from stdin when '-'")
 
     train = commands.add_parser("train", help="train a task's prompt on labelled data and publish it")
     train.add_argument("--task", required=True, help="task name ([a-z0-9][a-z0-9_.-]{0,63})")
@@ -189,17 +223,29 @@ def _add_backbone_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
+    flags = SETTINGS_FLAGS[args.command]
     overrides: dict[str, Any] = {
-        dest: getattr(args, dest) for _, dest, _, _ in SERVE_FLAGS if getattr(args, dest) is not None
+        dest: getattr(args, dest) for _, dest, _, _ in flags if getattr(args, dest) is not None
     }
-    return Settings(**overrides)
+    settings = Settings(**overrides)
+    if getattr(args, "demo", False) and not settings.api_keys and "auth" not in settings.model_fields_set:
+        # The README's one-command demo must answer without keys; an explicit PTSERVE_AUTH still wins.
+        settings = settings.model_copy(update={"auth": "off"})
+    return settings
 
 
 def _setting_errors(exc: ValidationError) -> str:
+    flags = {dest: flag for flag, dest, _, _ in (*SERVE_FLAGS, *WORKER_FLAGS)}
     lines = []
     for err in exc.errors():
         name = ".".join(str(x) for x in err["loc"])
-        lines.append(f"  {name} (--{name.replace('_', '-')} / PTSERVE_{name.upper()}): {err['msg']}")
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if not name:  # a check across several settings; its message names them
+            lines.append(f"  {message}")
+            continue
+        where = f"{flags[name]} / " if name in flags else ""
+        got = f" (got {err['input']!r})" if isinstance(err.get("input"), str | int | float) else ""
+        lines.append(f"  {name} ({where}PTSERVE_{name.upper()}): {message}{got}")
     return "\n".join(lines)
 
 
@@ -207,15 +253,18 @@ def serve(settings: Settings, backbone: Backbone | None = None) -> None:
     import uvicorn
 
     from service.app import create_app
+    from service.logs import configure_logging
 
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
+    # Built before uvicorn starts, so invalid settings (auth on without keys) stop start-up here.
+    app = create_app(settings, backbone=backbone)
     uvicorn.run(
-        create_app(settings, backbone=backbone),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # keep configure_logging's handlers and format
+        timeout_graceful_shutdown=math.ceil(settings.request_timeout_s),
     )
 
 
@@ -345,11 +394,11 @@ class TqdmProgress:
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    from prompts.trainer import TrainConfig
+    from prompts.training import make_train_config
 
-    length = {} if args.length is None else {"prefix_length": args.length, "prompt_length": args.length}
-    return TrainConfig(
-        method=args.method,
+    return make_train_config(
+        args.method,
+        length=args.length,
         epochs=args.epochs,
         patience=args.patience,
         seed=args.seed,
@@ -361,14 +410,13 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         class_balanced=args.class_balanced,
         head=args.head,
         max_seconds=args.max_seconds,
-        **length,
     )
 
 
 def train_command(args: argparse.Namespace, backbone: Backbone | None = None) -> int:
     from prompts.data import load_task_data
     from prompts.names import validate_task_name
-    from prompts.trainer import search, train_task
+    from prompts.training import SearchGrid, run_training
 
     validate_task_name(args.task)
     data = load_task_data(
@@ -382,25 +430,15 @@ def train_command(args: argparse.Namespace, backbone: Backbone | None = None) ->
         file=sys.stderr,
     )
     config = _train_config(args)
-    try:
-        config.resolved()
-    except ValueError as exc:
-        raise CliError(str(exc)) from exc
     backbone = backbone or _load_backbone(args.model, args.device)
-    if args.search:
-        result = search(
-            backbone,
-            args.task,
-            data,
-            config,
-            lrs=args.search_lrs,
-            lengths=args.search_lengths,
-            progress_factory=lambda c: TqdmProgress(f"{args.task} lr={c.lr} P={c.prefix_length}"),
-        )
-        for trial in result.trials:
-            print(f"search: {json.dumps(trial)}", file=sys.stderr)
-    else:
-        result = train_task(backbone, args.task, data, config, progress=TqdmProgress(args.task))
+    grid = SearchGrid(args.search_lrs, args.search_lengths) if args.search else None
+
+    def progress(c: TrainConfig) -> TqdmProgress:
+        return TqdmProgress(f"{args.task} lr={c.lr} P={c.prefix_length}" if args.search else args.task)
+
+    result = run_training(backbone, args.task, data, config, progress_factory=progress, grid=grid)
+    for trial in result.trials:
+        print(f"search: {json.dumps(trial)}", file=sys.stderr)
     where = publish(result.artifact, store=args.store, server=args.server, out=args.out)
     m = result.artifact.manifest
     print(f"task {m.task} version {m.version} ({m.method}) -> {where}")
@@ -582,7 +620,32 @@ def ensure_demo_task(settings: Settings, backbone: Backbone, data: Path | None =
         store.close()
 
 
+def hash_key_command(args: argparse.Namespace) -> int:
+    from service.auth import hash_key, new_key
+
+    key = args.key
+    if key == "-":
+        key = sys.stdin.readline().strip()
+    if key is not None and not key:
+        raise CliError("the key is empty")
+    shown = key is None
+    key = key or new_key()
+    if shown:
+        print(f"key:   {key}")
+    print(f"entry: {args.scope}:{hash_key(key)}")
+    if shown:
+        print(
+            "Give the key to the client; put the entry in PTSERVE_API_KEYS (comma-separated).",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def serve_command(settings: Settings, demo: bool) -> None:
+    from service.auth import KeyRing
+
+    # Refuse auth on without keys before spending minutes on the demo's training.
+    KeyRing.from_settings(settings)
     backbone = None
     if demo:
         from prompts.backbone import load_backbone
@@ -594,17 +657,26 @@ def serve_command(settings: Settings, demo: bool) -> None:
     serve(settings, backbone)
 
 
+def worker_command(settings: Settings) -> None:
+    from service.logs import configure_logging
+    from service.worker import run_worker
+
+    configure_logging(settings.log_level, settings.log_format)
+    run_worker(settings)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], object]] = {
     "train": train_command,
     "eval": eval_command,
     "import-peft": import_peft_command,
     "export-peft": export_peft_command,
+    "hash-key": hash_key_command,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "serve":
+    if args.command not in SETTINGS_FLAGS:
         # Long-running commands report progress through logging too (backbone load, early stop).
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         try:
@@ -619,9 +691,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ptserve: invalid settings:\n{_setting_errors(exc)}", file=sys.stderr)
         return 2
     try:
-        serve_command(settings, args.demo)
+        if args.command == "worker":
+            worker_command(settings)
+        else:
+            serve_command(settings, args.demo)
+    except SettingsError as exc:
+        print(f"ptserve: invalid settings:\n  {exc.message}", file=sys.stderr)
+        return 2
     except PtserveError as exc:
-        print(f"ptserve serve: error: {exc.message}", file=sys.stderr)
+        print(f"ptserve {args.command}: error: {exc.message}", file=sys.stderr)
         return 1
     return 0
 

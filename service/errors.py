@@ -34,8 +34,44 @@ class ShuttingDownError(PtserveError):
     code = "shutting_down"
 
 
+class JobsDisabledError(PtserveError):
+    """This replica has no training-job queue configured."""
+
+    code = "jobs_disabled"
+
+
 class PayloadTooLargeError(InvalidInputError):
     code = "payload_too_large"
+
+
+class UnauthorizedError(PtserveError):
+    """No API key, or one that is not configured."""
+
+    code = "unauthorized"
+
+
+class ForbiddenError(PtserveError):
+    """A valid API key without the scope the route needs."""
+
+    code = "forbidden"
+
+
+class TooManyRequestsError(OverloadedError):
+    """The replica handles ``max_concurrent_requests`` already."""
+
+    code = "too_many_requests"
+
+
+class RequestTimeoutError(PtserveError):
+    """The request did not finish within ``request_timeout_s``."""
+
+    code = "request_timeout"
+
+
+class SettingsError(PtserveError):
+    """Settings that are valid one by one but cannot run together (e.g. auth on without keys)."""
+
+    code = "invalid_settings"
 
 
 # Most specific first; the first class an error is an instance of decides its status.
@@ -46,9 +82,13 @@ HTTP_STATUS: list[tuple[type[PtserveError], int]] = [
     (ArtifactError, 422),
     (InvalidInputError, 422),
     (NotFoundError, 404),
+    (UnauthorizedError, 401),
+    (ForbiddenError, 403),
     (TaskUnavailableError, 409),
     (OverloadedError, 429),
     (ShuttingDownError, 503),
+    (JobsDisabledError, 503),
+    (RequestTimeoutError, 504),
     (StoreFullError, 507),
     (StoreUnavailableError, 503),
     (StoreError, 500),
@@ -62,3 +102,20 @@ def http_status(error: PtserveError) -> int:
         if isinstance(error, cls):
             return status
     return 500
+
+
+def http_headers(status: int, retry_after_s: int) -> dict[str, str]:
+    """Headers a status needs by the HTTP spec (RFC 9110): a challenge for 401, when to retry a 429."""
+    if status == 401:
+        return {"WWW-Authenticate": 'Bearer realm="ptserve"'}
+    if status in (429, 503):
+        return {"Retry-After": str(retry_after_s)}
+    return {}
+
+
+def error_body(code: str, message: str, request_id: str | None = None) -> dict[str, dict[str, str]]:
+    """The JSON body of every error response."""
+    error = {"code": code, "message": message}
+    if request_id is not None:
+        error["request_id"] = request_id
+    return {"error": error}

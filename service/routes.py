@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import APIRouter, Body, File, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from prompts.artifact import PromptArtifact, check_compatible, parse_artifact
 from prompts.backbone import Encoding
-from prompts.errors import ArtifactTooLargeError, InvalidInputError, PtserveError
+from prompts.errors import ArtifactTooLargeError, InvalidInputError, PtserveError, VersionNotFoundError
 from prompts.names import validate_task_name
-from prompts.store import TaskRecord
+from prompts.store import PromptStore, TaskRecord
 from service.engine import Row
 from service.runtime import Runtime
 from service.schemas import (
@@ -24,6 +24,8 @@ from service.schemas import (
     HealthResponse,
     PromptInfo,
     PromptListResponse,
+    RollbackRequest,
+    RollbackResponse,
     UploadResponse,
 )
 
@@ -98,6 +100,8 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     texts = body.all_texts()
     _check_texts(texts, runtime)
     task = await runtime.cache.resolve(body.task)
+    # For the access line and the metrics (service/logs.py): only resolved tasks become labels.
+    request.state.task, request.state.version = task.task, task.version
     encodings = await asyncio.to_thread(runtime.backbone.encode, texts, task.max_text_tokens)
     _check_tokens(texts, encodings, set(runtime.backbone.tokenizer.all_special_ids))
     probabilities = await runtime.batcher.submit_many([Row(task, e.input_ids) for e in encodings])
@@ -138,6 +142,7 @@ async def upload_prompt(
         return artifact
 
     artifact = await asyncio.to_thread(validate)
+    request.state.task, request.state.version = artifact.task, artifact.version
     # One upload at a time per replica: the store's pointer and this cache's move in the same order.
     async with runtime.upload_lock:
         await asyncio.to_thread(
@@ -186,6 +191,41 @@ async def delete_prompt(task: str, request: Request) -> DeleteResponse:
         await asyncio.to_thread(runtime.store.delete, task)
         runtime.cache.forget(task)
     return DeleteResponse(task=task, deleted=True)
+
+
+def _rollback_target(store: PromptStore, task: str, version: str | None) -> tuple[str, str]:
+    """(current, target): the named version, else the one after the current in the history."""
+    record = store.record(task)
+    if version is not None:
+        return record.version, version
+    versions = list(record.versions)
+    position = versions.index(record.version)
+    if position + 1 >= len(versions):
+        raise VersionNotFoundError(
+            f"task {task!r} has no version older than its current version {record.version!r} to roll back to"
+        )
+    return record.version, versions[position + 1]
+
+
+@admin_router.post(
+    "/v1/prompts/{task}/rollback", response_model=RollbackResponse, responses=ERRORS, tags=["prompts"]
+)
+async def rollback_prompt(
+    task: str, request: Request, body: Annotated[RollbackRequest | None, Body()] = None
+) -> RollbackResponse:
+    """Make an older stored version current; once this returns, new requests here are served with it."""
+    runtime = _runtime(request)
+    validate_task_name(task)
+    async with runtime.upload_lock:
+        previous, target = await asyncio.to_thread(
+            _rollback_target, runtime.store, task, body.version if body is not None else None
+        )
+        # Loaded before the pointer moves, so a version this replica cannot serve is refused
+        # (404 unknown, 409 unusable) without changing what every replica serves.
+        await runtime.cache.load(task, target)
+        await asyncio.to_thread(runtime.store.set_current, task, target)
+        await runtime.cache.activate(task, target)
+    return RollbackResponse(task=task, version=target, previous=previous)
 
 
 @public_router.get("/healthz", response_model=HealthResponse, tags=["health"])

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prompts.backbone import Backbone
 from prompts.disk_store import DiskPromptStore
+from prompts.jobs import JobQueue
 from prompts.redis_store import RedisPromptStore
 from prompts.store import PromptStore
-from service.batcher import DynamicBatcher
+from service.batcher import BatchStats, DynamicBatcher
 from service.cache import PromptCache
 from service.engine import Engine, Row
 from service.pool import PromptPool
 from service.settings import Settings
+from service.watcher import ChangeWatcher, make_watcher
 
 
 @dataclass
@@ -24,7 +27,9 @@ class Runtime:
     cache: PromptCache
     engine: Engine
     batcher: DynamicBatcher[Row, list[float]]
+    watcher: ChangeWatcher | None = None
     upload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    jobs: JobQueue | None = None  # None: training jobs are disabled on this replica
 
 
 def open_store(location: str, keep_versions: int = 10) -> PromptStore:
@@ -34,8 +39,27 @@ def open_store(location: str, keep_versions: int = 10) -> PromptStore:
     return DiskPromptStore(location, keep_versions=keep_versions)
 
 
-def build_runtime(settings: Settings, backbone: Backbone, store: PromptStore) -> Runtime:
-    """Wire the components; the caller starts the batcher from inside the event loop."""
+def open_job_queue(settings: Settings) -> JobQueue | None:
+    """The training-job queue the settings name, or None when jobs are disabled (no Redis to use)."""
+    url = settings.job_queue_url()
+    if url is None:
+        return None
+    return JobQueue(url, claim_idle_s=settings.worker_claim_idle_s, max_attempts=settings.worker_max_attempts)
+
+
+def build_runtime(
+    settings: Settings,
+    backbone: Backbone,
+    store: PromptStore,
+    *,
+    on_batch: Callable[[BatchStats], None] | None = None,
+    on_rows: Callable[[list[Row]], None] | None = None,
+) -> Runtime:
+    """Wire the components; the caller starts the batcher and the watcher inside the event loop.
+
+    ``on_batch`` gets every batch's stats (on the event loop), ``on_rows`` every batch's rows just
+    before its forward (in the forward thread): the metrics hooks.
+    """
     pool = PromptPool(backbone.spec, backbone.device, backbone.dtype)
     cache = PromptCache(
         store,
@@ -44,10 +68,20 @@ def build_runtime(settings: Settings, backbone: Backbone, store: PromptStore) ->
         budget_bytes=settings.cache_bytes,
         max_artifact_bytes=settings.max_artifact_bytes,
         pointer_ttl_s=settings.pointer_ttl_s,
+        host_budget_bytes=settings.host_cache_bytes,
     )
     engine = Engine(backbone, pool)
+    run_batch = engine.run_batch
+    if on_rows is not None:
+        observe = on_rows
+
+        def run_batch(rows: list[Row]) -> list[list[float]]:
+            observe(rows)
+            return engine.run_batch(rows)
+
     batcher: DynamicBatcher[Row, list[float]] = DynamicBatcher(
-        engine.run_batch,
+        run_batch,
+        on_batch=on_batch,
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens,
         max_wait_ms=settings.max_wait_ms,
@@ -57,4 +91,9 @@ def build_runtime(settings: Settings, backbone: Backbone, store: PromptStore) ->
         # (benchmarks/perf_padding.py); capped because each batch sorts them (~0.7 ms per 1,024).
         group_window=min(32 * settings.max_batch_size, 1024) if settings.length_grouping else None,
     )
-    return Runtime(settings, backbone, store, cache, engine, batcher)
+    watcher = None
+    if settings.watch_changes:
+        watcher = make_watcher(
+            store, cache, disk_poll_s=settings.disk_change_poll_s, max_backoff_s=settings.watch_max_backoff_s
+        )
+    return Runtime(settings, backbone, store, cache, engine, batcher, watcher)

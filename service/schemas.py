@@ -94,6 +94,20 @@ class UploadResponse(BaseModel):
     method: str
 
 
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str | None = Field(
+        default=None, description="version to make current; default: the one before the current version"
+    )
+
+
+class RollbackResponse(BaseModel):
+    task: str
+    version: str = Field(description="the version now current")
+    previous: str = Field(description="the version that was current before the rollback")
+
+
 class DeleteResponse(BaseModel):
     task: str
     deleted: bool
@@ -102,6 +116,7 @@ class DeleteResponse(BaseModel):
 class ErrorBody(BaseModel):
     code: str
     message: str
+    request_id: str | None = Field(default=None, description="the request's X-Request-ID")
 
 
 class ErrorResponse(BaseModel):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# An API-key entry: ``<scope>:<sha256 hex of the key>`` (``ptserve hash-key`` prints one).
+API_KEY_ENTRY = re.compile(r"^(classify|admin):([0-9a-f]{64})$")
 
 
 class Settings(BaseSettings):
@@ -16,31 +20,44 @@ class Settings(BaseSettings):
 
     # Backbone
     model: Path | None = Field(
-        default=None, description="Hugging Face encoder directory; default: the packaged all-MiniLM-L6-v2"
+        default=None,
+        description="local Hugging Face BERT-family encoder directory (BERT, RoBERTa, XLM-R, CamemBERT); "
+        "default: the packaged all-MiniLM-L6-v2",
     )
     device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(default="float32", description="backbone dtype")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        default="float32", description="backbone dtype: 'float32', 'float16' or 'bfloat16'"
+    )
     torch_threads: int | None = Field(
-        default=None, ge=1, description="intra-op threads for the forward; default: torch's (all cores)"
+        default=None,
+        ge=1,
+        description="intra-op threads for the forward; default: torch's (all cores); fewer than the "
+        "cores leaves the event loop a core",
     )
 
     # Prompt store
     store: str = Field(
-        default="./ptserve-data", description="prompt store: a directory path (or redis:// URL)"
+        default="./ptserve-data",
+        description="prompt store: a directory, or a redis://host:port/db URL (artifacts and pointers "
+        "changed atomically by Lua scripts; change messages on ptserve:changes)",
     )
     keep_versions: int = Field(default=10, ge=1, le=1000, description="versions kept per task")
 
     # HTTP
-    host: str = Field(default="127.0.0.1", description="address to bind")
+    host: str = Field(default="127.0.0.1", description="address to bind ('0.0.0.0' in containers)")
     port: int = Field(default=8000, ge=0, le=65535, description="port to bind")
 
     # Batching
     max_batch_size: int = Field(default=32, ge=1, le=4096, description="rows per forward pass")
     max_batch_tokens: int = Field(default=8192, ge=16, description="padded tokens per forward pass")
     max_wait_ms: float = Field(default=5.0, ge=0, le=10_000, description="how long a batch waits to fill")
-    max_queue: int = Field(default=4096, ge=1, description="rows queued before requests get 429")
+    max_queue: int = Field(
+        default=4096, ge=1, description="rows queued before requests get 429 (at least max_texts_per_request)"
+    )
     length_grouping: bool = Field(
-        default=True, description="fill batches with queued texts of similar length (less padding)"
+        default=True,
+        description="fill batches with queued texts of similar length (window of 32 batches, at most "
+        "1,024 rows): less padding",
     )
 
     # Cache
@@ -48,9 +65,38 @@ class Settings(BaseSettings):
         default=512 * 1024 * 1024, ge=0, description="device prompt-cache budget in bytes"
     )
     pointer_ttl_s: float = Field(
-        default=1.0,
+        default=30.0,
         ge=0,
-        description="how long a task's current-version pointer is trusted before re-reading",
+        description=(
+            "how long a task's current-version pointer is trusted before re-reading it from the store; "
+            "a safety net behind the change watcher (set it to ~1 s if watch_changes is off)"
+        ),
+    )
+
+    # Hot swap
+    host_cache_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=0,
+        description="host-memory tier: parsed artifacts kept so a device miss does not read the store",
+    )
+    watch_changes: bool = Field(
+        default=True,
+        description=(
+            "follow changes made by other replicas and processes (Redis pub/sub, or polling the "
+            "disk store's change token) so they are served within milliseconds"
+        ),
+    )
+    disk_change_poll_s: float = Field(
+        default=0.05,
+        ge=0.005,
+        le=60,
+        description="how often the disk store's change token is read (one small file read)",
+    )
+    watch_max_backoff_s: float = Field(
+        default=2.0,
+        ge=0.05,
+        le=300,
+        description="longest wait between attempts to restore a lost Redis change subscription",
     )
 
     # Limits
@@ -59,14 +105,115 @@ class Settings(BaseSettings):
     max_artifact_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="size of an uploaded artifact"
     )
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="request body size of JSON routes (uploads: max_artifact_bytes plus 1 MiB of "
+        "multipart overhead); larger bodies get 413",
+    )
+    max_concurrent_requests: int = Field(
+        default=1024,
+        ge=1,
+        description="requests handled at once (health probes and /metrics excluded); more get 429 "
+        "with Retry-After",
+    )
+    retry_after_s: int = Field(
+        default=1, ge=1, le=3600, description="Retry-After seconds sent with 429 and 503 answers"
+    )
+    request_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600, description="time for one request, body upload included; then 504"
+    )
 
-    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="log level")
+    # Training jobs
+    jobs_url: str | None = Field(
+        default=None,
+        description="Redis URL of the training-job queue; default: the store's URL when the store is "
+        "redis://, otherwise training jobs are disabled (the job routes answer 503)",
+    )
+    data_root: Path | None = Field(
+        default=None,
+        description="directory that server-side job data paths must lie inside; default: none, so jobs "
+        "must send their examples inline",
+    )
+    max_job_examples: int = Field(
+        default=100_000, ge=1, description="inline examples (train + dev + test) in one training job"
+    )
+    worker_name: str | None = Field(
+        default=None, description="this worker's consumer name in the job queue; default: host-pid"
+    )
+    worker_claim_idle_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="a job whose worker sent no heartbeat for this long is taken over by another worker",
+    )
+    worker_heartbeat_s: float = Field(
+        default=10.0, gt=0, description="how often a worker renews its hold on the job it trains"
+    )
+    worker_max_attempts: int = Field(
+        default=3, ge=1, le=100, description="takes of one job (workers that died) before it is failed"
+    )
+
+    # Auth
+    auth: Literal["on", "off"] = Field(
+        default="on",
+        description="'off' serves every route without a key (logged loudly at start-up); 'on' (the "
+        "default) needs api_keys, or 'ptserve serve' refuses to start ('serve --demo' without keys: off)",
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated 'SCOPE:SHA256HEX' entries: SCOPE 'classify' or 'admin' (admin may "
+        "also classify), SHA256HEX the key's sha256 in lower-case hex; 'ptserve hash-key' prints one",
+    )
+    metrics_public: bool = Field(
+        default=True, description="serve GET /metrics without a key (else the admin scope is needed)"
+    )
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="'debug', 'info', 'warning' or 'error'"
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="'text' lines or one JSON object per line"
+    )
 
     @field_validator("store")
     @classmethod
     def _store(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("store must be a directory path or a redis:// URL")
+        return value
+
+    @field_validator("jobs_url")
+    @classmethod
+    def _jobs_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("jobs_url must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("data_root")
+    @classmethod
+    def _data_root(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"data_root {str(value)!r} is not a directory")
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        # The environment holds one comma-separated string; Python callers may pass a list.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, value: list[str]) -> list[str]:
+        for i, entry in enumerate(value):
+            if not API_KEY_ENTRY.match(entry):
+                shown = entry.split(":", 1)[0]
+                raise ValueError(
+                    f"entry {i + 1} (scope {shown!r}) is not '<classify|admin>:<64 lowercase hex digits>', "
+                    "the sha256 of the key; 'ptserve hash-key' prints one"
+                )
         return value
 
     @model_validator(mode="after")
@@ -77,3 +224,20 @@ class Settings(BaseSettings):
                 f"({self.max_texts_per_request}), or the largest request could never be queued"
             )
         return self
+
+    @model_validator(mode="after")
+    def _heartbeat_within_claim(self) -> Settings:
+        if self.worker_heartbeat_s >= self.worker_claim_idle_s:
+            raise ValueError(
+                f"worker_heartbeat_s ({self.worker_heartbeat_s}) must be below worker_claim_idle_s "
+                f"({self.worker_claim_idle_s}), or live workers would lose their jobs to others"
+            )
+        return self
+
+    def job_queue_url(self) -> str | None:
+        """Where training jobs queue: ``jobs_url``, else a redis:// store's URL, else None (disabled)."""
+        if self.jobs_url is not None:
+            return self.jobs_url
+        if self.store.startswith(("redis://", "rediss://", "unix://")):
+            return self.store
+        return None

@@ -8,6 +8,9 @@ import pytest
 # No code path may reach a hub; make any accidental attempt fail loudly instead of downloading.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Auth is on by default and needs keys. Tests of other parts build apps (and start `ptserve serve`
+# subprocesses, which inherit this) without keys; tests of auth pass auth="on" and keys explicitly.
+os.environ.setdefault("PTSERVE_AUTH", "off")
 
 from prompts.backbone import Backbone, load_backbone
 from tests.models import make_tiny_bert

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 from prompts.data import Example, TaskData
 
@@ -101,3 +102,20 @@ def make_learnable_bert(directory: Path, *, seed: int = 0) -> Path:
     BertModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def rows(count: int, seed: int = 0) -> list[dict[str, str]]:
+    return [{"text": e.text, "label": e.label} for e in make_examples(count, seed)]
+
+
+def job_request(epochs: int, **overrides: Any) -> dict[str, Any]:
+    """A training-job body: a short prefix run on the synthetic keyword task."""
+    return {
+        "task": "keywords",
+        "method": "prefix",
+        "hyperparameters": {"epochs": epochs, "patience": epochs, "batch_size": 8, "prefix_length": 4},
+        "train": rows(24),
+        "dev": rows(12, seed=1),
+        "test": rows(12, seed=2),
+        **overrides,
+    }

@@ -475,3 +475,32 @@ def test_concurrent_writers_from_two_processes(tmp_path: Path) -> None:
     [record] = store.list_tasks()
     assert record.manifest["v"] == record.version
     assert tmp_files(tmp_path) == []
+
+
+def test_change_token_is_rewritten_by_every_change_and_only_then(store: DiskPromptStore) -> None:
+    seen = [store.change_token()]
+    assert seen == [""]
+
+    def changed() -> bool:
+        token = store.change_token()
+        fresh = token not in seen
+        seen.append(token)
+        return fresh
+
+    put(store, "t", V1)
+    assert changed()
+    put(store, "t", V2)
+    assert changed()
+    store.set_current("t", V1)
+    assert changed()
+    with pytest.raises(VersionNotFoundError):
+        store.set_current("t", "f" * 16)
+    assert not changed()
+    assert store.versions("t") and store.list_tasks() and not changed()
+    store.delete("t")
+    assert changed()
+    with pytest.raises(TaskNotFoundError):
+        store.delete("t")
+    assert not changed()
+    # Another process on the same directory sees the same token.
+    assert DiskPromptStore(store.root).change_token() == seen[-1]

@@ -334,3 +334,15 @@ def test_two_stores_see_each_others_writes(backend: Backend) -> None:
     assert a.get("t").version == V1
     a.delete("t")
     assert b.list_tasks() == []
+
+
+def test_current_versions_reads_pointers_only(store: PromptStore) -> None:
+    put(store, "a", V1)
+    put(store, "b", V1)
+    put(store, "b", V2)
+    store.set_current("b", V1)
+    assert store.current_versions([]) == {}
+    assert store.current_versions(["a", "b", "ghost"]) == {"a": V1, "b": V1, "ghost": None}
+    store.delete("a")
+    # Names that cannot be tasks are left out rather than raising: reconciling must go on.
+    assert store.current_versions(["a", "../x", "b"]) == {"a": None, "b": V1}

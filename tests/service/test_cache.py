@@ -3,18 +3,25 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+import redis
 
 from prompts.artifact import PromptArtifact
 from prompts.backbone import Backbone
 from prompts.disk_store import DiskPromptStore
-from prompts.errors import InvalidTaskNameError, TaskNotFoundError
-from prompts.store import StoredArtifact
-from service.cache import PromptCache
+from prompts.errors import InvalidTaskNameError, StoreUnavailableError, TaskNotFoundError
+from prompts.store import PromptStore, StoredArtifact
+from service.cache import PromptCache, artifact_nbytes
 from service.errors import TaskUnavailableError
 from service.pool import PromptPool
 from tests.factories import random_artifact
+
+if TYPE_CHECKING:
+    from tests.redis_server import RedisServer
+
+pytest_plugins = ("tests.redis_server",)
 
 
 class CountingStore(DiskPromptStore):
@@ -32,11 +39,11 @@ class CountingStore(DiskPromptStore):
         return super().get(task, version)
 
 
-def put(store: DiskPromptStore, artifact: PromptArtifact) -> None:
+def put(store: PromptStore, artifact: PromptArtifact) -> None:
     store.put(artifact.task, artifact.version, artifact.data, artifact.manifest_json())
 
 
-def make_cache(store: DiskPromptStore, backbone: Backbone, **kwargs: float) -> PromptCache:
+def make_cache(store: PromptStore, backbone: Backbone, **kwargs: float) -> PromptCache:
     options = {"budget_bytes": 1 << 30, "max_artifact_bytes": 1 << 26, "pointer_ttl_s": 60.0} | kwargs
     pool = PromptPool(backbone.spec, backbone.device, backbone.dtype)
     return PromptCache(store, backbone, pool, **options)  # type: ignore[arg-type]
@@ -145,3 +152,111 @@ async def test_unknown_invalid_and_corrupt_tasks(tmp_path: Path, backbone: Backb
     store.put("broken", "0123456789abcdef", b"definitely not safetensors", '{"task": "broken"}')
     with pytest.raises(TaskUnavailableError, match="stored version 0123456789abcdef of task 'broken'"):
         await cache.resolve("broken")
+
+
+async def test_device_misses_are_served_from_the_host_tier(tmp_path: Path, backbone: Backbone) -> None:
+    store = CountingStore(tmp_path)
+    for i in range(3):
+        put(store, random_artifact(backbone.spec, task=f"t{i}", seed=i))
+    probe = make_cache(store, backbone)
+    size = (await probe.resolve("t0")).nbytes
+    host_size = artifact_nbytes(random_artifact(backbone.spec, task="t0", seed=0))
+    # Room for one task on the device and two in host memory.
+    cache = make_cache(store, backbone, budget_bytes=size, host_budget_bytes=2 * host_size)
+    store.gets.clear()
+    await cache.resolve("t0")
+    await cache.resolve("t1")  # evicts t0 from the device; its parsed artifact stays in host memory
+    assert len(cache) == 1 and cache.evictions == 1 and cache.host_nbytes == 2 * host_size
+    again = await cache.resolve("t0")
+    assert again.version == random_artifact(backbone.spec, task="t0", seed=0).version
+    assert [g[0] for g in store.gets] == ["t0", "t1"] and cache.host_hits == 1
+    await cache.resolve("t2")  # host memory holds two: the least recently used one (t1) goes
+    assert cache.host_nbytes == 2 * host_size
+    await cache.resolve("t1")
+    assert [g[0] for g in store.gets] == ["t0", "t1", "t2", "t1"]
+    cache.forget("t1")
+    assert cache.host_nbytes == host_size
+
+
+async def test_a_pointer_read_older_than_a_change_message_is_not_kept(
+    tmp_path: Path, backbone: Backbone
+) -> None:
+    class SlowPointerStore(DiskPromptStore):
+        """Reads the pointer, then waits at a gate before answering (a slow store)."""
+
+        def __init__(self, root: Path) -> None:
+            super().__init__(root)
+            self.read = threading.Event()
+            self.gate = threading.Event()
+
+        def current_version(self, task: str) -> str:
+            version = super().current_version(task)
+            self.read.set()
+            assert self.gate.wait(10)
+            return version
+
+    store = SlowPointerStore(tmp_path)
+    v1 = random_artifact(backbone.spec, task="t", seed=1)
+    v2 = random_artifact(backbone.spec, task="t", seed=2)
+    put(store, v1)
+    cache = make_cache(store, backbone)
+    first = asyncio.create_task(cache.resolve("t"))
+    assert await asyncio.to_thread(store.read.wait, 10)
+    put(store, v2)
+    cache.apply_change("t", v2.version)  # the message arrives while the older read is in flight
+    store.gate.set()
+    # The request that started first may get v1, but v1 must not become this replica's pointer.
+    assert (await first).version == v1.version
+    assert cache.current("t") is None
+    assert (await cache.resolve("t")).version == v2.version and cache.current("t") == v2.version
+
+
+async def test_store_outage_serves_cached_tasks_and_refuses_uncached_ones(
+    private_redis: RedisServer, backbone: Backbone
+) -> None:
+    from prompts.redis_store import RedisPromptStore
+
+    store = RedisPromptStore(private_redis.url)
+    try:
+        put(store, random_artifact(backbone.spec, task="cached", seed=1))
+        put(store, random_artifact(backbone.spec, task="uncached", seed=2))
+        # TTL 0: every request asks the store for the pointer, so each one meets the outage.
+        cache = make_cache(store, backbone, pointer_ttl_s=0.0)
+        served = await cache.resolve("cached")
+        redis.Redis.from_url(private_redis.url).save()  # the restarted server gets the same data
+        private_redis.stop()
+        for _ in range(3):
+            assert await cache.resolve("cached") is served
+        with pytest.raises(StoreUnavailableError, match="'uncached' is not cached on this replica"):
+            await cache.resolve("uncached")
+        private_redis.start()
+        assert (await cache.resolve("uncached")).task == "uncached"
+        assert await cache.resolve("cached") is served
+    finally:
+        store.close()
+
+
+async def test_change_messages_preload_hot_tasks_only(tmp_path: Path, backbone: Backbone) -> None:
+    store = CountingStore(tmp_path)
+    put(store, random_artifact(backbone.spec, task="cold", seed=1))
+    put(store, random_artifact(backbone.spec, task="hot", seed=2))
+    probe = make_cache(store, backbone)
+    size = (await probe.resolve("hot")).nbytes
+    cache = make_cache(store, backbone, budget_bytes=size)  # one task on the device
+    await cache.resolve("cold")
+    await cache.resolve("hot")  # pushes "cold" off the device
+    cold2 = random_artifact(backbone.spec, task="cold", seed=3)
+    hot2 = random_artifact(backbone.spec, task="hot", seed=4)
+    put(store, cold2)
+    put(store, hot2)
+    store.gets.clear()
+    cache.apply_change("cold", cold2.version)
+    cache.apply_change("hot", hot2.version)
+    cache.apply_change("unknown", hot2.version)
+    assert (cache.current("cold"), cache.current("hot")) == (cold2.version, hot2.version)
+    assert cache.current("unknown") is None and cache.swaps == 2
+    # Only the hot task's new version is being loaded ahead of its first request.
+    assert set(cache._loading) == {("hot", hot2.version)}
+    assert (await cache.resolve("hot")).version == hot2.version
+    # The request joined (or found) the preload: one store read in all.
+    assert [g[:2] for g in store.gets] == [("hot", hot2.version)]

@@ -34,6 +34,8 @@ from prompts.names import TASK_NAME_PATTERN
 from service.app import create_app
 from service.settings import Settings
 from tests.factories import random_artifact
+from tests.redis_server import RedisUnavailable, no_redis, start_server
+from tests.synthetic import write_data_dir
 
 FUZZ_TASK = "fuzz"
 CHECKS = [
@@ -46,9 +48,26 @@ CHECKS = [
 
 
 @pytest.fixture(scope="module")
-def fuzz_app(tmp_path_factory: pytest.TempPathFactory, backbone: Backbone) -> FastAPI:
+def jobs_redis() -> Iterator[str]:
+    """A private redis-server, so the training-job routes run for real (not 503 jobs_disabled)."""
+    try:
+        server = start_server()
+    except RedisUnavailable as exc:
+        no_redis(str(exc))
+    try:
+        yield server.url
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def fuzz_app(tmp_path_factory: pytest.TempPathFactory, backbone: Backbone, jobs_redis: str) -> FastAPI:
+    tmp = tmp_path_factory.mktemp("fuzz")
+    write_data_dir(tmp / "data" / "keywords")  # a data_path a drawn job may name
     settings = Settings(
-        store=str(tmp_path_factory.mktemp("fuzz") / "store"),
+        store=str(tmp / "store"),
+        jobs_url=jobs_redis,
+        data_root=tmp / "data",
         max_wait_ms=1,
         max_texts_per_request=16,
         max_text_chars=2000,

@@ -1,0 +1,132 @@
+"""Training-job routes: submit a job (202 + its id), read its state. Training happens in workers."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, Field
+
+from prompts.jobs import JobQueue, JobSpec, JobStatus, job_task_data, resolve_data_path
+from prompts.training import job_train_config
+from service.errors import JobsDisabledError, PayloadTooLargeError
+from service.runtime import Runtime
+from service.schemas import ErrorResponse
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        404: "unknown job",
+        413: "too many inline examples",
+        422: "invalid job: task, method, hyperparameters or data",
+        503: "training jobs are not configured, or the job queue is unreachable",
+    }.items()
+}
+
+jobs_router = APIRouter()
+
+
+class TrainingJobRequest(JobSpec):
+    """``task``, ``method``, ``hyperparameters``, and either inline ``train`` (+ ``dev``, ``test``)
+    examples or a server-side ``data_path`` inside the server's data root."""
+
+
+class TrainingJobCreatedResponse(BaseModel):
+    id: str = Field(description="the job id, for GET /v1/training-jobs/{id}")
+    state: str
+
+
+class TrainingJobResponse(BaseModel):
+    id: str
+    task: str
+    method: str
+    state: str = Field(description="queued, running, succeeded or failed")
+    attempts: int = Field(description="times a worker took the job")
+    worker: str | None = Field(description="the worker that holds (or last held) the job")
+    progress: dict[str, Any] | None = Field(
+        description="epoch, epochs, step, total_steps, last loss and dev accuracy"
+    )
+    metrics: dict[str, Any] | None = Field(description="dev/test scores of the published version")
+    version: str | None = Field(description="the published task version, once succeeded")
+    error: str | None = Field(description="why the job failed")
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+
+    @classmethod
+    def from_status(cls, status: JobStatus) -> TrainingJobResponse:
+        return cls(
+            id=status.id,
+            task=status.task,
+            method=status.method,
+            state=status.state,
+            attempts=status.attempts,
+            worker=status.worker,
+            progress=status.progress,
+            metrics=status.metrics,
+            version=status.version,
+            error=status.error,
+            created_at=_iso(status.created_at),
+            started_at=_iso(status.started_at) if status.started_at is not None else None,
+            finished_at=_iso(status.finished_at) if status.finished_at is not None else None,
+        )
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
+def _queue(request: Request) -> tuple[Runtime, JobQueue]:
+    runtime: Runtime = request.app.state.runtime
+    if runtime.jobs is None:
+        raise JobsDisabledError(
+            "training jobs are not configured on this server: set PTSERVE_JOBS_URL to a redis:// URL "
+            "(or use a redis:// PTSERVE_STORE) and run `ptserve worker` against it"
+        )
+    return runtime, runtime.jobs
+
+
+def _check(spec: JobSpec, runtime: Runtime) -> None:
+    """Refuse now what a worker would refuse later: bad hyperparameters, unusable inline data, bad paths."""
+    job_train_config(spec)
+    if spec.data_path is not None:
+        # The file is read by the worker; here only where it is, so a huge file costs the API nothing.
+        resolve_data_path(runtime.settings.data_root, spec.data_path)
+    else:
+        job_task_data(spec, runtime.settings.data_root)
+
+
+@jobs_router.post(
+    "/v1/training-jobs",
+    status_code=202,
+    response_model=TrainingJobCreatedResponse,
+    responses=ERRORS,
+    tags=["training"],
+)
+async def submit_training_job(
+    body: TrainingJobRequest, request: Request, response: Response
+) -> TrainingJobCreatedResponse:
+    """Queue a training job; a worker trains it and publishes the task (served without a restart)."""
+    runtime, queue = _queue(request)
+    limit = runtime.settings.max_job_examples
+    if body.example_count() > limit:
+        raise PayloadTooLargeError(
+            f"{body.example_count()} inline examples in one job; the limit is {limit} "
+            "(PTSERVE_MAX_JOB_EXAMPLES): put larger data sets under the data root and send data_path"
+        )
+    await asyncio.to_thread(_check, body, runtime)
+    job_id = await asyncio.to_thread(queue.submit, body)
+    response.headers["Location"] = f"/v1/training-jobs/{job_id}"
+    return TrainingJobCreatedResponse(id=job_id, state="queued")
+
+
+@jobs_router.get(
+    "/v1/training-jobs/{job_id}", response_model=TrainingJobResponse, responses=ERRORS, tags=["training"]
+)
+async def get_training_job(job_id: str, request: Request) -> TrainingJobResponse:
+    """A job's state, progress, metrics, published version or error."""
+    _, queue = _queue(request)
+    status = await asyncio.to_thread(queue.status, job_id)
+    return TrainingJobResponse.from_status(status)

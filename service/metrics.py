@@ -1,0 +1,157 @@
+"""Prometheus metrics of one app, in a registry of its own (several apps can live in one process).
+
+Request and batch metrics are pushed as things happen; cache, queue and training-job figures are
+read from the runtime when ``/metrics`` is scraped, so they never drift from the real values.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from service.batcher import BatchStats
+from service.logs import RequestRecord
+
+if TYPE_CHECKING:
+    from service.engine import Row
+    from service.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_FORWARD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+_RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class Metrics:
+    """Every metric of one app; ``render()`` is the body of ``GET /metrics``."""
+
+    def __init__(self, runtime: Callable[[], Runtime | None]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        # ``task`` is set only once a request resolved a real task (routes put it on request.state),
+        # so unknown or malformed task names cannot grow the label set.
+        self.requests = Counter(
+            "ptserve_requests",
+            "HTTP requests by route, task and status",
+            ["route", "task", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "ptserve_request_duration_seconds",
+            "HTTP request latency by route, task and status",
+            ["route", "task", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batches = Counter(
+            "ptserve_batches",
+            "forward passes by what closed the batch (size, tokens, time, drain)",
+            ["closed_by"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "ptserve_batch_size", "rows per forward pass", buckets=_SIZE_BUCKETS, registry=r
+        )
+        self.batch_tasks = Histogram(
+            "ptserve_batch_tasks",
+            "distinct task versions per forward pass",
+            buckets=_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.padding_ratio = Histogram(
+            "ptserve_batch_padding_ratio",
+            "share of a batch's padded tokens that are padding (1 - real / padded)",
+            buckets=_RATIO_BUCKETS,
+            registry=r,
+        )
+        self.forward = Histogram(
+            "ptserve_forward_seconds", "wall time of one forward pass", buckets=_FORWARD_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "ptserve_queue_wait_seconds",
+            "how long the oldest row of a batch waited before its forward started",
+            buckets=_FORWARD_BUCKETS,
+            registry=r,
+        )
+        self.registry.register(RuntimeCollector(runtime))
+
+    def observe_request(self, record: RequestRecord) -> None:
+        route = record.route or "unmatched"
+        task = record.task or ""
+        status = str(record.status)
+        self.requests.labels(route, task, status).inc()
+        self.latency.labels(route, task, status).observe(record.latency_ms / 1000.0)
+
+    def observe_batch(self, stats: BatchStats) -> None:
+        self.batches.labels(stats.closed_by).inc()
+        self.batch_size.observe(stats.size)
+        self.forward.observe(stats.run_s)
+        self.queue_wait.observe(stats.queue_wait_s)
+        if stats.padded_tokens > 0:
+            self.padding_ratio.observe(1.0 - stats.real_tokens / stats.padded_tokens)
+
+    def observe_rows(self, rows: Sequence[Row]) -> None:
+        """Called from the forward thread with each batch's rows (prometheus-client is thread-safe)."""
+        self.batch_tasks.observe(len({(row.task.task, row.task.version) for row in rows}))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RuntimeCollector(Collector):
+    """Reads the cache, batcher and job queue at scrape time (no job queue: no job figures)."""
+
+    def __init__(self, runtime: Callable[[], Runtime | None]) -> None:
+        self._runtime = runtime
+
+    def describe(self) -> list[Metric]:
+        # Nothing up front: what exists depends on the runtime, which appears in the lifespan.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        runtime = self._runtime()
+        if runtime is None:
+            return
+        yield _gauge("ptserve_queue_depth", "rows waiting for a batch", runtime.batcher.queue_depth)
+        cache = runtime.cache
+        yield _gauge("ptserve_cache_entries", "task versions in the device prompt cache", len(cache))
+        yield _gauge("ptserve_cache_bytes", "bytes of task tensors in the device prompt cache", cache.nbytes)
+        yield _gauge(
+            "ptserve_cache_host_bytes", "bytes of parsed artifacts in the host cache tier", cache.host_nbytes
+        )
+        yield _counter("ptserve_cache_hits", "prompt-cache lookups served from the cache", cache.hits)
+        yield _counter(
+            "ptserve_cache_misses", "prompt-cache lookups that loaded from the store", cache.misses
+        )
+        yield _counter(
+            "ptserve_cache_evictions", "task versions evicted from the device cache", cache.evictions
+        )
+        yield _counter("ptserve_swaps", "times this replica saw a task's current version change", cache.swaps)
+        jobs = runtime.jobs
+        if jobs is not None:
+            family = GaugeMetricFamily("ptserve_training_jobs", "training jobs by state", labels=["state"])
+            try:
+                counts: dict[str, int] = jobs.counts_by_state()
+            except Exception as exc:  # a scrape must not fail because Redis is down
+                logger.warning("training-job counts unavailable: %s", exc)
+                counts = {}
+            for state, count in sorted(counts.items()):
+                family.add_metric([state], count)
+            yield family
+
+
+def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, text, value=value)
+
+
+def _counter(name: str, text: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, text, value=value)

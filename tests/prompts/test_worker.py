@@ -1,0 +1,84 @@
+"""TrainingWorker in-process on a real Redis: publishing, giving a job back, losing a job."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+from prompts.backbone import Backbone
+from prompts.errors import TaskNotFoundError
+from prompts.jobs import JobQueue, JobSpec
+from prompts.redis_store import RedisPromptStore
+from prompts.worker import TrainingWorker
+from tests.synthetic import job_request
+
+if TYPE_CHECKING:
+    from tests.redis_server import RedisServer
+
+pytest_plugins = ("tests.redis_server",)
+
+DEADLINE_S = 60.0
+
+
+@pytest.fixture
+def queue(private_redis: RedisServer) -> Iterator[JobQueue]:
+    q = JobQueue(private_redis.url, claim_idle_s=0.2)
+    yield q
+    q.close()
+
+
+def _worker(private_redis: RedisServer, backbone: Backbone, queue: JobQueue) -> TrainingWorker:
+    store = RedisPromptStore(private_redis.url)
+    return TrainingWorker(backbone, queue, store, heartbeat_s=0.05, data_root=None, name="inproc")
+
+
+def test_worker_trains_reports_progress_and_publishes(
+    private_redis: RedisServer, backbone: Backbone, queue: JobQueue
+) -> None:
+    worker = _worker(private_redis, backbone, queue)
+    job_id = queue.submit(JobSpec.model_validate(job_request(epochs=3)))
+    lease = queue.take(worker.name, block_s=0.1)
+    assert lease is not None
+    assert worker.run_job(lease, threading.Event()) == "succeeded"
+    status = queue.status(job_id)
+    assert status.state == "succeeded" and status.progress is not None and status.metrics is not None
+    assert status.progress["epoch"] == 3 and status.progress["dev_accuracy"] is not None
+    assert worker.store.current_version("keywords") == status.version
+
+
+def test_worker_stopping_gives_the_job_back(
+    private_redis: RedisServer, backbone: Backbone, queue: JobQueue
+) -> None:
+    worker = _worker(private_redis, backbone, queue)
+    job_id = queue.submit(JobSpec.model_validate(job_request(epochs=3)))
+    lease = queue.take(worker.name, block_s=0.1)
+    assert lease is not None
+    stop = threading.Event()
+    stop.set()
+    assert worker.run_job(lease, stop) == "released"
+    assert queue.status(job_id).state == "queued"
+    with pytest.raises(TaskNotFoundError):
+        worker.store.current_version("keywords")
+
+
+def test_worker_that_lost_its_job_publishes_nothing(
+    private_redis: RedisServer, backbone: Backbone, queue: JobQueue
+) -> None:
+    worker = _worker(private_redis, backbone, queue)
+    job_id = queue.submit(JobSpec.model_validate(job_request(epochs=3)))
+    lease = queue.take(worker.name, block_s=0.1)
+    assert lease is not None
+    # Another worker takes the job over (as after a stall past the claim timeout).
+    deadline = time.monotonic() + DEADLINE_S
+    while (queue.pending_idle_s(lease) or 0.0) < queue.claim_idle_s:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert queue.take("other", block_s=0.1) is not None
+    assert worker.run_job(lease, threading.Event()) == "lost"
+    assert queue.status(job_id).worker == "other"
+    with pytest.raises(TaskNotFoundError):
+        worker.store.current_version("keywords")

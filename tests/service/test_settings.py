@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from service.cli import REPO_ROOT
+
+
+def serve_with(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``ptserve serve`` in a subprocess with ``env`` on top of a PTSERVE_-free environment."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PTSERVE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--port", "1"],
+        cwd=REPO_ROOT,
+        env={**base, "PTSERVE_AUTH": "off", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"PTSERVE_MAX_BATCH_SIZE": "0"},
+            "max_batch_size (--max-batch-size / PTSERVE_MAX_BATCH_SIZE): Input should be greater than or "
+            "equal to 1 (got '0')",
+        ),
+        ({"PTSERVE_LOG_FORMAT": "xml"}, "log_format (--log-format / PTSERVE_LOG_FORMAT): Input should be"),
+        ({"PTSERVE_REQUEST_TIMEOUT_S": "-1"}, "request_timeout_s (PTSERVE_REQUEST_TIMEOUT_S)"),
+        ({"PTSERVE_API_KEYS": "admin:secret"}, "api_keys (PTSERVE_API_KEYS): entry 1 (scope 'admin')"),
+        ({"PTSERVE_AUTH": "on"}, "auth is on but no API keys are configured: set PTSERVE_API_KEYS"),
+        ({"PTSERVE_MAX_QUEUE": "10"}, "max_queue (10) must be at least max_texts_per_request (256)"),
+    ],
+)
+def test_invalid_settings_stop_serve_with_one_clean_message(env: dict[str, str], expected: str) -> None:
+    done = serve_with(env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("ptserve: invalid settings:\n"), done.stderr
+    assert expected in done.stderr
+    assert "Traceback" not in done.stderr and "pydantic" not in done.stderr.lower()
+    assert done.stdout == ""
