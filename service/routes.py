@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Body, File, Request, UploadFile
 from fastapi.responses import JSONResponse
@@ -29,6 +30,8 @@ from service.schemas import (
     UploadResponse,
 )
 
+T = TypeVar("T")
+
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
@@ -52,6 +55,15 @@ admin_router = APIRouter()  # uploads, deletes, rollbacks: the ``admin`` scope
 def _runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
+
+
+async def unabandoned(change: Coroutine[Any, Any, T]) -> T:
+    """Run a store change to its end even if the request is cancelled (timeout, client gone).
+
+    Otherwise a 504 could leave the store written but this replica's cache not told, with the upload
+    lock already released to the next change.
+    """
+    return await asyncio.shield(asyncio.ensure_future(change))
 
 
 def _check_texts(texts: list[str], runtime: Runtime) -> None:
@@ -143,12 +155,16 @@ async def upload_prompt(
 
     artifact = await asyncio.to_thread(validate)
     request.state.task, request.state.version = artifact.task, artifact.version
-    # One upload at a time per replica: the store's pointer and this cache's move in the same order.
-    async with runtime.upload_lock:
-        await asyncio.to_thread(
-            runtime.store.put, artifact.task, artifact.version, artifact.data, artifact.manifest_json()
-        )
-        await runtime.cache.install(artifact)
+
+    async def publish() -> None:
+        # One upload at a time per replica: the store's pointer and this cache's move in the same order.
+        async with runtime.upload_lock:
+            await asyncio.to_thread(
+                runtime.store.put, artifact.task, artifact.version, artifact.data, artifact.manifest_json()
+            )
+            await runtime.cache.install(artifact)
+
+    await unabandoned(publish())
     m = artifact.manifest
     return UploadResponse(task=m.task, version=m.version, labels=m.labels, method=m.method)
 
@@ -187,9 +203,13 @@ async def delete_prompt(task: str, request: Request) -> DeleteResponse:
     """Delete a task: new requests get 404; requests already admitted finish on their version."""
     runtime = _runtime(request)
     validate_task_name(task)
-    async with runtime.upload_lock:
-        await asyncio.to_thread(runtime.store.delete, task)
-        runtime.cache.forget(task)
+
+    async def remove() -> None:
+        async with runtime.upload_lock:
+            await asyncio.to_thread(runtime.store.delete, task)
+            runtime.cache.forget(task)
+
+    await unabandoned(remove())
     return DeleteResponse(task=task, deleted=True)
 
 
@@ -216,15 +236,20 @@ async def rollback_prompt(
     """Make an older stored version current; once this returns, new requests here are served with it."""
     runtime = _runtime(request)
     validate_task_name(task)
-    async with runtime.upload_lock:
-        previous, target = await asyncio.to_thread(
-            _rollback_target, runtime.store, task, body.version if body is not None else None
-        )
-        # Loaded before the pointer moves, so a version this replica cannot serve is refused
-        # (404 unknown, 409 unusable) without changing what every replica serves.
-        await runtime.cache.load(task, target)
-        await asyncio.to_thread(runtime.store.set_current, task, target)
-        await runtime.cache.activate(task, target)
+
+    async def roll_back() -> tuple[str, str]:
+        async with runtime.upload_lock:
+            previous, target = await asyncio.to_thread(
+                _rollback_target, runtime.store, task, body.version if body is not None else None
+            )
+            # Loaded before the pointer moves, so a version this replica cannot serve is refused
+            # (404 unknown, 409 unusable) without changing what every replica serves.
+            await runtime.cache.load(task, target)
+            await asyncio.to_thread(runtime.store.set_current, task, target)
+            await runtime.cache.activate(task, target)
+            return previous, target
+
+    previous, target = await unabandoned(roll_back())
     return RollbackResponse(task=task, version=target, previous=previous)
 
 

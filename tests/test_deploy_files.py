@@ -5,8 +5,7 @@ accepts: commands are real CLI subcommands, PTSERVE_* variables are real setting
 checks, volumes and the load balancer agree. The last test runs the service with compose's own
 environment and the image's own HEALTHCHECK command.
 
-``compose_environment`` is meant for topology tests: it gives a compose service's environment with
-``${VAR:-default}`` resolved, ready to pass to a subprocess.
+The compose readers are in ``tests/compose.py``, shared with the topology test (tests/test_topology.py).
 """
 
 from __future__ import annotations
@@ -20,76 +19,30 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import crossplane
 import httpx
 import pytest
-import yaml
 from compose_spec import PyCompose
 
 from service.app import create_app
 from service.cli import build_parser
 from service.limits import MULTIPART_OVERHEAD_BYTES
 from service.settings import Settings
+from tests.compose import compose_environment, load_compose, local_environment
 
 pytest_plugins = ("tests.redis_server",)
 
 REPO = Path(__file__).resolve().parents[1]
-COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 NGINX = REPO / "docker" / "nginx.conf"
 
 PTSERVE_SERVICES = ("service", "worker", "service-gpu", "worker-gpu")
-_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 
 # ------------------------------------------------------------------------------------------ readers
-
-
-def load_compose() -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
-    return data
-
-
-def interpolate(value: str, env: Mapping[str, str]) -> str:
-    """Compose's ``${VAR}`` / ``${VAR:-default}``: ``env`` first, else the default, else empty."""
-    return _VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
-
-
-def compose_environment(service: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment compose gives ``service``, interpolated from ``env`` (default: none set)."""
-    block = load_compose()["services"][service].get("environment", {})
-    if isinstance(block, list):  # the KEY=VALUE list form
-        block = dict(item.split("=", 1) for item in block)
-    return {str(k): interpolate(str(v), env or {}) for k, v in block.items()}
-
-
-def local_environment(
-    service: str,
-    *,
-    redis_url: str,
-    port: int | None = None,
-    paths: Mapping[str, str] | None = None,
-    env: Mapping[str, str] | None = None,
-) -> dict[str, str]:
-    """Compose's environment for ``service`` as a process on this machine: the Redis URL (store, and
-    jobs if set) points at ``redis_url``, the bind address is loopback with ``port``, and container
-    paths (e.g. ``/data/training``) are mapped by ``paths``. For topology tests."""
-    local = compose_environment(service, env)
-    for key in ("PTSERVE_STORE", "PTSERVE_JOBS_URL"):
-        if local.get(key, "").startswith("redis://redis:6379"):
-            local[key] = redis_url
-    if "PTSERVE_HOST" in local:
-        local["PTSERVE_HOST"] = "127.0.0.1"
-    if port is not None:
-        local["PTSERVE_PORT"] = str(port)
-    for key, value in list(local.items()):
-        if paths and value in paths:
-            local[key] = paths[value]
-    return local
 
 
 def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
@@ -430,7 +383,9 @@ def test_service_starts_from_compose_environment_and_passes_both_healthchecks(
     """``ptserve serve`` with compose's service environment (Redis and port mapped to loopback)."""
     port = _free_port()
     keys = {"PTSERVE_API_KEYS": "admin:" + "a" * 64}
-    env = local_environment("service", redis_url=private_redis.url, port=port, env=keys)
+    env = local_environment(
+        "service", redis_url=private_redis.url, port=port, paths={"/data/training": str(tmp_path)}, env=keys
+    )
     assert env["PTSERVE_STORE"] == private_redis.url and env["PTSERVE_HOST"] == "127.0.0.1"
     env["PTSERVE_MODEL"] = str(tiny_bert_dir)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("PTSERVE_")}

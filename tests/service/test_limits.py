@@ -228,3 +228,34 @@ async def test_shutdown_drains_admitted_requests_and_refuses_new_ones(
     finally:
         if stopping is None:
             await lifespan.__aexit__(None, None, None)
+
+
+async def test_upload_that_times_out_mid_write_still_publishes_and_is_served(
+    tmp_path: Path, backbone: Backbone
+) -> None:
+    async with serving(limit_settings(tmp_path, request_timeout_s=0.2), backbone) as (app, client):
+        await add_task(client, backbone)
+        runtime: Runtime = app.state.runtime
+        entered, release = threading.Event(), threading.Event()
+        real_put = runtime.store.put
+
+        def slow_put(task: str, version: str, data: bytes, manifest_json: str) -> None:
+            entered.set()
+            assert release.wait(10)
+            real_put(task, version, data, manifest_json)
+
+        runtime.store.put = slow_put  # type: ignore[method-assign]
+        newer = random_artifact(backbone.spec, task="limited", seed=5)
+        try:
+            r = await client.post("/v1/prompts", files={"file": ("a.safetensors", newer.data)})
+            assert entered.is_set()
+            assert_json_error(r, 504, "request_timeout")
+        finally:
+            release.set()
+        # The write went on after the 504: once the lock is free, the store and this replica's
+        # cache agree on the new version (a second change waits for the first to finish).
+        async with asyncio.timeout(10), runtime.upload_lock:
+            pass
+        assert runtime.store.current_version("limited") == newer.version
+        r = await client.post("/v1/classify", json={"task": "limited", "text": "after"})
+        assert r.status_code == 200 and r.json()["version"] == newer.version
