@@ -59,10 +59,10 @@ _READ_RETRIES = 5
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 # Test-only fault injection (tests/service/test_faults.py), off unless this variable is set to
-# "<stage>:<task>:<marker file>": a put of <task> that reaches <stage> creates the marker and then
-# blocks for good, so a test can SIGKILL the process at exactly that point of the write.
+# "<stage>:<task>:<marker file>" (stage: artifact_half_written, before_pointer or before_history):
+# a put of <task> that reaches <stage> creates the marker and then blocks for good, so a test can
+# SIGKILL the process at exactly that point of the write.
 PAUSE_ENV = "PTSERVE_TEST_PAUSE_AT"
-PAUSE_STAGES = ("artifact_half_written", "before_pointer", "before_history")
 
 
 def _pause_point(stage: str, task: str) -> None:
