@@ -31,6 +31,7 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,24 @@ MANIFEST_SUFFIX = ".json"
 _READ_RETRIES = 5
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+# Test-only fault injection (tests/service/test_faults.py), off unless this variable is set to
+# "<stage>:<task>:<marker file>" (stage: artifact_half_written, before_pointer or before_history):
+# a put of <task> that reaches <stage> creates the marker and then blocks for good, so a test can
+# SIGKILL the process at exactly that point of the write.
+PAUSE_ENV = "PTSERVE_TEST_PAUSE_AT"
+
+
+def _pause_point(stage: str, task: str) -> None:
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    want_stage, _, rest = spec.partition(":")
+    want_task, _, marker = rest.partition(":")
+    if (want_stage, want_task) != (stage, task):
+        return
+    logger.warning("prompt store: pausing the put of task %r at %s (%s is set)", task, stage, PAUSE_ENV)
+    Path(marker).write_text(f"{os.getpid()}\n")
+    threading.Event().wait()
 
 
 def _write_error(path: Path, exc: OSError) -> StoreError:
@@ -82,7 +101,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, pause: tuple[str, str] | None = None) -> None:
     """Replace ``path`` with ``data`` so that readers see the old or the new content, never a mix."""
     tmp = path.with_name(f"{TMP_PREFIX}{secrets.token_hex(8)}-{path.name}")
     replaced = False
@@ -90,10 +109,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             view = memoryview(data)
-            while view:
+            written = 0
+            # With a pause (tests only) the first half reaches the file before the writer stops.
+            stop_at = len(data) // 2 if pause is not None else len(data)
+            while written < len(data):
+                if pause is not None and written >= stop_at:
+                    _pause_point(*pause)
+                    stop_at = len(data)
                 # os.write may write less than asked (signals, pipes), so loop until done.
-                written = os.write(fd, view)
-                view = view[written:]
+                written += os.write(fd, view[written:stop_at])
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -427,8 +451,10 @@ class DiskPromptStore:
             if not (artifact.is_file() and sidecar.is_file()):
                 # Sidecar first: an artifact on disk then implies its manifest is there too.
                 _atomic_write(sidecar, manifest_json.encode("utf-8"))
-                _atomic_write(artifact, data)
+                _atomic_write(artifact, data, pause=("artifact_half_written", task))
+            _pause_point("before_pointer", task)
             _atomic_write(self._task_dir(task) / "current", f"{version}\n".encode("ascii"))
+            _pause_point("before_history", task)
             # Entries whose files are gone must not count against keep_versions.
             history = [version, *(v for v in self._stored_versions(task) if v != version)]
             self._write_history_and_prune(task, version, history)

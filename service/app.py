@@ -43,9 +43,39 @@ def error_response(
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
+        if err.get("type") == "json_invalid":
+            # FastAPI puts the character offset where a field name would be: say what it is.
+            position = err.get("loc", ("body", "?"))[-1]
+            reason = (err.get("ctx") or {}).get("error", "JSON decode error")
+            parts.append(f"body is not valid JSON: {reason} at character {position}")
+            continue
         loc = [str(x) for x in err.get("loc", ()) if x != "body"] or ["body"]
-        parts.append(f"{'.'.join(loc)}: {err.get('msg', 'invalid')}")
+        message = f"{'.'.join(loc)}: {err.get('msg', 'invalid')}"
+        if loc == ["body"] and err.get("type") == "model_attributes_type":
+            message += " (send a JSON object with Content-Type: application/json)"
+        parts.append(message)
     return "; ".join(parts)
+
+
+def _bad_request_message(exc: StarletteHTTPException) -> str:
+    """What a 400 from FastAPI or Starlette (an unparseable body) was really about, from its cause."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            f"request body is not valid UTF-8: byte 0x{cause.object[cause.start]:02x} "
+            f"at position {cause.start}"
+        )
+    if cause is not None:
+        return f"request body could not be parsed: {type(cause).__name__}: {cause}"
+    return f"request body could not be parsed: {exc.detail}"
+
+
+def _not_found_message(request: Request) -> str:
+    message = f"no route for {request.method} {request.url.path}"
+    if request.url.path.startswith("/v1/prompts/"):
+        # A task name with '/' (or an encoded %2F) splits into more path segments than any route has.
+        message += "; a task name is one path segment of 1-64 characters of a-z, 0-9, '_', '.', '-' (no '/')"
+    return message
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
@@ -65,8 +95,15 @@ def install_error_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # Undecodable bodies (bad UTF-8, broken multipart) are bad input like malformed JSON:
+            # the same status and code, so clients handle one kind of refusal.
+            return error_response(request, 422, "invalid_request", _bad_request_message(exc))
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = _not_found_message(request)
         return error_response(
-            request, exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail)
+            request, exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), message
         )
 
     @app.exception_handler(Exception)

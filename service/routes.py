@@ -10,6 +10,7 @@ from fastapi import APIRouter, Body, File, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from prompts.artifact import PromptArtifact, check_compatible, parse_artifact
+from prompts.backbone import Encoding
 from prompts.errors import ArtifactTooLargeError, InvalidInputError, PtserveError, VersionNotFoundError
 from prompts.names import validate_task_name
 from prompts.store import PromptStore, TaskRecord
@@ -35,10 +36,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
         404: "unknown task or version",
+        409: "the stored task cannot be served by this replica",
         413: "payload too large",
         422: "invalid request or artifact",
         429: "overloaded",
+        500: "store or server fault",
         503: "store unavailable",
+        507: "store full",
     }.items()
 }
 
@@ -69,12 +73,35 @@ def _check_texts(texts: list[str], runtime: Runtime) -> None:
             f"{len(texts)} texts in one request; the limit is {limits.max_texts_per_request}"
         )
     for i, text in enumerate(texts):
-        where = "text" if len(texts) == 1 else f"texts[{i}]"
+        where = _where(texts, i)
         if not text.strip():
             raise InvalidInputError(f"{where} is empty or whitespace only")
         if len(text) > limits.max_text_chars:
             raise InvalidInputError(
                 f"{where} has {len(text)} characters; the limit is {limits.max_text_chars}"
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # JSON escapes can spell a lone surrogate ("\ud800"), which no tokenizer accepts.
+            raise InvalidInputError(
+                f"{where} is not valid Unicode: an unpaired surrogate {text[exc.start]!r} "
+                f"at character {exc.start}"
+            ) from None
+
+
+def _where(texts: list[str], i: int) -> str:
+    return "text" if len(texts) == 1 else f"texts[{i}]"
+
+
+def _check_tokens(texts: list[str], encodings: list[Encoding], special_ids: set[int]) -> None:
+    """Refuse texts that leave nothing but special tokens (control or format characters only, say):
+    the task would answer for an empty input, which is never what the caller meant."""
+    for i, encoding in enumerate(encodings):
+        if all(token in special_ids for token in encoding.input_ids):
+            raise InvalidInputError(
+                f"{_where(texts, i)} has no tokens to classify: it holds only control, format or "
+                "whitespace characters (or special tokens)"
             )
 
 
@@ -88,6 +115,7 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     # For the access line and the metrics (service/logs.py): only resolved tasks become labels.
     request.state.task, request.state.version = task.task, task.version
     encodings = await asyncio.to_thread(runtime.backbone.encode, texts, task.max_text_tokens)
+    _check_tokens(texts, encodings, set(runtime.backbone.tokenizer.all_special_ids))
     probabilities = await runtime.batcher.submit_many([Row(task, e.input_ids) for e in encodings])
 
     labels = task.labels

@@ -6,15 +6,39 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from prompts.names import TASK_NAME_PATTERN
+
+# The document states the rules the handlers enforce (so clients and fuzzers can follow them), but
+# pydantic does not check them: the handlers' own errors name the problem better.
+_ONE_OF_TEXT_OR_TEXTS: dict[str, Any] = {
+    "oneOf": [
+        {"required": ["text"], "properties": {"text": {"type": "string"}}},
+        {"required": ["texts"], "properties": {"texts": {"type": "array"}}},
+    ]
+}
+
 
 class ClassifyRequest(BaseModel):
     """Either ``text`` (one) or ``texts`` (several) for one task."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: no coercion, so true is not top_k=1 and 2.0 is not 2, as the document says.
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_ONE_OF_TEXT_OR_TEXTS)
 
-    task: str = Field(description="task name", examples=["product_type"])
-    text: str | None = Field(default=None, description="one text to classify")
-    texts: list[str] | None = Field(default=None, description="several texts of the same task")
+    task: str = Field(
+        description="task name",
+        examples=["product_type"],
+        json_schema_extra={"pattern": f"^{TASK_NAME_PATTERN.pattern}$"},
+    )
+    text: str | None = Field(
+        default=None,
+        description="one text to classify (not blank)",
+        json_schema_extra={"minLength": 1},
+    )
+    texts: list[str] | None = Field(
+        default=None,
+        description="several texts of the same task (each not blank)",
+        json_schema_extra={"minItems": 1},
+    )
     top_k: int | None = Field(
         default=None, ge=1, description="only return the k highest label scores per text"
     )

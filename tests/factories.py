@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
+from pydantic import ValidationError
+from safetensors.torch import save as st_save
 
-from prompts.artifact import Method, PromptArtifact, build_artifact
+from prompts.artifact import MANIFEST_KEY, Manifest, Method, PromptArtifact, build_artifact, content_version
 from prompts.backbone import BackboneSpec
 
 
@@ -47,3 +51,27 @@ def random_artifact(
         pooler=pooler,
         positions=positions,
     )
+
+
+def forge_artifact(
+    artifact: PromptArtifact,
+    edit: Callable[[dict[str, Any], dict[str, torch.Tensor]], None],
+    *,
+    rehash: bool = True,
+) -> bytes:
+    """The bytes of ``artifact`` after ``edit`` changed its manifest dict and/or tensors in place.
+
+    With ``rehash`` the version is recomputed when the edited manifest is still constructible, so the
+    content-hash check (the last one) cannot mask the check a bad upload is meant to reach.
+    """
+    manifest: dict[str, Any] = json.loads(artifact.manifest_json())
+    tensors = {name: t.clone() for name, t in artifact.tensors.items()}
+    edit(manifest, tensors)
+    if rehash:
+        try:
+            model = Manifest.model_validate({**manifest, "version": ""})
+        except ValidationError:
+            pass  # the manifest check fires before the hash check anyway
+        else:
+            manifest["version"] = content_version(model, tensors)
+    return st_save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest)})

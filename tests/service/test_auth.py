@@ -215,7 +215,7 @@ async def test_keys_are_checked_before_the_body_is_read(tmp_path: Path, backbone
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ptserve") as client,
     ):
-        # Without auth first these would be 422 (bad JSON) and 400 (bad multipart).
+        # Without auth first these would be 422 (bad JSON) and 422 (bad multipart).
         r = await client.post("/v1/classify", content=body(), headers={"content-type": "application/json"})
         assert r.status_code == 401 and r.json()["error"]["request_id"] == r.headers["X-Request-ID"]
         assert r.headers["WWW-Authenticate"].startswith("Bearer")
@@ -224,7 +224,8 @@ async def test_keys_are_checked_before_the_body_is_read(tmp_path: Path, backbone
         r = await client.post("/v1/prompts", content=b"garbage", headers=multipart)
         assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
         r = await client.post("/v1/prompts", content=b"garbage", headers={**multipart, **bearer(ADMIN_KEY)})
-        assert r.status_code == 400  # an admin key gets as far as the body
+        assert r.status_code == 422  # an admin key gets as far as the body
+        assert r.json()["error"]["code"] == "invalid_request"
 
 
 def test_a_router_included_later_is_guarded_by_its_dependency(tmp_path: Path, backbone: Backbone) -> None:
