@@ -9,6 +9,7 @@ import torch
 from prompts.backbone import Backbone
 from prompts.forward import run_prompted
 from service.cache import LoadedTask
+from service.memory import HeapTrimmer
 from service.pool import PromptPool
 
 
@@ -26,9 +27,10 @@ class Row:
 class Engine:
     """Runs one forward pass per batch and returns each row's label probabilities (its own labels only)."""
 
-    def __init__(self, backbone: Backbone, pool: PromptPool) -> None:
+    def __init__(self, backbone: Backbone, pool: PromptPool, trimmer: HeapTrimmer | None = None) -> None:
         self.backbone = backbone
         self.pool = pool
+        self.trimmer = trimmer
         self.batches = 0
 
     def logits(self, rows: list[Row]) -> torch.Tensor:
@@ -51,4 +53,6 @@ class Engine:
             probs = torch.softmax(self.logits(rows).float(), dim=-1).cpu()  # [B, max labels]
         self.batches += 1
         table = probs.tolist()
+        if self.trimmer is not None:
+            self.trimmer.maybe_trim()  # between batches, in the forward thread: see service/memory.py
         return [table[b][: row.task.num_labels] for b, row in enumerate(rows)]

@@ -14,6 +14,7 @@ from prompts.store import PromptStore
 from service.batcher import BatchStats, DynamicBatcher
 from service.cache import PromptCache
 from service.engine import Engine, Row
+from service.memory import HeapTrimmer
 from service.pool import PromptPool
 from service.settings import Settings
 from service.watcher import ChangeWatcher, make_watcher
@@ -70,7 +71,7 @@ def build_runtime(
         pointer_ttl_s=settings.pointer_ttl_s,
         host_budget_bytes=settings.host_cache_bytes,
     )
-    engine = Engine(backbone, pool)
+    engine = Engine(backbone, pool, HeapTrimmer(settings.heap_trim_interval_s))
     run_batch = engine.run_batch
     if on_rows is not None:
         observe = on_rows

@@ -73,6 +73,13 @@ class Settings(BaseSettings):
         ),
     )
 
+    heap_trim_interval_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="give memory freed by the forward back to the OS (glibc malloc_trim) at most this "
+        "often; 0: never (resident memory then keeps the high-water mark of every batch shape)",
+    )
+
     # Hot swap
     host_cache_bytes: int = Field(
         default=256 * 1024 * 1024,

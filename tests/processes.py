@@ -50,7 +50,8 @@ class PtserveProcess:
         )
 
     def output(self) -> str:
-        self._out.flush()
+        if not self._out.closed:
+            self._out.flush()
         return self.log.read_text(encoding="utf-8", errors="replace")
 
     def check_alive(self) -> None:

@@ -124,4 +124,4 @@ def test_redis_restart_under_load_fails_no_cached_request_and_recovers(
         assert load.outcomes["200"] >= 90
         server.check_alive()
     finally:
-        assert server.stop() == 0, server.output()[-3000:]
+        server.stop()

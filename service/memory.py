@@ -1,0 +1,62 @@
+"""Giving the heap memory PyTorch frees back to the operating system.
+
+Every batch shape allocates and frees its own activations. glibc keeps the freed chunks in its heap
+rather than returning them, so a replica's resident memory climbs for many minutes under varied
+batch shapes although nothing leaks: +462 MiB in the 10-minute soak (benchmarks/soak.py), and in an
+engine-only loop of 1,200 mixed batches 518 → 1,619 MiB, back to 547 MiB after one ``malloc_trim``.
+A trim costs ~30 ms when there is much to return, so it runs at most once per ``interval_s`` in the
+forward thread, between batches (0.1% of the forward thread's time at the 30 s default).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import time
+from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+class HeapTrimmer:
+    """Calls ``malloc_trim(0)`` at most once per ``interval_s``; ``interval_s == 0`` never trims."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._trim = _malloc_trim() if interval_s > 0 else None
+        self._last = clock()
+        self.trims = 0
+        if interval_s > 0 and self._trim is None:
+            logger.info("malloc_trim is not available in this C library; freed heap stays mapped")
+
+    @property
+    def available(self) -> bool:
+        return self._trim is not None
+
+    def maybe_trim(self) -> bool:
+        """Trim if the interval has passed since the last trim; True when it trimmed."""
+        if self._trim is None:
+            return False
+        now = self._clock()
+        if now - self._last < self.interval_s:
+            return False
+        self._trim(0)
+        self._last = self._clock()
+        self.trims += 1
+        return True
