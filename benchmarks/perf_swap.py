@@ -90,6 +90,7 @@ def replica(store_url: str, model: Path | None, threads: int) -> Iterator[tuple[
         "PTSERVE_MAX_WAIT_MS": "1",
         "PTSERVE_TORCH_THREADS": str(threads),
         "PTSERVE_LOG_LEVEL": "warning",
+        "PTSERVE_AUTH": "off",  # a benchmark on loopback; auth's cost is one hash per request
     }
     command = [sys.executable, "-m", "service.cli", "serve", "--store", store_url, "--port", str(port)]
     command += ["--device", "cpu"] + (["--model", str(model)] if model else [])
