@@ -17,7 +17,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from service.cli import build_parser
 from service.limits import MULTIPART_OVERHEAD_BYTES
 from service.settings import Settings
 from tests.compose import compose_environment, load_compose, local_environment
+from tests.processes import PtserveProcess, clean_environment, free_port
 
 pytest_plugins = ("tests.redis_server",)
 
@@ -381,33 +381,19 @@ def test_service_starts_from_compose_environment_and_passes_both_healthchecks(
     private_redis: Any, tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
     """``ptserve serve`` with compose's service environment (Redis and port mapped to loopback)."""
-    port = _free_port()
+    port = free_port()
     keys = {"PTSERVE_API_KEYS": "admin:" + "a" * 64}
     env = local_environment(
         "service", redis_url=private_redis.url, port=port, paths={"/data/training": str(tmp_path)}, env=keys
     )
     assert env["PTSERVE_STORE"] == private_redis.url and env["PTSERVE_HOST"] == "127.0.0.1"
     env["PTSERVE_MODEL"] = str(tiny_bert_dir)
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("PTSERVE_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", *_command(load_compose()["services"]["service"])],
-        cwd=REPO,
-        env={**base_env, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    base_env = clean_environment()
+    server = PtserveProcess(
+        _command(load_compose()["services"]["service"]), {**base_env, **env}, tmp_path / "serve.log"
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:  # readiness poll: the process imports torch and binds first
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.1)
+        server.wait_ready(f"http://127.0.0.1:{port}")
         check_env = {**base_env, "PTSERVE_PORT": str(port)}
         (health,) = [
             rest for keyword, rest in final_stage(dockerfile_instructions()) if keyword == "HEALTHCHECK"
@@ -420,19 +406,10 @@ def test_service_starts_from_compose_environment_and_passes_both_healthchecks(
         # Auth is on with compose's defaults: the key entry given above is required.
         assert httpx.get(f"http://127.0.0.1:{port}/v1/prompts").status_code == 401
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    assert proc.returncode in (0, -signal.SIGTERM), out
+        status = server.stop()
+    assert status in (0, -signal.SIGTERM), server.output()
     # The image healthcheck fails once the replica is gone (it must be able to fail).
     gone = subprocess.run(
         [sys.executable, "-c", _healthcheck_python(health)], env=check_env, capture_output=True
     )
     assert gone.returncode != 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

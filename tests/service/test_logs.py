@@ -3,11 +3,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +16,7 @@ from service.app import create_app
 from service.logs import JsonFormatter, configure_logging, request_id_from
 from service.settings import Settings
 from tests.factories import random_artifact
-from tests.service.test_cli import REPO, _free_port
+from tests.processes import PtserveProcess, clean_environment, free_port
 
 
 @pytest.fixture
@@ -152,25 +147,14 @@ def test_request_id_header_lookup_is_case_insensitive() -> None:
 
 @pytest.mark.integration
 def test_serve_writes_json_lines_only(tmp_path: Path, tiny_bert_dir: Path, backbone: Backbone) -> None:
-    port = _free_port()
-    env = {**os.environ, "PTSERVE_LOG_FORMAT": "json", "PTSERVE_AUTH": "off", "PTSERVE_MAX_WAIT_MS": "1"}
-    command = [sys.executable, "-m", "service.cli", "serve", "--model", str(tiny_bert_dir)]
-    command += ["--store", str(tmp_path / "store"), "--port", str(port), "--device", "cpu"]
-    proc = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    port = free_port()
+    env = clean_environment(PTSERVE_LOG_FORMAT="json", PTSERVE_AUTH="off", PTSERVE_MAX_WAIT_MS="1")
+    command = ["serve", "--model", str(tiny_bert_dir), "--store", str(tmp_path / "store")]
+    command += ["--port", str(port), "--device", "cpu"]
+    server = PtserveProcess(command, env, tmp_path / "serve.log")
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:  # readiness poll: the process imports torch and binds first
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.1)
+        server.wait_ready(base)
         artifact = random_artifact(backbone.spec, task="json_logged")
         assert (
             httpx.post(f"{base}/v1/prompts", files={"file": ("a.safetensors", artifact.data)}).status_code
@@ -183,8 +167,8 @@ def test_serve_writes_json_lines_only(tmp_path: Path, tiny_bert_dir: Path, backb
         )
         assert r.status_code == 200 and r.headers["X-Request-ID"] == "subproc-1"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        server.stop()
+    out = server.output()
     lines = [json.loads(line) for line in out.splitlines() if line.strip()]  # every line is JSON
     access = [line for line in lines if line.get("request_id") == "subproc-1"]
     assert len(access) == 1, out
