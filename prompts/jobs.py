@@ -515,7 +515,7 @@ class JobQueue:
             self._finish_entry(entry_id)
             logger.warning("job %s failed: %d attempts", job_id, self.max_attempts)
             return None
-        self._move(
+        moved = self._move(
             job_id,
             "running",
             owner="",
@@ -523,6 +523,11 @@ class JobQueue:
             worker=consumer,
             started_at=repr(time.time()),
         )
+        if moved != 1:
+            # The job finished (its stalled worker woke up and completed it) between the claim and
+            # this move: it must not run a second time.
+            self._finish_entry(entry_id)
+            return None
         spec = JobSpec.model_validate_json(spec_json)
         return Lease(job_id, entry_id, consumer, spec, attempt)
 

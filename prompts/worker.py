@@ -70,7 +70,11 @@ class JobProgress:
     def _report(self, force: bool) -> None:
         now = time.monotonic()
         if force or now - self.reported_at >= PROGRESS_INTERVAL_S:
-            self.queue.report_progress(self.lease, dict(self.state))
+            try:
+                self.queue.report_progress(self.lease, dict(self.state))
+            except (StoreUnavailableError, JobQueueError) as exc:
+                # Progress is best-effort: a Redis hiccup must not abort the training it describes.
+                logger.warning("job %s: progress not recorded: %s", self.lease.job_id, exc.message)
             self.reported_at = now
 
     def start(self, total_steps: int, epochs: int) -> None:
@@ -199,6 +203,9 @@ class TrainingWorker:
         except LeaseLostError as exc:
             logger.warning("job %s: %s; abandoning it", lease.job_id, exc.message)
             return "lost"
+        except (StoreUnavailableError, JobQueueError):
+            # Redis failed, not the job: its entry stays pending and is taken again (run() retries).
+            raise
         except PtserveError as exc:
             # Bad data or hyperparameters: the same job would fail the same way again, so no retry.
             logger.warning("job %s failed: %s", lease.job_id, exc.message)

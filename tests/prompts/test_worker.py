@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 import pytest
 
 from prompts.backbone import Backbone
-from prompts.errors import TaskNotFoundError
+from prompts.errors import StoreUnavailableError, TaskNotFoundError
 from prompts.jobs import JobQueue, JobSpec
 from prompts.redis_store import RedisPromptStore
-from prompts.worker import TrainingWorker
+from prompts.worker import JobProgress, TrainingWorker
 from tests.synthetic import job_request
 
 if TYPE_CHECKING:
@@ -82,3 +82,39 @@ def test_worker_that_lost_its_job_publishes_nothing(
     assert queue.status(job_id).worker == "other"
     with pytest.raises(TaskNotFoundError):
         worker.store.current_version("keywords")
+
+
+def test_a_store_outage_at_publish_leaves_the_job_to_be_taken_again(
+    private_redis: RedisServer, backbone: Backbone, queue: JobQueue, dead_redis_url: str
+) -> None:
+    # The queue's Redis works; the prompt store's does not (refused at publish time).
+    worker = TrainingWorker(
+        backbone, queue, RedisPromptStore(dead_redis_url), heartbeat_s=0.05, data_root=None, name="inproc"
+    )
+    job_id = queue.submit(JobSpec.model_validate(job_request(epochs=2)))
+    lease = queue.take(worker.name, block_s=0.1)
+    assert lease is not None
+    with pytest.raises(StoreUnavailableError):
+        worker.run_job(lease, threading.Event())
+    # Not failed for good: the entry stays pending, so this or another worker takes it again.
+    assert queue.status(job_id).state == "running"
+    deadline = time.monotonic() + DEADLINE_S
+    while (queue.pending_idle_s(lease) or 0.0) < queue.claim_idle_s:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    again = queue.take("other", block_s=0.1)
+    assert again is not None and again.job_id == job_id and again.attempt == 2
+
+
+def test_progress_is_best_effort_when_the_queue_redis_fails(
+    backbone: Backbone, queue: JobQueue, dead_redis_url: str
+) -> None:
+    job_id = queue.submit(JobSpec.model_validate(job_request(epochs=1)))
+    lease = queue.take("inproc", block_s=0.1)
+    assert lease is not None and lease.job_id == job_id
+    down = JobQueue(dead_redis_url, socket_timeout=0.5)
+    progress = JobProgress(down, lease, threading.Event(), threading.Event())
+    progress.start(total_steps=10, epochs=1)  # reports, fails to reach Redis, and training goes on
+    progress.step(0.5)
+    assert progress.state["step"] == 1
+    down.close()
