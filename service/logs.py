@@ -129,11 +129,16 @@ class RequestLogMiddleware:
             body = error_body("internal_error", f"internal error: {type(exc).__name__}", request_id)
             await JSONResponse(body, status_code=500)(scope, receive, send_with_id)
         finally:
-            path = str(scope.get("path", ""))
+            # The decoded path could carry "%0A" as a newline into a text log line: log it as the
+            # client sent it (percent-encoded), and escape what is left.
+            decoded = str(scope.get("path", ""))
+            raw = scope.get("raw_path")
+            path = raw.decode("latin-1") if isinstance(raw, bytes) else decoded
+            path = path.encode("unicode_escape").decode("ascii")
             route = str(getattr(scope.get("route"), "path", ""))
             if not route and self.route_of is not None:
                 try:
-                    route = self.route_of(path)
+                    route = self.route_of(decoded)
                 except Exception:  # a label is not worth failing the request's bookkeeping
                     logger.exception("cannot match %s to a route template", path)
             record = RequestRecord(

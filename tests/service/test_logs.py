@@ -100,6 +100,15 @@ def test_one_json_access_line_per_request_with_task_version_status_latency(
     assert missing["status"] == 404 and missing["task"] is None and missing["version"] is None
 
 
+def test_an_encoded_newline_in_the_path_cannot_forge_a_log_line(
+    client: TestClient, access_lines: io.StringIO
+) -> None:
+    forged = "/x%0A2026-11-23 05:00:00 INFO ptserve.access: POST /v1/prompts 201"
+    assert client.get(forged).status_code == 404
+    (line,) = parsed(access_lines)  # one line, not two
+    assert line["path"].startswith("/x%0A2026") and "\n" not in line["message"]
+
+
 def test_uploads_are_logged_with_the_uploaded_version(
     client: TestClient, access_lines: io.StringIO, backbone: Backbone
 ) -> None:
