@@ -13,10 +13,12 @@ not stored, so a slow read can never put back a version a change message has rep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prompts.artifact import (
@@ -193,8 +195,11 @@ class PromptCache:
             self.host_hits += 1
             self._host.move_to_end((task, version))
         artifact, entry = await asyncio.to_thread(self._load, task, version, cached)
-        self._host_insert(artifact)
-        self._insert(entry)
+        if task in self._pointers:
+            # Not after a delete that came in while this load ran: the entry would outlive the
+            # task (requests that awaited this load are still served with it).
+            self._host_insert(artifact)
+            self._insert(entry)
         return entry
 
     def _load_finished(self, key: tuple[str, str], done: asyncio.Future[LoadedTask]) -> None:
@@ -213,12 +218,16 @@ class PromptCache:
         try:
             version = await asyncio.to_thread(self._store.current_version, task)
         except TaskNotFoundError:
+            self._done_reading(task)
             if self._written_at.get(task, -1) <= started:
                 self.forget(task)
+            self._drop_if_unknown(task)
             raise
         except StoreUnavailableError as exc:
+            self._done_reading(task)
             pointer = self._pointers.get(task)
             if pointer is None:
+                self._drop_if_unknown(task)
                 raise StoreUnavailableError(
                     f"task {task!r} is not cached on this replica and the prompt store cannot be "
                     f"reached: {exc.message}"
@@ -229,19 +238,55 @@ class PromptCache:
                 self._outage_logged = True
             pointer.checked_at = now  # ask the store again only after another TTL
             return pointer.version
-        finally:
-            self._reading[task] -= 1
-            if not self._reading[task]:
-                del self._reading[task]
+        except BaseException:
+            self._done_reading(task)
+            raise
+        self._done_reading(task)
         if self._outage_logged:
             logger.info("prompt store reachable again")
             self._outage_logged = False
         if self._written_at.get(task, -1) > started:
             # A change message (or an upload here) moved the pointer while this read was running.
             current = self._pointers.get(task)
+            self._drop_if_unknown(task)
             return version if current is None else current.version
         self._set_pointer(task, version)
         return version
+
+    def _done_reading(self, task: str) -> None:
+        self._reading[task] -= 1
+        if not self._reading[task]:
+            del self._reading[task]
+
+    def _drop_if_unknown(self, task: str) -> None:
+        """Forget the write sequence of a task no pointer and no read in flight refers to any more
+        (unknown task names would otherwise grow this table without bound)."""
+        if task not in self._pointers and task not in self._reading:
+            self._written_at.pop(task, None)
+
+    @contextlib.contextmanager
+    def changing(self, task: str) -> Iterator[int]:
+        """Around a store change made on this replica: yields the sequence number at its start.
+
+        Change messages for ``task`` that arrive meanwhile are recorded, so ``install`` and
+        ``activate`` can tell whether a newer change overtook this one.
+        """
+        self._reading[task] = self._reading.get(task, 0) + 1
+        try:
+            yield self._seq
+        finally:
+            self._done_reading(task)
+            self._drop_if_unknown(task)
+
+    def _settle_pointer(self, task: str, version: str, since: int | None) -> None:
+        """Point ``task`` at ``version`` unless a change seen since ``since`` moved it elsewhere."""
+        if since is None or self._written_at.get(task, -1) <= since:
+            self._set_pointer(task, version)
+            return
+        pointer = self._pointers.get(task)
+        if pointer is not None and pointer.version != version:
+            # Another change overtook this one: which came last, only the store knows.
+            pointer.checked_at = float("-inf")
 
     def _set_pointer(self, task: str, version: str) -> None:
         old = self._pointers.get(task)
@@ -311,12 +356,15 @@ class PromptCache:
             _, old = self._host.popitem(last=False)
             self._host_bytes -= artifact_nbytes(old)
 
-    async def install(self, artifact: PromptArtifact) -> LoadedTask:
-        """After a successful store write: the next request for this task gets this version."""
+    async def install(self, artifact: PromptArtifact, since: int | None = None) -> LoadedTask:
+        """After a successful store write: the next request for this task gets this version.
+
+        ``since``: from ``changing`` around the write; a newer change seen meanwhile wins.
+        """
         entry = await asyncio.to_thread(prepare_task, artifact, self._backbone, self._pool)
         self._host_insert(artifact)
         self._insert(entry)
-        self._set_pointer(artifact.task, artifact.version)
+        self._settle_pointer(artifact.task, artifact.version, since)
         return entry
 
     async def load(self, task: str, version: str) -> LoadedTask:
@@ -324,10 +372,11 @@ class PromptCache:
         validate_task_name(task)
         return await self._get(task, version)
 
-    async def activate(self, task: str, version: str) -> LoadedTask:
-        """After a rollback here: load ``version`` if needed and serve it from now on."""
+    async def activate(self, task: str, version: str, since: int | None = None) -> LoadedTask:
+        """After a rollback here: load ``version`` if needed and serve it from now on (``since``:
+        as for ``install``)."""
         entry = await self._get(task, version)
-        self._set_pointer(task, version)
+        self._settle_pointer(task, version, since)
         return entry
 
     def apply_change(self, task: str, version: str | None) -> None:
@@ -381,6 +430,7 @@ class PromptCache:
         """Drop the pointer and every cached version of ``task`` (after a delete)."""
         self._note_write(task)
         self._pointers.pop(task, None)
+        self._drop_if_unknown(task)
         for key in [k for k in self._entries if k[0] == task]:
             self._bytes -= self._entries.pop(key).nbytes
         for key in [k for k in self._host if k[0] == task]:

@@ -159,10 +159,15 @@ async def upload_prompt(
     async def publish() -> None:
         # One upload at a time per replica: the store's pointer and this cache's move in the same order.
         async with runtime.upload_lock:
-            await asyncio.to_thread(
-                runtime.store.put, artifact.task, artifact.version, artifact.data, artifact.manifest_json()
-            )
-            await runtime.cache.install(artifact)
+            with runtime.cache.changing(artifact.task) as since:
+                await asyncio.to_thread(
+                    runtime.store.put,
+                    artifact.task,
+                    artifact.version,
+                    artifact.data,
+                    artifact.manifest_json(),
+                )
+                await runtime.cache.install(artifact, since)
 
     await unabandoned(publish())
     m = artifact.manifest
@@ -245,8 +250,9 @@ async def rollback_prompt(
             # Loaded before the pointer moves, so a version this replica cannot serve is refused
             # (404 unknown, 409 unusable) without changing what every replica serves.
             await runtime.cache.load(task, target)
-            await asyncio.to_thread(runtime.store.set_current, task, target)
-            await runtime.cache.activate(task, target)
+            with runtime.cache.changing(task) as since:
+                await asyncio.to_thread(runtime.store.set_current, task, target)
+                await runtime.cache.activate(task, target, since)
             return previous, target
 
     previous, target = await unabandoned(roll_back())

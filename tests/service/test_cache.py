@@ -260,3 +260,50 @@ async def test_change_messages_preload_hot_tasks_only(tmp_path: Path, backbone: 
     assert (await cache.resolve("hot")).version == hot2.version
     # The request joined (or found) the preload: one store read in all.
     assert [g[:2] for g in store.gets] == [("hot", hot2.version)]
+
+
+async def test_an_upload_overtaken_by_a_newer_change_does_not_bring_its_version_back(
+    tmp_path: Path, backbone: Backbone
+) -> None:
+    store = DiskPromptStore(tmp_path)
+    v1, v2, v3 = (random_artifact(backbone.spec, task="t", seed=s) for s in (1, 2, 3))
+    put(store, v1)
+    cache = make_cache(store, backbone)
+    assert (await cache.resolve("t")).version == v1.version
+    with cache.changing("t") as since:
+        put(store, v2)  # this replica's upload...
+        other = DiskPromptStore(tmp_path)
+        put(other, v3)  # ...overtaken by another replica's, whose message arrives first
+        cache.apply_change("t", v3.version)
+        await cache.install(v2, since)
+    # Not v2: the pointer is re-read from the store, which says v3.
+    assert (await cache.resolve("t")).version == v3.version
+
+
+async def test_unknown_task_names_leave_no_bookkeeping_behind(tmp_path: Path, backbone: Backbone) -> None:
+    store = DiskPromptStore(tmp_path)
+    cache = make_cache(store, backbone)
+    for i in range(50):
+        with pytest.raises(TaskNotFoundError):
+            await cache.resolve(f"nope-{i}")
+    put(store, random_artifact(backbone.spec, task="real"))
+    await cache.resolve("real")
+    cache.forget("real")
+    assert cache._written_at == {} and cache._reading == {}  # the tables unknown names would grow
+
+
+async def test_a_load_that_finishes_after_a_delete_is_not_cached(tmp_path: Path, backbone: Backbone) -> None:
+    store = CountingStore(tmp_path)
+    artifact = random_artifact(backbone.spec, task="gone")
+    put(store, artifact)
+    cache = make_cache(store, backbone)
+    store.gate.clear()
+    waiter = asyncio.create_task(cache.resolve("gone"))
+    async with asyncio.timeout(10):
+        while not store.gets:  # the load is held at the gate
+            await asyncio.sleep(0.01)
+    cache.forget("gone")  # deleted while it loads
+    store.gate.set()
+    served = await waiter
+    assert served.version == artifact.version  # the admitted request is still served
+    assert len(cache) == 0 and cache.nbytes == 0 and cache.host_nbytes == 0
