@@ -126,6 +126,7 @@ class PromptCache:
         self._host: OrderedDict[tuple[str, str], PromptArtifact] = OrderedDict()
         self._host_bytes = 0
         self._loading: dict[tuple[str, str], asyncio.Future[LoadedTask]] = {}
+        self._pointer_reads: dict[str, asyncio.Future[str]] = {}
         # Sequence number of the last pointer write per task, for tasks known here or being read.
         self._seq = 0
         self._written_at: dict[str, int] = {}
@@ -212,6 +213,22 @@ class PromptCache:
         now = time.monotonic()
         if pointer is not None and now - pointer.checked_at < self._pointer_ttl:
             return pointer.version
+        # One store read per task at a time, shared by every request that needs it: when the store
+        # hangs (a partition, not a refusal), requests would otherwise each hold a worker thread
+        # for the whole connect timeout and starve tokenising of threads.
+        reading = self._pointer_reads.get(task)
+        if reading is None:
+            reading = asyncio.ensure_future(self._read_pointer(task))
+            self._pointer_reads[task] = reading
+            reading.add_done_callback(lambda done: self._pointer_read_finished(task, done))
+        return await asyncio.shield(reading)
+
+    def _pointer_read_finished(self, task: str, done: asyncio.Future[str]) -> None:
+        self._pointer_reads.pop(task, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here so a read nobody awaits any more is not reported as lost
+
+    async def _read_pointer(self, task: str) -> str:
         # Another process may have moved the pointer without this replica hearing of it.
         started = self._seq
         self._reading[task] = self._reading.get(task, 0) + 1
@@ -236,7 +253,7 @@ class PromptCache:
             if not self._outage_logged:
                 logger.warning("prompt store unreachable; serving cached versions: %s", exc.message)
                 self._outage_logged = True
-            pointer.checked_at = now  # ask the store again only after another TTL
+            pointer.checked_at = time.monotonic()  # ask the store again only after another TTL
             return pointer.version
         except BaseException:
             self._done_reading(task)

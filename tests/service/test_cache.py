@@ -307,3 +307,33 @@ async def test_a_load_that_finishes_after_a_delete_is_not_cached(tmp_path: Path,
     served = await waiter
     assert served.version == artifact.version  # the admitted request is still served
     assert len(cache) == 0 and cache.nbytes == 0 and cache.host_nbytes == 0
+
+
+async def test_concurrent_pointer_reads_of_one_task_share_one_store_read(
+    tmp_path: Path, backbone: Backbone
+) -> None:
+    class SlowPointerStore(DiskPromptStore):
+        """A real disk store whose pointer reads wait at a gate, like a store that hangs."""
+
+        def __init__(self, root: Path) -> None:
+            super().__init__(root)
+            self.reads = 0
+            self.gate = threading.Event()
+
+        def current_version(self, task: str) -> str:
+            self.reads += 1
+            assert self.gate.wait(10)
+            return super().current_version(task)
+
+    store = SlowPointerStore(tmp_path)
+    artifact = random_artifact(backbone.spec, task="t")
+    put(store, artifact)
+    cache = make_cache(store, backbone, pointer_ttl_s=0.0)
+    waiters = [asyncio.create_task(cache.resolve("t")) for _ in range(20)]
+    async with asyncio.timeout(10):
+        while store.reads == 0:
+            await asyncio.sleep(0.01)
+    store.gate.set()
+    served = await asyncio.gather(*waiters)
+    assert {t.version for t in served} == {artifact.version}
+    assert store.reads == 1  # not one thread per request
