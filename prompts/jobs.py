@@ -332,7 +332,10 @@ class JobQueue:
         claim_idle_s: float = 60.0,
         max_attempts: int = 3,
         socket_timeout: float = 5.0,
+        retention_s: float = 7 * 24 * 3600.0,
     ) -> None:
+        if retention_s <= 0:
+            raise ValueError(f"retention_s must be positive, got {retention_s}")
         if claim_idle_s <= 0:
             raise ValueError(f"claim_idle_s must be positive, got {claim_idle_s}")
         if max_attempts < 1:
@@ -340,6 +343,7 @@ class JobQueue:
         self.prefix = prefix
         self.claim_idle_s = claim_idle_s
         self.max_attempts = max_attempts
+        self.retention_s = retention_s
         self.stream = f"{prefix}:jobs:stream"
         self.counts_key = f"{prefix}:jobs:counts"
         self._shown_url = redact_url(url)
@@ -461,11 +465,15 @@ class JobQueue:
             result: int = self._transition(keys=[self.job_key(job_id), self.counts_key], args=args)
         return result
 
-    def _finish_entry(self, entry_id: str) -> None:
+    def _finish_entry(self, entry_id: str, job_id: str | None = None) -> None:
+        """Acknowledge a stream entry; a finished job's hash (inline examples included) then
+        expires after ``retention_s``, so finished jobs do not pile up in Redis."""
         with self._redis("acknowledge a job"):
             pipe = self._client.pipeline(transaction=True)
             pipe.xack(self.stream, GROUP, entry_id)
             pipe.xdel(self.stream, entry_id)  # keeps the stream as short as the work in flight
+            if job_id is not None:
+                pipe.expire(self.job_key(job_id), max(1, round(self.retention_s)))
             pipe.execute()
 
     def take(self, consumer: str, *, block_s: float = 1.0) -> Lease | None:
@@ -512,7 +520,7 @@ class JobQueue:
                 finished_at=repr(time.time()),
                 worker="",
             )
-            self._finish_entry(entry_id)
+            self._finish_entry(entry_id, job_id)
             logger.warning("job %s failed: %d attempts", job_id, self.max_attempts)
             return None
         moved = self._move(
@@ -557,7 +565,7 @@ class JobQueue:
             finished_at=repr(time.time()),
         )
         if changed == 1:
-            self._finish_entry(lease.entry_id)
+            self._finish_entry(lease.entry_id, lease.job_id)
         return changed == 1
 
     def fail(self, lease: Lease, error: str) -> bool:
@@ -571,7 +579,7 @@ class JobQueue:
             finished_at=repr(time.time()),
         )
         if changed == 1:
-            self._finish_entry(lease.entry_id)
+            self._finish_entry(lease.entry_id, lease.job_id)
         return changed == 1
 
     def release(self, lease: Lease) -> bool:

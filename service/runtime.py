@@ -45,7 +45,12 @@ def open_job_queue(settings: Settings) -> JobQueue | None:
     url = settings.job_queue_url()
     if url is None:
         return None
-    return JobQueue(url, claim_idle_s=settings.worker_claim_idle_s, max_attempts=settings.worker_max_attempts)
+    return JobQueue(
+        url,
+        claim_idle_s=settings.worker_claim_idle_s,
+        max_attempts=settings.worker_max_attempts,
+        retention_s=settings.job_retention_s,
+    )
 
 
 def build_runtime(

@@ -156,6 +156,12 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = Field(
         default=10.0, gt=0, description="how often a worker renews its hold on the job it trains"
     )
+    job_retention_s: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0,
+        description="how long a finished training job's record (state, metrics, inline examples) "
+        "stays readable in Redis",
+    )
     worker_max_attempts: int = Field(
         default=3, ge=1, le=100, description="takes of one job (workers that died) before it is failed"
     )

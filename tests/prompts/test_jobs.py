@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from pydantic import ValidationError
 
 from prompts.data import DataError
@@ -248,3 +249,23 @@ def test_data_paths_must_lie_inside_the_data_root(tmp_path: Path) -> None:
         resolve_data_path(None, "keywords")
     data = job_task_data(spec(train=None, data_path="keywords"), root)
     assert data.labels == ["book", "phone", "shirt"] and data.test
+
+
+def test_finished_jobs_expire_after_the_retention_and_running_ones_do_not(
+    redis_url: str, redis_prefix: str
+) -> None:
+    queue = JobQueue(redis_url, prefix=redis_prefix, retention_s=3600)
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        done_id, failed_id, running_id = (queue.submit(spec()) for _ in range(3))
+        done, failed, running = (take(queue, f"w{i}") for i in range(3))
+        assert {done.job_id, failed.job_id, running.job_id} == {done_id, failed_id, running_id}
+        assert queue.succeed(done, version="v", metrics={})
+        assert queue.fail(failed, "bad data")
+        assert 0 < raw.ttl(queue.job_key(done.job_id)) <= 3600
+        assert 0 < raw.ttl(queue.job_key(failed.job_id)) <= 3600
+        assert raw.ttl(queue.job_key(running.job_id)) == -1  # no expiry while it runs
+        assert queue.status(done.job_id).state == "succeeded"  # still readable until then
+    finally:
+        raw.close()
+        queue.close()
