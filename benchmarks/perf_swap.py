@@ -34,7 +34,7 @@ import httpx
 import redis
 import torch
 
-from benchmarks.common import machine, markdown_table, percentile, write_report
+from benchmarks.common import free_port, machine, markdown_table, percentile, write_report
 from prompts.artifact import PromptArtifact, build_artifact
 from prompts.backbone import BackboneSpec, load_backbone
 from prompts.redis_store import RedisPromptStore
@@ -70,14 +70,6 @@ def rss_of(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -99,6 +99,8 @@ class Backbone:
         self.dtype: torch.dtype = param.dtype
         pad_id = tokenizer.pad_token_id
         self.pad_token_id: int = int(pad_id) if pad_id is not None else 0
+        # Read once: the tokenizer rebuilds this list on every access.
+        self.special_ids: frozenset[int] = frozenset(tokenizer.all_special_ids)
 
     @property
     def word_embeddings(self) -> torch.nn.Embedding:

@@ -327,7 +327,7 @@ _WORD = re.compile(r"[a-z]{3,}")
 def _word_token_ids(backbone: Backbone) -> list[int]:
     """Ids of whole-word, alphabetic, non-special vocabulary entries (WordPiece or BPE spellings)."""
     tokenizer = backbone.tokenizer
-    special = set(tokenizer.all_special_ids)
+    special = backbone.special_ids
     ids: list[int] = []
     for token, idx in tokenizer.get_vocab().items():
         if idx in special or token.startswith("##") or token.startswith("[") or token.startswith("<"):
@@ -343,7 +343,7 @@ def vocabulary_sample(backbone: Backbone, count: int, generator: torch.Generator
     """``count`` embeddings ``[count, hidden]`` of random whole-word vocabulary tokens."""
     candidates = _word_token_ids(backbone)
     if not candidates:
-        special = set(backbone.tokenizer.all_special_ids)
+        special = backbone.special_ids
         candidates = [i for i in range(backbone.word_embeddings.num_embeddings) if i not in special]
     # Low ids are the frequent words in WordPiece vocabularies ordered by frequency; Lester et al.
     # sample from the 5,000 most common tokens.
@@ -357,7 +357,7 @@ def label_word_embeddings(backbone: Backbone, labels: list[str]) -> torch.Tensor
     """One embedding per label ``[C, hidden]``: the mean of its word pieces, or None if any label has
     no real-word pieces (e.g. opaque codes such as "LABEL_3" or digits)."""
     tokenizer = backbone.tokenizer
-    special = set(tokenizer.all_special_ids)
+    special = backbone.special_ids
     unk = tokenizer.unk_token_id
     rows: list[torch.Tensor] = []
     for label in labels:

@@ -94,7 +94,7 @@ def _where(texts: list[str], i: int) -> str:
     return "text" if len(texts) == 1 else f"texts[{i}]"
 
 
-def _check_tokens(texts: list[str], encodings: list[Encoding], special_ids: set[int]) -> None:
+def _check_tokens(texts: list[str], encodings: list[Encoding], special_ids: frozenset[int]) -> None:
     """Refuse texts that leave nothing but special tokens (control or format characters only, say):
     the task would answer for an empty input, which is never what the caller meant."""
     for i, encoding in enumerate(encodings):
@@ -115,7 +115,7 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     # For the access line and the metrics (service/logs.py): only resolved tasks become labels.
     request.state.task, request.state.version = task.task, task.version
     encodings = await asyncio.to_thread(runtime.backbone.encode, texts, task.max_text_tokens)
-    _check_tokens(texts, encodings, set(runtime.backbone.tokenizer.all_special_ids))
+    _check_tokens(texts, encodings, runtime.backbone.special_ids)
     probabilities = await runtime.batcher.submit_many([Row(task, e.input_ids) for e in encodings])
 
     labels = task.labels

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,13 +16,10 @@ from pathlib import Path
 
 import httpx
 
+from tests.redis_server import free_port
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["PtserveProcess", "clean_environment", "eventually", "free_port"]
 
 
 def eventually(condition: Callable[[], bool], what: str, deadline_s: float = 90.0) -> None:

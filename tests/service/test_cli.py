@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 from prompts.backbone import Backbone
 from service.cli import build_parser, main, settings_from_args
 from tests.factories import random_artifact
+from tests.processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 pytest_plugins = ("tests.redis_server",)
@@ -37,15 +37,9 @@ def test_invalid_settings_stop_start_up_naming_the_setting(
     assert "max_batch_size" in err and "PTSERVE_MAX_BATCH_SIZE" in err and "--max-batch-size" in err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.integration
 def test_serve_runs_a_real_server_process(tmp_path: Path, tiny_bert_dir: Path, backbone: Backbone) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PTSERVE_MAX_WAIT_MS": "2", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
         [

@@ -15,7 +15,6 @@ import errno
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,16 +31,11 @@ from prompts.backbone import Backbone
 from prompts.disk_store import PAUSE_ENV, TMP_PREFIX, DiskPromptStore
 from prompts.forward import TaskPrompt, prompted_forward
 from tests.factories import random_artifact
+from tests.processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TEXT = "great phone, bad battery"
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_for(condition: Callable[[], bool], what: str, proc: subprocess.Popen[str], timeout: float) -> None:
@@ -70,7 +64,7 @@ def serve(
     preexec: Callable[[], None] | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """A real ``ptserve serve`` on a free port; killed on the way out if the test did not kill it."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--model", str(model), "--store", str(store),
          "--port", str(port), "--device", "cpu"],

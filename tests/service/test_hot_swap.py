@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -26,6 +25,7 @@ from service.app import create_app
 from service.runtime import Runtime
 from service.settings import Settings
 from tests.factories import random_artifact
+from tests.processes import eventually as wait_until
 
 if TYPE_CHECKING:
     from tests.redis_server import RedisServer
@@ -37,11 +37,7 @@ DEADLINE_S = 30.0
 
 
 def eventually(condition: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
-    """Poll ``condition`` until it holds, or fail after a deadline."""
-    deadline = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
+    wait_until(condition, what, deadline_s)
 
 
 def upload(client: TestClient | httpx.Client, artifact: PromptArtifact) -> Any:

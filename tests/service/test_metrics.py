@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -169,11 +168,9 @@ def test_training_jobs_by_state_come_from_the_real_queue(
         assert queued == runtime.jobs.counts_by_state()["queued"]
 
 
-def test_a_failing_job_queue_does_not_break_the_scrape(client: TestClient) -> None:
-    with socket.socket() as s:  # a loopback port nothing listens on: the queue's Redis is down
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    client.app.state.runtime.jobs = JobQueue(f"redis://127.0.0.1:{port}/0", socket_timeout=0.5)  # type: ignore[attr-defined]
+def test_a_failing_job_queue_does_not_break_the_scrape(client: TestClient, dead_redis_url: str) -> None:
+    # The queue's Redis is down: nothing listens on its port.
+    client.app.state.runtime.jobs = JobQueue(dead_redis_url, socket_timeout=0.5)  # type: ignore[attr-defined]
     samples = scrape(client)
     assert ("ptserve_cache_entries", ()) in samples
     assert not any(name == "ptserve_training_jobs" for name, _ in samples)
