@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prompts.backbone import Backbone, load_backbone
 from prompts.data import TaskData, cap_rows, load_task_data
+from prompts.methods import HeadStyle
 from prompts.metrics import Report, evaluate
 from prompts.trainer import TrainConfig, seed_everything, train_task
 
@@ -47,16 +48,34 @@ METHODS = {
     "prompt": "prompt-tuning",
     "ptuning": "p-tuning",
     "prefix": "p-tuning-v2",
+    "prefix-mean": "p-tuning-v2",
     "finetune": "full fine-tuning",
 }
+LABELS = {
+    "probe": "linear probe (mean)",
+    "prompt": "prompt tuning",
+    "ptuning": "P-tuning",
+    "prefix": "P-tuning v2, [CLS] head",
+    "prefix-mean": "P-tuning v2, mean head (default on MiniLM)",
+    "finetune": "full fine-tuning",
+}
+# Both P-tuning v2 rows name their head, so they do not depend on the model directory: "prefix" reads
+# the text [CLS]; "prefix-mean" the mean of the text tokens, the pooling all-MiniLM-L6-v2 was trained
+# for and what `ptserve train` picks by default on a backbone declaring it (prompts.trainer.for_backbone).
+HEADS: dict[str, HeadStyle] = {"prefix": "cls", "prefix-mean": "mean"}
+DEFAULT_METHODS = "probe,prompt,ptuning,prefix,prefix-mean,finetune"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", type=Path, required=True, help="folder holding <name>/train.jsonl ...")
     p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated (default: all)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {list(METHODS)}")
-    p.add_argument("--max-train-rows", type=int, default=4000, help="same train cap for every method")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated from {list(METHODS)}")
+    p.add_argument(
+        "--max-train-rows",
+        type=int,
+        help="same train cap for every method (default: whole train sets, as the TF-IDF baseline had)",
+    )
     p.add_argument("--max-dev-rows", type=int, default=1000, help="dev rows used for early stopping")
     p.add_argument("--max-test-rows", type=int, help="cap the test set (default: all of it)")
     p.add_argument(
@@ -65,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--probe-epochs", type=int, help="epochs for the probe (default 200: it trains on cached features)"
     )
-    p.add_argument("--finetune-epochs", type=int, default=4)
+    p.add_argument("--finetune-epochs", type=int, default=10, help="early stopping on dev (patience 2)")
     p.add_argument("--finetune-lr", type=float, default=5e-5)
     p.add_argument("--model", help="Hugging Face encoder directory (default: packaged MiniLM)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -74,6 +93,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--max-seconds", type=float, help="time budget per training run")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/accuracy"))
+    p.add_argument(
+        "--report",
+        type=Path,
+        help="only rebuild results.md and accuracy.png under --out from this results.json",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="run (dataset, method) pairs in this many processes at once (one GPU runs several well)",
+    )
     args = p.parse_args(argv)
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
@@ -212,6 +242,7 @@ def run_one(
             batch_size=args.batch_size,
             max_length=args.max_length,
             max_seconds=args.max_seconds,
+            head=HEADS.get(method),
         )
         result = train_task(backbone, f"bench-{method}", data, config)
         assert result.test is not None
@@ -231,40 +262,150 @@ def run_one(
         "test_macro_f1": round(test.macro_f1, 4),
         "trainable_percent": round(100 * row["trainable_parameters"] / backbone_parameters, 3),
         "train_seconds": round(seconds, 1),
+        "out_of_time": args.max_seconds is not None and seconds > args.max_seconds,
     }
     return row
 
 
-def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+def tfidf_baselines(data_root: Path) -> dict[str, tuple[float, float]]:
+    """The TF-IDF + logistic regression (accuracy, macro-F1) per dataset from the data README's table."""
+    readme = data_root / "README.md"
+    if not readme.is_file():
+        return {}
+    found: dict[str, tuple[float, float]] = {}
+    for line in readme.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[0].startswith("`"):
+            continue
+        parts = cells[-1].split("/")
+        try:
+            found[cells[0].strip("`")] = (float(parts[0]), float(parts[1]))
+        except (IndexError, ValueError):
+            continue
+    return found
+
+
+def _row(results: list[dict[str, Any]], dataset: str, method: str) -> dict[str, Any] | None:
+    hits = [r for r in results if r["dataset"] == dataset and r["method"] == method]
+    return hits[-1] if hits else None
+
+
+def targets(results: list[dict[str, Any]], tfidf: dict[str, tuple[float, float]]) -> list[str]:
+    """The issue's targets for P-tuning v2 (head on [CLS]), and the same checks for the mean head."""
+    lines: list[str] = []
+    datasets = [d for d in dict.fromkeys(r["dataset"] for r in results) if d not in SEPARATE]
+    for method in ("prefix", "prefix-mean"):
+        if not any(_row(results, d, method) for d in datasets):
+            continue
+        lines += [
+            f"### Targets: {LABELS[method]}",
+            "",
+            "| dataset | test acc | ÷ full FT | − probe | − TF-IDF acc | macro-F1 − TF-IDF macro-F1 |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        ratios: list[float] = []
+        above_probe: list[bool] = []
+        above_tfidf: list[bool] = []
+        for d in datasets:
+            row = _row(results, d, method)
+            if row is None:
+                continue
+            acc, f1 = row["test_accuracy"], row["test_macro_f1"]
+            ft, probe = _row(results, d, "finetune"), _row(results, d, "probe")
+            ratio = acc / ft["test_accuracy"] if ft else None
+            if ratio is not None:
+                ratios.append(ratio)
+            vs_probe = acc - probe["test_accuracy"] if probe else None
+            if vs_probe is not None:
+                above_probe.append(vs_probe > 0)
+            base = tfidf.get(d)
+            if base is not None:
+                above_tfidf.append(acc > base[0])
+            lines.append(
+                f"| {d} | {acc:.4f} | {'' if ratio is None else f'{ratio:.3f}'} "
+                f"| {'' if vs_probe is None else f'{vs_probe:+.4f}'} "
+                f"| {'' if base is None else f'{acc - base[0]:+.4f}'} "
+                f"| {'' if base is None else f'{f1 - base[1]:+.4f}'} |"
+            )
+        lines.append("")
+        if ratios:
+            mean = sum(ratios) / len(ratios)
+            lines.append(
+                f"- mean ÷ full fine-tuning: **{mean:.4f}** "
+                f"(target ≥ 0.98: {'met' if mean >= 0.98 else 'not met'})"
+            )
+        if above_probe:
+            lines.append(
+                f"- above the linear probe on {sum(above_probe)} of {len(above_probe)} datasets "
+                f"(target: all: {'met' if all(above_probe) else 'not met'})"
+            )
+        if above_tfidf:
+            lines.append(
+                f"- test accuracy above TF-IDF on {sum(above_tfidf)} of {len(above_tfidf)} datasets "
+                f"(target: all: {'met' if all(above_tfidf) else 'not met'})"
+            )
+        lines.append("")
+    return lines
+
+
+def markdown(
+    results: list[dict[str, Any]], meta: dict[str, Any], tfidf: dict[str, tuple[float, float]]
+) -> str:
+    cap = meta["max_train_rows"] or "none (whole train sets)"
     lines = [
         "# Accuracy benchmark",
         "",
-        f"Backbone `{meta['backbone']}` on `{meta['device']}`, train cap {meta['max_train_rows']} rows, "
-        f"seed {meta['seed']}, {meta['date']}. Test accuracy / macro-F1; trainable parameters while "
-        "training (% of the backbone); training time (CPU timings are noisy on shared machines).",
+        f"Backbone `{meta['backbone']}` on `{meta['device']}`, train cap {cap}, seed {meta['seed']}, "
+        f"{meta['date']}. Test accuracy / macro-F1. TF-IDF: the word n-gram TF-IDF + logistic regression "
+        "baseline of the data README (trained on the whole train set).",
         "",
     ]
+    if meta.get("note"):
+        lines += [str(meta["note"]), ""]
+    methods = [m for m in METHODS if any(r["method"] == m for r in results)]
     for title, keep in (
         ("Datasets", lambda n: n not in SEPARATE),
         ("Reported separately", lambda n: n in SEPARATE),
     ):
-        rows = [r for r in results if keep(r["dataset"])]
-        if not rows:
+        names = [d for d in dict.fromkeys(r["dataset"] for r in results) if keep(d)]
+        if not names:
             continue
-        lines += [
-            f"## {title}",
-            "",
-            "| dataset | method | test acc | macro-F1 | trainable | train s | epochs |",
-        ]
-        lines.append("|---|---|---:|---:|---:|---:|---:|")
-        for r in rows:
+        lines += [f"## {title}", ""]
+        lines.append("| dataset | train rows | " + " | ".join(LABELS[m] for m in methods) + " | TF-IDF |")
+        lines.append("|---|---:|" + "---:|" * (len(methods) + 1))
+        for d in names:
+            cells = []
+            for m in methods:
+                row = _row(results, d, m)
+                cells.append(
+                    "" if row is None else f"{row['test_accuracy']:.3f} / {row['test_macro_f1']:.3f}"
+                )
+            base = tfidf.get(d)
+            first = next(r for r in results if r["dataset"] == d)
             lines.append(
-                f"| {r['dataset']} | {METHODS[r['method']]} | {r['test_accuracy']:.4f} "
-                f"| {r['test_macro_f1']:.4f} "
-                f"| {r['trainable_parameters']:,} ({r['trainable_percent']}%) | {r['train_seconds']} "
-                f"| {r['epochs_run']} |"
+                f"| {d} | {first['train_rows']:,} | "
+                + " | ".join(cells)
+                + f" | {'' if base is None else f'{base[0]:.3f} / {base[1]:.3f}'} |"
             )
         lines.append("")
+    lines += [
+        "## Cost",
+        "",
+        "Trainable parameters while training (% of the backbone), training seconds, epochs run (best epoch);"
+        " runs stopped by the time budget are marked ⏱.",
+        "",
+        "| dataset | method | trainable | train s | epochs (best) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in results:
+        timed = " ⏱" if r.get("out_of_time") else ""
+        best = f" ({r['best_epoch']})" if r.get("best_epoch") else ""
+        lines.append(
+            f"| {r['dataset']} | {LABELS[r['method']]} | {r['trainable_parameters']:,} "
+            f"({r['trainable_percent']}%) | {r['train_seconds']}{timed} | {r['epochs_run']}{best} |"
+        )
+    lines.append("")
+    lines += targets(results, tfidf)
     if any(r["dataset"] == "comment_zh" for r in results):
         lines.append(
             "comment_zh is Chinese with 63 train rows and 2 test labels absent from train; the English "
@@ -286,11 +427,11 @@ def bar_chart(results: list[dict[str, Any]], path: Path) -> None:
     for j, method in enumerate(methods):
         xs, ys = [], []
         for i, name in enumerate(datasets):
-            hit = [r for r in results if r["dataset"] == name and r["method"] == method]
-            if hit:
+            row = _row(results, name, method)
+            if row is not None:
                 xs.append(i + (j - (len(methods) - 1) / 2) * width)
-                ys.append(hit[-1]["test_accuracy"])
-        ax.bar(xs, ys, width, label=METHODS[method])
+                ys.append(row["test_accuracy"])
+        ax.bar(xs, ys, width, label=LABELS[method])
     ax.set_xticks(range(len(datasets)), datasets)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
@@ -301,44 +442,150 @@ def bar_chart(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _child_argv(args: argparse.Namespace, dataset: str, method: str, out: Path) -> list[str]:
+    """The argument list that runs one (dataset, method) pair in its own process, other options kept."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--data-root", str(args.data_root)]
+    argv += ["--datasets", dataset, "--methods", method, "--out", str(out), "--jobs", "1"]
+    for name in (
+        "max_train_rows",
+        "max_dev_rows",
+        "max_test_rows",
+        "epochs",
+        "probe_epochs",
+        "finetune_epochs",
+        "finetune_lr",
+        "model",
+        "device",
+        "seed",
+        "batch_size",
+        "max_length",
+        "max_seconds",
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    return argv
+
+
+def run_parallel(args: argparse.Namespace, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every (dataset, method) pair in its own process, ``args.jobs`` at a time, biggest train set first.
+
+    Each child writes its own results under ``<out>/runs/<dataset>-<method>/`` with a log; a child that
+    fails is reported and the others go on. Pairs that already have results there are kept, so an
+    interrupted benchmark is resumed by running the same command again.
+    """
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    pairs = [(d, m) for d in args.datasets.split(",") for m in args.methods.split(",")]
+    sizes = {
+        d: len((args.data_root / d / "train.jsonl").read_text(encoding="utf-8").splitlines())
+        for d in {p[0] for p in pairs}
+    }
+    cost = {"probe": 0.1, "finetune": 0.6}  # relative to one prompt method's run
+    pairs.sort(key=lambda p: -min(sizes[p[0]], args.max_train_rows or sizes[p[0]]) * cost.get(p[1], 1.0))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+    def one(pair: tuple[str, str]) -> tuple[str, str, int]:
+        dataset, method = pair
+        out = args.out / "runs" / f"{dataset}-{method}"
+        if (out / "results.json").is_file():  # an earlier, interrupted invocation finished this pair
+            print(f"  kept {dataset} {method} from an earlier run", flush=True)
+            return dataset, method, 0
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "log.txt", "w", encoding="utf-8") as log:
+            code = subprocess.run(
+                _child_argv(args, dataset, method, out),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                check=False,
+            ).returncode
+        print(f"  {time.strftime('%H:%M:%S')} done {dataset} {method}: exit {code}", flush=True)
+        return dataset, method, code
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        codes = list(pool.map(one, pairs))
+    results: list[dict[str, Any]] = []
+    order = {m: i for i, m in enumerate(METHODS)}
+    for dataset in args.datasets.split(","):
+        for method in sorted(args.methods.split(","), key=order.__getitem__):
+            path = args.out / "runs" / f"{dataset}-{method}" / "results.json"
+            if path.is_file():
+                results.extend(json.loads(path.read_text())["results"])
+    failed = [f"{d}/{m} (exit {c})" for d, m, c in codes if c != 0]
+    if failed:
+        print(f"failed runs: {', '.join(failed)}; see their log.txt under {args.out / 'runs'}", flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    backbone = load_backbone(args.model, device=args.device, dtype="float32")
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "backbone": backbone.spec.fingerprint,
-        "device": str(backbone.device)
-        + (f" ({torch.cuda.get_device_name()})" if backbone.device.type == "cuda" else ""),
+    if args.report is not None:
+        saved = json.loads(args.report.read_text())
+        (args.out / "results.md").write_text(
+            markdown(saved["results"], saved["meta"], saved["meta"]["tfidf"])
+        )
+        bar_chart(saved["results"], args.out / "accuracy.png")
+        print(f"wrote {args.out / 'results.md'}, accuracy.png")
+        return 0
+    tfidf = tfidf_baselines(args.data_root)
+    meta: dict[str, Any] = {
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
         "max_train_rows": args.max_train_rows,
         "seed": args.seed,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "argv": sys.argv[1:] if argv is None else argv,
+        "tfidf": tfidf,
     }
-    results: list[dict[str, Any]] = []
-    for name in args.datasets.split(","):
-        data = load(args, name)
-        print(
-            f"{name}: {len(data.train)} train, {len(data.dev)} dev, {len(data.test)} test, "
-            f"{len(data.labels)} labels"
-        )
-        for method in args.methods.split(","):
-            print(f"  {METHODS[method]} ...", flush=True)
-            row = run_one(backbone, name, data, method, args)
+    if args.jobs > 1:
+        started = time.perf_counter()
+        results = run_parallel(args, meta)
+        if not results:
+            print("no run finished", flush=True)
+            return 1
+        first = json.loads(
+            (
+                args.out / "runs" / f"{results[0]['dataset']}-{results[0]['method']}" / "results.json"
+            ).read_text()
+        )["meta"]
+        meta |= {k: first[k] for k in ("backbone", "device", "threads")}
+        meta["wall_seconds"] = round(time.perf_counter() - started, 1)
+        meta["jobs"] = args.jobs
+    else:
+        backbone = load_backbone(args.model, device=args.device, dtype="float32")
+        meta |= {
+            "backbone": backbone.spec.fingerprint,
+            "device": str(backbone.device)
+            + (f" ({torch.cuda.get_device_name()})" if backbone.device.type == "cuda" else ""),
+            "threads": torch.get_num_threads(),
+        }
+        results = []
+        for name in args.datasets.split(","):
+            data = load(args, name)
             print(
-                f"  {METHODS[method]}: test accuracy {row['test_accuracy']:.4f}, "
-                f"macro-F1 {row['test_macro_f1']:.4f}, {row['trainable_parameters']:,} trainable, "
-                f"{row['train_seconds']}s, {row['epochs_run']} epochs",
-                flush=True,
+                f"{name}: {len(data.train)} train, {len(data.dev)} dev, {len(data.test)} test, "
+                f"{len(data.labels)} labels"
             )
-            results.append(row)
-            (args.out / "results.json").write_text(
-                json.dumps({"meta": meta, "results": results}, indent=2) + "\n"
-            )
-            (args.out / "results.md").write_text(markdown(results, meta))
+            for method in args.methods.split(","):
+                print(f"  {LABELS[method]} ...", flush=True)
+                row = run_one(backbone, name, data, method, args)
+                print(
+                    f"  {LABELS[method]}: test accuracy {row['test_accuracy']:.4f}, "
+                    f"macro-F1 {row['test_macro_f1']:.4f}, {row['trainable_parameters']:,} trainable, "
+                    f"{row['train_seconds']}s, {row['epochs_run']} epochs",
+                    flush=True,
+                )
+                results.append(row)
+                (args.out / "results.json").write_text(
+                    json.dumps({"meta": meta, "results": results}, indent=2) + "\n"
+                )
+                (args.out / "results.md").write_text(markdown(results, meta, tfidf))
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    (args.out / "results.md").write_text(markdown(results, meta, tfidf))
     bar_chart(results, args.out / "accuracy.png")
     print(f"wrote {args.out / 'results.json'}, results.md, accuracy.png")
     return 0

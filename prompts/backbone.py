@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,11 +90,14 @@ class Backbone:
         tokenizer: PreTrainedTokenizerBase,
         spec: BackboneSpec,
         path: Path,
+        pooling: str | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
         self.path = path
+        # How the checkpoint was trained to pool ("mean" or "cls"), where its directory says so.
+        self.pooling = pooling
         param = next(model.parameters())
         self.device: torch.device = param.device
         self.dtype: torch.dtype = param.dtype
@@ -147,6 +151,27 @@ def _fingerprint(model: PreTrainedModel, model_type: str) -> str:
     return f"{model_type}-L{config.num_hidden_layers}-H{config.hidden_size}-{h.hexdigest()[:16]}"
 
 
+def declared_pooling(model_dir: Path) -> str | None:
+    """The pooling a sentence-transformers checkpoint was trained with: "mean", "cls" or None.
+
+    Read from ``modules.json`` and its Pooling module's ``config.json``; a plain Hugging Face directory,
+    another mode (max, weighted) or an unreadable file gives None.
+    """
+    try:
+        modules = json.loads((model_dir / "modules.json").read_text(encoding="utf-8"))
+        pooling = next(m for m in modules if str(m.get("type", "")).endswith(".Pooling"))
+        config = json.loads((model_dir / str(pooling["path"]) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, StopIteration, TypeError, AttributeError, KeyError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    if config.get("pooling_mode_mean_tokens") and not config.get("pooling_mode_cls_token"):
+        return "mean"
+    if config.get("pooling_mode_cls_token") and not config.get("pooling_mode_mean_tokens"):
+        return "cls"
+    return None
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -172,6 +197,13 @@ def load_backbone(
     if dtype not in DTYPES:
         raise BackboneError(f"unknown dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     torch_device = resolve_device(device)
+    if torch_device.type == "cuda":
+        # The prompted forward passes an explicit mask, which torch >= 2.11 sends to cuDNN attention
+        # first; cuDNN builds an execution plan for every new (batch, length) shape, tens of ms each
+        # (modelscope/FunASR#3704). Serving and training see a new shape almost every batch: on the
+        # H100 a batch-1 forward took 79 ms instead of ~5. Flash / memory-efficient attention need no
+        # plan. The switch is process-wide, which is what a process serving one backbone wants.
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     hf_logging.disable_progress_bar()  # per-shard bars would spam service logs
     try:
@@ -231,4 +263,4 @@ def load_backbone(
         fingerprint=fingerprint,
     )
     logger.info("loaded backbone %s from %s on %s/%s", spec.describe(), model_dir, torch_device, dtype)
-    return Backbone(model, tokenizer, spec, model_dir)
+    return Backbone(model, tokenizer, spec, model_dir, pooling=declared_pooling(model_dir))

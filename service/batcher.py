@@ -45,6 +45,32 @@ class BatchStats:
     closed_by: str
 
 
+def choose_group(costs: Sequence[int], max_size: int, max_tokens: int) -> tuple[list[int], bool]:
+    """Which of a window of queued items (``costs`` in queue order, index 0 the oldest) form the batch.
+
+    The oldest item always goes. Among the runs of up to ``max_size`` items in length order that
+    contain it, the one with the most items, then the least padding, is taken, trimmed from its long
+    end (never the oldest) until ``len(run) * longest`` fits ``max_tokens``. Returns the chosen
+    indices in length order and whether trimming cut the batch. Pure, so benchmarks replay exactly
+    the service's rule.
+    """
+    order = sorted(range(len(costs)), key=lambda i: costs[i])  # stable: equal lengths stay oldest first
+    at = order.index(0)
+    size = min(max_size, len(order))
+    best, best_key, trimmed = [0], (0, 0.0), False
+    for start in range(max(0, at - size + 1), min(at, len(order) - size) + 1):
+        run = order[start : start + size]
+        cut = False
+        while len(run) > 1 and len(run) * costs[run[-1]] > max_tokens:
+            run.remove(run[-1] if run[-1] != 0 else run[-2])
+            cut = True
+        real = sum(costs[i] for i in run)
+        key = (len(run), real / max(1, len(run) * costs[run[-1]]))
+        if key > best_key:
+            best, best_key, trimmed = run, key, cut
+    return best, trimmed
+
+
 class _Entry(Generic[ItemT, ResultT]):
     """One queued item; compared by identity so ``deque.remove`` finds exactly this one."""
 
@@ -301,24 +327,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 window.append(entry)
                 if len(window) >= self._group_window:
                     break
-        head = window[0]
-        order = sorted(window, key=lambda e: e.cost)  # stable: equal lengths stay oldest first
-        at = next(i for i, e in enumerate(order) if e is head)
-        size = min(self._max_batch_size, len(order))
-        best: list[_Entry[ItemT, ResultT]] = [head]
-        best_key = (0, 0.0)
-        trimmed = False
-        for start in range(max(0, at - size + 1), min(at, len(order) - size) + 1):
-            run = order[start : start + size]
-            cut = False
-            # Drop the longest items (never the head) until the padded size fits the budget.
-            while len(run) > 1 and len(run) * run[-1].cost > self._max_batch_tokens:
-                run.remove(run[-1] if run[-1] is not head else run[-2])
-                cut = True
-            real = sum(e.cost for e in run)
-            key = (len(run), real / max(1, len(run) * run[-1].cost))
-            if key > best_key:
-                best, best_key, trimmed = run, key, cut
+        chosen, trimmed = choose_group([e.cost for e in window], self._max_batch_size, self._max_batch_tokens)
+        best = [window[i] for i in chosen]
         if len(best) == self._max_batch_size:
             return best, -1, "size"
         return best, -1, "tokens" if trimmed else None

@@ -168,9 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--head",
         choices=["cls", "peft", "mean"],
-        help="cls (default; probe: mean): text [CLS] into the head; peft: BertForSequenceClassification's "
-        "head (exportable to PEFT); mean: mean of the text tokens (the better probe on sentence-embedding "
-        "backbones)",
+        help="cls: text [CLS] into the head; peft: BertForSequenceClassification's head (exportable to "
+        "PEFT); mean: mean of the text tokens. Default: mean for the probe; for p-tuning-v2 the pooling "
+        "the backbone was trained with if its directory declares one (mean for the packaged MiniLM), "
+        "else cls; cls for the other methods",
     )
     train.add_argument("--dev-fraction", type=float, default=0.1, help="dev split of a single data file")
     train.add_argument("--max-seconds", type=_positive_float, help="stop training after this many seconds")

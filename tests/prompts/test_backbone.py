@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import transformers
 from transformers import BertConfig, BertModel
 
-from prompts.backbone import Backbone, default_model_path, load_backbone
+from prompts.backbone import Backbone, declared_pooling, default_model_path, load_backbone
 from prompts.errors import BackboneError, IncompatibleArtifactError
 from prompts.forward import TaskPrompt, prompted_forward
 from tests.factories import random_artifact
@@ -232,6 +233,56 @@ def test_encode_needs_room_for_special_tokens(backbone: Backbone, max_tokens: in
 
 
 # --- the real packaged backbone ---------------------------------------------------------------------
+
+
+# --- declared pooling (sentence-transformers directories) ---------------------------------------------
+
+
+def _sentence_transformers_dir(root: Path, pooling: dict[str, bool], folder: str = "1_Pooling") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": folder, "type": "sentence_transformers.models.Pooling"},
+    ]
+    (root / "modules.json").write_text(json.dumps(modules))
+    (root / folder).mkdir(exist_ok=True)
+    (root / folder / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **pooling}))
+    return root
+
+
+def test_packaged_minilm_declares_mean_pooling() -> None:
+    assert declared_pooling(default_model_path()) == "mean"
+
+
+@pytest.mark.parametrize(
+    ("pooling", "expected"),
+    [
+        ({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}, "mean"),
+        ({"pooling_mode_mean_tokens": False, "pooling_mode_cls_token": True}, "cls"),
+        ({"pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": True}, None),
+        ({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": True}, None),
+    ],
+)
+def test_declared_pooling_modes(tmp_path: Path, pooling: dict[str, bool], expected: str | None) -> None:
+    assert declared_pooling(_sentence_transformers_dir(tmp_path / "st", pooling, folder="pool")) == expected
+
+
+def test_declared_pooling_of_plain_or_broken_directories(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    assert declared_pooling(tiny_bert_dir) is None  # no modules.json
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "modules.json").write_text("{not json")
+    assert declared_pooling(broken) is None
+    no_pooling_config = _sentence_transformers_dir(tmp_path / "gone", {"pooling_mode_mean_tokens": True})
+    (no_pooling_config / "1_Pooling" / "config.json").unlink()
+    assert declared_pooling(no_pooling_config) is None
+
+
+def test_loaded_backbone_carries_the_declared_pooling(backbone: Backbone, model_dirs: Path) -> None:
+    assert backbone.pooling is None
+    directory = make_tiny_bert(model_dirs / "sentence-bert")
+    _sentence_transformers_dir(directory, {"pooling_mode_mean_tokens": True})
+    assert load_backbone(directory).pooling == "mean"
 
 
 @functools.cache

@@ -18,6 +18,7 @@ from prompts.trainer import (
     TrainConfig,
     TrainResult,
     _class_weights,
+    for_backbone,
     search,
     train_task,
 )
@@ -207,3 +208,21 @@ def test_data_labels_drive_the_head(learnable: Backbone, tmp_path: Path) -> None
     result = train_task(learnable, "t", data, dataclasses.replace(FAST, method="linear-probe", epochs=2))
     assert result.artifact.manifest.labels == ["a", "b", "unused"]
     assert result.artifact.tensors["head.weight"].shape[0] == 3
+
+
+def test_prefix_head_follows_the_backbones_declared_pooling(learnable: Backbone, data: TaskData) -> None:
+    learnable_pooling = learnable.pooling
+    try:
+        learnable.pooling = "mean"
+        assert for_backbone(TrainConfig(), learnable).resolved().head == "mean"
+        assert for_backbone(TrainConfig(head="cls"), learnable).resolved().head == "cls"  # asked for
+        assert for_backbone(TrainConfig(method="prompt-tuning"), learnable).resolved().head == "cls"
+        assert for_backbone(TrainConfig(method="linear-probe"), learnable).resolved().head == "mean"
+        result = train_task(learnable, "pooled", data, dataclasses.replace(FAST, epochs=1))
+        assert result.config.head == "mean"
+        assert result.artifact.manifest.head.pooling == "mean"
+        assert (result.artifact.manifest.training or {})["hyperparameters"]["head"] == "mean"
+        learnable.pooling = None
+        assert for_backbone(TrainConfig(), learnable).resolved().head == "cls"
+    finally:
+        learnable.pooling = learnable_pooling

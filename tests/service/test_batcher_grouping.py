@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from service.batcher import DynamicBatcher
+from service.batcher import DynamicBatcher, choose_group
 from tests.service import test_batcher as base
 from tests.service.test_batcher import Factory, FakeForward, Harness, Item, until
 
@@ -78,3 +78,20 @@ async def test_the_wait_deadline_counts_from_the_oldest_item_not_the_shortest(ma
         assert await old == "OLD-LONG" and await young == "YOUNG-SHORT"
     assert h.fake.batches == [["young-short", "old-long"]]
     assert [s.closed_by for s in h.stats] == ["time"]
+
+
+def test_choose_group_takes_the_oldest_and_its_closest_lengths() -> None:
+    # Index 0 is the oldest (length 20); the run of 3 around it in length order with least padding.
+    chosen, trimmed = choose_group([20, 5, 21, 60, 19, 6], max_size=3, max_tokens=1000)
+    assert sorted(chosen) == [0, 2, 4] and not trimmed
+    # A window smaller than the batch: everything goes.
+    assert sorted(choose_group([7, 3], max_size=8, max_tokens=1000)[0]) == [0, 1]
+
+
+def test_choose_group_trims_the_long_end_to_the_token_budget_but_keeps_the_oldest() -> None:
+    # The oldest is the longest: the others are dropped before it, down to what the budget holds.
+    # Length order 10, 12, 14, 30: dropping 14 then 12 leaves 2 rows x 30 tokens = the budget.
+    chosen, trimmed = choose_group([30, 10, 12, 14], max_size=4, max_tokens=60)
+    assert sorted(chosen) == [0, 1] and trimmed
+    # One item over the budget still runs, alone.
+    assert choose_group([500, 4], max_size=2, max_tokens=100) == ([0], True)
