@@ -154,20 +154,27 @@ def _fingerprint(model: PreTrainedModel, model_type: str) -> str:
 def declared_pooling(model_dir: Path) -> str | None:
     """The pooling a sentence-transformers checkpoint was trained with: "mean", "cls" or None.
 
-    Read from ``modules.json`` and its Pooling module's ``config.json``; a plain Hugging Face directory,
-    another mode (max, weighted) or an unreadable file gives None.
+    Read from ``modules.json`` and its Pooling module's ``config.json`` (which must lie inside
+    ``model_dir``). Exactly one of the mean / [CLS] modes on and every other ``pooling_mode_*`` off
+    gives that mode; a plain Hugging Face directory, any other or combined mode, or an unreadable
+    file gives None.
     """
+    root = model_dir.resolve()
     try:
         modules = json.loads((model_dir / "modules.json").read_text(encoding="utf-8"))
         pooling = next(m for m in modules if str(m.get("type", "")).endswith(".Pooling"))
-        config = json.loads((model_dir / str(pooling["path"]) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, StopIteration, TypeError, AttributeError, KeyError):
+        config_path = (root / str(pooling["path"]) / "config.json").resolve()
+        if not config_path.is_relative_to(root):
+            return None
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError, StopIteration, TypeError, AttributeError, KeyError):
         return None
     if not isinstance(config, dict):
         return None
-    if config.get("pooling_mode_mean_tokens") and not config.get("pooling_mode_cls_token"):
+    on = {key for key, value in config.items() if key.startswith("pooling_mode_") and value is True}
+    if on == {"pooling_mode_mean_tokens"}:
         return "mean"
-    if config.get("pooling_mode_cls_token") and not config.get("pooling_mode_mean_tokens"):
+    if on == {"pooling_mode_cls_token"}:
         return "cls"
     return None
 
@@ -201,7 +208,7 @@ def load_backbone(
         # The prompted forward passes an explicit mask, which torch >= 2.11 sends to cuDNN attention
         # first; cuDNN builds an execution plan for every new (batch, length) shape, tens of ms each
         # (modelscope/FunASR#3704). Serving and training see a new shape almost every batch: on the
-        # H100 a batch-1 forward took 79 ms instead of ~5. Flash / memory-efficient attention need no
+        # H100 a batch-1 forward took 79 ms instead of 7. Flash / memory-efficient attention need no
         # plan. The switch is process-wide, which is what a process serving one backbone wants.
         torch.backends.cuda.enable_cudnn_sdp(False)
 

@@ -113,6 +113,7 @@ def job_train_config(spec: JobSpec) -> TrainConfig:
         max_length=hp.max_length,
         reparam=hp.reparam,
         class_balanced=hp.class_balanced,
+        head=hp.head,
         max_seconds=hp.max_seconds,
     )
 

@@ -11,7 +11,7 @@ from prompts.disk_store import DiskPromptStore
 from prompts.jobs import JobQueue
 from prompts.redis_store import RedisPromptStore
 from prompts.store import PromptStore
-from service.batcher import BatchStats, DynamicBatcher
+from service.batcher import BatchStats, DynamicBatcher, group_window
 from service.cache import PromptCache
 from service.engine import Engine, Row
 from service.memory import HeapTrimmer
@@ -93,9 +93,7 @@ def build_runtime(
         max_wait_ms=settings.max_wait_ms,
         cost=Row.cost,
         max_queue=settings.max_queue,
-        # Candidates for length grouping: 32 batches' worth fills batches with similar lengths
-        # (benchmarks/perf_padding.py); capped because each batch sorts them (~0.7 ms per 1,024).
-        group_window=min(32 * settings.max_batch_size, 1024) if settings.length_grouping else None,
+        group_window=group_window(settings.max_batch_size) if settings.length_grouping else None,
     )
     watcher = None
     if settings.watch_changes:

@@ -261,6 +261,9 @@ def test_packaged_minilm_declares_mean_pooling() -> None:
         ({"pooling_mode_mean_tokens": False, "pooling_mode_cls_token": True}, "cls"),
         ({"pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": True}, None),
         ({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": True}, None),
+        ({"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}, None),  # concatenated
+        ({"pooling_mode_mean_tokens": "false", "pooling_mode_cls_token": True}, "cls"),  # only True is on
+        ({"pooling_mode_mean_tokens": "true"}, None),
     ],
 )
 def test_declared_pooling_modes(tmp_path: Path, pooling: dict[str, bool], expected: str | None) -> None:
@@ -276,6 +279,18 @@ def test_declared_pooling_of_plain_or_broken_directories(tmp_path: Path, tiny_be
     no_pooling_config = _sentence_transformers_dir(tmp_path / "gone", {"pooling_mode_mean_tokens": True})
     (no_pooling_config / "1_Pooling" / "config.json").unlink()
     assert declared_pooling(no_pooling_config) is None
+
+
+def test_declared_pooling_stays_inside_the_model_directory(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    model = _sentence_transformers_dir(tmp_path / "model", {"pooling_mode_mean_tokens": True})
+    modules = json.loads((model / "modules.json").read_text())
+    for path in ("../outside", str(outside)):
+        modules[1]["path"] = path
+        (model / "modules.json").write_text(json.dumps(modules))
+        assert declared_pooling(model) is None
 
 
 def test_loaded_backbone_carries_the_declared_pooling(backbone: Backbone, model_dirs: Path) -> None:

@@ -209,6 +209,7 @@ def test_unreachable_queue_is_reported_as_unavailable(dead_redis_url: str) -> No
         ({"hyperparameters": {"batch_size": 0}}, "batch_size"),
         ({"hyperparameters": {"dev_fraction": 1.5}}, "dev_fraction"),
         ({"hyperparameters": {"learning_rate": 0.1}}, "learning_rate"),
+        ({"hyperparameters": {"head": "max"}}, "head"),
         ({"train": []}, "at least 1 item"),
         ({"train": [{"text": "   ", "label": "a"}]}, "whitespace"),
         ({"data_path": "x.jsonl"}, "exactly one of 'train'"),
@@ -218,6 +219,14 @@ def test_unreachable_queue_is_reported_as_unavailable(dead_redis_url: str) -> No
 def test_invalid_specs_name_the_problem(fields: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ValidationError, match=fragment):
         spec(**fields)
+
+
+def test_a_job_may_choose_the_head() -> None:
+    from prompts.training import job_train_config
+
+    assert job_train_config(spec()).head is None  # the trainer's default (follows the backbone)
+    assert job_train_config(spec(hyperparameters={"head": "cls"})).head == "cls"
+    assert job_train_config(spec(method="probe", hyperparameters={"head": "peft"})).head == "peft"
 
 
 def test_inline_data_is_checked_like_files() -> None:
