@@ -715,7 +715,7 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=200_000, help="cap on requests per run")
     parser.add_argument(
         "--levels",
-        default="0.3,0.5,0.7,0.85,1.0,1.15,1.3,1.5",
+        default="0.3,0.5,0.7,0.85,1.0,1.3,1.6,2.0",
         help="offered rates as fractions of ptserve's closed-loop capacity",
     )
     parser.add_argument(

@@ -77,7 +77,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/profile"))
     args = parser.parse_args()
 
-    started = time.perf_counter()
     backbone = load_backbone(args.model, device=args.device, dtype=args.dtype)
     device = backbone.device
     pool = PromptPool(backbone.spec, device, backbone.dtype)
@@ -164,9 +163,6 @@ def main() -> None:
             "overlapping the next batch's assembly with the current forward could win.",
             "",
             markdown_table(headers, table),
-            "",
-            f"<sub>`python -m benchmarks.perf_profile --device {args.device} --dtype {args.dtype}` — "
-            f"{time.perf_counter() - started:.0f} s</sub>",
         ]
     )
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
