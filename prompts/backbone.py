@@ -208,8 +208,8 @@ def load_backbone(
         # The prompted forward passes an explicit mask, which torch >= 2.11 sends to cuDNN attention
         # first; cuDNN builds an execution plan for every new (batch, length) shape, tens of ms each
         # (modelscope/FunASR#3704). Serving and training see a new shape almost every batch: on the
-        # H100 a batch-1 forward took 79 ms instead of 7. Flash / memory-efficient attention need no
-        # plan. The switch is process-wide, which is what a process serving one backbone wants.
+        # H100 a batch-1 forward took 79 ms instead of 7. The other SDPA kernels need no plan. The
+        # switch is process-wide, which is what a process serving one backbone wants.
         torch.backends.cuda.enable_cudnn_sdp(False)
 
     hf_logging.disable_progress_bar()  # per-shard bars would spam service logs

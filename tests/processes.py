@@ -10,9 +10,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Self
 
 import httpx
 
@@ -74,6 +76,32 @@ class PtserveProcess:
                 self.proc.wait()
         self._out.close()
         return self.proc.returncode
+
+
+class LoadThreads:
+    """Client threads that run ``_loop(*args)`` until the ``with`` block ends (stop, then join).
+
+    Subclasses build their state, then call ``super().__init__`` with one argument tuple per thread;
+    ``_loop`` checks ``self._stop`` between requests.
+    """
+
+    def __init__(self, per_thread: Sequence[tuple[object, ...]], join_timeout_s: float = 60.0) -> None:
+        self._stop = threading.Event()
+        self._join_timeout_s = join_timeout_s
+        self._threads = [threading.Thread(target=self._loop, args=args, daemon=True) for args in per_thread]
+
+    def _loop(self, *args: object) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=self._join_timeout_s)
 
 
 def clean_environment(**extra: str) -> dict[str, str]:

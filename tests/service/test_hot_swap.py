@@ -25,6 +25,7 @@ from service.app import create_app
 from service.runtime import Runtime
 from service.settings import Settings
 from tests.factories import random_artifact
+from tests.processes import LoadThreads
 from tests.processes import eventually as wait_until
 
 if TYPE_CHECKING:
@@ -232,21 +233,20 @@ def replica(tiny_bert_dir: Path, store_url: str, port: int) -> Iterator[str]:
             proc.communicate()
 
 
-class Load:
+class Load(LoadThreads):
     """Threads sending classify requests to every replica until stopped, recording every outcome."""
 
     def __init__(self, bases: list[str], task: str, phase: Callable[[], int]) -> None:
-        self._bases = bases
         self._task = task
         self._phase = phase
-        self._stop = threading.Event()
         # (phase when sent, phase when answered, status or exception text, version or None)
         self.outcomes: list[tuple[int, int, str, str | None]] = []
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(b,), daemon=True) for b in bases]
+        super().__init__([(b,) for b in bases])
 
-    def _run(self, base: str) -> None:
-        with httpx.Client(base_url=base, timeout=30) as client:
+    def _loop(self, *args: object) -> None:
+        (base,) = args
+        with httpx.Client(base_url=str(base), timeout=30) as client:
             while not self._stop.is_set():
                 sent = self._phase()
                 try:
@@ -256,16 +256,6 @@ class Load:
                     status, version = f"{type(exc).__name__}: {exc}", None
                 with self._lock:
                     self.outcomes.append((sent, self._phase(), status, version))
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
 
 
 @pytest.mark.integration

@@ -16,7 +16,7 @@ import redis
 from prompts.backbone import Backbone
 from prompts.redis_store import RedisPromptStore
 from tests.factories import random_artifact
-from tests.processes import PtserveProcess, clean_environment, eventually, free_port
+from tests.processes import LoadThreads, PtserveProcess, clean_environment, eventually, free_port
 
 if TYPE_CHECKING:
     from tests.redis_server import RedisServer
@@ -25,7 +25,7 @@ pytest_plugins = ("tests.redis_server",)
 pytestmark = pytest.mark.integration
 
 
-class Load:
+class Load(LoadThreads):
     """Threads classifying one task as fast as the server answers, counting every outcome."""
 
     def __init__(self, base: str, task: str, threads: int = 4) -> None:
@@ -33,10 +33,9 @@ class Load:
         self.outcomes: Counter[str] = Counter()
         self.failures: list[str] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        super().__init__([()] * threads, join_timeout_s=30)
 
-    def _run(self) -> None:
+    def _loop(self, *args: object) -> None:
         with httpx.Client(timeout=30) as client:
             while not self._stop.is_set():
                 try:
@@ -53,16 +52,6 @@ class Load:
     def served(self) -> int:
         with self._lock:
             return self.outcomes["200"]
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=30)
 
 
 def test_redis_restart_under_load_fails_no_cached_request_and_recovers(
