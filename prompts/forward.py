@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -241,23 +242,27 @@ def run_prompted(backbone: Backbone, input_ids: Sequence[Sequence[int]], batch: 
     mask = torch.zeros((rows, max_prefix + seq_len), dtype=dtype, device=device)
     mask = mask.masked_fill(~(in_prefix | in_seq), torch.finfo(dtype).min)[:, None, None, :]
 
-    cache = None
-    if batch.prefix is not None:
-        # A fresh cache per call: the forward appends this batch's keys/values to it.
-        prefix = batch.prefix.to(dtype)
-        cache = DynamicCache(
-            ddp_cache_data=[(prefix[:, layer, 0], prefix[:, layer, 1]) for layer in range(spec.num_layers)]
+    token_types = torch.zeros((rows, seq_len), dtype=torch.long, device=device)  # [B, S]
+    prefix = None if batch.prefix is None else batch.prefix.to(dtype)  # [B, layers, 2, heads, P, head_dim]
+    if backbone.direct_encoder:
+        hidden = _encode(model, inputs_embeds, positions, token_types, mask, prefix)  # [B, S, hidden]
+    else:
+        cache = None
+        if prefix is not None:
+            # A fresh cache per call: the forward appends this batch's keys/values to it.
+            layers = range(spec.num_layers)
+            cache = DynamicCache(
+                ddp_cache_data=[(prefix[:, layer, 0], prefix[:, layer, 1]) for layer in layers]
+            )
+        out = model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            token_type_ids=token_types,
+            past_key_values=cache,
+            use_cache=False,
         )
-
-    out = model(
-        inputs_embeds=inputs_embeds,
-        attention_mask=mask,
-        position_ids=positions,
-        token_type_ids=torch.zeros((rows, seq_len), dtype=torch.long, device=device),
-        past_key_values=cache,
-        use_cache=False,
-    )
-    hidden = out.last_hidden_state  # [B, S, hidden]
+        hidden = out.last_hidden_state  # [B, S, hidden]
 
     pooled = _pool(hidden, batch, text_len)  # [B, hidden]
     if batch.any_pooler:
@@ -270,6 +275,45 @@ def run_prompted(backbone: Backbone, input_ids: Sequence[Sequence[int]], batch: 
     logits = torch.einsum("bh,bch->bc", pooled.to(weights.dtype), weights) + batch.head_bias  # [B, C]
     label_ok = torch.arange(weights.shape[1], device=device).unsqueeze(0) < batch.num_labels.unsqueeze(1)
     return logits.masked_fill(~label_ok, float("-inf"))
+
+
+def _encode(
+    model: Any,  # a BERT-layout model (Backbone.direct_encoder): submodules are reached by name
+    inputs_embeds: torch.Tensor,
+    positions: torch.Tensor,
+    token_types: torch.Tensor,
+    mask: torch.Tensor,
+    prefix: torch.Tensor | None,
+) -> torch.Tensor:
+    """The BERT-family encoder layer by layer, each layer's prefix keys/values in front of its own.
+
+    It calls the model's own submodules (embeddings, projections, the dense + LayerNorm blocks) in
+    HF's order and SDPA as HF's "sdpa" attention does, so it computes what ``model(...)`` with a
+    DynamicCache computes. What it skips is HF's per-call plumbing (mask preparation, the cache
+    object, output capture, a signature check per layer): at small batches that costs more than the
+    arithmetic, and on a GPU the forward is bound by it. ``Backbone.direct_encoder`` says whether a
+    model has the layout this relies on; tests/prompts/test_forward.py checks it against ``model(...)``.
+    """
+    rows, seq, width = inputs_embeds.shape
+    hidden: torch.Tensor = model.embeddings(
+        inputs_embeds=inputs_embeds, position_ids=positions, token_type_ids=token_types
+    )  # [B, S, hidden]
+    for index, layer in enumerate(model.encoder.layer):
+        attention = layer.attention.self
+        split = (rows, seq, attention.num_attention_heads, attention.attention_head_size)
+        query = attention.query(hidden).view(split).transpose(1, 2)  # [B, heads, S, head_dim]
+        key = attention.key(hidden).view(split).transpose(1, 2)  # [B, heads, S, head_dim]
+        value = attention.value(hidden).view(split).transpose(1, 2)  # [B, heads, S, head_dim]
+        if prefix is not None:
+            key = torch.cat([prefix[:, index, 0], key], dim=2)  # [B, heads, P + S, head_dim]
+            value = torch.cat([prefix[:, index, 1], value], dim=2)  # [B, heads, P + S, head_dim]
+        context = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=attention.scaling
+        )  # [B, heads, S, head_dim]
+        context = context.transpose(1, 2).reshape(rows, seq, width)  # [B, S, hidden]
+        hidden = layer.attention.output(context, hidden)
+        hidden = layer.output(layer.intermediate(hidden), hidden)
+    return hidden
 
 
 def _pool(hidden: torch.Tensor, batch: PromptBatch, text_len: torch.Tensor) -> torch.Tensor:

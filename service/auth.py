@@ -17,7 +17,7 @@ import hmac
 import logging
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -124,10 +124,11 @@ def authorize(ring: KeyRing | None, headers: Headers, scope: Scope) -> None:
         raise ForbiddenError(f"this API key has the {granted!r} scope; this route needs {scope!r}")
 
 
-def require_scope(scope: Scope) -> Callable[[Request], None]:
+def require_scope(scope: Scope) -> Callable[[Request], Awaitable[None]]:
     """A FastAPI dependency that admits a request holding ``scope`` (see :func:`authorize`)."""
 
-    def check(request: Request) -> None:
+    # async: FastAPI runs a plain def dependency in its thread pool, a thread hop per request.
+    async def check(request: Request) -> None:
         authorize(getattr(request.app.state, "keyring", None), request.headers, scope)
 
     return check

@@ -159,6 +159,8 @@ class RequestLogMiddleware:
                 observe(record)
             except Exception:
                 logger.exception("request observer failed")
+        if not access_logger.isEnabledFor(logging.INFO):
+            return  # asdict alone is ~5% of a single-text request's CPU
         fields = asdict(record)
         fields["latency_ms"] = round(record.latency_ms, 3)
         access_logger.info(

@@ -329,3 +329,19 @@ def test_packaged_minilm_serves_a_prompted_task() -> None:
     assert logits.shape == (3, 4)
     assert torch.isfinite(logits).all()
     torch.testing.assert_close(logits.softmax(-1).sum(-1), torch.ones(3))
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_encode_matches_the_transformers_tokenizer(kind: str, model_dirs: Path) -> None:
+    """encode calls a private copy of the Rust tokenizer; it must give the wrapper's ids exactly."""
+    make = make_tiny_bert if kind == "bert" else make_tiny_roberta
+    path = model_dirs / f"encode-{kind}"
+    backbone = load_backbone(path if path.exists() else make(path))
+    texts = ["this phone is great", "", "  Café — naïve ünïcode 🙂 ", "the " * 80, "A\tB\nC"]
+    # A truncating call through the wrapper reconfigures the wrapper's own backend; encode must not see it.
+    backbone.tokenizer(texts, truncation=True, max_length=4)
+    reference = backbone.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+    encoded = backbone.encode(texts, 1000)
+    assert [e.input_ids for e in encoded] == reference
+    assert not any(e.truncated for e in encoded)
+    assert len(reference[3]) > 80  # the long text really was left whole
