@@ -6,11 +6,11 @@ measurable share of a batch. This script measures each step on the serving path 
 over 100 tasks, the same texts at each batch size) and reports its share of the batch.
 
 Steps, per batch:
-- tokenise: ``Backbone.encode`` of the batch's texts (done per request, in a worker thread, before
-  the batcher; listed for scale);
+- tokenise: ``Backbone.encode`` of the batch's texts (done per request before the batcher, on the
+  event loop for short requests, else in a worker thread; listed for scale);
 - gather: ``PromptPool.gather`` of the rows' slots (prefix, prompt, heads);
-- assembly + readout: the rest of ``run_prompted`` (ids, embeddings lookup, positions, mask, cache
-  object, pooling, heads) and the softmax and copy to host in ``run_batch``;
+- assembly + readout: the rest of ``run_prompted`` (ids, embeddings lookup, positions, mask, pooling,
+  heads) and the softmax and copy to host in ``run_batch``;
 - backbone forward: from the embeddings to the last encoder layer (forward hooks on both).
 
 It also times the same batches through Hugging Face's ``model(...)`` (``Backbone.direct_encoder``

@@ -18,8 +18,8 @@ from prompts.errors import BackboneError
 
 logger = logging.getLogger(__name__)
 
-# Encoders whose HF implementation accepts per-layer past keys/values (a DynamicCache), explicit
-# position ids and a 4D attention mask, which the prompted forward relies on.
+# BERT-layout encoders: prompts/forward.py runs their layers directly (or, as a fallback, HF's forward
+# with per-layer past keys/values in a DynamicCache), with explicit position ids and a 4D mask.
 SUPPORTED_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert"})
 # RoBERTa-style embeddings number real positions from padding_idx + 1 (ids 0..padding_idx are unused).
 _OFFSET_POSITION_TYPES = frozenset({"roberta", "xlm-roberta", "camembert"})
@@ -142,12 +142,15 @@ class Backbone:
 def has_direct_layout(model: torch.nn.Module) -> bool:
     """Whether ``model`` is a BERT-layout encoder that prompts.forward can run layer by layer.
 
-    Absolute positions, no decoder or cross-attention, SDPA-style attention modules (query/key/value
-    projections, ``scaling``), and the embeddings / self-output / intermediate / output blocks.
-    Anything else (a relative-position config, say) runs through ``model(...)`` instead.
+    No decoder or cross-attention, SDPA attention (what ``load_backbone`` asks for; the direct path
+    calls SDPA itself), attention modules with query/key/value projections and ``scaling``, and the
+    embeddings / self-output / intermediate / output blocks. Anything else runs through
+    ``model(...)``. Only for a frozen model in eval mode: the direct path applies no dropout.
     """
     config = getattr(model, "config", None)
     if config is None or getattr(config, "is_decoder", False):
+        return False
+    if getattr(config, "_attn_implementation", None) != "sdpa":
         return False
     if getattr(config, "add_cross_attention", False):
         return False
@@ -173,7 +176,9 @@ def _private_fast_tokenizer(tokenizer: PreTrainedTokenizerBase) -> tokenizers.To
 
     Calling it directly skips ~30 us of Python per call in the transformers wrapper (the service's
     single-text path is bound by Python on one core). A copy, because the wrapper reconfigures its own
-    backend's truncation on calls that ask for it, and that state is shared by every thread.
+    backend's truncation on calls that ask for it, and that state is shared by every thread. A
+    snapshot: tokens added to the wrapper later are not seen (nothing here adds any). It holds a
+    second copy of the vocabulary (a few MiB for WordPiece; ~300 MiB for a 250k-piece Unigram).
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if not isinstance(backend, tokenizers.Tokenizer):
@@ -181,6 +186,8 @@ def _private_fast_tokenizer(tokenizer: PreTrainedTokenizerBase) -> tokenizers.To
     fast = tokenizers.Tokenizer.from_str(backend.to_str())
     fast.no_truncation()
     fast.no_padding()
+    # Not serialised by to_str(); the wrapper sets it from its split_special_tokens option.
+    fast.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
     return fast
 
 

@@ -244,7 +244,7 @@ def run_prompted(backbone: Backbone, input_ids: Sequence[Sequence[int]], batch: 
 
     token_types = torch.zeros((rows, seq_len), dtype=torch.long, device=device)  # [B, S]
     prefix = None if batch.prefix is None else batch.prefix.to(dtype)  # [B, layers, 2, heads, P, head_dim]
-    if backbone.direct_encoder:
+    if backbone.direct_encoder and not model.training:
         hidden = _encode(model, inputs_embeds, positions, token_types, mask, prefix)  # [B, S, hidden]
     else:
         cache = None

@@ -338,10 +338,21 @@ def test_encode_matches_the_transformers_tokenizer(kind: str, model_dirs: Path) 
     path = model_dirs / f"encode-{kind}"
     backbone = load_backbone(path if path.exists() else make(path))
     texts = ["this phone is great", "", "  Café — naïve ünïcode 🙂 ", "the " * 80, "A\tB\nC"]
-    # A truncating call through the wrapper reconfigures the wrapper's own backend; encode must not see it.
+    assert backbone._fast is not None and backbone._fast is not backbone.tokenizer.backend_tokenizer
+    # A truncating call through the wrapper leaves its own backend truncating; encode must not see it.
     backbone.tokenizer(texts, truncation=True, max_length=4)
-    reference = backbone.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
     encoded = backbone.encode(texts, 1000)
+    reference = backbone.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
     assert [e.input_ids for e in encoded] == reference
     assert not any(e.truncated for e in encoded)
     assert len(reference[3]) > 80  # the long text really was left whole
+
+
+def test_encode_keeps_split_special_tokens(tiny_bert_dir: Path, backbone: Backbone) -> None:
+    """A tokenizer configured to split special-token text: the private copy must do the same."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_bert_dir, split_special_tokens=True)
+    splitting = Backbone(backbone.model, tokenizer, backbone.spec, tiny_bert_dir)
+    text = "[CLS] a [SEP]"
+    [enc] = splitting.encode([text], 1000)
+    assert enc.input_ids == tokenizer([text], add_special_tokens=True)["input_ids"][0]
+    assert enc.input_ids != backbone.encode([text], 1000)[0].input_ids

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
+import prompts.forward
 from prompts.artifact import build_artifact
 from prompts.backbone import Backbone, load_backbone
 from prompts.forward import TaskPrompt, prompted_forward
@@ -232,11 +234,22 @@ def test_peft_prompt_tuning_logits_match(tiny_bert_dir: Path, backbone: Backbone
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
-def test_direct_encoder_matches_the_hf_forward(kind: str, tiny_bert_dir: Path, tmp_path: Path) -> None:
+def test_direct_encoder_matches_the_hf_forward(
+    kind: str, tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """run_prompted's layer-by-layer encoder against HF's model(...) with a DynamicCache, mixed tasks."""
     path = tiny_bert_dir if kind == "bert" else make_tiny_roberta(tmp_path / "roberta")
     backbone = load_backbone(path)
     assert backbone.direct_encoder
+    paths: list[str] = []
+    direct_encode = prompts.forward._encode
+
+    def spy_direct(*args: Any) -> torch.Tensor:
+        paths.append("direct")
+        return direct_encode(*args)
+
+    monkeypatch.setattr(prompts.forward, "_encode", spy_direct)
+    backbone.model.register_forward_pre_hook(lambda *_: paths.append("model"))
     tasks = [
         _task(backbone, task="a", num_labels=3, prefix_length=4, seed=1),
         _task(backbone, task="b", num_labels=5, prefix_length=7, prompt_length=3, pooling="mean", seed=2),
@@ -249,6 +262,7 @@ def test_direct_encoder_matches_the_hf_forward(kind: str, tiny_bert_dir: Path, t
         direct = prompted_forward(backbone, ids, rows)
         backbone.direct_encoder = False
         through_hf = prompted_forward(backbone, ids, rows)
+    assert paths == ["direct", "model"]  # each run took the path it was meant to
     torch.testing.assert_close(direct, through_hf, rtol=0, atol=1e-5)
     assert torch.isfinite(direct[0, :3]).all() and not torch.equal(direct[0], direct[4])
 
@@ -263,11 +277,11 @@ def test_direct_encoder_gradients_match_the_hf_forward(backbone: Backbone) -> No
         prefix = task.prefix.clone().requires_grad_(True)
         prompt = task.prompt.clone().requires_grad_(True)
         trained = TaskPrompt(prefix, prompt, task.head_weight, task.head_bias)
-        backbone.direct_encoder = direct
+        before, backbone.direct_encoder = backbone.direct_encoder, direct
         try:
             prompted_forward(backbone, ids, [trained] * len(ids)).logsumexp(-1).sum().backward()
         finally:
-            backbone.direct_encoder = True
+            backbone.direct_encoder = before
         assert prefix.grad is not None and prompt.grad is not None
         grads.append((prefix.grad, prompt.grad))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-5)

@@ -387,3 +387,34 @@ def test_settings_select_the_redis_store(redis_url: str) -> None:
     assert isinstance(store, RedisPromptStore)
     store.ping()
     store.close()
+
+
+@pytest.mark.parametrize("inline_chars", [0, 10_000])
+def test_classify_tokenises_the_same_on_the_loop_and_in_a_thread(
+    client: TestClient, backbone: Backbone, monkeypatch: pytest.MonkeyPatch, inline_chars: int
+) -> None:
+    """Short requests are tokenised on the event loop, longer ones in a thread: same answers."""
+    import service.routes
+
+    monkeypatch.setattr(service.routes, "INLINE_TOKENIZE_CHARS", inline_chars)
+    calls: list[bool] = []
+    encode = backbone.encode
+
+    def spy(texts: list[str], max_tokens: int) -> Any:
+        try:
+            asyncio.get_running_loop()
+            calls.append(True)  # on the event loop's thread
+        except RuntimeError:
+            calls.append(False)  # in a worker thread
+        return encode(texts, max_tokens)
+
+    monkeypatch.setattr(backbone, "encode", spy)
+    artifact = random_artifact(backbone.spec, task="where", prefix_length=4, num_labels=3)
+    assert upload(client, artifact).status_code == 201
+    texts = ["this phone is great", "terrible battery and the screen is broken"]
+    r = client.post("/v1/classify", json={"task": "where", "texts": texts})
+    assert r.status_code == 200, r.text
+    got = torch.tensor([[x["scores"][f"label_{i}"] for i in range(3)] for x in r.json()["results"]])
+    monkeypatch.setattr(backbone, "encode", encode)
+    torch.testing.assert_close(got, expected_probs(backbone, artifact, texts).float(), rtol=0, atol=1e-5)
+    assert calls == [inline_chars > 0]
