@@ -8,7 +8,7 @@ over 100 tasks, the same texts at each batch size) and reports its share of the 
 Steps, per batch:
 - tokenise: ``Backbone.encode`` of the batch's texts (done per request before the batcher, on the
   event loop for short requests, else in a worker thread; listed for scale);
-- gather: ``PromptPool.gather`` of the rows' slots (prefix, prompt, heads);
+- gather: ``Engine.gather``, the pool's ``index_select`` of the rows' slots (prefix, prompt, heads);
 - assembly + readout: the rest of ``run_prompted`` (ids, embeddings lookup, positions, mask, pooling,
   heads) and the softmax and copy to host in ``run_batch``;
 - backbone forward: from the embeddings to the last encoder layer (forward hooks on both).
@@ -105,19 +105,10 @@ def main() -> None:
             encodings = backbone.encode(batch_texts, args.max_tokens)
             tokenise = time.perf_counter() - t0
             rows = [Row(tasks[rng.randrange(len(tasks))], e.input_ids) for e in encodings]
-            picked = [r.task for r in rows]
             with torch.inference_mode():
                 sync(device)
                 t0 = time.perf_counter()
-                pool.gather(
-                    [t.slot for t in picked],
-                    prompt_lens=[t.prompt_length for t in picked],
-                    max_prefix=max(t.prefix_length for t in picked),
-                    max_prompt=max(t.prompt_length for t in picked),
-                    max_labels=max(t.num_labels for t in picked),
-                    modes=frozenset(t.pooling for t in picked),
-                    any_pooler=any(t.use_pooler for t in picked),
-                )
+                engine.gather(rows)
                 sync(device)
                 gather = time.perf_counter() - t0
             clock.total = 0.0

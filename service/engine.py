@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from prompts.backbone import Backbone
-from prompts.forward import run_prompted
+from prompts.forward import PromptBatch, run_prompted
 from service.cache import LoadedTask
 from service.memory import HeapTrimmer
 from service.pool import PromptPool
@@ -33,10 +33,10 @@ class Engine:
         self.trimmer = trimmer
         self.batches = 0
 
-    def logits(self, rows: list[Row]) -> torch.Tensor:
-        """Logits ``[B, max labels]`` of one mixed batch (call under ``torch.inference_mode``)."""
+    def gather(self, rows: list[Row]) -> PromptBatch:
+        """The rows' prompt tensors from the pool, sliced to this batch's longest lengths."""
         tasks = [r.task for r in rows]
-        batch = self.pool.gather(
+        return self.pool.gather(
             [t.slot for t in tasks],
             prompt_lens=[t.prompt_length for t in tasks],
             max_prefix=max(t.prefix_length for t in tasks),
@@ -45,7 +45,10 @@ class Engine:
             modes=frozenset(t.pooling for t in tasks),
             any_pooler=any(t.use_pooler for t in tasks),
         )
-        return run_prompted(self.backbone, [r.input_ids for r in rows], batch)
+
+    def logits(self, rows: list[Row]) -> torch.Tensor:
+        """Logits ``[B, max labels]`` of one mixed batch (call under ``torch.inference_mode``)."""
+        return run_prompted(self.backbone, [r.input_ids for r in rows], self.gather(rows))
 
     def run_batch(self, rows: list[Row]) -> list[list[float]]:
         with torch.inference_mode():

@@ -178,23 +178,29 @@ async def test_device_misses_are_served_from_the_host_tier(tmp_path: Path, backb
     assert cache.host_nbytes == host_size
 
 
+class SlowPointerStore(DiskPromptStore):
+    """A real disk store whose pointer reads answer only once ``gate`` is set (a slow store).
+
+    Each read counts itself and sets ``read`` as soon as it has the pointer, before waiting.
+    """
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.reads = 0
+        self.read = threading.Event()
+        self.gate = threading.Event()
+
+    def current_version(self, task: str) -> str:
+        version = super().current_version(task)
+        self.reads += 1
+        self.read.set()
+        assert self.gate.wait(10)
+        return version
+
+
 async def test_a_pointer_read_older_than_a_change_message_is_not_kept(
     tmp_path: Path, backbone: Backbone
 ) -> None:
-    class SlowPointerStore(DiskPromptStore):
-        """Reads the pointer, then waits at a gate before answering (a slow store)."""
-
-        def __init__(self, root: Path) -> None:
-            super().__init__(root)
-            self.read = threading.Event()
-            self.gate = threading.Event()
-
-        def current_version(self, task: str) -> str:
-            version = super().current_version(task)
-            self.read.set()
-            assert self.gate.wait(10)
-            return version
-
     store = SlowPointerStore(tmp_path)
     v1 = random_artifact(backbone.spec, task="t", seed=1)
     v2 = random_artifact(backbone.spec, task="t", seed=2)
@@ -312,27 +318,12 @@ async def test_a_load_that_finishes_after_a_delete_is_not_cached(tmp_path: Path,
 async def test_concurrent_pointer_reads_of_one_task_share_one_store_read(
     tmp_path: Path, backbone: Backbone
 ) -> None:
-    class SlowPointerStore(DiskPromptStore):
-        """A real disk store whose pointer reads wait at a gate, like a store that hangs."""
-
-        def __init__(self, root: Path) -> None:
-            super().__init__(root)
-            self.reads = 0
-            self.gate = threading.Event()
-
-        def current_version(self, task: str) -> str:
-            self.reads += 1
-            assert self.gate.wait(10)
-            return super().current_version(task)
-
     store = SlowPointerStore(tmp_path)
     artifact = random_artifact(backbone.spec, task="t")
     put(store, artifact)
     cache = make_cache(store, backbone, pointer_ttl_s=0.0)
     waiters = [asyncio.create_task(cache.resolve("t")) for _ in range(20)]
-    async with asyncio.timeout(10):
-        while store.reads == 0:
-            await asyncio.sleep(0.01)
+    assert await asyncio.to_thread(store.read.wait, 10)  # one read is at the gate
     store.gate.set()
     served = await asyncio.gather(*waiters)
     assert {t.version for t in served} == {artifact.version}
