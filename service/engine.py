@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,13 @@ class Engine:
         self.backbone = backbone
         self.pool = pool
         self.trimmer = trimmer
-        self.batches = 0
+        self._batches = 0
+        self._count_lock = threading.Lock()  # run_batch may run in several forward threads at once
+
+    @property
+    def batches(self) -> int:
+        """Forward passes run so far."""
+        return self._batches
 
     def gather(self, rows: list[Row]) -> PromptBatch:
         """The rows' prompt tensors from the pool, sliced to this batch's longest lengths."""
@@ -54,7 +61,8 @@ class Engine:
         with torch.inference_mode():
             # -inf columns past a row's own labels become exactly 0 probability.
             probs = torch.softmax(self.logits(rows).float(), dim=-1).cpu()  # [B, max labels]
-        self.batches += 1
+        with self._count_lock:
+            self._batches += 1
         table = probs.tolist()
         if self.trimmer is not None:
             self.trimmer.maybe_trim()  # between batches, in the forward thread: see service/memory.py

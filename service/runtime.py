@@ -94,6 +94,7 @@ def build_runtime(
         cost=Row.cost,
         max_queue=settings.max_queue,
         group_window=group_window(settings.max_batch_size) if settings.length_grouping else None,
+        pipeline_depth=settings.pipeline_depth,
     )
     watcher = None
     if settings.watch_changes:

@@ -59,6 +59,14 @@ class Settings(BaseSettings):
         description="fill batches with queued texts of similar length (window of 32 batches, at most "
         "1,024 rows): less padding",
     )
+    pipeline_depth: int = Field(
+        default=1,
+        ge=1,
+        le=4,
+        description="batches in flight at once; a second one starts only when full, so its assembly "
+        "overlaps the running forward. 2 measured x1.2-1.4 on a tiny CPU backbone, no gain on MiniLM "
+        "(CPU or H100: benchmarks/RESULTS.md)",
+    )
 
     # Cache
     cache_bytes: int = Field(

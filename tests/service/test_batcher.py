@@ -40,6 +40,7 @@ class FakeForward:
         self.threads: list[threading.Thread] = []
         self.entered_at: list[float] = []
         self.entered = threading.Event()
+        self.entries = threading.Semaphore(0)  # one release per batch that entered
         self.release = threading.Event()
 
     def __call__(self, items: list[Item]) -> list[str]:
@@ -47,9 +48,10 @@ class FakeForward:
         self.batches.append([item.name for item in items])
         self.threads.append(threading.current_thread())
         self.entered.set()
+        self.entries.release()
         if self.hold:
             assert self.release.wait(timeout=5), "test never released the batch"
-        if self.fail_on is not None and self.fail_on in self.batches[-1]:
+        if self.fail_on is not None and self.fail_on in [item.name for item in items]:
             raise self.error
         if self.short_once:
             self.short_once = False
@@ -58,6 +60,11 @@ class FakeForward:
 
     async def wait_entered(self) -> None:
         assert await asyncio.to_thread(self.entered.wait, 5)
+
+    async def wait_batches(self, count: int) -> None:
+        """Until ``count`` more batches have entered run_batch."""
+        for _ in range(count):
+            assert await asyncio.to_thread(self.entries.acquire, True, 5)
 
 
 @dataclass
@@ -389,3 +396,104 @@ async def test_failing_on_batch_callback_does_not_stop_the_batcher() -> None:
         assert await batcher.submit(Item("b")) == "B"
     finally:
         await batcher.stop()
+
+
+# ------------------------------------------------------------------------------ pipeline_depth > 1
+
+
+async def test_full_batch_starts_while_another_runs_with_depth_2(make: Factory) -> None:
+    h = make(FakeForward(hold=True), max_batch_size=2, pipeline_depth=2)
+    first = asyncio.create_task(h.batcher.submit_many([Item("a"), Item("b")]))
+    await h.fake.wait_batches(1)
+    second = asyncio.create_task(h.batcher.submit_many([Item("c"), Item("d")]))
+
+    # The second full batch enters run_batch while the first is still held there.
+    await h.fake.wait_batches(1)
+    assert h.batcher.batches_running == 2
+    assert h.fake.batches == [["a", "b"], ["c", "d"]]
+    assert h.fake.threads[0] is not h.fake.threads[1]
+    h.fake.release.set()
+
+    assert await first == ["A", "B"]
+    assert await second == ["C", "D"]
+    assert [s.closed_by for s in h.stats] == ["size", "size"]
+
+
+async def test_depth_1_runs_one_batch_at_a_time(make: Factory) -> None:
+    h = make(FakeForward(hold=True), max_batch_size=2)
+    first = asyncio.create_task(h.batcher.submit_many([Item("a"), Item("b")]))
+    await h.fake.wait_batches(1)
+    second = asyncio.create_task(h.batcher.submit_many([Item("c"), Item("d")]))
+    await until(lambda: h.batcher.queue_depth == 2)
+
+    # A full batch is queued, but the only pipeline slot is taken.
+    assert h.batcher.batches_running == 1
+    assert h.fake.batches == [["a", "b"]]
+    h.fake.release.set()
+    assert await first == ["A", "B"]
+    assert await second == ["C", "D"]
+
+
+async def test_partial_batch_waits_for_the_running_one_even_past_max_wait(make: Factory) -> None:
+    max_wait_s = 0.02
+    h = make(FakeForward(hold=True), max_batch_size=2, max_wait_ms=max_wait_s * 1000, pipeline_depth=2)
+    first = asyncio.create_task(h.batcher.submit_many([Item("a"), Item("b")]))
+    await h.fake.wait_batches(1)
+    (late,) = spawn(h.batcher, "c")
+    # Deliberately let time pass (not synchronisation): "c" outlives max_wait_ms while "a, b" run.
+    await asyncio.sleep(max_wait_s * 5)
+
+    assert h.fake.batches == [["a", "b"]]
+    assert h.batcher.queue_depth == 1
+    h.fake.release.set()
+    assert await first == ["A", "B"]
+    assert await late == "C"  # it goes as soon as the slot frees, without waiting max_wait again
+    assert h.fake.batches == [["a", "b"], ["c"]]
+    assert h.stats[1].closed_by == "time"
+
+
+async def test_failed_batch_does_not_affect_the_overlapping_one(make: Factory) -> None:
+    h = make(FakeForward(hold=True, fail_on="bad"), max_batch_size=2, pipeline_depth=2)
+    failing = asyncio.create_task(h.batcher.submit_many([Item("bad"), Item("x")]))
+    await h.fake.wait_batches(1)
+    good = asyncio.create_task(h.batcher.submit_many([Item("y"), Item("z")]))
+    await h.fake.wait_batches(1)
+    h.fake.release.set()
+
+    with pytest.raises(ValueError, match="forward failed"):
+        await failing
+    assert await good == ["Y", "Z"]
+    assert await h.batcher.submit_many([Item("after"), Item("again")]) == ["AFTER", "AGAIN"]
+
+
+@pytest.mark.parametrize("drain", [True, False])
+async def test_stop_lets_every_running_batch_deliver(make: Factory, drain: bool) -> None:
+    h = make(FakeForward(hold=True), max_batch_size=2, pipeline_depth=2)
+    first = asyncio.create_task(h.batcher.submit_many([Item("a"), Item("b")]))
+    await h.fake.wait_batches(1)
+    second = asyncio.create_task(h.batcher.submit_many([Item("c"), Item("d")]))
+    await h.fake.wait_batches(1)
+    (queued,) = spawn(h.batcher, "e")
+    await until(lambda: h.batcher.queue_depth == 1)
+
+    stopping = asyncio.create_task(h.batcher.stop(drain=drain))
+    await asyncio.sleep(0)  # let stop() begin
+    h.fake.release.set()
+    await stopping
+
+    assert await first == ["A", "B"]
+    assert await second == ["C", "D"]
+    if drain:
+        assert await queued == "E"
+        assert h.stats[-1].closed_by == "drain"
+    else:
+        with pytest.raises(BatcherClosedError):
+            await queued
+    assert h.batcher.batches_running == 0
+
+
+async def test_pipeline_depth_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="pipeline_depth must be >= 1"):
+        DynamicBatcher(
+            FakeForward(), max_batch_size=1, max_batch_tokens=10, max_wait_ms=0, cost=len, pipeline_depth=0
+        )
