@@ -58,6 +58,7 @@ class ForwardClock:
 
     def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
         self.device = device
+        self.enabled = True  # off while the graphed engine runs: a capture must not synchronize
         self.total = 0.0
         self._start = 0.0
         layers: Any = model.encoder.layer
@@ -65,12 +66,14 @@ class ForwardClock:
         layers[-1].output.register_forward_hook(self._after)  # the last block either path calls
 
     def _before(self, *_: Any) -> None:
-        sync(self.device)
-        self._start = time.perf_counter()
+        if self.enabled:
+            sync(self.device)
+            self._start = time.perf_counter()
 
     def _after(self, *_: Any) -> None:
-        sync(self.device)
-        self.total += time.perf_counter() - self._start
+        if self.enabled:
+            sync(self.device)
+            self.total += time.perf_counter() - self._start
 
 
 def drain_rate(engine: Engine, rows: list[Row], batch_size: int, depth: int) -> float:
@@ -119,7 +122,10 @@ def main() -> None:
     device = backbone.device
     pool = PromptPool(backbone.spec, device, backbone.dtype)
     tasks = make_tasks(backbone, pool, args.tasks, args.prefix_length, num_labels=4)
-    engine = Engine(backbone, pool)
+    # The step breakdown needs the eager forward: hooks do not run inside a CUDA graph's replay.
+    engine = Engine(backbone, pool, cuda_graphs=False)
+    graphed = Engine(backbone, pool) if device.type == "cuda" else None  # what the service runs
+    served = graphed or engine
     clock = ForwardClock(backbone.model, device)
     direct = backbone.direct_encoder
     texts = load_texts(args.data_root, args.dataset, limit=512)
@@ -130,6 +136,7 @@ def main() -> None:
         steps: dict[str, list[float]] = {"tokenise": [], "gather": [], "assembly+readout": [], "forward": []}
         totals: list[float] = []
         through_hf: list[float] = []
+        with_graphs: list[float] = []
         for repeat in range(args.repeats + 1):  # the first batch of each size warms up
             batch_texts = [texts[rng.randrange(len(texts))] for _ in range(size)]
             t0 = time.perf_counter()
@@ -155,8 +162,15 @@ def main() -> None:
             sync(device)
             through_hf.append(time.perf_counter() - t0)
             backbone.direct_encoder = direct
+            if graphed is not None:
+                clock.enabled = False
+                t0 = time.perf_counter()
+                graphed.run_batch(rows)
+                with_graphs.append(time.perf_counter() - t0)
+                clock.enabled = True
             if repeat == 0:
                 through_hf.pop()
+                del with_graphs[:]
                 continue
             steps["tokenise"].append(tokenise)
             steps["gather"].append(gather)
@@ -170,6 +184,9 @@ def main() -> None:
             "hf_run_batch_ms": median(through_hf) * 1000,
             "hf_over_direct": median(through_hf) / median(totals),
         }
+        if with_graphs:
+            row["graphs_run_batch_ms"] = median(with_graphs) * 1000
+            row["eager_over_graphs"] = median(totals) / median(with_graphs)
         for name, values in steps.items():
             row[f"{name}_ms"] = median(values) * 1000
             row[f"{name}_share"] = median(values) * 1000 / batch_ms
@@ -201,6 +218,11 @@ def main() -> None:
         ]
         for r in results
     ]
+    if graphed is not None:
+        headers += ["with CUDA graphs ms", "eager ÷ graphs"]
+        for line, r in zip(table, results, strict=True):
+            line += [r["graphs_run_batch_ms"], f"{r['eager_over_graphs']:.2f}"]
+    clock.enabled = False
     pipelined = []
     for size in [int(x) for x in args.pipeline_sizes.split(",")]:
         sample = [texts[rng.randrange(len(texts))] for _ in range(size * 4)]
@@ -209,11 +231,11 @@ def main() -> None:
             Row(tasks[rng.randrange(len(tasks))], encodings[i % len(encodings)].input_ids)
             for i in range(size * args.pipeline_batches)
         ]
-        drain_rate(engine, rows[: size * 2], size, 2)  # warm-up
+        drain_rate(served, rows[: size * 2], size, 2)  # warm-up
         rates: dict[int, list[float]] = {1: [], 2: []}
         for _ in range(args.pipeline_rounds):
             for depth in (1, 2):
-                rates[depth].append(drain_rate(engine, rows, size, depth))
+                rates[depth].append(drain_rate(served, rows, size, depth))
         entry = {
             "batch_size": size,
             "depth1_rows_s": median(rates[1]),
@@ -239,7 +261,9 @@ def main() -> None:
             "overlapping the next batch's assembly with the current forward could win. "
             f"run_batch uses the direct encoder ({'on' if direct else 'off: this model lacks the layout'}); "
             "'via model(...)' times the same batches through Hugging Face's model call, each right after "
-            "its direct twin.",
+            "its direct twin. On a GPU, 'with CUDA graphs' is `run_batch` as the service runs it (the "
+            "encoder replayed from `prompts/graphs.py`); the other columns time the eager direct encoder, "
+            "since hooks do not run inside a replay.",
             "",
             markdown_table(headers, table),
             "",

@@ -19,7 +19,7 @@ Per row ``b`` with task prefix length ``P_b``, input-prompt length ``K_b`` and t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,11 +192,17 @@ def prompted_forward(
     return run_prompted(backbone, input_ids, batch_from_tasks(rows, backbone.device))
 
 
-def run_prompted(backbone: Backbone, input_ids: Sequence[Sequence[int]], batch: PromptBatch) -> torch.Tensor:
+def run_prompted(
+    backbone: Backbone,
+    input_ids: Sequence[Sequence[int]],
+    batch: PromptBatch,
+    encoder: Callable[..., torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Run the backbone once over ``input_ids`` (special tokens included), applying each row's prompt.
 
     Returns logits ``[B, max labels]``, ``-inf`` past a row's own labels. Differentiable with respect
-    to the PromptBatch tensors; the service wraps the call in ``torch.inference_mode``.
+    to the PromptBatch tensors; the service wraps the call in ``torch.inference_mode``. ``encoder``
+    replaces the direct encoder where it runs (the service's CUDA graphs, ``prompts/graphs.py``).
     """
     model = backbone.model
     spec = backbone.spec
@@ -245,7 +251,8 @@ def run_prompted(backbone: Backbone, input_ids: Sequence[Sequence[int]], batch: 
     token_types = torch.zeros((rows, seq_len), dtype=torch.long, device=device)  # [B, S]
     prefix = None if batch.prefix is None else batch.prefix.to(dtype)  # [B, layers, 2, heads, P, head_dim]
     if backbone.direct_encoder and not model.training:
-        hidden = _encode(model, inputs_embeds, positions, token_types, mask, prefix)  # [B, S, hidden]
+        encode = encoder or _encode
+        hidden = encode(model, inputs_embeds, positions, token_types, mask, prefix)  # [B, S, hidden]
     else:
         cache = None
         if prefix is not None:

@@ -9,6 +9,7 @@ import torch
 
 from prompts.backbone import Backbone
 from prompts.forward import PromptBatch, run_prompted
+from prompts.graphs import GraphedEncoder
 from service.cache import LoadedTask
 from service.memory import HeapTrimmer
 from service.pool import PromptPool
@@ -28,10 +29,22 @@ class Row:
 class Engine:
     """Runs one forward pass per batch and returns each row's label probabilities (its own labels only)."""
 
-    def __init__(self, backbone: Backbone, pool: PromptPool, trimmer: HeapTrimmer | None = None) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        pool: PromptPool,
+        trimmer: HeapTrimmer | None = None,
+        *,
+        cuda_graphs: bool = True,
+        max_rows: int = 64,
+    ) -> None:
         self.backbone = backbone
         self.pool = pool
         self.trimmer = trimmer
+        # CUDA graphs where the direct encoder runs on a GPU; rows beyond max_rows run eagerly.
+        self.graphs: GraphedEncoder | None = None
+        if cuda_graphs and backbone.device.type == "cuda" and backbone.direct_encoder:
+            self.graphs = GraphedEncoder(backbone.model, max_rows=max_rows, capture=True)
         self._batches = 0
         self._count_lock = threading.Lock()  # run_batch may run in several forward threads at once
 
@@ -55,7 +68,7 @@ class Engine:
 
     def logits(self, rows: list[Row]) -> torch.Tensor:
         """Logits ``[B, max labels]`` of one mixed batch (call under ``torch.inference_mode``)."""
-        return run_prompted(self.backbone, [r.input_ids for r in rows], self.gather(rows))
+        return run_prompted(self.backbone, [r.input_ids for r in rows], self.gather(rows), self.graphs)
 
     def run_batch(self, rows: list[Row]) -> list[list[float]]:
         with torch.inference_mode():

@@ -53,6 +53,18 @@ def open_job_queue(settings: Settings) -> JobQueue | None:
     )
 
 
+def pipeline_depth(settings: Settings, engine: Engine) -> int:
+    """Batches in flight: the setting, else 2 where the engine replays CUDA graphs, else 1.
+
+    Overlap pays only where a forward leaves the host idle: a replayed graph does (H100, MiniLM:
+    x1.03-1.14 rows/s at 8-64 rows per batch); an eager GPU forward keeps the host busy launching
+    kernels, and on a CPU both batches would share the same cores (benchmarks/RESULTS.md).
+    """
+    if settings.pipeline_depth is not None:
+        return settings.pipeline_depth
+    return 2 if engine.graphs is not None else 1
+
+
 def build_runtime(
     settings: Settings,
     backbone: Backbone,
@@ -76,7 +88,13 @@ def build_runtime(
         pointer_ttl_s=settings.pointer_ttl_s,
         host_budget_bytes=settings.host_cache_bytes,
     )
-    engine = Engine(backbone, pool, HeapTrimmer(settings.heap_trim_interval_s))
+    engine = Engine(
+        backbone,
+        pool,
+        HeapTrimmer(settings.heap_trim_interval_s),
+        cuda_graphs=settings.cuda_graphs,
+        max_rows=settings.max_batch_size,
+    )
     run_batch = engine.run_batch
     if on_rows is not None:
         observe = on_rows
@@ -94,7 +112,7 @@ def build_runtime(
         cost=Row.cost,
         max_queue=settings.max_queue,
         group_window=group_window(settings.max_batch_size) if settings.length_grouping else None,
-        pipeline_depth=settings.pipeline_depth,
+        pipeline_depth=pipeline_depth(settings, engine),
     )
     watcher = None
     if settings.watch_changes:

@@ -15,7 +15,7 @@ import pytest
 from prompts.backbone import Backbone
 from prompts.disk_store import DiskPromptStore
 from service.engine import Row
-from service.runtime import build_runtime
+from service.runtime import build_runtime, pipeline_depth
 from service.settings import Settings
 from tests.factories import random_artifact
 
@@ -58,3 +58,11 @@ async def test_overlapping_batches_give_each_row_its_own_answer(tmp_path: Path, 
     for mixed, single, row in zip(got, alone, rows, strict=True):
         assert len(mixed) == row.task.num_labels
         assert mixed == pytest.approx(single, abs=1e-5)
+
+
+def test_pipeline_depth_is_one_without_cuda_graphs(backbone: Backbone, tmp_path: Path) -> None:
+    store = DiskPromptStore(tmp_path)
+    runtime = build_runtime(Settings(store=str(tmp_path)), backbone, store)
+    assert runtime.engine.graphs is None  # a CPU backbone
+    assert pipeline_depth(Settings(), runtime.engine) == 1
+    assert pipeline_depth(Settings(pipeline_depth=3), runtime.engine) == 3

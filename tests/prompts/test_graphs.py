@@ -1,0 +1,102 @@
+"""The CUDA-graph encoder's padding: a forward padded to its bucket gives the real rows what the
+unpadded direct encoder gives them. On the CPU the padded forward runs eagerly (``capture=False``);
+where CUDA is present the captured graphs are checked against the eager encoder too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from prompts.backbone import Backbone, load_backbone
+from prompts.forward import TaskPrompt, _encode, batch_from_tasks, run_prompted
+from prompts.graphs import MAX_BUCKET_TOKENS, Bucket, GraphedEncoder, bucket_for
+from tests.factories import random_artifact
+
+TEXTS = ["this phone is great", "a", "what time is the game tonight in the city", "free offer call now"]
+
+
+def test_buckets_round_rows_to_powers_of_two_and_lengths_to_steps() -> None:
+    assert bucket_for(1, 1, 0, max_rows=64) == Bucket(1, 16, 0)
+    assert bucket_for(3, 17, 9, max_rows=64) == Bucket(4, 32, 16)
+    assert bucket_for(64, 48, 16, max_rows=64) == Bucket(64, 48, 16)
+    assert bucket_for(65, 16, 0, max_rows=64) is None  # more rows than any bucket
+    assert bucket_for(64, MAX_BUCKET_TOKENS // 64 + 1, 0, max_rows=256) is None  # too many tokens
+
+
+def _inputs(backbone: Backbone, rows: int, seq: int, prefix: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Random encoder inputs whose rows end at different lengths, as run_prompted builds them."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = backbone.spec
+    embeds = torch.randn((rows, seq, spec.hidden_size), generator=gen)  # [B, S, hidden]
+    positions = torch.arange(seq).unsqueeze(0).expand(rows, seq) + prefix  # [B, S]
+    token_types = torch.zeros((rows, seq), dtype=torch.long)
+    lengths = torch.randint(1, seq + 1, (rows,), generator=gen)
+    plens = torch.randint(0, prefix + 1, (rows,), generator=gen)
+    keys = torch.arange(prefix + seq).unsqueeze(0)  # [1, P + S]
+    keep = (keys < plens.unsqueeze(1)) | ((keys >= prefix) & (keys < prefix + lengths.unsqueeze(1)))
+    mask = torch.zeros((rows, prefix + seq)).masked_fill(~keep, torch.finfo(torch.float32).min)[:, None, None]
+    shape = (rows, spec.num_layers, 2, spec.num_heads, prefix, spec.head_dim)
+    prefix_kv = torch.randn(shape, generator=gen) if prefix else None  # [B, layers, 2, heads, P, head_dim]
+    return embeds, positions, token_types, mask, prefix_kv, lengths
+
+
+@torch.inference_mode()
+def test_padded_forward_gives_real_rows_their_unpadded_states(backbone: Backbone) -> None:
+    encoder = GraphedEncoder(backbone.model, max_rows=8, capture=False)
+    # The second and third shapes share the first one's bucket (4 rows, 32 tokens, prefix 16), so
+    # they also prove that what an earlier, larger forward left in the buffers does not leak.
+    for seed, (rows, seq, prefix) in enumerate([(4, 30, 12), (3, 17, 9), (2, 20, 16), (5, 7, 0), (1, 3, 5)]):
+        embeds, positions, token_types, mask, prefix_kv, lengths = _inputs(backbone, rows, seq, prefix, seed)
+        want = _encode(backbone.model, embeds, positions, token_types, mask, prefix_kv)
+        got = encoder(backbone.model, embeds, positions, token_types, mask, prefix_kv)
+        assert got.shape == want.shape
+        for b in range(rows):  # positions past a row's length are padding either way
+            torch.testing.assert_close(got[b, : lengths[b]], want[b, : lengths[b]], rtol=0, atol=1e-5)
+    assert encoder.replays == 5 and encoder.eager == 0
+
+
+@torch.inference_mode()
+def test_oversize_forward_runs_eagerly(backbone: Backbone) -> None:
+    encoder = GraphedEncoder(backbone.model, max_rows=2, capture=False)
+    embeds, positions, token_types, mask, prefix_kv, _ = _inputs(backbone, 3, 8, 4, seed=0)
+    got = encoder(backbone.model, embeds, positions, token_types, mask, prefix_kv)
+    assert torch.equal(got, _encode(backbone.model, embeds, positions, token_types, mask, prefix_kv))
+    assert encoder.eager == 1 and encoder.replays == 0
+
+
+@torch.inference_mode()
+def test_mixed_tasks_through_the_padded_encoder(backbone: Backbone) -> None:
+    def task(**kwargs: object) -> TaskPrompt:
+        artifact = random_artifact(backbone.spec, **kwargs)  # type: ignore[arg-type]
+        return TaskPrompt.from_artifact(artifact, backbone.device, backbone.dtype)
+
+    tasks = [
+        task(task="a", num_labels=3, prefix_length=4, seed=1),
+        task(task="b", num_labels=5, prefix_length=7, prompt_length=3, pooling="mean", seed=2),
+        task(task="c", num_labels=2, prefix_length=0, prompt_length=2, seed=3),
+    ]
+    ids = [e.input_ids for e in backbone.encode(TEXTS, 40)]
+    batch = batch_from_tasks([tasks[i % 3] for i in range(len(ids))], backbone.device)
+    encoder = GraphedEncoder(backbone.model, max_rows=8, capture=False)
+    padded = run_prompted(backbone, ids, batch, encoder)
+    torch.testing.assert_close(padded, run_prompted(backbone, ids, batch), rtol=0, atol=1e-5)
+    assert encoder.replays == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@torch.inference_mode()
+def test_captured_graphs_match_the_eager_encoder(tiny_bert_dir: Path) -> None:
+    backbone = load_backbone(tiny_bert_dir, device="cuda", dtype="float32")
+    encoder = GraphedEncoder(backbone.model, max_rows=8, capture=True)
+    for seed, (rows, seq, prefix) in enumerate([(4, 30, 12), (3, 17, 9), (8, 5, 0)]):
+        cpu_inputs = _inputs(backbone, rows, seq, prefix, seed)
+        inputs = [None if t is None else t.cuda() for t in cpu_inputs[:5]]
+        lengths = cpu_inputs[5]
+        want = _encode(backbone.model, *inputs)
+        got = encoder(backbone.model, *inputs)
+        for b in range(rows):
+            torch.testing.assert_close(got[b, : lengths[b]], want[b, : lengths[b]], rtol=0, atol=1e-4)
+    assert encoder.graphs == 2  # two buckets: (4, 32, 16) twice, then (8, 16, 0)
