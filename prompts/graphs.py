@@ -33,10 +33,13 @@ logger = logging.getLogger(__name__)
 
 SEQ_STEP = 16
 PREFIX_STEP = 8
-# Rows x sequence length of the largest bucket captured: its buffers and temporaries stay in the tens
-# of MiB, and at that size a forward is mostly device work, which a graph does not speed up (H100,
-# MiniLM: x4 at 64 x 48 tokens, x1.4 at 256 x 48).
+# Rows x (tokens + prefix) of the largest bucket captured, and its longest prefix. At that size a
+# forward is mostly device work, which a graph does not speed up (H100, MiniLM: x4 at 64 x 48 tokens,
+# x1.4 at 256 x 48); each bucket keeps its own input buffers, the largest being the prefix keys and
+# values (MiniLM, fp16, 64 rows x prefix 64: 75 MiB), so the worst case over max_graphs buckets is GiBs
+# and the typical one (a few prefix lengths, 16-32 tokens per text) tens to hundreds of MiB.
 MAX_BUCKET_TOKENS = 8192
+MAX_BUCKET_PREFIX = 64
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,9 @@ def bucket_for(rows: int, seq: int, prefix: int, max_rows: int) -> Bucket | None
     padded_rows = 1 << max(0, rows - 1).bit_length()  # [1, 2, 4, 8, ...]
     padded_seq = -(-seq // SEQ_STEP) * SEQ_STEP
     padded_prefix = -(-prefix // PREFIX_STEP) * PREFIX_STEP
-    if padded_rows > max_rows or padded_rows * padded_seq > MAX_BUCKET_TOKENS:
+    if padded_rows > max_rows or padded_prefix > MAX_BUCKET_PREFIX:
+        return None
+    if padded_rows * (padded_seq + padded_prefix) > MAX_BUCKET_TOKENS:
         return None
     return Bucket(padded_rows, padded_seq, padded_prefix)
 

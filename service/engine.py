@@ -41,9 +41,12 @@ class Engine:
         self.backbone = backbone
         self.pool = pool
         self.trimmer = trimmer
-        # CUDA graphs where the direct encoder runs on a GPU; rows beyond max_rows run eagerly.
+        # CUDA graphs where the direct encoder runs on a GPU; rows beyond max_rows run eagerly. Only on
+        # the first GPU: forward threads start on device 0, where torch.cuda.graph would create its
+        # capture stream, so a model on cuda:N (N > 0) would be captured empty and replay stale states.
         self.graphs: GraphedEncoder | None = None
-        if cuda_graphs and backbone.device.type == "cuda" and backbone.direct_encoder:
+        device = backbone.device
+        if cuda_graphs and device.type == "cuda" and (device.index or 0) == 0 and backbone.direct_encoder:
             self.graphs = GraphedEncoder(backbone.model, max_rows=max_rows, capture=True)
         self._batches = 0
         self._count_lock = threading.Lock()  # run_batch may run in several forward threads at once

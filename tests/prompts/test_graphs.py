@@ -24,6 +24,7 @@ def test_buckets_round_rows_to_powers_of_two_and_lengths_to_steps() -> None:
     assert bucket_for(64, 48, 16, max_rows=64) == Bucket(64, 48, 16)
     assert bucket_for(65, 16, 0, max_rows=64) is None  # more rows than any bucket
     assert bucket_for(64, MAX_BUCKET_TOKENS // 64 + 1, 0, max_rows=256) is None  # too many tokens
+    assert bucket_for(64, 64, 72, max_rows=64) is None  # the prefix counts towards them, and is capped
 
 
 def _inputs(backbone: Backbone, rows: int, seq: int, prefix: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -46,8 +47,8 @@ def _inputs(backbone: Backbone, rows: int, seq: int, prefix: int, seed: int) -> 
 @torch.inference_mode()
 def test_padded_forward_gives_real_rows_their_unpadded_states(backbone: Backbone) -> None:
     encoder = GraphedEncoder(backbone.model, max_rows=8, capture=False)
-    # The second and third shapes share the first one's bucket (4 rows, 32 tokens, prefix 16), so
-    # they also prove that what an earlier, larger forward left in the buffers does not leak.
+    # The second shape shares the first one's bucket (4 rows, 32 tokens, prefix 16), so it also
+    # proves that what an earlier, larger forward left in the buffers does not leak.
     for seed, (rows, seq, prefix) in enumerate([(4, 30, 12), (3, 17, 9), (2, 20, 16), (5, 7, 0), (1, 3, 5)]):
         embeds, positions, token_types, mask, prefix_kv, lengths = _inputs(backbone, rows, seq, prefix, seed)
         want = _encode(backbone.model, embeds, positions, token_types, mask, prefix_kv)
