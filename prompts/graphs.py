@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,15 +156,13 @@ class GraphedEncoder:
             return _encode(model, inputs_embeds, positions, token_types, mask, prefix)
         with self._lock:
             static = self._buckets.get(bucket)
-            if static is None:
-                if len(self._buckets) >= self.max_graphs:
-                    self.eager += 1
-                    return _encode(model, inputs_embeds, positions, token_types, mask, prefix)
+            fresh = static is None and len(self._buckets) < self.max_graphs
+            if fresh:
                 shape = (self.layers, self.heads, self.head_dim)
-                static = _Static(self.model, bucket, shape, inputs_embeds)
-                self._buckets[bucket] = static
+                static = self._buckets[bucket] = _Static(self.model, bucket, shape, inputs_embeds)
+            if static is not None:
                 fill(static, bucket, inputs_embeds, positions, token_types, mask, prefix)
-                if self.capture:
+                if fresh and self.capture:  # the capture's warm-up runs on the buffers just filled
                     try:
                         static.capture(self._pool)
                     except RuntimeError:  # torch.AcceleratorError is one
@@ -173,11 +170,11 @@ class GraphedEncoder:
                         # Serving goes on eagerly, with the same padding, rather than failing batches.
                         logger.exception("CUDA graph capture failed; the encoder runs eagerly from now on")
                         self.capture = False
-            else:
-                fill(static, bucket, inputs_embeds, positions, token_types, mask, prefix)
-            self.replays += 1
-            # A copy, taken before the lock is released: the next forward overwrites the buffer.
-            return static.run()[:rows, :seq].clone()
+                self.replays += 1
+                # A copy, taken before the lock is released: the next forward overwrites the buffer.
+                return static.run()[:rows, :seq].clone()
+        self.eager += 1  # past max_graphs buckets
+        return _encode(model, inputs_embeds, positions, token_types, mask, prefix)
 
 
 def fill(
@@ -203,6 +200,3 @@ def fill(
     if prefix is not None:
         assert static.prefix is not None
         static.prefix[:rows, :, :, :, :plen].copy_(prefix)
-
-
-Encoder = Callable[..., torch.Tensor]

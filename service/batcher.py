@@ -277,17 +277,17 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 task = loop.create_task(self._run(*formed), name="ptserve-batch")
                 self._running.add(task)
                 task.add_done_callback(self._batch_done)
-            if self._running:  # stopped with drain: the last batches still deliver
-                await asyncio.wait(self._running)
+        except asyncio.CancelledError:
+            for task in self._running:
+                task.cancel()  # each fails its own batch (see _run)
+            raise
         finally:
-            # However the loop ended (stop, cancellation, a bug), nobody may be left waiting forever.
+            # However the loop ended (stop, cancellation, a bug), nobody may be left waiting forever;
+            # batches already running finish and deliver (or fail, if cancelled just above).
             self._closed = True
             self._fail_queued(BatcherClosedError("the service is shutting down"))
-            running = list(self._running)
-            for task in running:
-                task.cancel()  # fails its batch (see _run); only left running if the collector was cancelled
-            if running:
-                await asyncio.wait(running)
+            if self._running:
+                await asyncio.wait(list(self._running))
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)

@@ -497,3 +497,22 @@ async def test_pipeline_depth_must_be_positive() -> None:
         DynamicBatcher(
             FakeForward(), max_batch_size=1, max_batch_tokens=10, max_wait_ms=0, cost=len, pipeline_depth=0
         )
+
+
+async def test_cancelled_collector_fails_running_and_queued_batches(make: Factory) -> None:
+    h = make(FakeForward(hold=True), max_batch_size=2, pipeline_depth=2)
+    running = asyncio.create_task(h.batcher.submit_many([Item("a"), Item("b")]))
+    await h.fake.wait_batches(1)
+    (queued,) = spawn(h.batcher, "c")
+    await until(lambda: h.batcher.queue_depth == 1)
+
+    collector = h.batcher._task
+    assert collector is not None
+    collector.cancel()
+    await asyncio.wait({collector})
+    h.fake.release.set()
+
+    for task in (running, queued):
+        with pytest.raises(BatcherClosedError):
+            await task
+    assert h.batcher.batches_running == 0
