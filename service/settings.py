@@ -70,7 +70,7 @@ class Settings(BaseSettings):
         le=4,
         description="batches in flight at once; a second one starts only when full, so its host work "
         "overlaps the running forward. Default: 2 where the encoder replays CUDA graphs (H100: x1.03-1.14 "
-        "engine rows/s), else 1 (eager GPU forward: no gain; 2-core CPU, MiniLM: x1.03-1.05, within noise)",
+        "engine rows/s), else 1 (eager GPU forward: no gain; 2-core CPU, MiniLM: x1.01-1.05, within noise)",
     )
 
     # Cache
