@@ -155,7 +155,7 @@ def main() -> None:
     max_diff = mixed_vs_alone_max_diff(backbone, pool, encodings[: args.batch_size])
     throughput = {name: rows_total / median(values) for name, values in seconds.items()}
     single = throughput["1 tasks"]
-    # Each round's ratio pairs timings taken seconds apart; their median is the figure reported.
+    # Each round's ratio compares timings interleaved batch by batch; their median is reported.
     ratio = {
         name: median([one / t for one, t in zip(seconds["1 tasks"], values, strict=True)])
         for name, values in seconds.items()
