@@ -57,6 +57,10 @@ class BackboneSpec:
     has_pooler: bool
     fingerprint: str
 
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads
+
     def describe(self) -> str:
         return (
             f"{self.model_type}, {self.num_layers} layers, {self.num_heads} heads, "

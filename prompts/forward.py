@@ -19,6 +19,7 @@ Per row ``b`` with task prefix length ``P_b``, input-prompt length ``K_b`` and t
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -266,8 +267,8 @@ def run_prompted(
             attention_mask=mask,
             position_ids=positions,
             token_type_ids=token_types,
-            past_key_values=cache,
             use_cache=False,
+            **_cache_kwargs(model, cache),
         )
         hidden = out.last_hidden_state  # [B, S, hidden]
 
@@ -282,6 +283,12 @@ def run_prompted(
     logits = torch.einsum("bh,bch->bc", pooled.to(weights.dtype), weights) + batch.head_bias  # [B, C]
     label_ok = torch.arange(weights.shape[1], device=device).unsqueeze(0) < batch.num_labels.unsqueeze(1)
     return logits.masked_fill(~label_ok, float("-inf"))
+
+
+def _cache_kwargs(model: Any, cache: DynamicCache | None) -> dict[str, Any]:
+    """The cache under the name this transformers release takes: ``cache`` from 5.24 on (the old
+    ``past_key_values`` still warns there, and goes in 5.40), ``past_key_values`` before."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
 
 
 def _encode(

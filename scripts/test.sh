@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
-# Set up, then run the linters, the type checker and the whole test suite.
+# Set up from the lock, then run the linters, the type checker and the whole test suite.
+#
+#   bash scripts/test.sh [pytest args]            # the locked set (requirements/test.txt): what CI runs
+#   bash scripts/test.sh --latest [pytest args]   # the newest releases in .venv-latest, apart from CI:
+#                                                 # runs every check and prints what fails
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-.venv/bin/ruff check service prompts tests benchmarks
-.venv/bin/ruff format --check service prompts tests benchmarks
-.venv/bin/mypy
-.venv/bin/python -m pytest -q "$@"
+
+if [ "${1:-}" = "--latest" ]; then
+  shift
+  exec bash scripts/latest.sh "$@"
+fi
+
+VENV=${PTSERVE_VENV:-.venv}
+bash scripts/setup.sh
+"$VENV/bin/ruff" check service prompts tests benchmarks
+"$VENV/bin/ruff" format --check service prompts tests benchmarks
+"$VENV/bin/mypy"
+"$VENV/bin/python" -m pytest -q "$@"

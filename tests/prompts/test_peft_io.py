@@ -16,6 +16,12 @@ from prompts.backbone import Backbone
 from prompts.forward import TaskPrompt, prompted_forward
 from prompts.peft_io import PeftError, export_peft_adapter, import_peft_adapter
 from tests.factories import random_artifact
+from tests.peft_support import (
+    installed_set_is_locked,
+    peft_prefix_refusal,
+    prefix_reference_logits,
+    table_to_prefix,
+)
 
 peft = pytest.importorskip("peft")
 
@@ -79,10 +85,35 @@ METHOD = {
 }
 
 
+PREFIX_KINDS = ("prefix", "prefix-projection")
+
+
+def _needs_peft_prefix(prefix: bool) -> None:
+    reason = peft_prefix_refusal() if prefix else None
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def _reference(tiny_bert_dir: Path, backbone: Backbone, adapter: Path) -> torch.Tensor:
+    """PEFT's logits for a saved prefix adapter, computed from its files without PEFT."""
+    weights = load_file(adapter / "adapter_model.safetensors")
+    head = weights["base_model.classifier.weight"]
+    model = BertForSequenceClassification.from_pretrained(
+        tiny_bert_dir, num_labels=head.shape[0], attn_implementation="sdpa"
+    ).eval()
+    with torch.no_grad():
+        model.classifier.weight.copy_(head)
+        model.classifier.bias.copy_(weights["base_model.classifier.bias"])
+    s = backbone.spec
+    prefix = table_to_prefix(weights["prompt_embeddings"], s.num_layers, s.num_kv_heads, s.head_dim)
+    return prefix_reference_logits(model, **_peft_inputs(backbone), prefix=prefix)
+
+
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_import_matches_the_peft_model(
     kind: str, tiny_bert_dir: Path, backbone: Backbone, tmp_path: Path
 ) -> None:
+    _needs_peft_prefix(kind in PREFIX_KINDS)
     model = _peft_model(tiny_bert_dir, CONFIGS[kind](), num_labels=3, seed=len(kind))
     with torch.no_grad():
         expected = model(**_peft_inputs(backbone)).logits
@@ -98,15 +129,52 @@ def test_import_matches_the_peft_model(
     torch.testing.assert_close(_ours(backbone, task), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", PREFIX_KINDS)
+def test_prefix_import_matches_peft_without_running_peft(
+    kind: str, tiny_bert_dir: Path, backbone: Backbone, tmp_path: Path
+) -> None:
+    """On any transformers release: a PEFT prefix adapter's files, imported, give PEFT's logits (as
+    Hugging Face's model computes them with the prefix as its cache; equal to PEFT's own, proven below)."""
+    model = _peft_model(tiny_bert_dir, CONFIGS[kind](), num_labels=3, seed=len(kind))
+    model.save_pretrained(tmp_path / "adapter")
+    expected = _reference(tiny_bert_dir, backbone, tmp_path / "adapter")
+    artifact = import_peft_adapter(tmp_path / "adapter", task="imported", spec=backbone.spec)
+    task = TaskPrompt.from_artifact(artifact, backbone.device, backbone.dtype)
+    torch.testing.assert_close(_ours(backbone, task), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", PREFIX_KINDS)
+def test_the_reference_is_what_peft_computes(
+    kind: str, tiny_bert_dir: Path, backbone: Backbone, tmp_path: Path
+) -> None:
+    _needs_peft_prefix(True)
+    model = _peft_model(tiny_bert_dir, CONFIGS[kind](), num_labels=3, seed=len(kind))
+    with torch.no_grad():
+        theirs = model(**_peft_inputs(backbone)).logits
+    model.save_pretrained(tmp_path / "adapter")
+    torch.testing.assert_close(
+        _reference(tiny_bert_dir, backbone, tmp_path / "adapter"), theirs, rtol=0, atol=1e-6
+    )
+
+
+def test_the_locked_set_runs_peft_prefix_tuning() -> None:
+    """CI installs the lock: there the PEFT comparisons above must run, never skip."""
+    if not installed_set_is_locked():
+        pytest.skip("transformers/peft are not at the locked versions (scripts/test.sh --latest)")
+    assert peft_prefix_refusal() is None
+
+
 @pytest.mark.parametrize(
-    ("prefix_length", "prompt_length", "method", "peft_type"),
+    ("judge", "prefix_length", "prompt_length", "method", "peft_type"),
     [
-        (4, 0, "p-tuning-v2", "PREFIX_TUNING"),
-        (0, 3, "prompt-tuning", "PROMPT_TUNING"),
-        (0, 2, "p-tuning", "P_TUNING"),
+        ("peft", 4, 0, "p-tuning-v2", "PREFIX_TUNING"),
+        ("hf-reference", 4, 0, "p-tuning-v2", "PREFIX_TUNING"),
+        ("peft", 0, 3, "prompt-tuning", "PROMPT_TUNING"),
+        ("peft", 0, 2, "p-tuning", "P_TUNING"),
     ],
 )
 def test_export_loads_in_peft_with_the_same_logits(
+    judge: str,
     prefix_length: int,
     prompt_length: int,
     method: str,
@@ -131,12 +199,16 @@ def test_export_loads_in_peft_with_the_same_logits(
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == peft_type and config["task_type"] == "SEQ_CLS"
 
-    base = BertForSequenceClassification.from_pretrained(
-        tiny_bert_dir, num_labels=4, attn_implementation="sdpa"
-    )
-    model = peft.PeftModel.from_pretrained(base, out).eval()
-    with torch.no_grad():
-        theirs = model(**_peft_inputs(backbone)).logits
+    if judge == "peft":
+        _needs_peft_prefix(prefix_length > 0)
+        base = BertForSequenceClassification.from_pretrained(
+            tiny_bert_dir, num_labels=4, attn_implementation="sdpa"
+        )
+        model = peft.PeftModel.from_pretrained(base, out).eval()
+        with torch.no_grad():
+            theirs = model(**_peft_inputs(backbone)).logits
+    else:
+        theirs = _reference(tiny_bert_dir, backbone, out)
     task = TaskPrompt.from_artifact(artifact, backbone.device, backbone.dtype)
     torch.testing.assert_close(_ours(backbone, task), theirs, rtol=0, atol=1e-5)
 

@@ -233,7 +233,7 @@ async def test_shutdown_drains_admitted_requests_and_refuses_new_ones(
 async def test_upload_that_times_out_mid_write_still_publishes_and_is_served(
     tmp_path: Path, backbone: Backbone
 ) -> None:
-    async with serving(limit_settings(tmp_path, request_timeout_s=0.2), backbone) as (app, client):
+    async with serving(limit_settings(tmp_path, request_timeout_s=1.0), backbone) as (app, client):
         await add_task(client, backbone)
         runtime: Runtime = app.state.runtime
         entered, release = threading.Event(), threading.Event()
