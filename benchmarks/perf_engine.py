@@ -46,7 +46,9 @@ def make_tasks(
             task=f"bench-{i}",
             labels=[f"l{j}" for j in range(num_labels)],
             spec=spec,
-            prefix=torch.randn(spec.num_layers, 2, spec.num_heads, prefix_length, spec.head_dim, generator=g)
+            prefix=torch.randn(
+                spec.num_layers, 2, spec.num_kv_heads, prefix_length, spec.head_dim, generator=g
+            )
             * 0.1,
             head_weight=torch.randn(num_labels, spec.hidden_size, generator=g) * 0.02,
             head_bias=torch.zeros(num_labels),
@@ -66,7 +68,7 @@ def mixed_vs_alone_max_diff(backbone: Backbone, pool: PromptPool, encodings: lis
             task=f"check-{i}",
             labels=[f"l{j}" for j in range(c)],
             spec=spec,
-            prefix=torch.randn(spec.num_layers, 2, spec.num_heads, p, spec.head_dim, generator=g)
+            prefix=torch.randn(spec.num_layers, 2, spec.num_kv_heads, p, spec.head_dim, generator=g)
             if p
             else None,
             prompt=torch.randn(k, spec.hidden_size, generator=g) * 0.05 if k else None,

@@ -164,7 +164,7 @@ def upload_tasks(
                 labels=[f"l{j}" for j in range(num_labels)],
                 spec=spec,
                 prefix=torch.randn(
-                    spec.num_layers, 2, spec.num_heads, prefix_length, spec.head_dim, generator=g
+                    spec.num_layers, 2, spec.num_kv_heads, prefix_length, spec.head_dim, generator=g
                 )
                 * 0.1,
                 head_weight=torch.randn(num_labels, spec.hidden_size, generator=g) * 0.02,
@@ -428,7 +428,11 @@ def main() -> None:
         labels=["a", "b"],
         spec=backbone.spec,
         prefix=torch.zeros(
-            backbone.spec.num_layers, 2, backbone.spec.num_heads, args.prefix_length, backbone.spec.head_dim
+            backbone.spec.num_layers,
+            2,
+            backbone.spec.num_kv_heads,
+            args.prefix_length,
+            backbone.spec.head_dim,
         ),
         head_weight=torch.zeros(2, backbone.spec.hidden_size),
         head_bias=torch.zeros(2),

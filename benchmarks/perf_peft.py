@@ -454,7 +454,9 @@ def make_ptserve_tasks(
             task=f"bench-{i}",
             labels=[f"l{j}" for j in range(num_labels)],
             spec=spec,
-            prefix=torch.randn(spec.num_layers, 2, spec.num_heads, prefix_length, spec.head_dim, generator=g)
+            prefix=torch.randn(
+                spec.num_layers, 2, spec.num_kv_heads, prefix_length, spec.head_dim, generator=g
+            )
             * 0.1,
             head_weight=torch.randn(num_labels, spec.hidden_size, generator=g) * 0.02,
             head_bias=torch.zeros(num_labels),

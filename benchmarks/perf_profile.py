@@ -11,10 +11,12 @@ Steps, per batch:
 - gather: ``Engine.gather``, the pool's ``index_select`` of the rows' slots (prefix, prompt, heads);
 - assembly + readout: the rest of ``run_prompted`` (ids, embeddings lookup, positions, mask, pooling,
   heads) and the softmax and copy to host in ``run_batch``;
-- backbone forward: from the embeddings to the last encoder layer (forward hooks on both).
+- backbone forward: the family's layer loop (``BackboneFamily.layers``: embeddings to the last
+  layer), timed by wrapping it.
 
-It also times the same batches through Hugging Face's ``model(...)`` (``Backbone.direct_encoder``
-off): the direct layer-by-layer encoder of ``prompts/forward.py`` is kept because of that ratio.
+(Earlier versions also timed Hugging Face's ``model(...)`` with a cache against the loop: 1.04-1.10x
+slower on MiniLM, benchmarks/RESULTS.md. That path is gone: every family now runs its own loop, the
+only way to give each row of a batch its own prefix length.)
 
 Then it measures what overlapping actually wins: a ``DynamicBatcher`` over ``Engine.run_batch`` is
 given a deep queue (``--pipeline-batches`` full batches at once, already tokenised) and drained with
@@ -51,29 +53,25 @@ from service.pool import PromptPool
 
 
 class ForwardClock:
-    """Adds up the wall time from the embeddings to the last layer's output block (synced on CUDA).
+    """Adds up the wall time of the family's layer loop (synced on CUDA), by wrapping ``layers``."""
 
-    Hooks on those two submodules, not on the model: the direct encoder never calls ``model(...)``.
-    """
-
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, family: Any, device: torch.device) -> None:
         self.device = device
         self.enabled = True  # off while the graphed engine runs: a capture must not synchronize
         self.total = 0.0
-        self._start = 0.0
-        layers: Any = model.encoder.layer
-        model.embeddings.register_forward_pre_hook(self._before)
-        layers[-1].output.register_forward_hook(self._after)  # the last block either path calls
+        loop = family.layers
 
-    def _before(self, *_: Any) -> None:
-        if self.enabled:
+        def timed(*args: Any, **kwargs: Any) -> torch.Tensor:
+            if not self.enabled:
+                return loop(*args, **kwargs)  # type: ignore[no-any-return]
             sync(self.device)
-            self._start = time.perf_counter()
+            start = time.perf_counter()
+            out = loop(*args, **kwargs)
+            sync(self.device)
+            self.total += time.perf_counter() - start
+            return out  # type: ignore[no-any-return]
 
-    def _after(self, *_: Any) -> None:
-        if self.enabled:
-            sync(self.device)
-            self.total += time.perf_counter() - self._start
+        family.layers = timed
 
 
 def drain_rate(engine: Engine, rows: list[Row], batch_size: int, depth: int) -> float:
@@ -126,8 +124,7 @@ def main() -> None:
     engine = Engine(backbone, pool, cuda_graphs=False)
     graphed = Engine(backbone, pool) if device.type == "cuda" else None  # what the service runs
     served = graphed or engine
-    clock = ForwardClock(backbone.model, device)
-    direct = backbone.direct_encoder
+    clock = ForwardClock(backbone.family, device)
     texts = load_texts(args.data_root, args.dataset, limit=512)
     rng = random.Random(0)
 
@@ -135,7 +132,6 @@ def main() -> None:
     for size in [int(x) for x in args.batch_sizes.split(",")]:
         steps: dict[str, list[float]] = {"tokenise": [], "gather": [], "assembly+readout": [], "forward": []}
         totals: list[float] = []
-        through_hf: list[float] = []
         with_graphs: list[float] = []
         for repeat in range(args.repeats + 1):  # the first batch of each size warms up
             batch_texts = [texts[rng.randrange(len(texts))] for _ in range(size)]
@@ -155,13 +151,6 @@ def main() -> None:
             engine.run_batch(rows)  # gathers again: its own gather is part of this total
             total = time.perf_counter() - t0
             forward = clock.total
-            backbone.direct_encoder = False
-            sync(device)
-            t0 = time.perf_counter()
-            engine.run_batch(rows)
-            sync(device)
-            through_hf.append(time.perf_counter() - t0)
-            backbone.direct_encoder = direct
             if graphed is not None:
                 clock.enabled = False
                 t0 = time.perf_counter()
@@ -169,7 +158,6 @@ def main() -> None:
                 with_graphs.append(time.perf_counter() - t0)
                 clock.enabled = True
             if repeat == 0:
-                through_hf.pop()
                 del with_graphs[:]
                 continue
             steps["tokenise"].append(tokenise)
@@ -181,8 +169,6 @@ def main() -> None:
         row: dict[str, Any] = {
             "batch_size": size,
             "run_batch_ms": batch_ms,
-            "hf_run_batch_ms": median(through_hf) * 1000,
-            "hf_over_direct": median(through_hf) / median(totals),
         }
         if with_graphs:
             row["graphs_run_batch_ms"] = median(with_graphs) * 1000
@@ -201,8 +187,6 @@ def main() -> None:
         "assembly+readout ms",
         "outside forward",
         "tokenise ms",
-        "via model(...) ms",
-        "model(...) ÷ direct",
     ]
     table = [
         [
@@ -213,8 +197,6 @@ def main() -> None:
             r["assembly+readout_ms"],
             f"{(r['gather_share'] + r['assembly+readout_share']):.1%}",
             r["tokenise_ms"],
-            r["hf_run_batch_ms"],
-            f"{r['hf_over_direct']:.2f}",
         ]
         for r in results
     ]
@@ -253,17 +235,16 @@ def main() -> None:
     name = f"profile_{device.type}_{args.dtype}"
     markdown = "\n".join(
         [
-            f"## Where a batch's time goes ({backbone.spec.model_type}, {device.type}/{args.dtype})",
+            f"## Where a batch's time goes ({backbone.spec.model_type}, {backbone.spec.family} family, "
+            f"{device.type}/{args.dtype})",
             "",
             f"{args.tasks} tasks, prefix length {args.prefix_length}, {args.dataset} test texts "
             f"(≤{args.max_tokens} tokens), median of {args.repeats} batches per size. 'outside forward' "
             "is the share of `Engine.run_batch` spent around the backbone's own forward: the most that "
             "overlapping the next batch's assembly with the current forward could win. "
-            f"run_batch uses the direct encoder ({'on' if direct else 'off: this model lacks the layout'}); "
-            "'via model(...)' times the same batches through Hugging Face's model call, each right after "
-            "its direct twin. On a GPU, 'with CUDA graphs' is `run_batch` as the service runs it (the "
-            "encoder replayed from `prompts/graphs.py`); the other columns time the eager direct encoder, "
-            "since hooks do not run inside a replay.",
+            "On a GPU, 'with CUDA graphs' is `run_batch` as the service runs it (the layer loop "
+            "replayed from `prompts/graphs.py`); the other columns time the eager loop, since the "
+            "clock cannot run inside a replay.",
             "",
             markdown_table(headers, table),
             "",

@@ -68,7 +68,7 @@ def main() -> None:
             labels=[f"l{j}" for j in range(args.labels)],
             spec=spec,
             prefix=torch.randn(
-                spec.num_layers, 2, spec.num_heads, args.prefix_length, spec.head_dim, generator=g
+                spec.num_layers, 2, spec.num_kv_heads, args.prefix_length, spec.head_dim, generator=g
             ),
             head_weight=torch.randn(args.labels, spec.hidden_size, generator=g) * 0.02,
             head_bias=torch.zeros(args.labels),

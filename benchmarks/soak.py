@@ -64,7 +64,7 @@ def task_artifact(
         labels=[f"l{j}" for j in range(labels)],
         spec=spec,
         # [layers, 2, heads, P, head_dim]
-        prefix=torch.randn(spec.num_layers, 2, spec.num_heads, prefix_length, spec.head_dim, generator=g)
+        prefix=torch.randn(spec.num_layers, 2, spec.num_kv_heads, prefix_length, spec.head_dim, generator=g)
         * 0.1,
         head_weight=torch.randn(labels, spec.hidden_size, generator=g) * 0.02,
         head_bias=torch.zeros(labels),

@@ -2,7 +2,8 @@
 
 Tensors (all float32, float16 or bfloat16):
 
-- ``prefix``      [layers, 2, heads, prefix_length, head_dim]  deep prefix keys (index 0) and values (1)
+- ``prefix``      [layers, 2, kv_heads, prefix_length, head_dim]  deep prefix keys (index 0) and values (1);
+                 kv_heads: the backbone's key/value heads (fewer than its heads under grouped-query attention)
 - ``prompt``      [prompt_length, hidden]                      input-prompt embeddings placed before the text
 - ``head.weight`` [num_labels, hidden]                         linear head on the pooled position
 - ``head.bias``   [num_labels]
@@ -28,6 +29,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from prompts.backbone import BackboneSpec
+from prompts.backbones import family_by_name
 from prompts.errors import ArtifactError, ArtifactTooLargeError, IncompatibleArtifactError
 from prompts.names import TASK_NAME_PATTERN
 
@@ -38,6 +40,7 @@ MAX_LABELS = 10_000
 ALLOWED_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 Method = Literal["p-tuning-v2", "p-tuning", "prompt-tuning", "linear-probe", "custom"]
+Pooling = Literal["cls", "first", "mean", "last"]
 
 
 class HeadSpec(BaseModel):
@@ -45,24 +48,38 @@ class HeadSpec(BaseModel):
 
     ``cls`` pools the text's first token (after any input prompt), ``first`` pools sequence
     position 0 (the first input-prompt token when there is one: PEFT's sequence-classification
-    convention), ``mean`` averages the text tokens.
+    convention), ``mean`` averages the text tokens, ``last`` pools the text's last token (decoders:
+    the only token that has seen the whole text).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    pooling: Literal["cls", "first", "mean"] = "cls"
+    pooling: Pooling = "cls"
     pooler: Literal["none", "backbone"] = "none"
 
 
 class BackboneRef(BaseModel):
+    """The backbone an artifact was trained on. ``family`` and ``num_kv_heads`` are absent (None) in
+    artifacts made before backbone families existed: those were all BERT layout, every head a prefix head."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     fingerprint: str = Field(min_length=1, max_length=200)
     model_type: str = Field(min_length=1, max_length=64)
+    family: str | None = Field(default=None, min_length=1, max_length=64)
     num_layers: int = Field(ge=1)
     num_heads: int = Field(ge=1)
+    num_kv_heads: int | None = Field(default=None, ge=1)
     head_dim: int = Field(ge=1)
     hidden_size: int = Field(ge=1)
+
+    @property
+    def family_name(self) -> str:
+        return self.family or "bert"
+
+    @property
+    def prefix_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
 
 
 class Manifest(BaseModel):
@@ -81,6 +98,9 @@ class Manifest(BaseModel):
     # where BERT offsets position ids by the cache length); "from_zero": they start at 0.
     positions: Literal["after_prefix", "from_zero"] = "after_prefix"
     backbone: BackboneRef
+    # How the family applies prompts (prompts/backbones), as the trainer's backbone stated it; compared
+    # with the serving backbone's. None in artifacts made before families: the BERT layout's rules.
+    conventions: dict[str, str] | None = None
     version: str = ""
     created_at: str = ""
     metrics: dict[str, Any] | None = None
@@ -135,6 +155,12 @@ def content_version(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> str
     """A hash of everything that defines the artifact except the version field and creation time."""
     h = hashlib.sha256()
     payload = manifest.model_dump(mode="json", exclude={"version", "created_at"})
+    # Fields added after the first release count only when set, so older artifacts keep their version.
+    if payload["conventions"] is None:
+        del payload["conventions"]
+    for field in ("family", "num_kv_heads"):
+        if payload["backbone"][field] is None:
+            del payload["backbone"][field]
     h.update(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
@@ -150,7 +176,7 @@ def expected_shapes(manifest: Manifest) -> dict[str, tuple[int, ...]]:
         "head.bias": (len(manifest.labels),),
     }
     if manifest.prefix_length:
-        shapes["prefix"] = (b.num_layers, 2, b.num_heads, manifest.prefix_length, b.head_dim)
+        shapes["prefix"] = (b.num_layers, 2, b.prefix_heads, manifest.prefix_length, b.head_dim)
     if manifest.prompt_length:
         shapes["prompt"] = (manifest.prompt_length, b.hidden_size)
     return shapes
@@ -166,7 +192,7 @@ def build_artifact(
     prefix: torch.Tensor | None = None,
     prompt: torch.Tensor | None = None,
     method: Method = "p-tuning-v2",
-    pooling: Literal["cls", "first", "mean"] = "cls",
+    pooling: Pooling = "cls",
     pooler: Literal["none", "backbone"] = "none",
     positions: Literal["after_prefix", "from_zero"] = "after_prefix",
     metrics: dict[str, Any] | None = None,
@@ -191,6 +217,7 @@ def build_artifact(
             head=HeadSpec(pooling=pooling, pooler=pooler),
             positions=positions,
             backbone=BackboneRef(**spec.as_manifest()),
+            conventions=family_conventions(spec.family),
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             metrics=metrics,
             training=training,
@@ -300,16 +327,40 @@ def parse_artifact(data: bytes, *, max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) 
     return PromptArtifact(manifest=manifest, tensors=tensors, data=data)
 
 
+def family_conventions(family: str) -> dict[str, str]:
+    found = family_by_name(family)
+    if found is None:
+        raise ArtifactError(f"unknown backbone family {family!r}")
+    return found.conventions()
+
+
 def check_compatible(artifact: PromptArtifact, spec: BackboneSpec) -> None:
     """Refuse an artifact that does not fit this backbone, naming the first mismatch."""
     ref = artifact.manifest.backbone
     mine = spec.as_manifest()
-    for field in ("model_type", "num_layers", "hidden_size", "num_heads", "head_dim"):
-        theirs = getattr(ref, field)
+    theirs_by_field = {"family": ref.family_name, "num_kv_heads": ref.prefix_heads}
+    for field in (
+        "family",
+        "model_type",
+        "num_layers",
+        "hidden_size",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+    ):
+        theirs = theirs_by_field.get(field, getattr(ref, field))
         if theirs != mine[field]:
             raise IncompatibleArtifactError(
                 f"artifact for task {artifact.task!r} was built for a backbone with {field}={theirs}; "
                 f"this service runs {spec.describe()} ({field}={mine[field]})"
+            )
+    stated = artifact.manifest.conventions or family_conventions("bert")
+    expected = family_conventions(spec.family)
+    for key in sorted(set(stated) | set(expected)):
+        if stated.get(key) != expected.get(key):
+            raise IncompatibleArtifactError(
+                f"artifact for task {artifact.task!r} was trained with the {key} convention "
+                f"{stated.get(key)!r}; this service's {spec.family} backbone applies {expected.get(key)!r}"
             )
     if ref.fingerprint != spec.fingerprint:
         raise IncompatibleArtifactError(

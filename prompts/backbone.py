@@ -1,4 +1,4 @@
-"""Loading the frozen encoder backbone, its tokenizer, and the fingerprint artifacts are checked against."""
+"""Loading the frozen backbone with its tokenizer and family, and the fingerprint artifacts must match."""
 
 from __future__ import annotations
 
@@ -14,15 +14,12 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from prompts.backbones import SUPPORTED_MODEL_TYPES, BackboneFamily, family_for
 from prompts.errors import BackboneError
 
 logger = logging.getLogger(__name__)
 
-# BERT-layout encoders: prompts/forward.py runs their layers directly (or, as a fallback, HF's forward
-# with per-layer past keys/values in a DynamicCache), with explicit position ids and a 4D mask.
-SUPPORTED_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert"})
-# RoBERTa-style embeddings number real positions from padding_idx + 1 (ids 0..padding_idx are unused).
-_OFFSET_POSITION_TYPES = frozenset({"roberta", "xlm-roberta", "camembert"})
+__all__ = ["SUPPORTED_MODEL_TYPES", "Backbone", "BackboneSpec", "Encoding", "load_backbone"]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -56,23 +53,28 @@ class BackboneSpec:
     position_base: int  # first position id of a sequence (2 for RoBERTa, 0 for BERT)
     has_pooler: bool
     fingerprint: str
+    family: str = "bert"  # prompts.backbones: how prompts meet the layers
+    num_kv_heads: int = 0  # key/value heads a prefix holds (grouped-query attention); 0: num_heads
 
-    @property
-    def num_kv_heads(self) -> int:
-        return self.num_heads
+    def __post_init__(self) -> None:
+        if not self.num_kv_heads:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
 
     def describe(self) -> str:
+        kv = f" ({self.num_kv_heads} key/value)" if self.num_kv_heads != self.num_heads else ""
         return (
-            f"{self.model_type}, {self.num_layers} layers, {self.num_heads} heads, "
-            f"hidden {self.hidden_size}, fingerprint {self.fingerprint}"
+            f"{self.model_type} ({self.family} family), {self.num_layers} layers, "
+            f"{self.num_heads} heads{kv}, hidden {self.hidden_size}, fingerprint {self.fingerprint}"
         )
 
     def as_manifest(self) -> dict[str, Any]:
         return {
             "fingerprint": self.fingerprint,
             "model_type": self.model_type,
+            "family": self.family,
             "num_layers": self.num_layers,
             "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
             "hidden_size": self.hidden_size,
         }
@@ -87,7 +89,7 @@ class Encoding:
 
 
 class Backbone:
-    """A frozen encoder in inference mode on one device and dtype, with its tokenizer and spec."""
+    """A frozen backbone in inference mode on one device and dtype, with its tokenizer, family and spec."""
 
     def __init__(
         self,
@@ -95,30 +97,40 @@ class Backbone:
         tokenizer: PreTrainedTokenizerBase,
         spec: BackboneSpec,
         path: Path,
+        family: BackboneFamily,
         pooling: str | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
         self.path = path
+        self.family = family
         # How the checkpoint was trained to pool ("mean" or "cls"), where its directory says so.
         self.pooling = pooling
         param = next(model.parameters())
         self.device: torch.device = param.device
         self.dtype: torch.dtype = param.dtype
+        # Many decoder tokenizers have no pad token: any id serves, padded slots are masked.
         pad_id = tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = tokenizer.eos_token_id
         self.pad_token_id: int = int(pad_id) if pad_id is not None else 0
         # Read once: the tokenizer rebuilds this list on every access.
         self.special_ids: frozenset[int] = frozenset(tokenizer.all_special_ids)
         self._fast = _private_fast_tokenizer(tokenizer)
-        # Whether prompts/forward.py may run the encoder layer by layer instead of through model(...).
-        self.direct_encoder: bool = has_direct_layout(model)
+        # The special tokens the tokenizer puts around a text ([CLS] ... [SEP], <s>, nothing...).
+        self.opening_ids, self.closing_ids = _framing(self)
 
     @property
     def word_embeddings(self) -> torch.nn.Embedding:
-        emb = self.model.get_input_embeddings()
-        assert isinstance(emb, torch.nn.Embedding)
-        return emb
+        return self.family.word_embeddings
+
+    def default_pooling(self) -> str:
+        """How a head pools when the task does not say: as the checkpoint's directory declares, else as
+        its family does (decoders: the last token; ModernBERT: its ``classifier_pooling``)."""
+        if self.pooling is not None and self.family.default_pooling != "last":
+            return self.pooling
+        return self.family.pooling()
 
     def encode(self, texts: list[str], max_tokens: int) -> list[Encoding]:
         """Tokenise with special tokens; texts longer than ``max_tokens`` keep their head and end token.
@@ -134,45 +146,35 @@ class Backbone:
             encoded = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
             rows = encoded["input_ids"]
         out: list[Encoding] = []
+        closing = len(self.closing_ids)
         for ids in rows:
             if len(ids) <= max_tokens:
                 out.append(Encoding(list(ids), False))
+            elif closing and closing < max_tokens:
+                # [CLS] t1 ... [SEP]: keep the closing special tokens the model was trained with.
+                out.append(Encoding([*ids[: max_tokens - closing], *ids[-closing:]], True))
             else:
-                # [CLS] t1 ... t(n-2) [SEP]: keep the closing special token the model was trained with.
-                out.append(Encoding([*ids[: max_tokens - 1], ids[-1]], True))
+                out.append(Encoding(list(ids[:max_tokens]), True))
         return out
 
+    def token_ids(self, text: str, *, special: bool) -> list[int]:
+        """``text``'s token ids, untruncated, with or without the tokenizer's special tokens."""
+        if self._fast is not None:
+            return list(self._fast.encode(text, add_special_tokens=special).ids)
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
-def has_direct_layout(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is a BERT-layout encoder that prompts.forward can run layer by layer.
 
-    No decoder or cross-attention, SDPA attention (what ``load_backbone`` asks for; the direct path
-    calls SDPA itself), attention modules with query/key/value projections and ``scaling``, and the
-    embeddings / self-output / intermediate / output blocks. Anything else runs through
-    ``model(...)``. Only for a frozen model in eval mode: the direct path applies no dropout.
-    """
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "is_decoder", False):
-        return False
-    if getattr(config, "_attn_implementation", None) != "sdpa":
-        return False
-    if getattr(config, "add_cross_attention", False):
-        return False
-    if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
-        return False
-    layers = getattr(getattr(model, "encoder", None), "layer", None)
-    if not hasattr(model, "embeddings") or layers is None or len(layers) == 0:
-        return False
-    for layer in layers:
-        attention = getattr(getattr(layer, "attention", None), "self", None)
-        needed = ("query", "key", "value", "scaling", "num_attention_heads", "attention_head_size")
-        if attention is None or not all(hasattr(attention, name) for name in needed):
-            return False
-        if not all(hasattr(layer, name) for name in ("intermediate", "output")):
-            return False
-        if not hasattr(layer.attention, "output"):
-            return False
-    return True
+def _framing(backbone: Backbone) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer adds before and after a text, read off a probe text."""
+    probe = "hello"
+    plain = backbone.token_ids(probe, special=False)
+    full = backbone.token_ids(probe, special=True)
+    if not plain or len(full) < len(plain):
+        return [], []
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    return [], []
 
 
 def _private_fast_tokenizer(tokenizer: PreTrainedTokenizerBase) -> tokenizers.Tokenizer | None:
@@ -195,7 +197,7 @@ def _private_fast_tokenizer(tokenizer: PreTrainedTokenizerBase) -> tokenizers.To
     return fast
 
 
-def _fingerprint(model: PreTrainedModel, model_type: str) -> str:
+def _fingerprint(model: PreTrainedModel, model_type: str, family: type[BackboneFamily]) -> str:
     """sha256 over architecture, parameter names, shapes and fp32 values, in name order.
 
     Computed on the fp32 weights before any dtype cast, so a bf16 replica accepts artifacts trained
@@ -203,11 +205,7 @@ def _fingerprint(model: PreTrainedModel, model_type: str) -> str:
     """
     config = model.config
     h = hashlib.sha256()
-    arch = (
-        f"{model_type}|{config.num_hidden_layers}|{config.num_attention_heads}|{config.hidden_size}|"
-        f"{config.intermediate_size}|{config.vocab_size}|{config.max_position_embeddings}"
-    )
-    h.update(arch.encode())
+    h.update(family.fingerprint_arch(config, model_type).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().to("cpu", torch.float32).contiguous()
         h.update(f"|{name}|{tuple(t.shape)}|".encode())
@@ -261,7 +259,10 @@ def load_backbone(
     device: str = "cpu",
     dtype: str = "float32",
 ) -> Backbone:
-    """Load a local Hugging Face encoder directory frozen, in inference mode. Never touches a hub."""
+    """Load a local Hugging Face model directory of a supported family frozen, in inference mode.
+
+    Never touches a hub. An architecture no family runs is refused with the list of supported ones.
+    """
     model_dir = Path(path) if path is not None else default_model_path()
     if not (model_dir / "config.json").is_file():
         raise BackboneError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
@@ -282,20 +283,17 @@ def load_backbone(
     except Exception as exc:
         raise BackboneError(f"cannot read the model config in {model_dir}: {exc}") from exc
     model_type = str(config.model_type)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise BackboneError(
-            f"model type {model_type!r} in {model_dir} is not supported; expected one of "
-            f"{sorted(SUPPORTED_MODEL_TYPES)} (a BERT-family encoder)"
-        )
-    if getattr(config, "is_decoder", False):
-        raise BackboneError(f"{model_dir} is configured as a decoder; ptserve needs a bidirectional encoder")
+    try:
+        family_type = family_for(config)
+    except BackboneError as exc:
+        raise BackboneError(f"{model_dir}: {exc}") from None
 
     try:
         model, info = AutoModel.from_pretrained(
             model_dir,
             local_files_only=True,
             dtype=torch.float32,
-            attn_implementation="sdpa",
+            attn_implementation=family_type.attn_implementation,
             output_loading_info=True,
         )
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -308,7 +306,7 @@ def load_backbone(
     has_pooler = getattr(model, "pooler", None) is not None and not any(
         k.startswith("pooler.") for k in info.get("missing_keys", [])
     )
-    if not has_pooler:
+    if not has_pooler and hasattr(model, "pooler"):
         # A pooler the checkpoint did not carry would be random: drop it so fingerprints are stable.
         model.pooler = None
     if not getattr(tokenizer, "is_fast", False):
@@ -316,22 +314,23 @@ def load_backbone(
 
     model.requires_grad_(False)
     model.eval()
-    fingerprint = _fingerprint(model, model_type)
+    fingerprint = _fingerprint(model, model_type, family_type)
     model.to(device=torch_device, dtype=DTYPES[dtype])
 
-    position_base = 0
-    if model_type in _OFFSET_POSITION_TYPES:
-        position_base = int(config.pad_token_id) + 1
+    family = family_type(model)
+    shape = family.shape
     spec = BackboneSpec(
         model_type=model_type,
-        num_layers=int(config.num_hidden_layers),
-        num_heads=int(config.num_attention_heads),
-        head_dim=int(config.hidden_size) // int(config.num_attention_heads),
-        hidden_size=int(config.hidden_size),
-        max_positions=int(config.max_position_embeddings) - position_base,
-        position_base=position_base,
+        num_layers=shape.num_layers,
+        num_heads=shape.num_heads,
+        head_dim=shape.head_dim,
+        hidden_size=shape.hidden_size,
+        max_positions=shape.max_positions,
+        position_base=shape.position_base,
         has_pooler=has_pooler,
         fingerprint=fingerprint,
+        family=family_type.name,
+        num_kv_heads=shape.num_kv_heads,
     )
     logger.info("loaded backbone %s from %s on %s/%s", spec.describe(), model_dir, torch_device, dtype)
-    return Backbone(model, tokenizer, spec, model_dir, pooling=declared_pooling(model_dir))
+    return Backbone(model, tokenizer, spec, model_dir, family, pooling=declared_pooling(model_dir))

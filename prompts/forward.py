@@ -12,25 +12,27 @@ Per row ``b`` with task prefix length ``P_b``, input-prompt length ``K_b`` and t
   where the prefix part is padded to ``P = max P_b`` and masked per row;
 - query sequence: ``[prompt_b (K_b) | text_b (T_b) | pad ...]`` padded to ``S = max (K_b + T_b)``;
 - position ids: ``base + offset_b + arange(S)``, ``offset_b = P_b`` under the "after_prefix" convention
-  (HF BERT offsets positions by the cache length, which is what PEFT and P-tuning v2 trained with);
-- pooled vector: text [CLS] (index ``K_b``), sequence position 0, or the mean of text tokens;
+  (HF numbers a sequence from the cache length, which is what PEFT and P-tuning v2 trained with);
+- attention: the family's (``prompts/backbones``): bidirectional or causal, its own position scheme,
+  and the prefix in front of every layer's keys and values;
+- pooled vector: the text's first token (index ``K_b``), sequence position 0, the mean of the text
+  tokens, or the text's last token (index ``K_b + T_b - 1``, decoders);
 - logits over the row's own labels; columns past its label count are ``-inf``.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import torch
-from transformers import DynamicCache
 
 from prompts.artifact import PromptArtifact
 from prompts.backbone import Backbone
+from prompts.backbones import Layout
 
-POOLING_MODES = ("cls", "first", "mean")
+POOLING_MODES = ("cls", "first", "mean", "last")
 
 
 @dataclass(eq=False)
@@ -40,7 +42,7 @@ class TaskPrompt:
     Compared by identity: a batch groups its rows by the TaskPrompt object they carry.
     """
 
-    prefix: torch.Tensor | None  # [layers, 2, heads, P, head_dim]
+    prefix: torch.Tensor | None  # [layers, 2, kv_heads, P, head_dim]
     prompt: torch.Tensor | None  # [K, hidden]
     head_weight: torch.Tensor  # [C, hidden]
     head_bias: torch.Tensor  # [C]
@@ -104,7 +106,7 @@ class PromptBatch:
     to be read back from a GPU.
     """
 
-    prefix: torch.Tensor | None  # [B, layers, 2, heads, P, head_dim], P = max prefix length
+    prefix: torch.Tensor | None  # [B, layers, 2, kv_heads, P, head_dim], P = max prefix length
     prefix_len: torch.Tensor  # [B] long
     prompt: torch.Tensor | None  # [B, K, hidden], K = max prompt length
     prompt_len: torch.Tensor  # [B] long
@@ -150,7 +152,7 @@ def batch_from_tasks(rows: Sequence[TaskPrompt], device: torch.device) -> Prompt
                 else ref.new_zeros(shape[0], 2, shape[2], max_prefix, shape[4])
                 for t in tasks
             ]
-        )[row_task]  # [B, layers, 2, heads, P, head_dim]
+        )[row_task]  # [B, layers, 2, kv_heads, P, head_dim]
     prompt = None
     if max_prompt:
         prompt = torch.stack(
@@ -193,22 +195,29 @@ def prompted_forward(
     return run_prompted(backbone, input_ids, batch_from_tasks(rows, backbone.device))
 
 
+class Encoder(Protocol):
+    """What runs a family's layers for :func:`run_prompted`: the family itself, or the service's CUDA
+    graphs (``prompts/graphs.py``), which pad the same arguments to a captured bucket."""
+
+    def __call__(
+        self, embeds: torch.Tensor, positions: torch.Tensor, layout: Layout, prefix: torch.Tensor | None
+    ) -> torch.Tensor: ...
+
+
 def run_prompted(
     backbone: Backbone,
     input_ids: Sequence[Sequence[int]],
     batch: PromptBatch,
-    encoder: Callable[..., torch.Tensor] | None = None,
+    encoder: Encoder | None = None,
 ) -> torch.Tensor:
     """Run the backbone once over ``input_ids`` (special tokens included), applying each row's prompt.
 
     Returns logits ``[B, max labels]``, ``-inf`` past a row's own labels. Differentiable with respect
-    to the PromptBatch tensors; the service wraps the call in ``torch.inference_mode``. ``encoder``
-    replaces the direct encoder where it runs (the service's CUDA graphs, ``prompts/graphs.py``).
+    to the PromptBatch tensors; the service wraps the call in ``torch.inference_mode``. The backbone's
+    family (``prompts/backbones``) runs the layers: its masks, positions and prefix rules.
     """
-    model = backbone.model
-    spec = backbone.spec
+    family = backbone.family
     device, dtype = backbone.device, backbone.dtype
-    rows = len(input_ids)
     prefix_len, prompt_len = batch.prefix_len, batch.prompt_len
     max_prefix = 0 if batch.prefix is None else int(batch.prefix.shape[4])
     max_prompt = 0 if batch.prompt is None else int(batch.prompt.shape[1])
@@ -224,7 +233,7 @@ def run_prompted(
     ids = torch.tensor(
         [[*row, *([pad] * (max_text - len(row)))] for row in input_ids], dtype=torch.long
     )  # [B, T]
-    text_embeds = backbone.word_embeddings(ids.to(device, non_blocking=True))  # [B, T, hidden]
+    text_embeds = family.word_embeddings(ids.to(device, non_blocking=True))  # [B, T, hidden]
 
     if batch.prompt is None:
         inputs_embeds = text_embeds  # [B, S, hidden], S == T
@@ -237,44 +246,18 @@ def run_prompted(
         src = src.clamp(max=max_prompt + max_text - 1)  # padded slots read anything; they are masked
         inputs_embeds = torch.gather(source, 1, src.unsqueeze(-1).expand(-1, -1, source.shape[-1]))
 
-    # Positions: [B, S]; padded slots clamped into the table (masked anyway).
     offsets = torch.where(batch.after_prefix, prefix_len, torch.zeros_like(prefix_len))  # [B]
-    positions = spec.position_base + offsets.unsqueeze(1) + torch.arange(seq_len, device=device).unsqueeze(0)
-    positions = positions.clamp(max=spec.position_base + spec.max_positions - 1)
-
-    # Additive mask over keys [prefix (P) | sequence (S)], broadcast over heads and queries: [B, 1, 1, P + S].
-    key_pos = torch.arange(max_prefix + seq_len, device=device).unsqueeze(0)  # [1, P + S]
-    in_prefix = key_pos < prefix_len.unsqueeze(1)
-    in_seq = (key_pos >= max_prefix) & (key_pos < max_prefix + (prompt_len + text_len).unsqueeze(1))
-    mask = torch.zeros((rows, max_prefix + seq_len), dtype=dtype, device=device)
-    mask = mask.masked_fill(~(in_prefix | in_seq), torch.finfo(dtype).min)[:, None, None, :]
-
-    token_types = torch.zeros((rows, seq_len), dtype=torch.long, device=device)  # [B, S]
-    prefix = None if batch.prefix is None else batch.prefix.to(dtype)  # [B, layers, 2, heads, P, head_dim]
-    if backbone.direct_encoder and not model.training:
-        encode = encoder or _encode
-        hidden = encode(model, inputs_embeds, positions, token_types, mask, prefix)  # [B, S, hidden]
+    positions = family.positions(offsets, seq_len)  # [B, S]
+    layout = Layout(prefix=max_prefix, seq=seq_len, prefix_len=prefix_len, seq_len=prompt_len + text_len)
+    prefix = None if batch.prefix is None else batch.prefix.to(dtype)  # [B, layers, 2, kv_heads, P, head_dim]
+    if encoder is not None:
+        hidden = encoder(inputs_embeds, positions, layout, prefix)  # [B, S, hidden]
     else:
-        cache = None
-        if prefix is not None:
-            # A fresh cache per call: the forward appends this batch's keys/values to it.
-            layers = range(spec.num_layers)
-            cache = DynamicCache(
-                ddp_cache_data=[(prefix[:, layer, 0], prefix[:, layer, 1]) for layer in layers]
-            )
-        out = model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=mask,
-            position_ids=positions,
-            token_type_ids=token_types,
-            use_cache=False,
-            **_cache_kwargs(model, cache),
-        )
-        hidden = out.last_hidden_state  # [B, S, hidden]
+        hidden = family.layers(inputs_embeds, positions, family.masks(layout, dtype), prefix)
 
     pooled = _pool(hidden, batch, text_len)  # [B, hidden]
     if batch.any_pooler:
-        pooler = getattr(model, "pooler", None)
+        pooler = getattr(backbone.model, "pooler", None)
         if pooler is None:
             raise ValueError("a task asks for the backbone pooler, but this backbone has none")
         pooled = torch.where(batch.use_pooler.unsqueeze(1), pooler.activation(pooler.dense(pooled)), pooled)
@@ -285,59 +268,18 @@ def run_prompted(
     return logits.masked_fill(~label_ok, float("-inf"))
 
 
-def _cache_kwargs(model: Any, cache: DynamicCache | None) -> dict[str, Any]:
-    """The cache under the name this transformers release takes: ``cache`` from 5.24 on (the old
-    ``past_key_values`` still warns there, and goes in 5.40), ``past_key_values`` before."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
-
-
-def _encode(
-    model: Any,  # a BERT-layout model (Backbone.direct_encoder): submodules are reached by name
-    inputs_embeds: torch.Tensor,
-    positions: torch.Tensor,
-    token_types: torch.Tensor,
-    mask: torch.Tensor,
-    prefix: torch.Tensor | None,
-) -> torch.Tensor:
-    """The BERT-family encoder layer by layer, each layer's prefix keys/values in front of its own.
-
-    It calls the model's own submodules (embeddings, projections, the dense + LayerNorm blocks) in
-    HF's order and SDPA as HF's "sdpa" attention does, so it computes what ``model(...)`` with a
-    DynamicCache computes. What it skips is HF's per-call plumbing (mask preparation, the cache
-    object, output capture, a signature check per layer): at small batches that costs more than the
-    arithmetic, and on a GPU the forward is bound by it. ``Backbone.direct_encoder`` says whether a
-    model has the layout this relies on; tests/prompts/test_forward.py checks it against ``model(...)``.
-    """
-    rows, seq, width = inputs_embeds.shape
-    hidden: torch.Tensor = model.embeddings(
-        inputs_embeds=inputs_embeds, position_ids=positions, token_type_ids=token_types
-    )  # [B, S, hidden]
-    for index, layer in enumerate(model.encoder.layer):
-        attention = layer.attention.self
-        split = (rows, seq, attention.num_attention_heads, attention.attention_head_size)
-        query = attention.query(hidden).view(split).transpose(1, 2)  # [B, heads, S, head_dim]
-        key = attention.key(hidden).view(split).transpose(1, 2)  # [B, heads, S, head_dim]
-        value = attention.value(hidden).view(split).transpose(1, 2)  # [B, heads, S, head_dim]
-        if prefix is not None:
-            key = torch.cat([prefix[:, index, 0], key], dim=2)  # [B, heads, P + S, head_dim]
-            value = torch.cat([prefix[:, index, 1], value], dim=2)  # [B, heads, P + S, head_dim]
-        context = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, scale=attention.scaling
-        )  # [B, heads, S, head_dim]
-        context = context.transpose(1, 2).reshape(rows, seq, width)  # [B, S, hidden]
-        hidden = layer.attention.output(context, hidden)
-        hidden = layer.output(layer.intermediate(hidden), hidden)
-    return hidden
-
-
 def _pool(hidden: torch.Tensor, batch: PromptBatch, text_len: torch.Tensor) -> torch.Tensor:
     """The pooled vector per row [B, hidden], by each row's task's pooling mode."""
-    rows = hidden.shape[0]
-    cls_vec = hidden[torch.arange(rows, device=hidden.device), batch.prompt_len]  # [B, hidden] text [CLS]
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    cls_vec = hidden[rows, batch.prompt_len]  # [B, hidden] the text's first token
+    last_vec = hidden[rows, batch.prompt_len + text_len - 1]  # [B, hidden] the text's last token
     if batch.modes == {"cls"}:
         return cls_vec
+    if batch.modes == {"last"}:
+        return last_vec
     mode = batch.pooling.unsqueeze(1)  # [B, 1]
     pooled = torch.where(mode == POOLING_MODES.index("first"), hidden[:, 0], cls_vec)
+    pooled = torch.where(mode == POOLING_MODES.index("last"), last_vec, pooled)
     if "mean" in batch.modes:
         j = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         k = batch.prompt_len.unsqueeze(1)

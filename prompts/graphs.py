@@ -1,20 +1,21 @@
-"""CUDA graphs of the direct encoder: one captured forward per (rows, tokens, prefix) bucket.
+"""CUDA graphs of a family's layer loop: one captured forward per (rows, tokens, prefix) bucket.
 
-On a GPU the eager encoder is bound by the host, which launches a dozen kernels per layer from
-Python: on an H100, MiniLM's direct encoder took 2.5 ms per forward at every batch size from 1 to
-256 rows, and a CUDA graph replay of the same shapes took 0.27 ms at 1 row and 0.64 ms at 64 (same
-outputs bit for bit). A graph replays fixed shapes, so each forward is padded up to a bucket:
+On a GPU the eager loop is bound by the host, which launches a dozen kernels per layer from Python:
+on an H100, MiniLM's loop took 2.5 ms per forward at every batch size from 1 to 256 rows, and a CUDA
+graph replay of the same shapes took 0.27 ms at 1 row and 0.64 ms at 64 (same outputs bit for bit).
+A graph replays fixed shapes, so each forward is padded up to a bucket:
 
 - rows to the next power of two, sequence length to a multiple of ``SEQ_STEP``, prefix length to a
   multiple of ``PREFIX_STEP``;
-- padded keys are masked, padded query positions and rows are computed and dropped. Attention,
-  LayerNorm and the feed-forward blocks act per row and per position, so a real row's hidden states
-  do not depend on the padding (tests/prompts/test_graphs.py checks that on the CPU, where the same
-  padding runs eagerly).
+- the family builds its masks (and whatever else depends on the layout) for the padded layout:
+  padded keys are masked, padded rows hold one real-looking token, padded query positions and rows
+  are computed and dropped. Every family's blocks act per row, and per position outside attention,
+  so a real row's hidden states do not depend on the padding (tests/prompts/test_graphs.py checks
+  that on the CPU for every family, where the same padding runs eagerly).
 
 Graphs are captured lazily, the first time a bucket is seen (tens of milliseconds), up to
-``max_graphs``; shapes over ``MAX_BUCKET_TOKENS`` or past that count run eagerly. They share one
-memory pool, which is safe because every replay happens under one lock, on one stream, one at a time.
+``max_graphs`` and ``max_bytes`` of static buffers; other shapes run eagerly. They share one memory
+pool, which is safe because every replay happens under one lock, on one stream, one at a time.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from prompts.forward import _encode
+from prompts.backbones import BackboneFamily, Layout
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,7 @@ PREFIX_STEP = 8
 # Rows x (tokens + prefix) of the largest bucket captured, and its longest prefix. At that size a
 # forward is mostly device work, which a graph does not speed up (H100, MiniLM: x4 at 64 x 48 tokens,
 # x1.4 at 256 x 48); each bucket keeps its own input buffers, the largest being the prefix keys and
-# values (MiniLM, fp16, 64 rows x prefix 64: 75 MiB), so the worst case over max_graphs buckets is GiBs
-# and the typical one (a few prefix lengths, 16-32 tokens per text) tens to hundreds of MiB.
+# values (MiniLM, fp16, 64 rows x prefix 64: 75 MiB), bounded together by GraphedEncoder.max_bytes.
 MAX_BUCKET_TOKENS = 8192
 MAX_BUCKET_PREFIX = 64
 
@@ -63,31 +63,59 @@ def bucket_for(rows: int, seq: int, prefix: int, max_rows: int) -> Bucket | None
 class _Static:
     """One bucket's input and output buffers, and its graph (None where forwards run eagerly)."""
 
-    def __init__(self, model: Any, bucket: Bucket, shape: tuple[int, int, int], like: torch.Tensor) -> None:
+    def __init__(self, family: BackboneFamily, bucket: Bucket, like: torch.Tensor) -> None:
         rows, seq, prefix = bucket.rows, bucket.seq, bucket.prefix
-        layers, heads, head_dim = shape
+        shape = family.shape
         device, dtype = like.device, like.dtype
+        self.family = family
+        self.bucket = bucket
         self.embeds = torch.zeros((rows, seq, like.shape[-1]), device=device, dtype=dtype)  # [R, S, hidden]
         self.positions = torch.zeros((rows, seq), device=device, dtype=torch.long)  # [R, S]
-        self.token_types = torch.zeros((rows, seq), device=device, dtype=torch.long)  # [R, S]
-        # Keys are [prefix (P) | sequence (S)]; everything starts masked but one key, so a padded
-        # row's attention always has a finite maximum (an all -inf row would be NaN).
-        self.mask = torch.full((rows, 1, 1, prefix + seq), torch.finfo(dtype).min, device=device, dtype=dtype)
-        self.mask[..., prefix] = 0
         self.prefix = None
         if prefix:
-            shape5 = (rows, layers, 2, heads, prefix, head_dim)  # [R, layers, 2, heads, P, head_dim]
-            self.prefix = torch.zeros(shape5, device=device, dtype=dtype)
-        self.model = model
+            # [R, layers, 2, kv_heads, P, head_dim]
+            size = (rows, shape.num_layers, 2, shape.num_kv_heads, prefix, shape.head_dim)
+            self.prefix = torch.zeros(size, device=device, dtype=dtype)
+        # The family's layout tensors for this bucket, filled per forward (shapes fixed by the bucket).
+        self.masks: dict[str, torch.Tensor] = {}
         self.graph: torch.cuda.CUDAGraph | None = None
         self.hidden: torch.Tensor | None = None  # [R, S, hidden]: the graph's output buffer
 
+    def nbytes(self) -> int:
+        tensors = [self.embeds, self.positions, self.prefix, *self.masks.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
     def run(self) -> torch.Tensor:
         if self.graph is None:
-            return _encode(self.model, self.embeds, self.positions, self.token_types, self.mask, self.prefix)
+            return self.family.layers(self.embeds, self.positions, self.masks, self.prefix)
         self.graph.replay()
         assert self.hidden is not None
         return self.hidden
+
+    def fill(
+        self, embeds: torch.Tensor, positions: torch.Tensor, layout: Layout, prefix: torch.Tensor | None
+    ) -> None:
+        """Copy one forward's inputs in; whatever lies past them is masked or dropped."""
+        rows, seq, _ = embeds.shape
+        bucket = self.bucket
+        self.embeds[:rows, :seq].copy_(embeds)
+        self.positions[:rows, :seq].copy_(positions)
+        extra = bucket.rows - rows
+        # Padded rows: no prefix, one token (stale embeddings from an earlier forward; never read back).
+        padded = Layout(
+            prefix=bucket.prefix,
+            seq=bucket.seq,
+            prefix_len=torch.cat([layout.prefix_len, layout.prefix_len.new_zeros(extra)]),
+            seq_len=torch.cat([layout.seq_len, layout.seq_len.new_ones(extra)]),
+        )
+        masks = self.family.masks(padded, self.embeds.dtype)
+        for name, tensor in masks.items():
+            if name not in self.masks:
+                self.masks[name] = torch.empty_like(tensor)
+            self.masks[name].copy_(tensor)
+        if prefix is not None:
+            assert self.prefix is not None
+            self.prefix[:rows, :, :, :, : prefix.shape[4]].copy_(prefix)
 
     def capture(self, pool: Any) -> None:
         # Warm-up on a side stream first (cuBLAS and SDPA pick and initialise their kernels), as
@@ -106,7 +134,8 @@ class _Static:
 
 
 class GraphedEncoder:
-    """A drop-in for ``prompts.forward._encode`` that pads each forward to a bucket and replays a graph.
+    """An :class:`~prompts.forward.Encoder` that pads each forward to a bucket and replays a graph of
+    the family's layer loop.
 
     ``capture=False`` runs the same padding eagerly: that is how the CPU tests check the padding,
     and what a forward falls back to when graphs are off.
@@ -114,22 +143,23 @@ class GraphedEncoder:
 
     def __init__(
         self,
-        model: Any,
+        family: BackboneFamily,
         *,
         max_rows: int,
         capture: bool,
         max_graphs: int = 64,
+        max_bytes: int = 2 << 30,
     ) -> None:
-        config = model.config
-        self.model = model
-        self.layers = int(config.num_hidden_layers)
-        self.heads = int(config.num_attention_heads)
-        self.head_dim = int(config.hidden_size) // self.heads
+        self.family = family
         self.max_rows = 1 << max(0, max_rows - 1).bit_length()
         self.capture = capture
         self.max_graphs = max_graphs
+        # Static buffers of all buckets together; a large decoder's prefix buffers are the big ones
+        # (Qwen3-0.6B, fp16, 64 rows x prefix 64: 470 MiB).
+        self.max_bytes = max_bytes
         self.replays = 0
         self.eager = 0
+        self._bytes = 0
         self._buckets: dict[Bucket, _Static] = {}
         self._lock = threading.Lock()  # one forward at a time owns the static buffers
         self._pool = torch.cuda.graph_pool_handle() if capture else None
@@ -139,64 +169,40 @@ class GraphedEncoder:
         return sum(1 for s in self._buckets.values() if s.graph is not None)
 
     def __call__(
-        self,
-        model: Any,
-        inputs_embeds: torch.Tensor,
-        positions: torch.Tensor,
-        token_types: torch.Tensor,
-        mask: torch.Tensor,
-        prefix: torch.Tensor | None,
+        self, embeds: torch.Tensor, positions: torch.Tensor, layout: Layout, prefix: torch.Tensor | None
     ) -> torch.Tensor:
-        """Hidden states ``[B, S, hidden]``, as ``_encode`` returns them for the same arguments."""
-        rows, seq, _ = inputs_embeds.shape
-        plen = 0 if prefix is None else int(prefix.shape[4])
-        bucket = bucket_for(rows, seq, plen, self.max_rows)
-        if model is not self.model or bucket is None:
-            self.eager += 1
-            return _encode(model, inputs_embeds, positions, token_types, mask, prefix)
-        with self._lock:
-            static = self._buckets.get(bucket)
-            fresh = static is None and len(self._buckets) < self.max_graphs
-            if fresh:
-                shape = (self.layers, self.heads, self.head_dim)
-                static = self._buckets[bucket] = _Static(self.model, bucket, shape, inputs_embeds)
-            if static is not None:
-                fill(static, bucket, inputs_embeds, positions, token_types, mask, prefix)
-                if fresh and self.capture:  # the capture's warm-up runs on the buffers just filled
-                    try:
-                        static.capture(self._pool)
-                    except RuntimeError:  # torch.AcceleratorError is one
-                        # Something on this thread synchronised mid-capture (a debugging hook, say).
-                        # Serving goes on eagerly, with the same padding, rather than failing batches.
-                        logger.exception("CUDA graph capture failed; the encoder runs eagerly from now on")
-                        self.capture = False
-                self.replays += 1
-                # A copy, taken before the lock is released: the next forward overwrites the buffer.
-                return static.run()[:rows, :seq].clone()
-        self.eager += 1  # past max_graphs buckets
-        return _encode(model, inputs_embeds, positions, token_types, mask, prefix)
-
-
-def fill(
-    static: _Static,
-    bucket: Bucket,
-    inputs_embeds: torch.Tensor,
-    positions: torch.Tensor,
-    token_types: torch.Tensor,
-    mask: torch.Tensor,
-    prefix: torch.Tensor | None,
-) -> None:
-    """Copy one forward's inputs into a bucket's buffers; whatever lies past them is masked or dropped."""
-    rows, seq, _ = inputs_embeds.shape
-    plen = 0 if prefix is None else int(prefix.shape[4])
-    static.embeds[:rows, :seq].copy_(inputs_embeds)
-    static.positions[:rows, :seq].copy_(positions)
-    static.token_types[:rows, :seq].copy_(token_types)
-    # Row b's keys: its prefix slots, masked padding up to the bucket's prefix, then its sequence.
-    keys = static.mask[:rows]  # [B, 1, 1, P_bucket + S_bucket]
-    keys.fill_(torch.finfo(keys.dtype).min)
-    keys[..., :plen].copy_(mask[..., :plen])
-    keys[..., bucket.prefix : bucket.prefix + seq].copy_(mask[..., plen:])
-    if prefix is not None:
-        assert static.prefix is not None
-        static.prefix[:rows, :, :, :, :plen].copy_(prefix)
+        """Hidden states ``[B, S, hidden]``, as the family's loop returns them for the same arguments."""
+        rows, seq, _ = embeds.shape
+        bucket = bucket_for(rows, seq, layout.prefix, self.max_rows)
+        if bucket is not None:
+            with self._lock:
+                static = self._buckets.get(bucket)
+                fresh = static is None and len(self._buckets) < self.max_graphs
+                if fresh:
+                    static = _Static(self.family, bucket, embeds)
+                    static.fill(embeds, positions, layout, prefix)
+                    if self._bytes + static.nbytes() > self.max_bytes:
+                        static = None
+                    else:
+                        self._bytes += static.nbytes()
+                        self._buckets[bucket] = static
+                elif static is not None:
+                    static.fill(embeds, positions, layout, prefix)
+                if static is not None:
+                    if fresh and self.capture:  # the capture's warm-up runs on the buffers just filled
+                        try:
+                            static.capture(self._pool)
+                        except RuntimeError:  # torch.AcceleratorError is one
+                            # Something on this thread synchronised mid-capture (a debugging hook, a
+                            # rotary variant that reads positions back). Serving goes on eagerly, with
+                            # the same padding, rather than failing batches.
+                            logger.exception(
+                                "CUDA graph capture failed; the encoder runs eagerly from now on"
+                            )
+                            self.capture = False
+                    self.replays += 1
+                    # A copy, taken before the lock is released: the next forward overwrites the buffer.
+                    return static.run()[:rows, :seq].clone()
+        self.eager += 1  # too large for a bucket, or past max_graphs / max_bytes
+        family = self.family
+        return family.layers(embeds, positions, family.masks(layout, embeds.dtype), prefix)

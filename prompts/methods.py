@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
 from prompts.artifact import Method
 from prompts.backbone import Backbone, BackboneSpec
+from prompts.backbones import Collected, Layout
 from prompts.forward import TaskPrompt
 
 __all__ = [
@@ -54,11 +55,15 @@ METHOD_ALIASES: dict[str, MethodName] = {
     "probe": "linear-probe",
     **{m: m for m in METHODS},
 }
-# "cls": the text's [CLS] straight into the head (P-tuning v2). "peft": sequence position 0 through the
-# backbone's pooler, i.e. BertForSequenceClassification's head, so the task exports to PEFT unchanged.
-# "mean": the mean of the text tokens, what sentence-embedding backbones (all-MiniLM-L6-v2) were trained
-# to produce: the stronger linear probe on such a backbone.
-HeadStyle = Literal["cls", "peft", "mean"]
+# "cls": the text's [CLS] straight into the head (P-tuning v2). "mean": the mean of the text tokens,
+# what sentence-embedding backbones (all-MiniLM-L6-v2) were trained to produce: the stronger linear
+# probe on such a backbone. "last": the text's last token, the only one a decoder's causal attention
+# lets see the whole text. "peft": the head PEFT's SEQ_CLS models have, so the task exports to PEFT
+# unchanged: BERT layout, sequence position 0 through the backbone's pooler (BertForSequenceClassification);
+# decoders, the last token into a bias-free head (LlamaForSequenceClassification's ``score``).
+HeadStyle = Literal["cls", "peft", "mean", "last"]
+Pooling = Literal["cls", "first", "mean", "last"]
+PEFT_HEAD_FAMILIES = ("bert", "decoder")
 
 
 def resolve_method(name: str) -> MethodName:
@@ -77,7 +82,7 @@ class ExportedPrompt:
     prompt: torch.Tensor | None  # [K, hidden]
     head_weight: torch.Tensor  # [C, hidden]
     head_bias: torch.Tensor  # [C]
-    pooling: Literal["cls", "first", "mean"]
+    pooling: Pooling
     pooler: Literal["none", "backbone"]
 
     def parameter_count(self) -> int:
@@ -93,21 +98,31 @@ class PromptMethod(nn.Module):
 
     def __init__(self, spec: BackboneSpec, num_labels: int, *, head: HeadStyle = "cls") -> None:
         super().__init__()
-        if head == "peft" and not spec.has_pooler:
-            raise ValueError("head 'peft' needs the backbone's pooler, and this backbone has none")
+        if head == "peft":
+            if spec.family not in PEFT_HEAD_FAMILIES:
+                raise ValueError(
+                    f"head 'peft' is for BERT-layout and decoder backbones; PEFT's classifier on a "
+                    f"{spec.family} backbone is not one linear layer"
+                )
+            if spec.family == "bert" and not spec.has_pooler:
+                raise ValueError("head 'peft' needs the backbone's pooler, and this backbone has none")
         self.spec = spec
         self.head_style: HeadStyle = head
         self.head = nn.Linear(spec.hidden_size, num_labels)  # weight [C, hidden], bias [C]
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        if head == "peft" and spec.family == "decoder":
+            self.head.bias.requires_grad_(False)  # the score layer PEFT exports to has no bias
 
     @property
-    def pooling(self) -> Literal["cls", "first", "mean"]:
-        return {"cls": "cls", "peft": "first", "mean": "mean"}[self.head_style]  # type: ignore[return-value]
+    def pooling(self) -> Pooling:
+        if self.head_style == "peft":
+            return "last" if self.spec.family == "decoder" else "first"
+        return self.head_style
 
     @property
     def pooler(self) -> Literal["none", "backbone"]:
-        return "backbone" if self.head_style == "peft" else "none"
+        return "backbone" if self.head_style == "peft" and self.spec.family == "bert" else "none"
 
     def prefix(self) -> torch.Tensor | None:
         return None
@@ -175,9 +190,10 @@ class LinearProbe(PromptMethod):
 class DeepPrefix(PromptMethod):
     """P-tuning v2: trainable keys/values prepended at every layer.
 
-    Without reparameterisation the prefix is one parameter ``[layers, 2, heads, P, head_dim]``. With it,
-    ``P`` embeddings ``[P, hidden]`` pass through Linear -> tanh -> Linear to ``[P, layers * 2 * hidden]``,
-    read in PEFT's order ``[P, layers, 2, heads, head_dim]``; the MLP is dropped at export.
+    Without reparameterisation the prefix is one parameter ``[layers, 2, kv_heads, P, head_dim]``. With
+    it, ``P`` embeddings ``[P, hidden]`` pass through Linear -> tanh -> Linear to ``[P, layers * 2 *
+    kv_heads * head_dim]``, read in PEFT's order ``[P, layers, 2, kv_heads, head_dim]``; the MLP is
+    dropped at export.
     """
 
     method: MethodName = "p-tuning-v2"
@@ -201,19 +217,20 @@ class DeepPrefix(PromptMethod):
             raise ValueError(f"prefix length must be at least 1, got {length}")
         self.length = length
         self.reparam = reparam
-        shape = (spec.num_layers, 2, spec.num_heads, length, spec.head_dim)
+        shape = (spec.num_layers, 2, spec.num_kv_heads, length, spec.head_dim)
+        width = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim
         if init is not None and tuple(init.shape) != shape:
             raise ValueError(f"prefix init has shape {list(init.shape)}; expected {list(shape)}")
         self.table: nn.Parameter | None = None
         self.embedding: nn.Parameter | None = None
         self.mlp: nn.Sequential | None = None
         if reparam:
-            # [P, hidden] -> [P, reparam_hidden] -> [P, layers * 2 * hidden]
+            # [P, hidden] -> [P, reparam_hidden] -> [P, layers * 2 * kv_heads * head_dim]
             self.embedding = nn.Parameter(torch.randn(length, spec.hidden_size, generator=generator) * 0.02)
             self.mlp = nn.Sequential(
                 nn.Linear(spec.hidden_size, reparam_hidden),
                 nn.Tanh(),
-                nn.Linear(reparam_hidden, spec.num_layers * 2 * spec.hidden_size),
+                nn.Linear(reparam_hidden, width),
             )
             if init is not None:
                 # Start the MLP's output at the given prefix: its last bias carries it, the weights
@@ -221,13 +238,13 @@ class DeepPrefix(PromptMethod):
                 last = self.mlp[2]
                 assert isinstance(last, nn.Linear)
                 with torch.no_grad():
-                    flat = init.permute(3, 0, 1, 2, 4).reshape(length, -1)  # [P, layers * 2 * hidden]
+                    flat = init.permute(3, 0, 1, 2, 4).reshape(length, -1)  # [P, width]
                     last.weight.mul_(0.1)
                     # One bias for all P rows: the mean row; the embeddings differentiate positions.
                     last.bias.copy_(flat.mean(0))
         else:
             start = init if init is not None else torch.randn(shape, generator=generator) * 0.5
-            self.table = nn.Parameter(start.clone().float())  # [layers, 2, heads, P, head_dim]
+            self.table = nn.Parameter(start.clone().float())  # [layers, 2, kv_heads, P, head_dim]
         self.dropout = nn.Dropout(dropout)
 
     def lengths(self) -> tuple[int, int]:
@@ -239,9 +256,11 @@ class DeepPrefix(PromptMethod):
         else:
             assert self.mlp is not None and self.embedding is not None
             s = self.spec
-            flat = self.mlp(self.embedding)  # [P, layers * 2 * hidden]
-            prefix = flat.view(self.length, s.num_layers, 2, s.num_heads, s.head_dim).permute(1, 2, 3, 0, 4)
-        dropped: torch.Tensor = self.dropout(prefix)  # [layers, 2, heads, P, head_dim]
+            flat = self.mlp(self.embedding)  # [P, layers * 2 * kv_heads * head_dim]
+            prefix = flat.view(self.length, s.num_layers, 2, s.num_kv_heads, s.head_dim).permute(
+                1, 2, 3, 0, 4
+            )
+        dropped: torch.Tensor = self.dropout(prefix)  # [layers, 2, kv_heads, P, head_dim]
         return dropped
 
 
@@ -373,28 +392,24 @@ def label_word_embeddings(backbone: Backbone, labels: list[str]) -> torch.Tensor
 
 @torch.no_grad()
 def prefix_from_tokens(backbone: Backbone, length: int, generator: torch.Generator) -> torch.Tensor:
-    """A deep prefix ``[layers, 2, heads, P, head_dim]`` made of the keys/values the frozen backbone
-    computes for ``P`` random vocabulary words: the right scale at every layer from step one."""
-    spec = backbone.spec
+    """A deep prefix ``[layers, 2, kv_heads, P, head_dim]`` made of the keys/values the frozen backbone
+    computes for ``P`` random vocabulary words (framed by the tokenizer's own special tokens), as its
+    family's attention uses them: the right scale at every layer from step one."""
     candidates = torch.tensor(_word_token_ids(backbone)[:5000] or [backbone.pad_token_id])
     words = candidates[torch.randint(len(candidates), (length,), generator=generator)].tolist()
-    tokenizer = backbone.tokenizer
-    cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-    sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-    ids = [i for i in (cls_id, *words, sep_id) if i is not None]
-    offset = 1 if cls_id is not None else 0
-    input_ids = torch.tensor([ids], device=backbone.device)
-    out = backbone.model(input_ids=input_ids, output_hidden_states=True)
-    model: Any = backbone.model
-    layers = model.encoder.layer  # BERT-family layout: encoder.layer[i].attention.self.key/value
-    keys_values = []
-    for i in range(spec.num_layers):
-        hidden = out.hidden_states[i][0, offset : offset + length].float()  # [P, hidden], input to layer i
-        attention = layers[i].attention.self
-        k = attention.key(hidden.to(backbone.dtype)).float()
-        v = attention.value(hidden.to(backbone.dtype)).float()
-        # [P, hidden] -> [heads, P, head_dim]
-        k = k.view(length, spec.num_heads, spec.head_dim).transpose(0, 1)
-        v = v.view(length, spec.num_heads, spec.head_dim).transpose(0, 1)
-        keys_values.append(torch.stack([k, v]))  # [2, heads, P, head_dim]
-    return torch.stack(keys_values).cpu()  # [layers, 2, heads, P, head_dim]
+    ids = [*backbone.opening_ids, *words, *backbone.closing_ids]
+    start = len(backbone.opening_ids)
+    family = backbone.family
+    device = backbone.device
+    embeds = family.word_embeddings(torch.tensor([ids], device=device))  # [1, S, hidden]
+    zero = torch.zeros(1, dtype=torch.long, device=device)
+    layout = Layout(prefix=0, seq=len(ids), prefix_len=zero, seq_len=zero + len(ids))
+    collected: Collected = []
+    family.layers(
+        embeds, family.positions(zero, len(ids)), family.masks(layout, backbone.dtype), None, collected
+    )
+    keys_values = [
+        torch.stack([key[0, :, start : start + length], value[0, :, start : start + length]]).float()
+        for key, value in collected
+    ]  # per layer [2, kv_heads, P, head_dim]
+    return torch.stack(keys_values).cpu()  # [layers, 2, kv_heads, P, head_dim]

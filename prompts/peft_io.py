@@ -5,14 +5,21 @@ learning, PEFT saves the *evaluated* table under ``prompt_embeddings`` (a prefix
 prompt encoder is run once at save time), and for ``SEQ_CLS`` the classifier as
 ``base_model.classifier.{weight,bias}`` (``modules_to_save``).
 
-Conventions, proven against PEFT in tests/prompts/test_forward.py and tests/prompts/test_peft_io.py:
+Two backbone families have PEFT sequence classifiers with one linear layer on a pooled vector, and
+only those are imported and exported (DeBERTa's and ModernBERT's classifiers have a dense layer of the
+base model in front, which an adapter does not carry). Conventions, proven against PEFT in
+tests/prompts/test_peft_io.py:
 
-- prefix tuning: ``prompt_embeddings`` ``[P, layers * 2 * hidden]`` -> view ``[P, layers, 2, heads,
-  head_dim]`` -> permute(1, 2, 3, 0, 4) -> the artifact's ``prefix`` ``[layers, 2, heads, P, head_dim]``;
-  text positions start after the prefix (HF BERT offsets them by the cache length);
+- prefix tuning: ``prompt_embeddings`` ``[P, layers * 2 * kv_heads * head_dim]`` -> view ``[P, layers,
+  2, kv_heads, head_dim]`` -> permute(1, 2, 3, 0, 4) -> the artifact's ``prefix`` ``[layers, 2,
+  kv_heads, P, head_dim]`` (PEFT sizes a decoder's prefix by its key/value heads and records them as
+  ``num_attention_heads``, with ``token_dim = kv_heads * head_dim``); text positions start after the
+  prefix (Hugging Face numbers them from the cache length);
 - prompt tuning / P-tuning: ``prompt_embeddings`` ``[K, hidden]`` is the artifact's input ``prompt``;
-- BertForSequenceClassification's head pools sequence position 0 (the first virtual token when there
-  is a prompt) through the backbone's pooler: ``pooling="first"``, ``pooler="backbone"``.
+- BERT layout: BertForSequenceClassification's head pools sequence position 0 (the first virtual
+  token when there is a prompt) through the backbone's pooler: ``pooling="first"``, ``pooler="backbone"``;
+- decoders: ``*ForSequenceClassification`` pools the last real token into ``score``, which has no
+  bias: ``pooling="last"``, a zero bias.
 
 Only artifacts with that head can be exported: any other head would give different logits under PEFT.
 """
@@ -43,6 +50,7 @@ _PEFT_TO_METHOD: dict[str, Method] = {
     "P_TUNING": "p-tuning",
 }
 _METHOD_TO_PEFT = {"p-tuning-v2": "PREFIX_TUNING", "prompt-tuning": "PROMPT_TUNING", "p-tuning": "P_TUNING"}
+PEFT_FAMILIES = ("bert", "decoder")
 
 
 class PeftError(ArtifactError):
@@ -79,8 +87,32 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         raise PeftError(f"cannot read {path}: {exc}") from exc
 
 
+def _check_family(family: str, what: str) -> None:
+    if family not in PEFT_FAMILIES:
+        raise PeftError(
+            f"{what} is for BERT-layout and decoder backbones; this backbone is of the {family} family, "
+            "whose PEFT classifier has a dense layer of the base model in front (not carried by an adapter)"
+        )
+
+
+def _peft_dims(spec: BackboneSpec, peft_type: str) -> dict[str, int]:
+    """``num_attention_heads`` and ``token_dim`` as PEFT records them for this backbone."""
+    if peft_type == "PREFIX_TUNING":
+        return {
+            "num_layers": spec.num_layers,
+            "num_attention_heads": spec.num_kv_heads,
+            "token_dim": spec.num_kv_heads * spec.head_dim,
+        }
+    return {
+        "num_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "token_dim": spec.hidden_size,
+    }
+
+
 def _head(weights: dict[str, torch.Tensor], directory: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The linear classifier PEFT saved with ``modules_to_save`` (BERT: ``classifier``)."""
+    """The linear classifier PEFT saved with ``modules_to_save`` (BERT: ``classifier``; decoders:
+    ``score``, without a bias)."""
     if any(k.endswith("classifier.dense.weight") or k.endswith("out_proj.weight") for k in weights):
         raise PeftError(
             f"{directory}: the classifier is a two-layer head (RoBERTa-style dense + out_proj); "
@@ -113,6 +145,7 @@ def import_peft_adapter(
     the caller vouches that the adapter was trained on this backbone.
     """
     directory = Path(directory)
+    _check_family(spec.family, "importing a PEFT adapter")
     config = _read_config(directory)
     peft_type = str(config.get("peft_type", ""))
     if peft_type not in _PEFT_TO_METHOD:
@@ -128,11 +161,7 @@ def import_peft_adapter(
         raise PeftError(
             f"{directory}: encoder-decoder adapters (num_transformer_submodules=2) are not supported"
         )
-    for key, mine in (
-        ("num_layers", spec.num_layers),
-        ("num_attention_heads", spec.num_heads),
-        ("token_dim", spec.hidden_size),
-    ):
+    for key, mine in _peft_dims(spec, peft_type).items():
         theirs = config.get(key)
         if theirs is not None and int(theirs) != mine:
             raise PeftError(
@@ -166,15 +195,19 @@ def import_peft_adapter(
     method = _PEFT_TO_METHOD[peft_type]
     prefix = prompt = None
     if peft_type == "PREFIX_TUNING":
-        width = spec.num_layers * 2 * spec.hidden_size
+        width = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim
         if table.dim() != 2 or table.shape[1] != width:
             raise PeftError(
                 f"{directory}: prefix table has shape {list(table.shape)}; expected [P, {width}] "
-                f"(layers {spec.num_layers} x 2 x hidden {spec.hidden_size})"
+                f"(layers {spec.num_layers} x 2 x key/value heads {spec.num_kv_heads} "
+                f"x head_dim {spec.head_dim})"
             )
         length = int(table.shape[0])
-        # [P, layers * 2 * hidden] -> [P, layers, 2, heads, head_dim] -> [layers, 2, heads, P, head_dim]
-        prefix = table.view(length, spec.num_layers, 2, spec.num_heads, spec.head_dim).permute(1, 2, 3, 0, 4)
+        # [P, layers * 2 * kv_heads * head_dim] -> [P, layers, 2, kv_heads, head_dim]
+        #   -> [layers, 2, kv_heads, P, head_dim]
+        prefix = table.view(length, spec.num_layers, 2, spec.num_kv_heads, spec.head_dim).permute(
+            1, 2, 3, 0, 4
+        )
     else:
         if table.dim() != 2 or table.shape[1] != spec.hidden_size:
             raise PeftError(
@@ -190,8 +223,8 @@ def import_peft_adapter(
         prefix=prefix,
         prompt=prompt,
         method=method,
-        pooling="first",
-        pooler="backbone",
+        pooling="last" if spec.family == "decoder" else "first",
+        pooler="none" if spec.family == "decoder" else "backbone",
         positions="after_prefix",
         training={
             "imported_from": "peft",
@@ -209,9 +242,11 @@ def export_peft_adapter(
     base_model_name_or_path: str | None = None,
 ) -> Path:
     """Write ``artifact`` as a PEFT SEQ_CLS adapter directory loadable with ``PeftModel.from_pretrained``
-    on a ``BertForSequenceClassification`` of the same backbone (plus ``labels.json``)."""
+    on the backbone's ``*ForSequenceClassification`` (plus ``labels.json``)."""
     m = artifact.manifest
     t = artifact.tensors
+    family = m.backbone.family_name
+    _check_family(family, "exporting to PEFT")
     if m.prefix_length and m.prompt_length:
         raise PeftError(
             f"task {m.task!r} has both a deep prefix and an input prompt; a PEFT adapter holds one of them"
@@ -220,7 +255,13 @@ def export_peft_adapter(
         raise PeftError(
             f"task {m.task!r} has neither a prefix nor a prompt (a linear probe): PEFT has no such adapter"
         )
-    if m.head.pooling != "first" or m.head.pooler != "backbone":
+    if family == "decoder":
+        if m.head.pooling != "last" or m.head.pooler != "none" or bool(t["head.bias"].any()):
+            raise PeftError(
+                f"task {m.task!r} pools {m.head.pooling!r} with a head bias; PEFT's decoder classifier "
+                "pools the last token into a bias-free score layer (train with --head peft to export to PEFT)"
+            )
+    elif m.head.pooling != "first" or m.head.pooler != "backbone":
         raise PeftError(
             f"task {m.task!r} pools {m.head.pooling!r} with pooler {m.head.pooler!r}; PEFT's "
             "BertForSequenceClassification head needs pooling 'first' with the backbone pooler "
@@ -231,22 +272,23 @@ def export_peft_adapter(
             f"task {m.task!r} numbers positions from zero; PEFT prefixes shift them (after_prefix)"
         )
     b = m.backbone
+    peft_type = "PREFIX_TUNING" if m.prefix_length else _METHOD_TO_PEFT.get(m.method, "PROMPT_TUNING")
+    heads = b.prefix_heads if peft_type == "PREFIX_TUNING" else b.num_heads
     common: dict[str, Any] = {
         "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True,
         "modules_to_save": ["classifier", "score"],
-        "num_attention_heads": b.num_heads,
+        "num_attention_heads": heads,
         "num_layers": b.num_layers,
         "num_transformer_submodules": 1,
         "revision": None,
         "task_type": "SEQ_CLS",
-        "token_dim": b.hidden_size,
+        "token_dim": heads * b.head_dim if peft_type == "PREFIX_TUNING" else b.hidden_size,
     }
     if m.prefix_length:
-        peft_type = "PREFIX_TUNING"
-        prefix = t["prefix"].float()  # [layers, 2, heads, P, head_dim]
-        # -> [P, layers, 2, heads, head_dim] -> [P, layers * 2 * hidden]
+        prefix = t["prefix"].float()  # [layers, 2, kv_heads, P, head_dim]
+        # -> [P, layers, 2, kv_heads, head_dim] -> [P, layers * 2 * kv_heads * head_dim]
         table = prefix.permute(3, 0, 1, 2, 4).reshape(m.prefix_length, -1).contiguous()
         extra: dict[str, Any] = {
             "num_virtual_tokens": m.prefix_length,
@@ -254,7 +296,6 @@ def export_peft_adapter(
             "prefix_projection": False,
         }
     else:
-        peft_type = _METHOD_TO_PEFT.get(m.method, "PROMPT_TUNING")
         table = t["prompt"].float().contiguous()  # [K, hidden]
         extra = {"num_virtual_tokens": m.prompt_length}
         if peft_type == "P_TUNING":
@@ -275,14 +316,13 @@ def export_peft_adapter(
     out.mkdir(parents=True, exist_ok=True)
     config = {**common, **extra, "peft_type": peft_type}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    save_file(
-        {
-            "prompt_embeddings": table,
+    if family == "decoder":
+        head = {"base_model.score.weight": t["head.weight"].float().contiguous()}
+    else:
+        head = {
             "base_model.classifier.weight": t["head.weight"].float().contiguous(),
             "base_model.classifier.bias": t["head.bias"].float().contiguous(),
-        },
-        out / WEIGHTS_FILE,
-        metadata={"format": "pt"},
-    )
+        }
+    save_file({"prompt_embeddings": table, **head}, out / WEIGHTS_FILE, metadata={"format": "pt"})
     (out / LABELS_FILE).write_text(json.dumps(m.labels, ensure_ascii=False) + "\n", encoding="utf-8")
     return out

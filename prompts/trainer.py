@@ -223,13 +223,20 @@ class TrainResult:
 
 
 def for_backbone(config: TrainConfig, backbone: Backbone) -> TrainConfig:
-    """``config`` with p-tuning-v2's unset head pooled as ``backbone`` was trained to pool.
+    """``config`` with an unset head chosen for ``backbone``.
 
-    A prefix steers every layer, yet the head still reads one vector: on the packaged all-MiniLM-L6-v2
-    (trained with mean pooling) the mean head beat the [CLS] head on banking77 (0.921 vs 0.903 test)
-    and was within 0.005 of it or better elsewhere (benchmarks/accuracy_h100/results.md).
+    Decoders: every method pools the last token (the only one that has seen the whole text). Encoders:
+    p-tuning-v2 pools as the checkpoint was trained to pool where its directory says so (ModernBERT:
+    its ``classifier_pooling``). A prefix steers every layer, yet the head still reads one vector: on
+    the packaged all-MiniLM-L6-v2 (trained with mean pooling) the mean head beat the [CLS] head on
+    banking77 (0.921 vs 0.903 test) and was within 0.005 of it or better elsewhere
+    (benchmarks/accuracy_h100/results.md). Other methods keep their defaults (TrainConfig.resolved).
     """
-    if config.head is None and backbone.pooling == "mean" and resolve_method(config.method) == "p-tuning-v2":
+    if config.head is not None:
+        return config
+    if backbone.family.default_pooling == "last":
+        return dataclasses.replace(config, head="last")
+    if backbone.default_pooling() == "mean" and resolve_method(config.method) == "p-tuning-v2":
         return dataclasses.replace(config, head="mean")
     return config
 

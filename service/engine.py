@@ -41,13 +41,13 @@ class Engine:
         self.backbone = backbone
         self.pool = pool
         self.trimmer = trimmer
-        # CUDA graphs where the direct encoder runs on a GPU; rows beyond max_rows run eagerly. Only on
+        # CUDA graphs of the family's layer loop on a GPU; rows beyond max_rows run eagerly. Only on
         # the first GPU: forward threads start on device 0, where torch.cuda.graph would create its
         # capture stream, so a model on cuda:N (N > 0) would be captured empty and replay stale states.
         self.graphs: GraphedEncoder | None = None
         device = backbone.device
-        if cuda_graphs and device.type == "cuda" and (device.index or 0) == 0 and backbone.direct_encoder:
-            self.graphs = GraphedEncoder(backbone.model, max_rows=max_rows, capture=True)
+        if cuda_graphs and device.type == "cuda" and (device.index or 0) == 0:
+            self.graphs = GraphedEncoder(backbone.family, max_rows=max_rows, capture=True)
         self._batches = 0
         self._count_lock = threading.Lock()  # run_batch may run in several forward threads at once
 

@@ -35,7 +35,7 @@ class PromptPool:
         self._prefix_cap = 0
         self._prompt_cap = 0
         self._label_cap = 2
-        self._prefix = self._zeros(0, spec.num_layers, 2, spec.num_heads, 0, spec.head_dim)
+        self._prefix = self._zeros(0, spec.num_layers, 2, spec.num_kv_heads, 0, spec.head_dim)
         self._prompt = self._zeros(0, 0, spec.hidden_size)
         self._head_weight = self._zeros(0, 2, spec.hidden_size)
         self._head_bias = self._zeros(0, 2)
@@ -102,7 +102,7 @@ class PromptPool:
         with self._lock:  # the pool's tensors may be swapped by a concurrent grow
             prefix = None
             if max_prefix:
-                prefix = self._prefix[:, :, :, :, :max_prefix].index_select(0, index)  # [B, L, 2, H, P, D]
+                prefix = self._prefix[:, :, :, :, :max_prefix].index_select(0, index)  # [B, L, 2, KV, P, D]
             prompt = (
                 self._prompt[:, :max_prompt].index_select(0, index) if max_prompt else None
             )  # [B, K, hidden]

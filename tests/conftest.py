@@ -12,8 +12,36 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # subprocesses, which inherit this) without keys; tests of auth pass auth="on" and keys explicitly.
 os.environ.setdefault("PTSERVE_AUTH", "off")
 
+from collections.abc import Callable
+
 from prompts.backbone import Backbone, load_backbone
-from tests.models import make_tiny_bert
+from tests.models import (
+    make_tiny_bert,
+    make_tiny_deberta,
+    make_tiny_decoder,
+    make_tiny_modernbert,
+    make_tiny_roberta,
+)
+
+# One tiny random model per architecture ptserve runs (tests/models.py), by name.
+KINDS = ("bert", "roberta", "llama", "mistral", "qwen2", "qwen3", "deberta-v3", "deberta-v2", "modernbert")
+DECODER_KINDS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def make_kind(kind: str, directory: Path) -> Path:
+    if kind == "bert":
+        return make_tiny_bert(directory)
+    if kind == "roberta":
+        return make_tiny_roberta(directory)
+    if kind in DECODER_KINDS:
+        return make_tiny_decoder(directory, kind)
+    if kind == "deberta-v3":
+        return make_tiny_deberta(directory)
+    if kind == "deberta-v2":
+        return make_tiny_deberta(directory, v2=True)
+    if kind == "modernbert":
+        return make_tiny_modernbert(directory)
+    raise ValueError(kind)
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +52,29 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def backbone(tiny_bert_dir: Path) -> Backbone:
     return load_backbone(tiny_bert_dir)
+
+
+@pytest.fixture(scope="session")
+def kind_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The directory of one tiny model per kind (KINDS), written once per session."""
+    made: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in made:
+            made[kind] = make_kind(kind, tmp_path_factory.mktemp("kinds") / kind)
+        return made[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def kind_backbone(kind_dir: Callable[[str], Path]) -> Callable[[str], Backbone]:
+    """One loaded backbone per kind, shared by the session (frozen: tests never change it)."""
+    loaded: dict[str, Backbone] = {}
+
+    def get(kind: str) -> Backbone:
+        if kind not in loaded:
+            loaded[kind] = load_backbone(kind_dir(kind))
+        return loaded[kind]
+
+    return get

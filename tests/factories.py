@@ -22,7 +22,7 @@ def random_artifact(
     prefix_length: int = 4,
     prompt_length: int = 0,
     seed: int = 0,
-    pooling: Literal["cls", "first", "mean"] = "cls",
+    pooling: Literal["cls", "first", "mean", "last"] = "cls",
     pooler: Literal["none", "backbone"] = "none",
     positions: Literal["after_prefix", "from_zero"] = "after_prefix",
     method: Method | None = None,
@@ -31,10 +31,9 @@ def random_artifact(
     g = torch.Generator().manual_seed(seed)
     prefix = None
     if prefix_length:
-        # [layers, 2, heads, P, head_dim]
-        prefix = (
-            torch.randn(spec.num_layers, 2, spec.num_heads, prefix_length, spec.head_dim, generator=g) * scale
-        )
+        # [layers, 2, kv_heads, P, head_dim]
+        shape = (spec.num_layers, 2, spec.num_kv_heads, prefix_length, spec.head_dim)
+        prefix = torch.randn(shape, generator=g) * scale
     prompt = torch.randn(prompt_length, spec.hidden_size, generator=g) * scale if prompt_length else None
     if method is None:
         method = "p-tuning-v2" if prefix_length else ("prompt-tuning" if prompt_length else "linear-probe")

@@ -44,8 +44,10 @@ def test_spec_of_tiny_bert(backbone: Backbone, tiny_bert_dir: Path) -> None:
     assert spec.as_manifest() == {
         "fingerprint": spec.fingerprint,
         "model_type": "bert",
+        "family": "bert",
         "num_layers": 2,
         "num_heads": 4,
+        "num_kv_heads": 4,
         "head_dim": 8,
         "hidden_size": 32,
     }
@@ -148,14 +150,22 @@ def test_directory_without_config(tmp_path: Path) -> None:
 
 def test_unsupported_model_type(tmp_path: Path) -> None:
     transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
-    _load_error(tmp_path, "model type 'gpt2'", "is not supported", "'bert'", "a BERT-family encoder")
+    _load_error(
+        tmp_path,
+        "model type 'gpt2'",
+        "is not supported",
+        "bert: bert, camembert, roberta, xlm-roberta",
+        "decoder: llama, mistral, qwen2, qwen3",
+        "deberta-v2: deberta-v2",
+        "modernbert: modernbert",
+    )
 
 
 def test_decoder_config_is_refused(tmp_path: Path) -> None:
     BertConfig(
         vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, is_decoder=True
     ).save_pretrained(tmp_path)
-    _load_error(tmp_path, "configured as a decoder", "bidirectional encoder")
+    _load_error(tmp_path, "configured as a decoder", "needs it as an encoder")
 
 
 def test_unreadable_config(tmp_path: Path) -> None:
@@ -351,7 +361,7 @@ def test_encode_matches_the_transformers_tokenizer(kind: str, model_dirs: Path) 
 def test_encode_keeps_split_special_tokens(tiny_bert_dir: Path, backbone: Backbone) -> None:
     """A tokenizer configured to split special-token text: the private copy must do the same."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_bert_dir, split_special_tokens=True)
-    splitting = Backbone(backbone.model, tokenizer, backbone.spec, tiny_bert_dir)
+    splitting = Backbone(backbone.model, tokenizer, backbone.spec, tiny_bert_dir, backbone.family)
     text = "[CLS] a [SEP]"
     [enc] = splitting.encode([text], 1000)
     assert enc.input_ids == tokenizer([text], add_special_tokens=True)["input_ids"][0]

@@ -1,13 +1,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertModel
+from transformers import BertForSequenceClassification
 
-import prompts.forward
 from prompts.artifact import build_artifact
 from prompts.backbone import Backbone, load_backbone
 from prompts.forward import TaskPrompt, prompted_forward
@@ -231,75 +229,3 @@ def test_peft_prompt_tuning_logits_match(tiny_bert_dir: Path, backbone: Backbone
     ids = [e.input_ids for e in backbone.encode(TEXTS, 60)]
     ours = prompted_forward(backbone, ids, [task] * len(ids))
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
-
-
-# --- the direct encoder: layer by layer, the same numbers as model(...) -------------------------
-
-
-@pytest.mark.parametrize("kind", ["bert", "roberta"])
-def test_direct_encoder_matches_the_hf_forward(
-    kind: str, tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """run_prompted's layer-by-layer encoder against HF's model(...) with a DynamicCache, mixed tasks."""
-    path = tiny_bert_dir if kind == "bert" else make_tiny_roberta(tmp_path / "roberta")
-    backbone = load_backbone(path)
-    assert backbone.direct_encoder
-    paths: list[str] = []
-    direct_encode = prompts.forward._encode
-
-    def spy_direct(*args: Any) -> torch.Tensor:
-        paths.append("direct")
-        return direct_encode(*args)
-
-    monkeypatch.setattr(prompts.forward, "_encode", spy_direct)
-    backbone.model.register_forward_pre_hook(lambda *_: paths.append("model"))
-    tasks = [
-        _task(backbone, task="a", num_labels=3, prefix_length=4, seed=1),
-        _task(backbone, task="b", num_labels=5, prefix_length=7, prompt_length=3, pooling="mean", seed=2),
-        _task(backbone, task="c", num_labels=2, prefix_length=0, prompt_length=2, seed=3),
-        _task(backbone, task="d", num_labels=4, prefix_length=2, positions="from_zero", seed=4),
-    ]
-    ids = _encode(backbone, TEXTS)
-    rows = [tasks[i % len(tasks)] for i in range(len(ids))]
-    with torch.inference_mode():
-        direct = prompted_forward(backbone, ids, rows)
-        backbone.direct_encoder = False
-        through_hf = prompted_forward(backbone, ids, rows)
-    assert paths == ["direct", "model"]  # each run took the path it was meant to
-    torch.testing.assert_close(direct, through_hf, rtol=0, atol=1e-5)
-    assert torch.isfinite(direct[0, :3]).all() and not torch.equal(direct[0], direct[4])
-
-
-def test_direct_encoder_gradients_match_the_hf_forward(backbone: Backbone) -> None:
-    """The trainer backpropagates through the same path: prefix gradients agree with HF's."""
-    task = _task(backbone, task="a", num_labels=3, prefix_length=4, prompt_length=2, seed=1)
-    assert task.prefix is not None and task.prompt is not None
-    ids = _encode(backbone, TEXTS[:4])
-    grads = []
-    for direct in (True, False):
-        prefix = task.prefix.clone().requires_grad_(True)
-        prompt = task.prompt.clone().requires_grad_(True)
-        trained = TaskPrompt(prefix, prompt, task.head_weight, task.head_bias)
-        before, backbone.direct_encoder = backbone.direct_encoder, direct
-        try:
-            prompted_forward(backbone, ids, [trained] * len(ids)).logsumexp(-1).sum().backward()
-        finally:
-            backbone.direct_encoder = before
-        assert prefix.grad is not None and prompt.grad is not None
-        grads.append((prefix.grad, prompt.grad))
-    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=1e-5)
-    assert grads[0][0].abs().sum() > 0
-
-
-def test_direct_layout_is_refused_where_it_does_not_apply(tiny_bert_dir: Path) -> None:
-    from prompts.backbone import has_direct_layout
-
-    assert not has_direct_layout(torch.nn.Linear(2, 2))
-    config = BertConfig.from_pretrained(tiny_bert_dir)
-    assert has_direct_layout(BertModel(config))
-    config.is_decoder = True
-    assert not has_direct_layout(BertModel(config))
-    config.is_decoder = False
-    config.position_embedding_type = "relative_key"
-    assert not has_direct_layout(BertModel(config))

@@ -1,21 +1,25 @@
 """The CUDA-graph encoder's padding: a forward padded to its bucket gives the real rows what the
-unpadded direct encoder gives them. On the CPU the padded forward runs eagerly (``capture=False``);
-where CUDA is present the captured graphs are checked against the eager encoder too.
+unpadded loop gives them, in every family. On the CPU the padded forward runs eagerly
+(``capture=False``); where CUDA is present the captured graphs are checked against the eager loop too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from prompts.backbone import Backbone, load_backbone
-from prompts.forward import TaskPrompt, _encode, batch_from_tasks, run_prompted
+from prompts.backbones import Layout
+from prompts.forward import TaskPrompt, batch_from_tasks, run_prompted
 from prompts.graphs import MAX_BUCKET_TOKENS, Bucket, GraphedEncoder, bucket_for
+from tests.conftest import KINDS
 from tests.factories import random_artifact
 
 TEXTS = ["this phone is great", "a", "what time is the game tonight in the city", "free offer call now"]
+Inputs = tuple[torch.Tensor, torch.Tensor, Layout, torch.Tensor | None]
 
 
 def test_buckets_round_rows_to_powers_of_two_and_lengths_to_steps() -> None:
@@ -27,33 +31,42 @@ def test_buckets_round_rows_to_powers_of_two_and_lengths_to_steps() -> None:
     assert bucket_for(64, 64, 72, max_rows=64) is None  # the prefix counts towards them, and is capped
 
 
-def _inputs(backbone: Backbone, rows: int, seq: int, prefix: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """Random encoder inputs whose rows end at different lengths, as run_prompted builds them."""
+def _inputs(backbone: Backbone, rows: int, seq: int, prefix: int, seed: int, device: str = "cpu") -> Inputs:
+    """Random loop inputs whose rows end at different lengths, as run_prompted builds them."""
     gen = torch.Generator().manual_seed(seed)
     spec = backbone.spec
     embeds = torch.randn((rows, seq, spec.hidden_size), generator=gen)  # [B, S, hidden]
-    positions = torch.arange(seq).unsqueeze(0).expand(rows, seq) + prefix  # [B, S]
-    token_types = torch.zeros((rows, seq), dtype=torch.long)
-    lengths = torch.randint(1, seq + 1, (rows,), generator=gen)
     plens = torch.randint(0, prefix + 1, (rows,), generator=gen)
-    keys = torch.arange(prefix + seq).unsqueeze(0)  # [1, P + S]
-    keep = (keys < plens.unsqueeze(1)) | ((keys >= prefix) & (keys < prefix + lengths.unsqueeze(1)))
-    mask = torch.zeros((rows, prefix + seq)).masked_fill(~keep, torch.finfo(torch.float32).min)[:, None, None]
-    shape = (rows, spec.num_layers, 2, spec.num_heads, prefix, spec.head_dim)
-    prefix_kv = torch.randn(shape, generator=gen) if prefix else None  # [B, layers, 2, heads, P, head_dim]
-    return embeds, positions, token_types, mask, prefix_kv, lengths
+    lengths = torch.randint(1, seq + 1, (rows,), generator=gen)
+    positions = backbone.family.positions(plens, seq)  # [B, S]
+    shape = (rows, spec.num_layers, 2, spec.num_kv_heads, prefix, spec.head_dim)
+    prefix_kv = torch.randn(shape, generator=gen) if prefix else None  # [B, layers, 2, kv_heads, P, head_dim]
+    layout = Layout(prefix=prefix, seq=seq, prefix_len=plens.to(device), seq_len=lengths.to(device))
+    moved = None if prefix_kv is None else prefix_kv.to(device)
+    return embeds.to(device), positions.to(device), layout, moved
 
 
+def _eager(backbone: Backbone, inputs: Inputs) -> torch.Tensor:
+    embeds, positions, layout, prefix = inputs
+    family = backbone.family
+    return family.layers(embeds, positions, family.masks(layout, embeds.dtype), prefix)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @torch.inference_mode()
-def test_padded_forward_gives_real_rows_their_unpadded_states(backbone: Backbone) -> None:
-    encoder = GraphedEncoder(backbone.model, max_rows=8, capture=False)
+def test_padded_forward_gives_real_rows_their_unpadded_states(
+    kind: str, kind_backbone: Callable[[str], Backbone]
+) -> None:
+    backbone = kind_backbone(kind)
+    encoder = GraphedEncoder(backbone.family, max_rows=8, capture=False)
     # The second shape shares the first one's bucket (4 rows, 32 tokens, prefix 16), so it also
     # proves that what an earlier, larger forward left in the buffers does not leak.
     for seed, (rows, seq, prefix) in enumerate([(4, 30, 12), (3, 17, 9), (2, 20, 16), (5, 7, 0), (1, 3, 5)]):
-        embeds, positions, token_types, mask, prefix_kv, lengths = _inputs(backbone, rows, seq, prefix, seed)
-        want = _encode(backbone.model, embeds, positions, token_types, mask, prefix_kv)
-        got = encoder(backbone.model, embeds, positions, token_types, mask, prefix_kv)
+        inputs = _inputs(backbone, rows, seq, prefix, seed)
+        want = _eager(backbone, inputs)
+        got = encoder(*inputs)
         assert got.shape == want.shape
+        lengths = inputs[2].seq_len
         for b in range(rows):  # positions past a row's length are padding either way
             torch.testing.assert_close(got[b, : lengths[b]], want[b, : lengths[b]], rtol=0, atol=1e-5)
     assert encoder.replays == 5 and encoder.eager == 0
@@ -61,15 +74,25 @@ def test_padded_forward_gives_real_rows_their_unpadded_states(backbone: Backbone
 
 @torch.inference_mode()
 def test_oversize_forward_runs_eagerly(backbone: Backbone) -> None:
-    encoder = GraphedEncoder(backbone.model, max_rows=2, capture=False)
-    embeds, positions, token_types, mask, prefix_kv, _ = _inputs(backbone, 3, 8, 4, seed=0)
-    got = encoder(backbone.model, embeds, positions, token_types, mask, prefix_kv)
-    assert torch.equal(got, _encode(backbone.model, embeds, positions, token_types, mask, prefix_kv))
+    encoder = GraphedEncoder(backbone.family, max_rows=2, capture=False)
+    inputs = _inputs(backbone, 3, 8, 4, seed=0)
+    assert torch.equal(encoder(*inputs), _eager(backbone, inputs))
     assert encoder.eager == 1 and encoder.replays == 0
 
 
 @torch.inference_mode()
-def test_mixed_tasks_through_the_padded_encoder(backbone: Backbone) -> None:
+def test_static_buffers_stay_within_their_budget(backbone: Backbone) -> None:
+    encoder = GraphedEncoder(backbone.family, max_rows=8, capture=False, max_bytes=1)
+    inputs = _inputs(backbone, 2, 8, 4, seed=0)
+    assert torch.equal(encoder(*inputs), _eager(backbone, inputs))
+    assert encoder.eager == 1 and encoder.replays == 0
+
+
+@pytest.mark.parametrize("kind", ["bert", "qwen3", "deberta-v3", "modernbert"])
+@torch.inference_mode()
+def test_mixed_tasks_through_the_padded_encoder(kind: str, kind_backbone: Callable[[str], Backbone]) -> None:
+    backbone = kind_backbone(kind)
+
     def task(**kwargs: object) -> TaskPrompt:
         artifact = random_artifact(backbone.spec, **kwargs)  # type: ignore[arg-type]
         return TaskPrompt.from_artifact(artifact, backbone.device, backbone.dtype)
@@ -77,27 +100,27 @@ def test_mixed_tasks_through_the_padded_encoder(backbone: Backbone) -> None:
     tasks = [
         task(task="a", num_labels=3, prefix_length=4, seed=1),
         task(task="b", num_labels=5, prefix_length=7, prompt_length=3, pooling="mean", seed=2),
-        task(task="c", num_labels=2, prefix_length=0, prompt_length=2, seed=3),
+        task(task="c", num_labels=2, prefix_length=0, prompt_length=2, pooling="last", seed=3),
     ]
     ids = [e.input_ids for e in backbone.encode(TEXTS, 40)]
     batch = batch_from_tasks([tasks[i % 3] for i in range(len(ids))], backbone.device)
-    encoder = GraphedEncoder(backbone.model, max_rows=8, capture=False)
+    encoder = GraphedEncoder(backbone.family, max_rows=8, capture=False)
     padded = run_prompted(backbone, ids, batch, encoder)
     torch.testing.assert_close(padded, run_prompted(backbone, ids, batch), rtol=0, atol=1e-5)
     assert encoder.replays == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("kind", ["bert", "qwen3", "deberta-v3", "modernbert"])
 @torch.inference_mode()
-def test_captured_graphs_match_the_eager_encoder(tiny_bert_dir: Path) -> None:
-    backbone = load_backbone(tiny_bert_dir, device="cuda", dtype="float32")
-    encoder = GraphedEncoder(backbone.model, max_rows=8, capture=True)
+def test_captured_graphs_match_the_eager_encoder(kind: str, kind_dir: Callable[[str], Path]) -> None:
+    backbone = load_backbone(kind_dir(kind), device="cuda", dtype="float32")
+    encoder = GraphedEncoder(backbone.family, max_rows=8, capture=True)
     for seed, (rows, seq, prefix) in enumerate([(4, 30, 12), (3, 17, 9), (8, 5, 0)]):
-        cpu_inputs = _inputs(backbone, rows, seq, prefix, seed)
-        inputs = [None if t is None else t.cuda() for t in cpu_inputs[:5]]
-        lengths = cpu_inputs[5]
-        want = _encode(backbone.model, *inputs)
-        got = encoder(backbone.model, *inputs)
+        inputs = _inputs(backbone, rows, seq, prefix, seed, device="cuda")
+        want = _eager(backbone, inputs)
+        got = encoder(*inputs)
+        lengths = inputs[2].seq_len
         for b in range(rows):
             torch.testing.assert_close(got[b, : lengths[b]], want[b, : lengths[b]], rtol=0, atol=1e-4)
     assert encoder.graphs == 2  # two buckets: (4, 32, 16) twice, then (8, 16, 0)

@@ -1,0 +1,186 @@
+"""DeBERTa-v2 and DeBERTa-v3 (``model_type`` "deberta-v2").
+
+Disentangled attention scores a query against a key by content (content-to-content) and by their
+relative position (content-to-position, position-to-content). A prefix has content but no position,
+so ptserve follows the rules of the P-tuning v2 authors' DeBERTa code:
+
+- prefix keys take part in the content-to-content scores only; the position-bias columns of the
+  prefix slots are zero;
+- relative positions are computed among the sequence tokens only (input prompt and text), exactly as
+  without a prefix;
+- absolute position embeddings (DeBERTa-v2 checkpoints with ``position_biased_input``; v3 has none)
+  number the text after the prefix unless the manifest says ``from_zero``.
+
+The loop calls the model's own projections, embeddings, relative embeddings and output blocks; the
+attention scores are assembled as Hugging Face's ``DisentangledSelfAttention`` assembles them, with the
+position bias passed to SDPA as part of its additive mask.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from prompts.backbones.base import BackboneFamily, Collected, Layout, Shape, attend, key_mask
+from prompts.errors import BackboneError
+
+
+class DebertaFamily(BackboneFamily):
+    name: ClassVar[str] = "deberta-v2"
+    model_types: ClassVar[frozenset[str]] = frozenset({"deberta-v2"})
+    # DebertaV2Model has no SDPA attention of its own; the loop below calls SDPA.
+    attn_implementation: ClassVar[str] = "eager"
+
+    def __init__(self, model: Any) -> None:
+        super().__init__(model)
+        encoder = model.encoder
+        self.relative = bool(getattr(encoder, "relative_attention", False))
+        self.buckets = int(getattr(encoder, "position_buckets", -1)) if self.relative else -1
+        self.max_relative = int(getattr(encoder, "max_relative_positions", -1)) if self.relative else -1
+        types = getattr(self.config, "pos_att_type", None) or []
+        self.c2p, self.p2c = "c2p" in types, "p2c" in types
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        types = set(getattr(config, "pos_att_type", None) or [])
+        if types - {"c2p", "p2c"}:
+            raise BackboneError(f"pos_att_type {sorted(types)} is not supported (only 'c2p' and 'p2c')")
+
+    @classmethod
+    def read_shape(cls, config: Any) -> Shape:
+        heads = int(config.num_attention_heads)
+        head_dim = int(getattr(config, "attention_head_size", None) or int(config.hidden_size) // heads)
+        return Shape(
+            num_layers=int(config.num_hidden_layers),
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=head_dim,
+            hidden_size=int(config.hidden_size),
+            max_positions=int(config.max_position_embeddings),
+            position_base=0,
+        )
+
+    @classmethod
+    def conventions(cls) -> dict[str, str]:
+        return {
+            "attention": "bidirectional",
+            "prefix_keys": "as_stored",
+            "position_encoding": "relative_among_sequence",
+            "prefix_scores": "content_to_content",  # zero position bias for prefix slots
+        }
+
+    def masks(self, layout: Layout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        masks = {
+            "keys": key_mask(layout, dtype),  # [B, 1, 1, P + S]
+            "valid": layout.valid_queries().to(dtype),  # [B, S]: the embeddings zero padded tokens
+        }
+        if self.relative:
+            masks["relative"] = relative_positions(
+                layout.seq, self.buckets, self.max_relative, layout
+            )  # [S, S]
+        return masks
+
+    def layers(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        masks: dict[str, torch.Tensor],
+        prefix: torch.Tensor | None,
+        collect: Collected | None = None,
+    ) -> torch.Tensor:
+        model = self.model
+        encoder = model.encoder
+        rows, seq, _ = embeds.shape
+        valid = masks["valid"]  # [B, S]
+        token_types = torch.zeros_like(positions)  # [B, S]
+        embedded: torch.Tensor = model.embeddings(
+            inputs_embeds=embeds, token_type_ids=token_types, position_ids=positions, mask=valid
+        )  # [B, S, hidden]
+        rel_embeddings = encoder.get_rel_embedding() if self.relative else None  # [2 * span, hidden]
+        hidden = embedded
+        for index, layer in enumerate(encoder.layer):
+            attention = layer.attention.self
+            heads, head_dim = attention.num_attention_heads, attention.attention_head_size
+
+            def split(x: torch.Tensor, heads: int = heads, head_dim: int = head_dim) -> torch.Tensor:
+                return x.view(x.shape[0], -1, heads, head_dim).transpose(1, 2)  # [b, heads, n, head_dim]
+
+            query = split(attention.query_proj(hidden))  # [B, heads, S, head_dim]
+            key = split(attention.key_proj(hidden))
+            value = split(attention.value_proj(hidden))
+            factor = 1 + int(self.c2p) + int(self.p2c)
+            scale = math.sqrt(head_dim * factor)
+            mask = masks["keys"]
+            if rel_embeddings is not None:
+                bias = self._position_bias(attention, query, key, masks["relative"], rel_embeddings, scale)
+                prefix_cols = 0 if prefix is None else prefix.shape[4]
+                zeros = bias.new_zeros(rows, heads, seq, prefix_cols)
+                mask = mask + torch.cat([zeros, bias], dim=3)  # [B, heads, S, P + S]
+            if collect is not None:
+                collect.append((key, value))
+            layer_prefix = None if prefix is None else prefix[:, index]  # [B, 2, heads, P, head_dim]
+            context = attend(query, key, value, layer_prefix, mask, 1.0 / scale)
+            context = context.transpose(1, 2).reshape(rows, seq, heads * head_dim)  # [B, S, hidden]
+            out = layer.attention.output(context, hidden)
+            out = layer.output(layer.intermediate(out), out)
+            if index == 0 and encoder.conv is not None:
+                out = encoder.conv(embedded, out, valid)
+            hidden = out
+        return hidden
+
+    def _position_bias(
+        self,
+        attention: Any,
+        query: torch.Tensor,  # [B, heads, S, head_dim]
+        key: torch.Tensor,  # [B, heads, S, head_dim]
+        relative: torch.Tensor,  # [S, S] long: bucketed query - key
+        rel_embeddings: torch.Tensor,  # [2 * span, hidden]
+        scale: float,
+    ) -> torch.Tensor:
+        """Content-to-position plus position-to-content scores among sequence tokens [B, heads, S, S],
+        already divided by ``scale`` (Hugging Face's ``disentangled_attention_bias``)."""
+        span = int(attention.pos_ebd_size)
+        rel = rel_embeddings[: span * 2].unsqueeze(0)  # [1, 2 * span, hidden]
+        heads, head_dim = attention.num_attention_heads, attention.attention_head_size
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(1, -1, heads, head_dim).transpose(1, 2)  # [1, heads, 2 * span, head_dim]
+
+        rows, _, seq, _ = query.shape
+        bias = query.new_zeros(rows, heads, seq, seq)
+        if self.c2p:
+            pos_key = split(
+                attention.key_proj(rel) if attention.share_att_key else attention.pos_key_proj(rel)
+            )
+            c2p = torch.matmul(query, pos_key.transpose(-1, -2))  # [B, heads, S, 2 * span]
+            index = torch.clamp(relative + span, 0, span * 2 - 1).expand(rows, heads, seq, seq)
+            bias = bias + torch.gather(c2p, -1, index) / scale
+        if self.p2c:
+            pos_query = split(
+                attention.query_proj(rel) if attention.share_att_key else attention.pos_query_proj(rel)
+            )
+            p2c = torch.matmul(key, pos_query.transpose(-1, -2))  # [B, heads, S (key), 2 * span]
+            index = torch.clamp(-relative + span, 0, span * 2 - 1).expand(rows, heads, seq, seq)
+            bias = bias + torch.gather(p2c, -1, index).transpose(-1, -2) / scale
+        return bias
+
+
+def relative_positions(seq: int, buckets: int, max_position: int, layout: Layout) -> torch.Tensor:
+    """Query position minus key position among ``seq`` tokens [S, S], log-bucketed as DeBERTa does
+    when ``buckets`` > 0 (exact within half the buckets, logarithmic beyond)."""
+    device = layout.seq_len.device
+    ids = torch.arange(seq, device=device)
+    relative = ids.unsqueeze(1) - ids.unsqueeze(0)  # [S, S]
+    if buckets <= 0 or max_position <= 0:
+        return relative
+    # float32 throughout, as Hugging Face computes it: bucket boundaries then agree to the last bit.
+    sign = torch.sign(relative)
+    mid = buckets // 2
+    near = (relative < mid) & (relative > -mid)
+    magnitude = torch.where(near, torch.full_like(relative, mid - 1), relative.abs())
+    top = torch.log(torch.tensor((max_position - 1) / mid, dtype=torch.float32, device=device))
+    log_pos = torch.ceil(torch.log(magnitude / mid) / top * (mid - 1)) + mid
+    bucketed = torch.where(magnitude <= mid, relative.to(log_pos.dtype), log_pos * sign)
+    return bucketed.long()
