@@ -55,7 +55,7 @@ LABELS = {
     "probe": "linear probe (mean)",
     "prompt": "prompt tuning",
     "ptuning": "P-tuning",
-    "prefix": "P-tuning v2, [CLS] head",
+    "prefix": "P-tuning v2, [CLS] head (decoders: last token)",
     "prefix-mean": "P-tuning v2, mean head (default on MiniLM)",
     "finetune": "full fine-tuning",
 }
@@ -63,6 +63,16 @@ LABELS = {
 # the text [CLS]; "prefix-mean" the mean of the text tokens, the pooling all-MiniLM-L6-v2 was trained
 # for and what `ptserve train` picks by default on a backbone declaring it (prompts.trainer.for_backbone).
 HEADS: dict[str, HeadStyle] = {"prefix": "cls", "prefix-mean": "mean"}
+
+
+def _head(method: str, backbone: Backbone) -> HeadStyle | None:
+    """The method's head on ``backbone``: a decoder's first token has seen nothing of the text, so its
+    "prefix" row pools the last token instead of [CLS] (the family's default, as for every method)."""
+    if backbone.spec.family == "decoder" and method == "prefix":
+        return None
+    return HEADS.get(method)
+
+
 DEFAULT_METHODS = "probe,prompt,ptuning,prefix,prefix-mean,finetune"
 
 
@@ -86,7 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--finetune-epochs", type=int, default=10, help="early stopping on dev (patience 2)")
     p.add_argument("--finetune-lr", type=float, default=5e-5)
-    p.add_argument("--model", help="Hugging Face encoder directory (default: packaged MiniLM)")
+    p.add_argument(
+        "--model",
+        help="local Hugging Face model directory of any supported family (default: packaged MiniLM); "
+        "its name and family are recorded with every result",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
@@ -126,7 +140,8 @@ def load(args: argparse.Namespace, name: str) -> TaskData:
 
 
 class FineTuned(nn.Module):
-    """The whole encoder, trainable (dropout on), with a linear head on [CLS]."""
+    """The whole backbone, trainable (dropout on), with a linear head on [CLS] (decoders: on the last
+    real token, as their sequence classifiers pool)."""
 
     def __init__(self, backbone: Backbone, num_labels: int) -> None:
         super().__init__()
@@ -134,10 +149,13 @@ class FineTuned(nn.Module):
         self.encoder.requires_grad_(True)
         self.dropout = nn.Dropout(0.1)
         self.head = nn.Linear(backbone.spec.hidden_size, num_labels)
+        self.last_token = backbone.spec.family == "decoder"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        logits: torch.Tensor = self.head(self.dropout(hidden[:, 0]))  # [B, C] from [CLS]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        at = attention_mask.sum(1) - 1 if self.last_token else torch.zeros_like(rows)  # [B]
+        logits: torch.Tensor = self.head(self.dropout(hidden[rows, at]))  # [B, C]
         return logits
 
 
@@ -246,7 +264,7 @@ def run_one(
             batch_size=args.batch_size,
             max_length=args.max_length,
             max_seconds=args.max_seconds,
-            head=HEADS.get(method),
+            head=_head(method, backbone),
         )
         result = train_task(backbone, f"bench-{method}", data, config)
         assert result.test is not None
@@ -574,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         backbone = load_backbone(args.model, device=args.device, dtype="float32")
         meta |= {
             "backbone": backbone.spec.fingerprint,
+            "backbone_family": backbone.spec.family,
             "device": str(backbone.device)
             + (f" ({torch.cuda.get_device_name()})" if backbone.device.type == "cuda" else ""),
             "threads": torch.get_num_threads(),

@@ -76,6 +76,6 @@ class StoreFullError(StoreError):
 
 
 class BackboneError(PtserveError):
-    """The backbone directory cannot be loaded as a BERT-family encoder."""
+    """The backbone directory cannot be loaded as a backbone of a supported family."""
 
     code = "backbone_error"

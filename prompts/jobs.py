@@ -151,10 +151,11 @@ class Hyperparameters(BaseModel):
     reparam: bool = Field(default=False, description="prefix: MLP reparameterisation while training")
     class_balanced: bool = Field(default=False, description="weight the loss by inverse label frequency")
     max_seconds: float | None = Field(default=None, gt=0, description="stop training after this long")
-    head: Literal["cls", "mean", "peft"] | None = Field(
+    head: Literal["cls", "mean", "last", "peft"] | None = Field(
         default=None,
-        description="what the linear head reads (default: mean for the probe; for prefix the pooling the "
-        "backbone declares, else cls; cls for the other methods); peft makes the task exportable to PEFT",
+        description="what the linear head reads (default: decoders the last token; encoders mean for the "
+        "probe, for prefix the pooling the backbone declares, else cls); peft makes the task exportable "
+        "to PEFT",
     )
 
 

@@ -39,7 +39,7 @@ DEMO_MAX_SECONDS = 150.0
 SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--host", "host", str, "address to bind (PTSERVE_HOST)"),
     ("--port", "port", int, "port to bind (PTSERVE_PORT)"),
-    ("--model", "model", str, "Hugging Face encoder directory (PTSERVE_MODEL); default: packaged MiniLM"),
+    ("--model", "model", str, "local Hugging Face model directory (PTSERVE_MODEL); default: packaged MiniLM"),
     ("--store", "store", str, "prompt store directory or redis:// URL (PTSERVE_STORE)"),
     ("--device", "device", str, "auto, cpu, cuda or cuda:N (PTSERVE_DEVICE)"),
     ("--dtype", "dtype", str, "float32, float16 or bfloat16 (PTSERVE_DTYPE)"),
@@ -167,11 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--head",
-        choices=["cls", "peft", "mean"],
-        help="cls: text [CLS] into the head; peft: BertForSequenceClassification's head (exportable to "
-        "PEFT); mean: mean of the text tokens. Default: mean for the probe; for p-tuning-v2 the pooling "
-        "the backbone was trained with if its directory declares one (mean for the packaged MiniLM), "
-        "else cls; cls for the other methods",
+        choices=["cls", "peft", "mean", "last"],
+        help="cls: the text's first token into the head; mean: mean of the text tokens; last: the text's "
+        "last token; peft: the head of PEFT's sequence classifier, so the task exports to PEFT (BERT "
+        "layout: position 0 through the pooler; decoders: the last token, no bias). Default: decoders "
+        "last; encoders: mean for the probe, for p-tuning-v2 the pooling the backbone declares (mean for "
+        "the packaged MiniLM, ModernBERT its classifier_pooling), else cls",
     )
     train.add_argument("--dev-fraction", type=float, default=0.1, help="dev split of a single data file")
     train.add_argument("--max-seconds", type=_positive_float, help="stop training after this many seconds")
@@ -218,7 +219,7 @@ def _add_destination(parser: argparse.ArgumentParser, *, upload: bool) -> None:
 
 def _add_backbone_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", help="Hugging Face encoder directory (default: PTSERVE_MODEL or packaged MiniLM)"
+        "--model", help="local Hugging Face model directory (default: PTSERVE_MODEL or packaged MiniLM)"
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 

@@ -21,8 +21,9 @@ class Settings(BaseSettings):
     # Backbone
     model: Path | None = Field(
         default=None,
-        description="local Hugging Face BERT-family encoder directory (BERT, RoBERTa, XLM-R, CamemBERT); "
-        "default: the packaged all-MiniLM-L6-v2",
+        description="local Hugging Face model directory of a supported family: BERT layout (BERT, RoBERTa, "
+        "XLM-R, CamemBERT), decoders (Llama, Mistral, Qwen2, Qwen3), DeBERTa-v2/v3, ModernBERT; default: "
+        "the packaged all-MiniLM-L6-v2",
     )
     device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
@@ -61,7 +62,7 @@ class Settings(BaseSettings):
     )
     cuda_graphs: bool = Field(
         default=True,
-        description="on a GPU, replay the encoder as CUDA graphs (one per padded batch shape, captured "
+        description="on a GPU, replay the backbone's layers as CUDA graphs (one per padded batch shape, captured "
         "on first use): the eager forward is bound by the host launching kernels",
     )
     pipeline_depth: int | None = Field(
@@ -69,7 +70,7 @@ class Settings(BaseSettings):
         ge=1,
         le=4,
         description="batches in flight at once; a second one starts only when full, so its host work "
-        "overlaps the running forward. Default: 2 where the encoder replays CUDA graphs (H100: x1.03-1.14 "
+        "overlaps the running forward. Default: 2 where the layers replay as CUDA graphs (H100: x1.03-1.14 "
         "engine rows/s), else 1 (eager GPU forward: no gain; 2-core CPU, MiniLM: x1.01-1.05, within noise)",
     )
 

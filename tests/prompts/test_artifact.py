@@ -540,3 +540,57 @@ def test_from_zero_prefix_uses_no_positions(backbone: Backbone) -> None:
     # Even a prefix longer than the position table is fine when it consumes no positions.
     long_prefix = random_artifact(backbone.spec, prefix_length=100, prompt_length=0, positions="from_zero")
     check_compatible(long_prefix, backbone.spec)
+
+
+# --- families: what artifacts made before them, and artifacts of other families, get -------------
+
+
+def _hash_before_families(manifest: ManifestDict, tensors: Tensors) -> str:
+    """``content_version`` as the first release computed it (no family, key/value heads, conventions)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    payload = {k: v for k, v in manifest.items() if k not in ("version", "created_at")}
+    h.update(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous()
+        h.update(f"|{name}|F32|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_artifacts_from_before_families_keep_their_version_and_are_served(
+    backbone: Backbone, base: PromptArtifact
+) -> None:
+    manifest, tensors = _parts(base)
+    del manifest["conventions"]
+    del manifest["backbone"]["family"], manifest["backbone"]["num_kv_heads"]
+    manifest["version"] = _hash_before_families(manifest, tensors)
+    old = parse_artifact(_forge(manifest, tensors, rehash=False))
+    assert old.version == manifest["version"]
+    assert old.manifest.backbone.family is None and old.manifest.conventions is None
+    assert old.manifest.backbone.family_name == "bert"
+    check_compatible(old, backbone.spec)  # BERT layout, every head a prefix head: what they all were
+
+
+def test_edited_conventions_are_refused_by_name(backbone: Backbone, base: PromptArtifact) -> None:
+    manifest, tensors = _parts(base)
+    manifest["conventions"]["position_encoding"] = "rotary"
+    artifact = parse_artifact(_forge(manifest, tensors))
+    _incompatible(
+        artifact,
+        backbone.spec,
+        "trained with the position_encoding convention 'rotary'",
+        "applies 'absolute'",
+    )
+
+
+def test_prefix_heads_are_the_backbones_key_value_heads(backbone: Backbone, base: PromptArtifact) -> None:
+    manifest, tensors = _parts(base)
+    manifest["backbone"]["num_kv_heads"] = 2  # as if grouped-query attention: [L, 2, 2, P, D] expected
+    _expect(
+        ArtifactError,
+        _forge(manifest, tensors),
+        "tensor 'prefix' has shape [2, 2, 4, 4, 8]",
+        "[2, 2, 2, 4, 8]",
+    )

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 from prompts.backbone import Backbone
 from prompts.forward import TaskPrompt, prompted_forward
 from prompts.peft_io import PeftError, export_peft_adapter, import_peft_adapter
+from tests.conftest import DECODER_KINDS
 from tests.factories import random_artifact
 from tests.peft_support import (
     installed_set_is_locked,
@@ -286,3 +287,103 @@ def test_import_errors_say_what_is_wrong(backbone: Backbone, tmp_path: Path) -> 
     with pytest.raises(PeftError, match="two-layer head"):
         import_peft_adapter(roberta, task="t", spec=s)
     assert set(load_file(roberta / "adapter_model.safetensors")) == set(roberta_head)
+
+
+# --- decoders: Llama, Mistral, Qwen2, Qwen3 ------------------------------------------------------------
+
+DECODER_CONFIGS = {
+    "prefix": lambda: peft.PrefixTuningConfig(task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=4),
+    "prompt": lambda: peft.PromptTuningConfig(task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=3),
+}
+
+
+def _decoder_classifier(kind_dir: Callable[[str], Path], kind: str, backbone: Backbone) -> Any:
+    """The ``*ForSequenceClassification`` of the tiny decoder; its pad id is the one ptserve pads with."""
+    return AutoModelForSequenceClassification.from_pretrained(
+        kind_dir(kind), num_labels=3, pad_token_id=backbone.pad_token_id
+    ).eval()
+
+
+def _decoder_peft(kind_dir: Callable[[str], Path], kind: str, backbone: Backbone, config: Any) -> Any:
+    torch.manual_seed(3)
+    model = peft.get_peft_model(_decoder_classifier(kind_dir, kind, backbone), config)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:  # the prompt table and the score layer: move them off their init
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def _per_row(model: Any, backbone: Backbone) -> torch.Tensor:
+    """Logits row by row: PEFT's prompt tuning pools the last position, a pad in a right-padded batch."""
+    rows = []
+    for ids in _decoder_ids(backbone):
+        with torch.no_grad():
+            out = model(
+                input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)
+            )
+        rows.append(out.logits[0])
+    return torch.stack(rows)
+
+
+def _decoder_ids(backbone: Backbone) -> list[list[int]]:
+    return [e.input_ids for e in backbone.encode(TEXTS, 50)]
+
+
+@pytest.mark.parametrize("method", list(DECODER_CONFIGS))
+@pytest.mark.parametrize("kind", DECODER_KINDS)
+def test_decoder_adapters_import_with_peft_logits_and_export_back(
+    kind: str,
+    method: str,
+    kind_dir: Callable[[str], Path],
+    kind_backbone: Callable[[str], Backbone],
+    tmp_path: Path,
+) -> None:
+    backbone = kind_backbone(kind)
+    model = _decoder_peft(kind_dir, kind, backbone, DECODER_CONFIGS[method]())
+    model.save_pretrained(tmp_path / "adapter")
+    artifact = import_peft_adapter(tmp_path / "adapter", task="imported", spec=backbone.spec)
+    m = artifact.manifest
+    assert (m.head.pooling, m.head.pooler, m.backbone.family) == ("last", "none", "decoder")
+    assert not artifact.tensors["head.bias"].any()  # score has no bias
+    task = TaskPrompt.from_artifact(artifact, backbone.device, backbone.dtype)
+    with torch.no_grad():
+        ours = prompted_forward(backbone, _decoder_ids(backbone), [task] * len(TEXTS))
+    if method == "prefix":
+        # PEFT's own forward where it runs; the same files through HF's forward on any release.
+        s = backbone.spec
+        table = load_file(tmp_path / "adapter" / "adapter_model.safetensors")["prompt_embeddings"]
+        prefix = table_to_prefix(table, s.num_layers, s.num_kv_heads, s.head_dim)
+        classifier = _decoder_classifier(kind_dir, kind, backbone)
+        with torch.no_grad():
+            classifier.score.weight.copy_(artifact.tensors["head.weight"])
+        for b, ids in enumerate(_decoder_ids(backbone)):
+            row = torch.tensor([ids])
+            ref = prefix_reference_logits(classifier, row, torch.ones_like(row), prefix)
+            torch.testing.assert_close(ours[b], ref[0], rtol=0, atol=1e-5)
+    if method == "prompt" or peft_prefix_refusal() is None:
+        torch.testing.assert_close(ours, _per_row(model, backbone), rtol=0, atol=1e-5)
+
+    # ... and out again: the exported adapter loads in PEFT and gives the same logits.
+    out = export_peft_adapter(artifact, tmp_path / "exported")
+    config = json.loads((out / "adapter_config.json").read_text())
+    s = backbone.spec
+    heads = s.num_kv_heads if method == "prefix" else s.num_heads
+    assert (config["num_attention_heads"], config["num_layers"]) == (heads, s.num_layers)
+    back = import_peft_adapter(out, task="imported", spec=s)
+    assert all(torch.equal(back.tensors[n], t) for n, t in artifact.tensors.items())
+    if method == "prompt" or peft_prefix_refusal() is None:
+        reloaded = peft.PeftModel.from_pretrained(_decoder_classifier(kind_dir, kind, backbone), out).eval()
+        torch.testing.assert_close(_per_row(reloaded, backbone), ours, rtol=0, atol=1e-5)
+
+
+def test_decoder_export_needs_the_score_head(
+    kind_backbone: Callable[[str], Backbone], tmp_path: Path
+) -> None:
+    spec = kind_backbone("qwen3").spec
+    with pytest.raises(PeftError, match="bias-free score layer"):
+        export_peft_adapter(random_artifact(spec, prefix_length=2, pooling="last"), tmp_path / "a")
+    with pytest.raises(PeftError, match="deberta-v2 family"):
+        export_peft_adapter(
+            random_artifact(kind_backbone("deberta-v3").spec, prefix_length=2), tmp_path / "b"
+        )
