@@ -11,12 +11,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
 from prompts.artifact import check_compatible
-from prompts.backbone import Backbone
+from prompts.backbone import Backbone, load_backbone
 from prompts.backbones import FAMILIES, SUPPORTED_MODEL_TYPES
 from prompts.errors import IncompatibleArtifactError
 from prompts.forward import TaskPrompt, prompted_forward
@@ -168,3 +169,39 @@ def test_artifacts_name_their_family_and_another_family_refuses_them(
     field = "family" if theirs.family != mine.family else "model_type"
     assert f"built for a backbone with {field}={getattr(theirs, field)}" in str(info.value)
     assert f"({field}={getattr(mine, field)})" in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "mistral", "deberta-v3", "modernbert"])
+@torch.inference_mode()
+def test_bfloat16_serving_stays_close_to_float32(
+    kind: str, kind_dir: Callable[[str], Path], kind_backbone: Callable[[str], Backbone]
+) -> None:
+    full = kind_backbone(kind)
+    half = load_backbone(kind_dir(kind), dtype="bfloat16")
+    assert half.spec.fingerprint == full.spec.fingerprint  # artifacts trained in fp32 serve in bf16
+    artifact = random_artifact(full.spec, prefix_length=4, prompt_length=2, pooling="mean", scale=0.5, seed=2)
+    ids = _ids(full)
+    probs = []
+    for backbone in (full, half):
+        task = TaskPrompt.from_artifact(artifact, backbone.device, backbone.dtype)
+        probs.append(torch.softmax(prompted_forward(backbone, ids, [task] * len(ids)).float(), -1))
+    assert torch.isfinite(probs[1]).all()
+    torch.testing.assert_close(probs[1], probs[0], rtol=0, atol=0.05)
+
+
+def test_configs_a_family_cannot_run_exactly_are_refused(tmp_path: Path) -> None:
+    from transformers import BertConfig, LlamaConfig
+
+    from prompts.errors import BackboneError
+
+    small = {"vocab_size": 16, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}
+    LlamaConfig(
+        **small, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
+    ).save_pretrained(tmp_path / "dynamic")
+    BertConfig(**small, position_embedding_type="relative_key").save_pretrained(tmp_path / "relative")
+    for name, fragment in [
+        ("dynamic", "rope_type 'dynamic' is not supported"),
+        ("relative", "'relative_key'"),
+    ]:
+        with pytest.raises(BackboneError, match=fragment):
+            load_backbone(tmp_path / name)
