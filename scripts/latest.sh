@@ -13,9 +13,10 @@ PYTHON=${PYTHON:-python3}
 LOG="$VENV/latest-report.txt"
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV" || exit 1
-PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; return "${PIPESTATUS[0]}"; }
+PIP=(quiet "$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" "$TORCH_SPEC" || exit 1
-"${PIP[@]}" --upgrade --upgrade-strategy eager -e ".[test]" 2>&1 | grep -v "is ignored: it is neither" || true
+"${PIP[@]}" --upgrade --upgrade-strategy eager -e ".[test]" || exit 1
 "$VENV/bin/python" -m pip check --disable-pip-version-check || true
 
 failed=()
