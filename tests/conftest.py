@@ -12,7 +12,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # subprocesses, which inherit this) without keys; tests of auth pass auth="on" and keys explicitly.
 os.environ.setdefault("PTSERVE_AUTH", "off")
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+import torch
 
 from prompts.backbone import Backbone, load_backbone
 from tests.models import (
@@ -42,6 +44,17 @@ def make_kind(kind: str, directory: Path) -> Path:
     if kind == "modernbert":
         return make_tiny_modernbert(directory)
     raise ValueError(kind)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``),
+    restored after. Tiny models are all thread overhead: one thread runs them many times faster on a
+    busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +24,11 @@ from tests.peft_support import (
     table_to_prefix,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 peft = pytest.importorskip("peft")
 
 TEXTS = ["this phone is great", "terrible battery and the screen is broken", "a", "free offer call now"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _peft_inputs(backbone: Backbone) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,19 +24,12 @@ from prompts.trainer import (
 from tests.factories import random_artifact
 from tests.synthetic import make_learnable_bert, make_task_data
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # Fast, decisive settings for the tiny model (the real defaults are tuned for BERT-size backbones).
 FAST = TrainConfig(
     epochs=12, batch_size=16, lr=0.05, head_lr=0.05, patience=100, prefix_length=4, prompt_length=4
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny models are all thread overhead: one thread runs them many times faster on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

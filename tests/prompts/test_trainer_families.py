@@ -7,7 +7,7 @@ batch mixed with another task, give the same logits; the head pools as the famil
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -20,19 +20,13 @@ from prompts.trainer import TrainConfig, TrainResult, train_task
 from tests.factories import random_artifact
 from tests.synthetic import make_task_data
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FAST = TrainConfig(
     epochs=4, batch_size=16, lr=0.05, head_lr=0.05, patience=100, prefix_length=3, prompt_length=3
 )
 METHODS = ("p-tuning-v2", "p-tuning", "prompt-tuning", "linear-probe")
 KINDS = ("llama", "qwen3", "deberta-v3", "modernbert")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,9 @@ from service.settings import Settings
 from tests.factories import random_artifact
 from tests.synthetic import make_examples, make_learnable_bert, write_data_dir, write_jsonl
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FAST = ["--epochs", "12", "--batch-size", "16", "--lr", "0.05", "--head-lr", "0.05", "--prefix-length", "4"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ upload, and picks up a version that another process (``ptserve train --store``) 
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -30,16 +30,10 @@ from tests.processes import PtserveProcess, clean_environment, eventually
 from tests.redis_server import free_port
 from tests.synthetic import write_data_dir
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FAST = ["--epochs", "4", "--batch-size", "16", "--lr", "0.05", "--head-lr", "0.05", "--prefix-length", "4"]
 TEXTS = ["the phone battery is great", "a red shirt of my size", "this book is a good movie"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

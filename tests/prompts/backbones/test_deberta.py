@@ -3,7 +3,6 @@
 Proven here, for both the v3 layout (log-bucketed relative positions, shared keys, no absolute
 positions) and the v2 layout (absolute positions, separate position projections, the convolution):
 
-- without a prompt, ptserve's layer loop gives Hugging Face's hidden states on every real token;
 - a mixed batch (different prefix lengths, input prompts, a ``from_zero`` row, random values in the
   padded prefix slots) equals a row-by-row reference: ``DebertaV2Model`` itself, with
   ``DisentangledSelfAttention.forward`` patched to apply the P-tuning v2 authors' rules (prefix keys in
@@ -11,11 +10,13 @@ positions) and the v2 layout (absolute positions, separate position projections,
   after the prefix);
 - a row whose prefix is fully masked gives what it gives in a batch with no prefix at all;
 - the comparison can fail: counting relative positions over ``[prefix | text]`` changes the result.
+
+Without a prompt, the loop equals Hugging Face's model on every real token for every family
+(test_families.py). The texts (mixed_batch.TEXTS) are longer and shorter than the prefixes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -25,21 +26,20 @@ import torch
 from transformers.models.deberta_v2 import modeling_deberta_v2 as hf_deberta
 
 from prompts.backbone import Backbone, load_backbone
-from prompts.backbones import Layout
-from prompts.forward import PromptBatch, TaskPrompt, batch_from_tasks, run_prompted
-from tests.factories import random_artifact
+from prompts.forward import TaskPrompt
+from tests.prompts.backbones.mixed_batch import (
+    ATOL,
+    RowPrefix,
+    assert_fully_masked_prefix_is_no_prefix,
+    assert_rows_equal_reference,
+    mixed_tasks,
+    prefixed_and_plain_errors,
+    ptserve_hidden,
+    reference_rows,
+    text_ids,
+)
 
 KINDS = ("deberta-v3", "deberta-v2")
-# 6, 21, 3, 9, 10 and 8 tokens with [CLS]/[SEP]: rows longer and shorter than the prefixes.
-TEXTS = [
-    "this phone is great",
-    "the delivery was slow but the quality of the shirt is fine and the price was cheap",
-    "a",
-    "terrible battery and the screen is broken",
-    "what time is the game",
-    "free offer call now hello world",
-]
-ATOL = 1e-5
 # How the reference scores prefix slots: the stated rules, or relative positions over [prefix | text].
 Rule = Literal["stated", "positions_over_prefix"]
 
@@ -58,65 +58,7 @@ def deberta(
     return lambda kind: v2 if kind == "deberta-v2" else kind_backbone(kind)
 
 
-def _task(backbone: Backbone, **kwargs: Any) -> TaskPrompt:
-    artifact = random_artifact(backbone.spec, **kwargs)
-    return TaskPrompt.from_artifact(artifact, backbone.device, backbone.dtype)
-
-
-def _ids(backbone: Backbone) -> list[list[int]]:
-    return [e.input_ids for e in backbone.encode(TEXTS, 40)]
-
-
-def _mixed_tasks(backbone: Backbone) -> list[TaskPrompt]:
-    """One task per text: prefix lengths 0 to 5 (the longest), input prompts, a from_zero row."""
-    return [
-        _task(backbone, task="none", prefix_length=0, seed=1),
-        _task(backbone, task="short", prefix_length=2, seed=2),
-        _task(backbone, task="longest", prefix_length=5, seed=3),
-        _task(backbone, task="both", prefix_length=3, prompt_length=2, seed=4),
-        _task(backbone, task="prompt", prefix_length=0, prompt_length=3, seed=5),
-        _task(backbone, task="zero", prefix_length=4, positions="from_zero", seed=6),
-    ]
-
-
-def _noisy_padding(batch: PromptBatch, seed: int) -> PromptBatch:
-    """The batch with random values in every padded prefix slot: masking, not zeros, must hide them."""
-    if batch.prefix is None:
-        return batch
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(batch.prefix.shape, generator=g).to(batch.prefix)  # [B, layers, 2, heads, P, d]
-    slot = torch.arange(batch.prefix.shape[4], device=batch.prefix.device)
-    real = (slot < batch.prefix_len[:, None]).view(-1, 1, 1, 1, slot.shape[0], 1)  # [B, 1, 1, 1, P, 1]
-    return dataclasses.replace(batch, prefix=torch.where(real, batch.prefix, noise))
-
-
-def _ptserve_hidden(
-    backbone: Backbone, ids: Sequence[Sequence[int]], tasks: Sequence[TaskPrompt]
-) -> torch.Tensor:
-    """ptserve's final hidden states [B, S, hidden] for a mixed batch, read from inside run_prompted so
-    the prompt gathering, positions and layout are ptserve's own."""
-    family = backbone.family
-    captured: list[torch.Tensor] = []
-
-    def encoder(
-        embeds: torch.Tensor, positions: torch.Tensor, layout: Layout, prefix: torch.Tensor | None
-    ) -> torch.Tensor:
-        hidden = family.layers(embeds, positions, family.masks(layout, embeds.dtype), prefix)
-        captured.append(hidden)
-        return hidden
-
-    batch = _noisy_padding(batch_from_tasks(tasks, backbone.device), seed=99)
-    run_prompted(backbone, ids, batch, encoder)
-    return captured[0]
-
-
-class _RowPrefix:
-    """The prefix [layers, 2, heads, P, head_dim] of the row the reference is running (None: none)."""
-
-    prefix: torch.Tensor | None = None
-
-
-def _patched_attention(backbone: Backbone, row: _RowPrefix, rule: Rule) -> Callable[..., Any]:
+def _patched_attention(backbone: Backbone, row: RowPrefix, rule: Rule) -> Callable[..., Any]:
     """A ``DisentangledSelfAttention.forward`` that puts ``row.prefix`` in front of the keys and values,
     built from Hugging Face's own projections, scale and disentangled bias."""
     layers = [layer.attention.self for layer in backbone.model.encoder.layer]
@@ -185,51 +127,12 @@ def _reference_hidden(
     rule: Rule = "stated",
 ) -> list[torch.Tensor]:
     """Row by row through ``DebertaV2Model`` with the patched attention: [K_b + T_b, hidden] per row."""
-    row = _RowPrefix()
-    out: list[torch.Tensor] = []
+    row = RowPrefix()
     with monkeypatch.context() as patch:
         patch.setattr(
             hf_deberta.DisentangledSelfAttention, "forward", _patched_attention(backbone, row, rule)
         )
-        for text, task in zip(ids, tasks, strict=True):
-            row.prefix = task.prefix
-            tokens = backbone.word_embeddings(torch.tensor([text]))  # [1, T, hidden]
-            embeds = tokens if task.prompt is None else torch.cat([task.prompt[None], tokens], dim=1)
-            length = embeds.shape[1]  # K + T
-            offset = task.prefix_length if task.positions_after_prefix else 0
-            hidden = backbone.model(
-                inputs_embeds=embeds,
-                attention_mask=torch.ones(1, length, dtype=torch.long),
-                position_ids=offset + torch.arange(length)[None],  # [1, K + T]
-            ).last_hidden_state
-            out.append(hidden[0])
-    return out
-
-
-def _max_error(ours: torch.Tensor, reference: list[torch.Tensor], rows: Sequence[int]) -> float:
-    return max(float((ours[b, : len(reference[b])] - reference[b]).abs().max()) for b in rows)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@torch.inference_mode()
-def test_loop_without_prompt_equals_hugging_face(kind: str, deberta: Callable[[str], Backbone]) -> None:
-    backbone = deberta(kind)
-    family = backbone.family
-    ids = _ids(backbone)
-    lengths = torch.tensor([len(row) for row in ids])  # [B]
-    seq = int(lengths.max())
-    padded = torch.tensor([[*row, *[backbone.pad_token_id] * (seq - len(row))] for row in ids])  # [B, T]
-    attention_mask = (torch.arange(seq)[None] < lengths[:, None]).long()  # [B, T]
-
-    layout = Layout(prefix=0, seq=seq, prefix_len=torch.zeros_like(lengths), seq_len=lengths)
-    positions = family.positions(torch.zeros_like(lengths), seq)  # [B, T]
-    ours = family.layers(
-        family.word_embeddings(padded), positions, family.masks(layout, backbone.dtype), None
-    )
-    theirs = backbone.model(input_ids=padded, attention_mask=attention_mask).last_hidden_state
-
-    real = attention_mask.bool()
-    torch.testing.assert_close(ours[real], theirs[real], atol=ATOL, rtol=0)
+        return reference_rows(backbone, ids, tasks, row)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -238,30 +141,18 @@ def test_mixed_prefixes_equal_patched_hugging_face(
     kind: str, deberta: Callable[[str], Backbone], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     backbone = deberta(kind)
-    ids, tasks = _ids(backbone), _mixed_tasks(backbone)
-    ours = _ptserve_hidden(backbone, ids, tasks)  # [B, S, hidden]
+    ids, tasks = text_ids(backbone), mixed_tasks(backbone)
+    ours = ptserve_hidden(backbone, ids, tasks)  # [B, S, hidden]
     reference = _reference_hidden(backbone, monkeypatch, ids, tasks)
-
-    for b, (text, task) in enumerate(zip(ids, tasks, strict=True)):
-        # Every position of the row: its input prompt (K_b) and its text (T_b).
-        assert reference[b].shape[0] == task.prompt_length + len(text)
-        torch.testing.assert_close(ours[b, : reference[b].shape[0]], reference[b], atol=ATOL, rtol=0)
+    assert_rows_equal_reference(ours, reference, ids, tasks)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @torch.inference_mode()
 def test_fully_masked_prefix_equals_no_prefix(kind: str, deberta: Callable[[str], Backbone]) -> None:
     backbone = deberta(kind)
-    ids = _ids(backbone)[:2]
-    plain = _task(backbone, task="plain", prefix_length=0, prompt_length=2, seed=7)
-    longest = _task(backbone, task="longest", prefix_length=5, seed=8)
-    other = _task(backbone, task="other", prefix_length=0, seed=9)
-
-    # Row 0 has no prefix; in the first batch its 5 slots hold random values (padding), masked.
-    with_prefix = _ptserve_hidden(backbone, ids, [plain, longest])
-    without = _ptserve_hidden(backbone, ids, [plain, other])
-    rows = plain.prompt_length + len(ids[0])
-    torch.testing.assert_close(with_prefix[0, :rows], without[0, :rows], atol=1e-6, rtol=0)
+    # Row 0 has no prefix; next to a row with 5 prefix slots, its own 5 slots hold random values.
+    assert_fully_masked_prefix_is_no_prefix(backbone)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -270,13 +161,12 @@ def test_position_bias_on_prefix_slots_would_be_caught(
     kind: str, deberta: Callable[[str], Backbone], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     backbone = deberta(kind)
-    ids, tasks = _ids(backbone), _mixed_tasks(backbone)
-    ours = _ptserve_hidden(backbone, ids, tasks)
+    ids, tasks = text_ids(backbone), mixed_tasks(backbone)
+    ours = ptserve_hidden(backbone, ids, tasks)
     # ptserve equals the stated rules' reference (test_mixed_prefixes_equal_patched_hugging_face).
     wrong = _reference_hidden(backbone, monkeypatch, ids, tasks, rule="positions_over_prefix")
 
-    with_prefix = [b for b, task in enumerate(tasks) if task.prefix_length]
-    without = [b for b, task in enumerate(tasks) if not task.prefix_length]
-    assert _max_error(ours, wrong, with_prefix) > 1e-3
+    with_prefix, without = prefixed_and_plain_errors(ours, wrong, tasks)
+    assert with_prefix > 1e-3
     # Without a prefix both rules are the same: relative positions are shift-invariant.
-    assert _max_error(ours, wrong, without) <= ATOL
+    assert without <= ATOL

@@ -23,6 +23,7 @@ from prompts.errors import IncompatibleArtifactError
 from prompts.forward import TaskPrompt, prompted_forward
 from tests.conftest import KINDS
 from tests.factories import random_artifact
+from tests.prompts.backbones.mixed_batch import make_task, ptserve_hidden, text_ids
 
 TEXTS = [
     "this phone is great",
@@ -34,13 +35,8 @@ TEXTS = [
 ]
 
 
-def _ids(backbone: Backbone, texts: list[str] = TEXTS) -> list[list[int]]:
-    return [e.input_ids for e in backbone.encode(texts, 40)]
-
-
-def _task(backbone: Backbone, **kwargs: object) -> TaskPrompt:
-    artifact = random_artifact(backbone.spec, **kwargs)  # type: ignore[arg-type]
-    return TaskPrompt.from_artifact(artifact, backbone.device, backbone.dtype)
+def _ids(backbone: Backbone) -> list[list[int]]:
+    return text_ids(backbone, TEXTS)
 
 
 def test_every_supported_model_type_has_one_family() -> None:
@@ -60,6 +56,14 @@ def test_without_prompts_the_loop_is_hugging_faces_model(
     x = torch.tensor([row + [backbone.pad_token_id] * (width - len(row)) for row in ids])  # [B, S]
     mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])  # [B, S]
     theirs = backbone.model(input_ids=x, attention_mask=mask).last_hidden_state  # [B, S, hidden]
+
+    # Every real token of every row, in a batch of distinct tasks with no prefix and no prompt.
+    plain = [make_task(backbone, task=f"plain-{b}", prefix_length=0, seed=b) for b in range(len(ids))]
+    hidden = ptserve_hidden(backbone, ids, plain)  # [B, S, hidden]
+    assert hidden.shape == theirs.shape
+    tokens = mask.bool()  # [B, S]: the real tokens
+    torch.testing.assert_close(hidden[tokens], theirs[tokens], rtol=0, atol=1e-5)
+
     identity = TaskPrompt(
         None, None, torch.eye(backbone.spec.hidden_size), torch.zeros(backbone.spec.hidden_size)
     )
@@ -80,13 +84,15 @@ def test_a_mixed_batch_of_many_tasks_equals_each_row_alone(
     backbone = kind_backbone(kind)
     pooled = "last" if backbone.spec.family == "decoder" else "cls"
     tasks = [
-        _task(backbone, task="deep", num_labels=3, prefix_length=4, pooling=pooled, seed=1),
-        _task(backbone, task="long", num_labels=5, prefix_length=9, pooling="mean", seed=2),
-        _task(backbone, task="both", num_labels=4, prefix_length=2, prompt_length=3, pooling=pooled, seed=3),
-        _task(
+        make_task(backbone, task="deep", num_labels=3, prefix_length=4, pooling=pooled, seed=1),
+        make_task(backbone, task="long", num_labels=5, prefix_length=9, pooling="mean", seed=2),
+        make_task(
+            backbone, task="both", num_labels=4, prefix_length=2, prompt_length=3, pooling=pooled, seed=3
+        ),
+        make_task(
             backbone, task="prompt", num_labels=2, prefix_length=0, prompt_length=5, pooling="first", seed=4
         ),
-        _task(
+        make_task(
             backbone,
             task="zero",
             num_labels=6,
@@ -95,7 +101,9 @@ def test_a_mixed_batch_of_many_tasks_equals_each_row_alone(
             pooling=pooled,
             seed=5,
         ),
-        _task(backbone, task="probe", num_labels=2, prefix_length=0, prompt_length=0, pooling="mean", seed=6),
+        make_task(
+            backbone, task="probe", num_labels=2, prefix_length=0, prompt_length=0, pooling="mean", seed=6
+        ),
     ]
     ids = _ids(backbone)
     rows = [tasks[i % len(tasks)] for i in range(len(ids) * 2)]
@@ -114,7 +122,7 @@ def test_gradients_reach_the_prompt_tensors_and_nothing_else(
     kind: str, kind_backbone: Callable[[str], Backbone]
 ) -> None:
     backbone = kind_backbone(kind)
-    task = _task(backbone, prefix_length=3, prompt_length=2, seed=3)
+    task = make_task(backbone, prefix_length=3, prompt_length=2, seed=3)
     assert task.prefix is not None and task.prompt is not None
     tensors = (task.prefix, task.prompt, task.head_weight, task.head_bias)
     for t in tensors:
@@ -132,7 +140,7 @@ def test_no_prompt_part_is_ever_dropped(kind: str, kind_backbone: Callable[[str]
     """Guards against a loop that silently ignores prefixes, input prompts or the position offset."""
     backbone = kind_backbone(kind)
     ids = _ids(backbone)[:3]
-    base = _task(backbone, prefix_length=4, prompt_length=2, seed=7)
+    base = make_task(backbone, prefix_length=4, prompt_length=2, seed=7)
     ref = prompted_forward(backbone, ids, [base] * 3)
     assert base.prefix is not None and base.prompt is not None
     w, b = base.head_weight, base.head_bias
