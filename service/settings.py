@@ -62,8 +62,8 @@ class Settings(BaseSettings):
     )
     cuda_graphs: bool = Field(
         default=True,
-        description="on a GPU, replay the backbone's layers as CUDA graphs (one per padded batch shape, captured "
-        "on first use): the eager forward is bound by the host launching kernels",
+        description="on a GPU, replay the backbone's layers as CUDA graphs (one per padded batch shape, "
+        "captured on first use): the eager forward is bound by the host launching kernels",
     )
     pipeline_depth: int | None = Field(
         default=None,
