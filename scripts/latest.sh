@@ -16,7 +16,10 @@ LOG="$VENV/latest-report.txt"
 quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; return "${PIPESTATUS[0]}"; }
 PIP=(quiet "$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" "$TORCH_SPEC" || exit 1
-"${PIP[@]}" --upgrade --upgrade-strategy eager -e ".[test]" || exit 1
+# Everything else at its newest; torch held at TORCH_SPEC (on a machine without a local wheel, the
+# newest torch is a multi-GB CUDA download).
+echo "$TORCH_SPEC" > "$VENV/torch-constraint.txt"
+"${PIP[@]}" --upgrade --upgrade-strategy eager -c "$VENV/torch-constraint.txt" -e ".[test]" || exit 1
 "$VENV/bin/python" -m pip check --disable-pip-version-check || true
 
 failed=()

@@ -25,8 +25,9 @@ PEFT_REFUSAL = "does not support past key values"
 
 
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
-    """``{name: cache}`` under the name this transformers version's ``forward`` takes."""
-    params = inspect.signature(model.forward).parameters
+    """``{name: cache}`` under the name this transformers version's ``forward`` takes. Read off the base
+    model: a ``*ForSequenceClassification`` may pass the cache on through ``**kwargs``."""
+    params = inspect.signature(getattr(model, "base_model", model).forward).parameters
     return {"cache" if "cache" in params else "past_key_values": cache}
 
 
