@@ -1,10 +1,16 @@
 """Mixed vs single task: engine throughput (no HTTP) with 1, 10, 100 and 1,000 tasks mixed uniformly.
 
-Every configuration runs the same batches of the same texts with the same prefix length; only the
-task each row belongs to changes. Configurations are interleaved batch by batch over several rounds so
-machine noise hits them alike, and ratios are taken within this one run.
+Every configuration runs the same batches of the same texts with the same prefix length and pooling;
+only the task each row belongs to changes. Configurations are interleaved batch by batch over several
+rounds so machine noise hits them alike, and ratios are taken within this one run.
+
+Any backbone family runs: prefixes are ``[layers, 2, kv_heads, P, head_dim]`` and the heads pool as a
+trained task on that backbone would (``--pooling auto``: decoders the last token, MiniLM and
+ModernBERT-base the mean, DeBERTa [CLS]). ``--shape NAME`` runs on a random-weight model of a real
+architecture's shape (benchmarks/shapes.py; speed only).
 
     .venv/bin/python -m benchmarks.perf_engine --data-root ../shared/data
+    .venv/bin/python -m benchmarks.perf_engine --shape qwen3-0.6b --tasks 1,10,100 --batch-size 16
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import random
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, get_args
 
 import torch
 
@@ -27,16 +33,32 @@ from benchmarks.common import (
     timed,
     write_report,
 )
-from prompts.artifact import build_artifact
+from benchmarks.shapes import (
+    add_model_arguments,
+    backbone_info,
+    backbone_summary,
+    model_path,
+    plain_forward_kwargs,
+    report_tag,
+    task_pooling,
+)
+from prompts.artifact import Pooling, build_artifact
 from prompts.backbone import Backbone, load_backbone
 from prompts.forward import TaskPrompt, prompted_forward
 from service.cache import LoadedTask, prepare_task
 from service.engine import Engine, Row
 from service.pool import PromptPool
 
+POOLINGS = get_args(Pooling)  # "cls", "first", "mean", "last"
+
 
 def make_tasks(
-    backbone: Backbone, pool: PromptPool, count: int, prefix_length: int, num_labels: int
+    backbone: Backbone,
+    pool: PromptPool,
+    count: int,
+    prefix_length: int,
+    num_labels: int,
+    pooling: Pooling = "cls",
 ) -> list[LoadedTask]:
     spec = backbone.spec
     tasks = []
@@ -52,12 +74,15 @@ def make_tasks(
             * 0.1,
             head_weight=torch.randn(num_labels, spec.hidden_size, generator=g) * 0.02,
             head_bias=torch.zeros(num_labels),
+            pooling=pooling,
         )
         tasks.append(prepare_task(artifact, backbone, pool))
     return tasks
 
 
-def mixed_vs_alone_max_diff(backbone: Backbone, pool: PromptPool, encodings: list[list[int]]) -> float:
+def mixed_vs_alone_max_diff(
+    backbone: Backbone, pool: PromptPool, encodings: list[list[int]], pooling: Pooling = "cls"
+) -> float:
     """Largest |logit| difference: the serving path on one mixed batch vs the reference path per row alone."""
     spec = backbone.spec
     g = torch.Generator().manual_seed(7)
@@ -75,6 +100,7 @@ def mixed_vs_alone_max_diff(backbone: Backbone, pool: PromptPool, encodings: lis
             head_weight=torch.randn(c, spec.hidden_size, generator=g) * 0.1,
             head_bias=torch.zeros(c),
             method="custom",
+            pooling=pooling,
         )
         served.append(prepare_task(artifact, backbone, pool))
         reference.append(TaskPrompt.from_artifact(artifact, backbone.device, backbone.dtype))
@@ -96,36 +122,50 @@ def main() -> None:
     )
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     parser.add_argument("--dataset", default="agnews")
-    parser.add_argument("--model", type=Path, default=None)
+    add_model_arguments(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--batches", type=int, default=8, help="batches per configuration per round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--prefix-length", type=int, default=16)
     parser.add_argument("--tasks", default="1,10,100,1000")
+    parser.add_argument(
+        "--pooling",
+        choices=["auto", *POOLINGS],
+        default="auto",
+        help="the heads' pooling; auto: what the trainer gives a p-tuning-v2 task on this backbone",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/engine"))
     args = parser.parse_args()
 
-    backbone = load_backbone(args.model, device=args.device, dtype=args.dtype)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    backbone = load_backbone(model_path(args), device=args.device, dtype=args.dtype)
+    info = backbone_info(backbone, args.shape)
+    pooling = cast(Pooling, task_pooling(backbone, "p-tuning-v2", args.pooling))
+    print(f"{backbone.spec.describe()}; pooling {pooling}")
     texts = load_texts(args.data_root, args.dataset, limit=args.batch_size * args.batches)
     encodings = [e.input_ids for e in backbone.encode(texts, args.max_tokens)]
     batches = [encodings[i : i + args.batch_size] for i in range(0, len(encodings), args.batch_size)]
     counts = [int(x) for x in args.tasks.split(",")]
     pool = PromptPool(backbone.spec, backbone.device, backbone.dtype)
-    task_sets = {n: make_tasks(backbone, pool, n, args.prefix_length, 4) for n in counts}
+    task_sets = {n: make_tasks(backbone, pool, n, args.prefix_length, 4, pooling) for n in counts}
     rng = random.Random(0)
     plans = {n: [[Row(rng.choice(task_sets[n]), ids) for ids in batch] for batch in batches] for n in counts}
     engine = Engine(backbone, pool)
     device = backbone.device
+    plain = plain_forward_kwargs(backbone)
 
     def raw_forward(batch: list[list[int]]) -> None:
         width = max(len(x) for x in batch)
-        ids = torch.tensor([x + [backbone.pad_token_id] * (width - len(x)) for x in batch], device=device)
-        mask = (ids != backbone.pad_token_id).long()
+        pad = backbone.pad_token_id
+        ids = torch.tensor([x + [pad] * (width - len(x)) for x in batch], device=device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in batch], device=device)
         with torch.inference_mode():
-            backbone.model(input_ids=ids, attention_mask=mask)
+            backbone.model(input_ids=ids, attention_mask=mask, **plain)
 
     for plan in plans.values():  # warm-up: allocator, kernels, thread pools
         engine.run_batch(plan[0])
@@ -145,6 +185,7 @@ def main() -> None:
     seconds: dict[str, list[float]] = {name: [] for name in names}
     # Interleaved batch by batch, in an order rotated each round: this machine's noise comes in
     # bursts of a second or more, which then land on every configuration alike instead of on one.
+    started = time.perf_counter()
     for r in range(args.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         spent = dict.fromkeys(names, 0.0)
@@ -153,8 +194,13 @@ def main() -> None:
                 spent[name] += timed(partial(run, name, i), device)
         for name in names:
             seconds[name].append(spent[name])
+        print(  # a round of a large backbone on a CPU takes minutes
+            f"round {r + 1}/{args.rounds} ({time.perf_counter() - started:.0f} s): "
+            + ", ".join(f"{name} {spent[name] / len(batches):.3g} s/batch" for name in names),
+            flush=True,
+        )
 
-    max_diff = mixed_vs_alone_max_diff(backbone, pool, encodings[: args.batch_size])
+    max_diff = mixed_vs_alone_max_diff(backbone, pool, encodings[: args.batch_size], pooling)
     throughput = {name: rows_total / median(values) for name, values in seconds.items()}
     single = throughput["1 tasks"]
     # Each round's ratio compares timings interleaved batch by batch; their median is reported.
@@ -163,7 +209,14 @@ def main() -> None:
         for name, values in seconds.items()
     }
     rows = [
-        [name, round(value, 1), ratio[name], len(batches), args.batch_size]
+        [
+            name,
+            round(value, 1) if value >= 100 else float(f"{value:.3g}"),
+            ratio[name],
+            float(f"{median(seconds[name]) / len(batches):.3g}"),
+            len(batches),
+            args.batch_size,
+        ]
         for name, value in throughput.items()
     ]
     padded = sum(len(b) * max(len(x) for x in b) for b in batches)
@@ -171,28 +224,35 @@ def main() -> None:
     payload: dict[str, Any] = {
         "benchmark": "engine_mixed_vs_single",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine(),
+        "machine": machine() | {"torch_threads": torch.get_num_threads()},
         "config": {k: str(v) for k, v in vars(args).items()},
+        "backbone": info,
+        "pooling": pooling,
         "rows_per_round": rows_total,
         "seconds_per_round": seconds,
         "throughput_rows_per_s": throughput,
         "ratio_vs_single_task": ratio,
         "ratio_of_median_throughputs": {k: v / single for k, v in throughput.items()},
         "padding_efficiency": real / padded,
+        "mean_text_tokens": real / rows_total,
         "mixed_vs_alone_max_abs_logit_diff": max_diff,
     }
-    table = markdown_table(["configuration", "rows/s", "÷ 1 task", "batches", "batch size"], rows)
+    table = markdown_table(["configuration", "rows/s", "÷ 1 task", "s/batch", "batches", "batch size"], rows)
     md = (
-        f"## Engine: mixed vs single task ({backbone.spec.model_type}, {args.device}/{args.dtype})\n\n"
+        f"## Engine: mixed vs single task ({info['name']}, {backbone.spec.family} family, "
+        f"{args.device}/{args.dtype}, {torch.get_num_threads()} torch threads)\n\n"
+        f"{backbone_summary(info)}\n\n"
         f"{len(batches)} batches of {args.batch_size} {args.dataset} texts (≤{args.max_tokens} tokens, "
-        f"padding efficiency {real / padded:.2f}), prefix length {args.prefix_length}, median of "
+        f"mean {real / rows_total:.1f}, padding efficiency {real / padded:.2f}), "
+        f"prefix length {args.prefix_length}, {pooling} pooling, median of "
         f'{args.rounds} rounds interleaved batch by batch; "÷ 1 task" is the median of the '
         f"per-round ratios.\n\n{table}\n\n"
         f"Mixed batch (5 tasks: prefix 0-40, prompt 0-8, 2-7 labels) vs each row alone: max |Δ logit| "
         f"= {max_diff:.2e}\n"
     )
+    tag = report_tag(backbone, args.shape)
     write_report(
-        args.out, f"engine_{args.device.replace(':', '')}_{args.dtype}_b{args.batch_size}", payload, md
+        args.out, f"engine_{tag}_{args.device.replace(':', '')}_{args.dtype}_b{args.batch_size}", payload, md
     )
 
 

@@ -1,17 +1,27 @@
 """Against what users do today: ptserve's mixed batches vs a PEFT server that batches per task.
 
-Both servers hold the same N tasks (deep prefix of one length + a linear head on [CLS]) on the same
-backbone and are fed the SAME arrival stream: single-text requests, Poisson arrivals at an offered
-rate, the task of each request drawn uniformly or from a Zipf(s) law over the N tasks.
+Both servers hold the same N tasks (deep prefix of one length + a linear head) on the same backbone
+and are fed the SAME arrival stream: single-text requests, Poisson arrivals at an offered rate, the
+task of each request drawn uniformly or from a Zipf(s) law over the N tasks. Both heads pool alike:
+``--pooling auto`` takes what the trainer gives a task on this backbone (decoders: the last token;
+MiniLM and ModernBERT-base: the mean of the text tokens; DeBERTa: [CLS]).
+
+Any backbone family runs (``--model DIR``, or ``--shape NAME`` for a random-weight model of a real
+architecture's shape from benchmarks/shapes.py; speed only). PEFT sizes a decoder's prefix by its
+key/value heads, as ptserve does. DeBERTa-v2/v3 and ModernBERT take no cache, so PEFT's prefix tuning
+cannot run on them: there (``--method auto``) both servers run prompt tuning instead, K =
+``--prompt-length`` input embeddings in front of the text (PEFT ``PromptTuningConfig``; ptserve tasks
+with a ``prompt`` and no prefix), so the comparison stays like for like. ``--method prompt-tuning``
+does the same on any family.
 
 - ptserve: ``service.engine.Engine`` over a ``PromptPool``; a batch is the oldest waiting requests of
   any tasks, up to ``--max-batch``; it closes when full or ``--max-wait-ms`` after its oldest request
   arrived (the DynamicBatcher's rule).
-- PEFT: one ``transformers.AutoModel`` wrapped by ``peft`` with N ``PrefixTuningConfig`` adapters
-  (``add_adapter``; ``set_adapter`` before each batch: PEFT cannot mix prompt-learning adapters in
-  one batch) and a per-task linear head on [CLS]. A batch is up to ``--max-batch`` waiting requests
-  of the task of the oldest waiting request; it closes when that task has a full batch waiting or
-  ``--max-wait-ms`` after the oldest request arrived.
+- PEFT: one ``transformers.AutoModel`` wrapped by ``peft`` with N ``PrefixTuningConfig`` (or
+  ``PromptTuningConfig``) adapters (``add_adapter``; ``set_adapter`` before each batch: PEFT cannot mix
+  prompt-learning adapters in one batch) and a per-task linear head on the pooled text. A batch is up
+  to ``--max-batch`` waiting requests of the task of the oldest waiting request; it closes when that
+  task has a full batch waiting or ``--max-wait-ms`` after the oldest request arrived.
 
 Each run is real time in this one process: requests are released into the server's queue at their
 arrival times (the server loop moves an arrival cursor on the clock, so there is no driver thread to
@@ -31,6 +41,7 @@ again within ``--retry-budget-s``.
 
     .venv/bin/python -m benchmarks.perf_peft --data-root ../shared/data
     .venv/bin/python -m benchmarks.perf_peft --device cuda --dtype float16 --max-batch 64 --p99-bound 0.1
+    .venv/bin/python -m benchmarks.perf_peft --shape deberta-v3-base     # prompt tuning on both sides
 """
 
 from __future__ import annotations
@@ -38,10 +49,12 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import inspect
 import itertools
 import math
 import random
 import time
+import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -60,7 +73,16 @@ from benchmarks.common import (
     sync,
     write_report,
 )
-from prompts.artifact import build_artifact
+from benchmarks.shapes import (
+    add_model_arguments,
+    backbone_info,
+    backbone_summary,
+    model_path,
+    plain_forward_kwargs,
+    report_tag,
+    task_pooling,
+)
+from prompts.artifact import Pooling, build_artifact
 from prompts.backbone import DTYPES, Backbone, load_backbone
 from service.batcher import choose_group, group_window
 from service.cache import LoadedTask, prepare_task
@@ -70,6 +92,9 @@ from service.pool import PromptPool
 PTSERVE = "ptserve"
 PEFT = "peft"
 SERVERS = (PTSERVE, PEFT)
+PREFIX = "p-tuning-v2"  # a deep prefix per layer (PEFT: PrefixTuningConfig)
+PROMPT = "prompt-tuning"  # K input embeddings before the text (PEFT: PromptTuningConfig)
+POOLINGS = typing.get_args(Pooling)
 
 # --------------------------------------------------------------------------------------------- streams
 
@@ -290,18 +315,48 @@ class PtserveServer:
 
 
 class PeftServer:
-    """A PEFT PeftModelForFeatureExtraction with N prefix-tuning adapters and per-task linear heads."""
+    """A PEFT PeftModelForFeatureExtraction with N prefix- or prompt-tuning adapters and per-task heads.
+
+    The head pools the text as ptserve's tasks do (``pooling``): [CLS] is the text's first token, "last"
+    its last real token, "mean" the mean of its real tokens, "first" sequence position 0. Prompt tuning
+    puts its ``offset`` virtual tokens in front of the text in the output; prefix tuning none.
+    """
 
     def __init__(
-        self, model: Any, backbone: Backbone, head_weight: torch.Tensor, head_bias: torch.Tensor
+        self,
+        model: Any,
+        backbone: Backbone,
+        head_weight: torch.Tensor,
+        head_bias: torch.Tensor,
+        *,
+        pooling: str = "cls",
+        offset: int = 0,
     ) -> None:
         self.model = model
         self.device = backbone.device
         self.pad = backbone.pad_token_id
         self.head_weight = head_weight  # [N, C, hidden]
         self.head_bias = head_bias  # [N, C]
+        self.pooling = pooling
+        self.offset = offset
         self.active: str | None = None
         self.switches = 0
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, hidden] from the model's output [B, offset + S, hidden] and the text mask [B, S]."""
+        k = self.offset
+        if self.pooling == "first":
+            return hidden[:, 0]
+        if self.pooling == "cls":
+            return hidden[:, k]
+        lengths = mask.sum(1)  # [B] real text tokens (right-padded)
+        if self.pooling == "last":
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), k + lengths - 1]
+        if self.pooling == "mean":
+            text = hidden[:, k : k + mask.shape[1]]
+            weights = mask.unsqueeze(-1).to(text.dtype)
+            return (text * weights).sum(1) / lengths.unsqueeze(1).to(text.dtype)
+        raise ValueError(f"unknown pooling {self.pooling!r}")
 
     def run(self, stream_tasks: list[int], input_ids: list[list[int]]) -> list[list[float]]:
         task = stream_tasks[0]
@@ -316,9 +371,10 @@ class PeftServer:
             width = max(len(x) for x in input_ids)
             ids = torch.tensor([x + [self.pad] * (width - len(x)) for x in input_ids], dtype=torch.long)
             mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in input_ids], dtype=torch.long)
-            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
-            cls = out.last_hidden_state[:, 0]  # [B, hidden]
-            logits = cls @ self.head_weight[task].T + self.head_bias[task]  # [B, C]
+            mask = mask.to(self.device)
+            out = self.model(input_ids=ids.to(self.device), attention_mask=mask)
+            pooled = self.pool(out.last_hidden_state, mask)  # [B, hidden]
+            logits = pooled @ self.head_weight[task].T + self.head_bias[task]  # [B, C]
             probs = torch.softmax(logits.float(), dim=-1).cpu()
         table: list[list[float]] = probs.tolist()
         return table
@@ -326,6 +382,15 @@ class PeftServer:
 
 def adapter_name(task: int) -> str:
     return f"task{task}"
+
+
+def takes_cache(backbone: Backbone) -> bool:
+    """Whether the Hugging Face model takes a cache, which PEFT's prefix tuning hands it the prefix in.
+
+    DeBERTa-v2/v3 and ModernBERT take none: PEFT would extend the attention mask by the prefix length
+    and the model would fail on the mismatch (ptserve's own layer loops run prefixes on them)."""
+    params = inspect.signature(backbone.model.forward).parameters
+    return "past_key_values" in params or "cache" in params
 
 
 # --------------------------------------------------------------------------------------------- one run
@@ -442,24 +507,43 @@ def run_stream(
 
 
 def make_ptserve_tasks(
-    backbone: Backbone, count: int, prefix_length: int, num_labels: int, seed: int
+    backbone: Backbone,
+    count: int,
+    prefix_length: int,
+    num_labels: int,
+    seed: int,
+    *,
+    method: str = PREFIX,
+    prompt_length: int = 16,
+    pooling: Pooling = "cls",
 ) -> tuple[list[LoadedTask], PromptPool, int]:
+    """N tasks: a prefix [layers, 2, kv_heads, P, head_dim] each (p-tuning-v2), or an input prompt
+    [K, hidden] and no prefix (prompt-tuning); a random head pooling by ``pooling``."""
     spec = backbone.spec
     pool = PromptPool(spec, backbone.device, backbone.dtype)
     g = torch.Generator().manual_seed(seed)
     tasks = []
     artifact_bytes = 0
     for i in range(count):
+        if method == PREFIX:
+            prefix = (
+                torch.randn(spec.num_layers, 2, spec.num_kv_heads, prefix_length, spec.head_dim, generator=g)
+                * 0.1
+            )
+            prompt = None
+        else:
+            prefix = None
+            prompt = torch.randn(prompt_length, spec.hidden_size, generator=g) * 0.05
         artifact = build_artifact(
             task=f"bench-{i}",
             labels=[f"l{j}" for j in range(num_labels)],
             spec=spec,
-            prefix=torch.randn(
-                spec.num_layers, 2, spec.num_kv_heads, prefix_length, spec.head_dim, generator=g
-            )
-            * 0.1,
+            prefix=prefix,
+            prompt=prompt,
             head_weight=torch.randn(num_labels, spec.hidden_size, generator=g) * 0.02,
             head_bias=torch.zeros(num_labels),
+            method="p-tuning-v2" if method == PREFIX else "prompt-tuning",
+            pooling=pooling,
         )
         artifact_bytes = len(artifact.data)
         tasks.append(prepare_task(artifact, backbone, pool))
@@ -467,28 +551,50 @@ def make_ptserve_tasks(
 
 
 def make_peft_server(
-    backbone: Backbone, count: int, prefix_length: int, num_labels: int, seed: int
+    backbone: Backbone,
+    count: int,
+    prefix_length: int,
+    num_labels: int,
+    seed: int,
+    *,
+    method: str = PREFIX,
+    prompt_length: int = 16,
+    pooling: str = "cls",
 ) -> tuple[PeftServer, int]:
-    """A PEFT model with ``count`` random prefix-tuning adapters; returns it and one adapter's bytes."""
+    """A PEFT model with ``count`` random prefix- (or prompt-) tuning adapters; returns it and one
+    adapter's bytes. The base is a second copy of the backbone's weights, loaded with the attention
+    implementation the family asks Hugging Face for (SDPA; eager for DeBERTa, which has no other)."""
     import peft
     from transformers import AutoModel
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        base = AutoModel.from_pretrained(backbone.path, local_files_only=True, attn_implementation="sdpa")
+        base = AutoModel.from_pretrained(
+            backbone.path,
+            local_files_only=True,
+            dtype=torch.float32,
+            attn_implementation=backbone.family.attn_implementation,
+        )
     base.requires_grad_(False)
     base.eval()
-    config = peft.PrefixTuningConfig(
-        task_type=peft.TaskType.FEATURE_EXTRACTION, num_virtual_tokens=prefix_length
-    )
+    config: Any
+    if method == PREFIX:
+        config = peft.PrefixTuningConfig(
+            task_type=peft.TaskType.FEATURE_EXTRACTION, num_virtual_tokens=prefix_length
+        )
+    else:
+        config = peft.PromptTuningConfig(
+            task_type=peft.TaskType.FEATURE_EXTRACTION, num_virtual_tokens=prompt_length
+        )
     model = peft.get_peft_model(base, config, adapter_name=adapter_name(0))
     for i in range(1, count):
         model.add_adapter(adapter_name(i), config)
     g = torch.Generator().manual_seed(seed + 1)
+    scale = 0.1 if method == PREFIX else 0.05
     with torch.no_grad():
         for i in range(count):
             for p in model.prompt_encoder[adapter_name(i)].parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
     model.requires_grad_(False)
     model.eval()
     model.to(device=backbone.device, dtype=backbone.dtype)
@@ -500,7 +606,9 @@ def make_peft_server(
     adapter_params = sum(p.numel() for p in model.prompt_encoder[adapter_name(0)].parameters())
     element = torch.tensor([], dtype=backbone.dtype).element_size()
     adapter_bytes = (adapter_params + num_labels * hidden + num_labels) * element
-    return PeftServer(model, backbone, head_weight, head_bias), adapter_bytes
+    offset = 0 if method == PREFIX else prompt_length
+    server = PeftServer(model, backbone, head_weight, head_bias, pooling=pooling, offset=offset)
+    return server, adapter_bytes
 
 
 class NoiseGuard:
@@ -510,14 +618,17 @@ class NoiseGuard:
     (noise only ever slows the machine down); a noisy run is run again while the retry budget lasts.
     """
 
-    def __init__(self, backbone: Backbone, encodings: list[list[int]], factor: float) -> None:
+    def __init__(self, backbone: Backbone, encodings: list[list[int]], factor: float, rows: int = 8) -> None:
         self.backbone = backbone
         self.factor = factor
-        rows = encodings[:8]
-        width = max(len(x) for x in rows)
+        texts = encodings[: max(1, rows)]
+        width = max(len(x) for x in texts)
         pad = backbone.pad_token_id
-        self.ids = torch.tensor([x + [pad] * (width - len(x)) for x in rows], device=backbone.device)
-        self.mask = (self.ids != pad).long()
+        self.ids = torch.tensor([x + [pad] * (width - len(x)) for x in texts], device=backbone.device)
+        self.mask = torch.tensor(
+            [[1] * len(x) + [0] * (width - len(x)) for x in texts], device=backbone.device
+        )
+        self.kwargs = plain_forward_kwargs(backbone)
         self.samples: list[float] = []
 
     def probe(self) -> float:
@@ -526,7 +637,7 @@ class NoiseGuard:
             sync(self.backbone.device)
             start = time.perf_counter()
             with torch.inference_mode():
-                self.backbone.model(input_ids=self.ids, attention_mask=self.mask)
+                self.backbone.model(input_ids=self.ids, attention_mask=self.mask, **self.kwargs)
             sync(self.backbone.device)
             times.append(time.perf_counter() - start)
         t = median(times)
@@ -638,6 +749,12 @@ def ratio(a: float, b: float) -> float:
     return a / b if b > 0 else math.inf
 
 
+def fmt_rate(x: float) -> float:
+    """A rate for a table: one decimal, or three significant digits under 100 (a large model on a CPU
+    serves a request or two a second)."""
+    return round(x, 1) if abs(x) >= 100 else float(f"{x:.3g}")
+
+
 def fmt_ms(seconds: float, lower: bool = False) -> str:
     return ("≥" if lower else "") + f"{seconds * 1000:.0f}"
 
@@ -690,14 +807,27 @@ def main() -> None:
     parser.add_argument(
         "--max-tokens", type=int, default=64, help="tokens per text (special tokens included)"
     )
-    parser.add_argument(
-        "--model", type=Path, default=None, help="encoder directory (default: packaged MiniLM)"
-    )
+    add_model_arguments(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     parser.add_argument("--tasks", type=int, default=100)
     parser.add_argument("--prefix-length", type=int, default=16)
+    parser.add_argument(
+        "--method",
+        choices=["auto", PREFIX, PROMPT],
+        default="auto",
+        help="p-tuning-v2: a deep prefix (PEFT PrefixTuningConfig); prompt-tuning: --prompt-length input "
+        "embeddings (PEFT PromptTuningConfig); auto: prompt-tuning where the model takes no cache "
+        "(DeBERTa, ModernBERT), else p-tuning-v2",
+    )
+    parser.add_argument("--prompt-length", type=int, default=16, help="K virtual tokens for prompt-tuning")
+    parser.add_argument(
+        "--pooling",
+        choices=["auto", *POOLINGS],
+        default="auto",
+        help="both heads' pooling; auto: what the trainer gives a task of --method on this backbone",
+    )
     parser.add_argument("--labels", type=int, default=4)
     parser.add_argument("--mixes", default="uniform,zipf")
     parser.add_argument("--zipf-s", type=float, default=1.1)
@@ -745,6 +875,13 @@ def main() -> None:
     parser.add_argument(
         "--retry-budget-s", type=float, default=60.0, help="seconds of noisy runs that may be run again"
     )
+    parser.add_argument(
+        "--probe-rows",
+        type=int,
+        default=8,
+        help="texts in the noise probe's fixed forward (run 3 times before and after every run; "
+        "1-2 on a large model on a CPU)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/peft"))
     args = parser.parse_args()
@@ -752,22 +889,35 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     mixes = [m.strip() for m in args.mixes.split(",") if m.strip()]
-    backbone = load_backbone(args.model, device=args.device, dtype=args.dtype)
+    backbone = load_backbone(model_path(args), device=args.device, dtype=args.dtype)
     device = backbone.device
+    info = backbone_info(backbone, args.shape)
+    method = args.method
+    if method == "auto":
+        method = PREFIX if takes_cache(backbone) else PROMPT
+    if method == PREFIX and not takes_cache(backbone):
+        parser.error(
+            f"PEFT's prefix tuning passes a cache, which {backbone.spec.model_type} takes none of: "
+            "use --method prompt-tuning"
+        )
+    pooling = typing.cast(Pooling, task_pooling(backbone, method, args.pooling))
+    print(f"{backbone.spec.describe()}; {method}, pooling {pooling}")
     texts = load_texts(args.data_root, args.dataset, limit=args.texts)
     encodings = [e.input_ids for e in backbone.encode(texts, args.max_tokens)]
     mean_tokens = sum(len(x) for x in encodings) / len(encodings)
 
-    print(f"building {args.tasks} ptserve tasks and {args.tasks} PEFT adapters (prefix {args.prefix_length})")
+    virtual = f"prefix {args.prefix_length}" if method == PREFIX else f"input prompt {args.prompt_length}"
+    print(f"building {args.tasks} ptserve tasks and {args.tasks} PEFT adapters ({virtual})")
+    kinds = {"method": method, "prompt_length": args.prompt_length, "pooling": pooling}
     tasks, pool, artifact_bytes = make_ptserve_tasks(
-        backbone, args.tasks, args.prefix_length, args.labels, args.seed
+        backbone, args.tasks, args.prefix_length, args.labels, args.seed, **kinds
     )
     ptserve = PtserveServer(backbone, pool, tasks)
     peft_server, peft_adapter_bytes = make_peft_server(
-        backbone, args.tasks, args.prefix_length, args.labels, args.seed
+        backbone, args.tasks, args.prefix_length, args.labels, args.seed, **kinds
     )
 
-    guard = NoiseGuard(backbone, encodings, args.noise_factor)
+    guard = NoiseGuard(backbone, encodings, args.noise_factor, args.probe_rows)
     for _ in range(3):
         guard.probe()
     print("measuring closed-loop capacity")
@@ -784,7 +934,7 @@ def main() -> None:
         guard=guard,
     )
     for key, value in capacity.items():
-        print(f"  {key}: {value:.1f} rows/s")
+        print(f"  {key}: {value:.2f} rows/s")
     ptserve_capacity = capacity["ptserve mixed, full batches"]
     per_batch = {  # (seconds for one row, seconds per extra row) from the closed-loop capacities
         PTSERVE: (1 / capacity["ptserve batch 1"], args.max_batch / capacity["ptserve mixed, full batches"]),
@@ -858,8 +1008,8 @@ def main() -> None:
             result.extra["adapter_switches"] = peft_server.switches - switches_before
         results.append(result)
         print(
-            f"  {phase:6s} {stream.mix:7s} {stream.rate:7.1f} req/s ({level:.2f}x) {name:7s}: "
-            f"achieved {result.achieved_rate:7.1f}/s  p50 {fmt_ms(result.p50_s)} ms  "
+            f"  {phase:6s} {stream.mix:7s} {stream.rate:7.2f} req/s ({level:.2f}x) {name:7s}: "
+            f"achieved {result.achieved_rate:7.2f}/s  p50 {fmt_ms(result.p50_s)} ms  "
             f"p99 {fmt_ms(result.p99_s, result.lower_bound)} ms  "
             f"mean batch {result.mean_batch:5.2f}  unfinished {result.unfinished}"
             + ("  NOISY" if result.noisy else "")
@@ -934,9 +1084,9 @@ def main() -> None:
                 [
                     mix,
                     r.server,
-                    round(r.offered_rate, 1),
-                    round(r.arrival_rate, 1),
-                    round(r.achieved_rate, 1),
+                    fmt_rate(r.offered_rate),
+                    fmt_rate(r.arrival_rate),
+                    fmt_rate(r.achieved_rate),
                     fmt_ms(r.p50_s),
                     fmt_ms(r.p99_s, r.lower_bound),
                     round(r.mean_batch, 2),
@@ -962,9 +1112,11 @@ def main() -> None:
                 [
                     mix,
                     s,
-                    (f"≥{b.offered_rate:.1f}" if censored[s] else round(b.offered_rate, 1)) if b else "none",
-                    round(b.arrival_rate, 1) if b else 0.0,
-                    round(b.achieved_rate, 1) if b else 0.0,
+                    (f"≥{fmt_rate(b.offered_rate)}" if censored[s] else fmt_rate(b.offered_rate))
+                    if b
+                    else "none",
+                    fmt_rate(b.arrival_rate) if b else 0.0,
+                    fmt_rate(b.achieved_rate) if b else 0.0,
                     fmt_ms(b.p99_s) if b else "-",
                 ]
             )
@@ -985,10 +1137,11 @@ def main() -> None:
         "full_copy_over_ptserve": ratio(full_copy, ptserve_task),
         "ptserve_over_peft": ratio(ptserve_task, peft_adapter_bytes),
     }
+    parts = "prefix" if method == PREFIX else "prompt"
     memory_rows = [
         ["full fine-tuned model copy", full_copy, f"{full_copy / 2**20:.1f} MiB", 1.0],
         [
-            "ptserve task (prefix + head)",
+            f"ptserve task ({parts} + head)",
             ptserve_task,
             f"{ptserve_task / 2**10:.1f} KiB",
             full_copy / ptserve_task,
@@ -1000,14 +1153,14 @@ def main() -> None:
             full_copy / memory["ptserve_pool_bytes_per_task"],
         ],
         [
-            "PEFT adapter (prefix table + head)",
+            f"PEFT adapter ({parts} table + head)",
             peft_adapter_bytes,
             f"{peft_adapter_bytes / 2**10:.1f} KiB",
             full_copy / peft_adapter_bytes,
         ],
     ]
 
-    tag = f"{args.device.replace(':', '')}_{args.dtype}"
+    tag = f"{report_tag(backbone, args.shape)}_{args.device.replace(':', '')}_{args.dtype}"
     png = args.out / f"peft_{tag}.png"
     args.out.mkdir(parents=True, exist_ok=True)
     plotted = plot(
@@ -1015,7 +1168,8 @@ def main() -> None:
         mixes,
         args.p99_bound,
         png,
-        f"ptserve vs PEFT, {args.tasks} tasks, {args.device}/{args.dtype}, max batch {args.max_batch}",
+        f"ptserve vs PEFT, {info['name']}, {args.tasks} tasks ({method}), {args.device}/{args.dtype}, "
+        f"max batch {args.max_batch}",
     )
 
     payload: dict[str, Any] = {
@@ -1023,6 +1177,9 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine() | {"torch_threads": torch.get_num_threads()},
         "config": {k: str(v) for k, v in vars(args).items()},
+        "backbone": info,
+        "method": method,
+        "pooling": pooling,
         "mean_text_tokens": mean_tokens,
         "capacity_rows_per_s": capacity,
         "batching_gain_ptserve_full_over_peft_batch1": ratio(ptserve_capacity, capacity["PEFT batch 1"]),
@@ -1037,7 +1194,7 @@ def main() -> None:
     }
     cap_table = markdown_table(
         ["closed loop", "rows/s", "÷ ptserve mixed"],
-        [[k, round(v, 1), v / ptserve_capacity] for k, v in capacity.items()],
+        [[k, fmt_rate(v), v / ptserve_capacity] for k, v in capacity.items()],
     )
     fixed_table = markdown_table(
         [
@@ -1074,11 +1231,11 @@ def main() -> None:
         [
             r.mix,
             f"{r.level:.2f}",
-            round(r.offered_rate, 1),
+            fmt_rate(r.offered_rate),
             r.phase,
             r.server,
-            round(r.arrival_rate, 1),
-            round(r.achieved_rate, 1),
+            fmt_rate(r.arrival_rate),
+            fmt_rate(r.achieved_rate),
             fmt_ms(r.p50_s),
             fmt_ms(r.p99_s, r.lower_bound),
             round(r.mean_batch, 2),
@@ -1107,11 +1264,26 @@ def main() -> None:
     level_list = ", ".join(f"{x:.2f}" for x in levels)
     ceiling = ratio(ptserve_capacity, capacity["PEFT batch 1"])
     memory_table = markdown_table(["per task", "bytes", "", "tasks per full copy"], memory_rows)
+    if method == PREFIX:
+        method_text = f"prefix length {args.prefix_length}"
+        peft_config = "PrefixTuningConfig"
+    else:
+        method_text = (
+            f"prompt tuning with {args.prompt_length} input embeddings before the text and no prefix on "
+            "both sides"
+            + (
+                f" ({backbone.spec.model_type} takes no cache, so PEFT's prefix tuning cannot run on it)"
+                if not takes_cache(backbone)
+                else ""
+            )
+        )
+        peft_config = "PromptTuningConfig"
     md = (
-        f"## ptserve vs PEFT ({backbone.spec.model_type}, {args.device}/{args.dtype}, "
+        f"## ptserve vs PEFT ({info['name']}, {backbone.spec.family} family, {args.device}/{args.dtype}, "
         f"{torch.get_num_threads()} torch threads)\n\n"
-        f"{args.tasks} tasks, prefix length {args.prefix_length}, {args.labels} labels; single-text "
-        f"requests from {args.dataset} test (≤{args.max_tokens} tokens, mean {mean_tokens:.1f}); "
+        f"{backbone_summary(info)}\n\n"
+        f"{args.tasks} tasks, {method_text}, {args.labels} labels, {pooling} pooling on both sides; "
+        f"single-text requests from {args.dataset} test (≤{args.max_tokens} tokens, mean {mean_tokens:.1f}); "
         f"Poisson arrivals, {args.duration:.0f} s per run (+≤{args.drain_s:.0f} s drain); "
         f"max batch {args.max_batch}, max wait {args.max_wait_ms:.0f} ms for both. "
         + (
@@ -1122,7 +1294,7 @@ def main() -> None:
             if args.length_grouping
             else "ptserve: mixed oldest-first batches through Engine.run_batch. "
         )
-        + f"PEFT: {args.tasks} PrefixTuningConfig adapters, set_adapter per batch, "
+        + f"PEFT: {args.tasks} {peft_config} adapters, set_adapter per batch, "
         f"batches of the oldest request's task. Zipf s = {args.zipf_s}.\n\n"
         f"### Closed-loop capacity (no arrivals; best of {args.capacity_rounds} interleaved rounds)\n\n"
         f"{cap_table}\n\n"
