@@ -157,7 +157,8 @@ class DiskPromptStore:
     # ----------------------------------------------------------------------------------- paths
 
     def _task_dir(self, task: str) -> Path:
-        return self._tasks / task
+        # A tenant's "team/name" lives in one flat directory "team~name": "~" is in no name.
+        return self._tasks / task.replace("/", "~")
 
     def _versions_dir(self, task: str) -> Path:
         return self._task_dir(task) / "versions"
@@ -335,7 +336,7 @@ class DiskPromptStore:
         except OSError as exc:
             raise StoreError(f"cannot list {self._tasks}: {exc.strerror or exc}") from exc
         records: list[TaskRecord] = []
-        for name in names:
+        for name in sorted(entry.replace("~", "/") for entry in names):
             if TASK_NAME_PATTERN.fullmatch(name) is None:
                 continue
             try:
@@ -401,7 +402,7 @@ class DiskPromptStore:
         """Exclusive writer lock for ``task`` across processes and threads."""
         # Lock files live outside the task directory so delete can move that directory away
         # while another writer waits on the lock, and are never removed (that would race too).
-        path = self._locks / f"{task}.lock"
+        path = self._locks / f"{self._task_dir(task).name}.lock"
         try:
             self._locks.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -518,7 +519,7 @@ class DiskPromptStore:
             had_pointer = (task_dir / "current").is_file()
             # One rename makes the whole task vanish for readers at once; the slow rmtree happens
             # out of their sight.
-            doomed = self._trash / f"{task}-{secrets.token_hex(8)}"
+            doomed = self._trash / f"{task_dir.name}-{secrets.token_hex(8)}"
             try:
                 self._trash.mkdir(exist_ok=True)
                 os.replace(task_dir, doomed)

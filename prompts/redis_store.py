@@ -338,6 +338,12 @@ class RedisPromptStore:
         self._read_script = self._client.register_script(_READ)
         self._records_script = self._client.register_script(_RECORDS)
 
+    @property
+    def client(self) -> redis.Redis:
+        """The store's connection pool, for what else the deployment keeps beside the prompts (keys,
+        audit trail, rate limits: service.keystore, service.audit, service.ratelimit)."""
+        return self._client
+
     def __repr__(self) -> str:
         return (
             f"RedisPromptStore({self._shown_url!r}, keep_versions={self.keep_versions}, "

@@ -23,8 +23,9 @@ from service.limits import Limits, LimitsMiddleware
 from service.logs import RequestLogMiddleware, RouteTemplates
 from service.metrics import CONTENT_TYPE, Metrics
 from service.routes import admin_router, classify_router, public_router
-from service.runtime import build_runtime, open_job_queue, open_store
+from service.runtime import build_runtime, open_job_queue, open_store, open_tenancy
 from service.settings import Settings
+from service.tenant_routes import audit_router, keys_router
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,11 @@ def _bad_request_message(exc: StarletteHTTPException) -> str:
 def _not_found_message(request: Request) -> str:
     message = f"no route for {request.method} {request.url.path}"
     if request.url.path.startswith("/v1/prompts/"):
-        # A task name with '/' (or an encoded %2F) splits into more path segments than any route has.
-        message += "; a task name is one path segment of 1-64 characters of a-z, 0-9, '_', '.', '-' (no '/')"
+        # More path segments than any route has: a '/' (or an encoded %2F) past the tenant's.
+        message += (
+            "; a task name is 1-64 characters of a-z, 0-9, '_', '.', '-', after at most one "
+            "'<tenant>/' (no other '/')"
+        )
     return message
 
 
@@ -143,7 +147,7 @@ def create_app(
     """
     settings = settings if settings is not None else Settings()
     keyring = KeyRing.from_settings(settings)
-    metrics = Metrics(lambda: getattr(app.state, "runtime", None))
+    metrics = Metrics(lambda: getattr(app.state, "runtime", None), settings.max_tenant_series)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -160,6 +164,10 @@ def create_app(
             settings, loaded, opened, on_batch=metrics.observe_batch, on_rows=metrics.observe_rows
         )
         runtime.jobs = open_job_queue(settings)
+        tenancy = open_tenancy(settings, opened)
+        runtime.keys, runtime.audit, runtime.limiter = tenancy.keys, tenancy.audit, tenancy.limiter
+        if keyring is not None:
+            keyring.attach(tenancy.keys)
         runtime.batcher.start()
         if runtime.watcher is not None:
             runtime.watcher.start()
@@ -177,6 +185,8 @@ def create_app(
                 opened.close()
             if runtime.jobs is not None:
                 runtime.jobs.close()
+            if keyring is not None:
+                keyring.attach(None)
             del app.state.runtime
 
     app = FastAPI(
@@ -192,7 +202,12 @@ def create_app(
     # The last middleware added runs first: request ids and access lines wrap everything, keys are
     # checked before the limits (an unauthenticated flood takes no concurrency slots) and before
     # any body is read.
-    app.add_middleware(LimitsMiddleware, limits=Limits.from_settings(settings))
+    app.add_middleware(
+        LimitsMiddleware,
+        limits=Limits.from_settings(settings),
+        limiter=lambda: getattr(getattr(app.state, "runtime", None), "limiter", None),
+        on_refusal=metrics.observe_refusal,
+    )
     app.add_middleware(AuthMiddleware, ring=keyring, table=scopes)
     app.add_middleware(
         RequestLogMiddleware,
@@ -208,4 +223,8 @@ def create_app(
     scopes.add(admin_router, "admin")
     app.include_router(jobs_router, dependencies=[Depends(require_scope("admin"))])
     scopes.add(jobs_router, "admin")
+    app.include_router(audit_router, dependencies=[Depends(require_scope("admin"))])
+    scopes.add(audit_router, "admin")
+    app.include_router(keys_router, dependencies=[Depends(require_scope("platform"))])
+    scopes.add(keys_router, "platform")
     return app

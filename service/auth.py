@@ -1,8 +1,13 @@
-"""API keys and their scopes. Every route's scope is decided in app.py, where the routers are included.
+"""API keys, their scopes and tenants. Every route's scope is decided in app.py, where the routers are
+included.
 
-Keys are configured as ``<scope>:<sha256 hex>`` entries (``PTSERVE_API_KEYS``), so the settings never
-hold a usable key. A request presents its key as ``Authorization: Bearer <key>`` or ``X-API-Key``;
-its sha256 is compared with every configured digest in constant time. ``admin`` implies ``classify``.
+Keys come from two places: ``<scope>[@<tenant>]:<sha256 hex>`` entries (``PTSERVE_API_KEYS``, so the
+settings never hold a usable key; the bootstrap), and the stored keys of ``service.keystore``
+(created and revoked at run time). A request presents its key as ``Authorization: Bearer <key>`` or
+``X-API-Key``; its sha256 is compared with every configured digest in constant time, then looked up
+among the stored ones. ``admin`` implies ``classify``; the ``platform`` route scope (key management)
+needs an admin key of no tenant. The request's :class:`~service.tenancy.Principal` (key id, scope,
+tenant) is kept in its state for the routes.
 
 Two checks with one rule (:func:`authorize`): :class:`AuthMiddleware` refuses a request before its
 body is read (FastAPI parses bodies before running dependencies, so an unauthenticated client could
@@ -12,11 +17,11 @@ route of a router even if it was included without registering it in the :class:`
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
 import re
-import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -38,11 +43,15 @@ from service.errors import (
     http_headers,
     http_status,
 )
+from service.keystore import KeyStore, digest_of, key_id
+from service.keystore import new_key as new_key
 from service.settings import API_KEY_ENTRY, Settings
+from service.tenancy import OPEN, Principal
 
-Scope = Literal["classify", "admin"]
+# What a route needs: a key scope, or "platform" (an admin key bound to no tenant).
+RouteScope = Literal["classify", "admin", "platform"]
 
-# What each scope may do: a key's scope grants these route scopes.
+# What each key scope may do: a key's scope grants these route scopes.
 GRANTS: dict[str, frozenset[str]] = {
     "classify": frozenset({"classify"}),
     "admin": frozenset({"classify", "admin"}),
@@ -53,19 +62,15 @@ logger = logging.getLogger(__name__)
 
 def hash_key(key: str) -> str:
     """The sha256 hex digest stored in the settings for ``key``."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-def new_key() -> str:
-    """A fresh random key (256 bits, URL-safe)."""
-    return "pts_" + secrets.token_urlsafe(32)
+    return digest_of(key)
 
 
 @dataclass(frozen=True)
 class KeyRing:
-    """The configured (digest, scope) pairs."""
+    """The configured (digest, principal) pairs, and the stored keys (set once the store is open)."""
 
-    entries: tuple[tuple[bytes, str], ...]
+    entries: tuple[tuple[bytes, Principal], ...]
+    stored: list[KeyStore | None] = field(default_factory=lambda: [None], compare=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KeyRing | None:
@@ -83,17 +88,44 @@ class KeyRing:
             match = API_KEY_ENTRY.match(entry)
             if match is None:  # Settings validated the entries already; this is a programming error
                 raise SettingsError("PTSERVE_API_KEYS holds an entry that is not '<scope>:<sha256 hex>'")
-            entries.append((bytes.fromhex(match.group(2)), match.group(1)))
+            scope, tenant, digest = match.group(1), match.group(2), match.group(3)
+            principal = Principal(key_id(digest), scope, tenant)  # type: ignore[arg-type]
+            entries.append((bytes.fromhex(digest), principal))
         return cls(tuple(entries))
 
-    def scope_of(self, key: str) -> str | None:
-        """The scope of ``key``, or None. Every entry is compared, so timing reveals nothing."""
+    @property
+    def store(self) -> KeyStore | None:
+        return self.stored[0]
+
+    def attach(self, store: KeyStore | None) -> None:
+        """Use ``store``'s keys besides the configured ones (the app's lifespan, once the store is open)."""
+        self.stored[0] = store
+
+    def configured(self, key: str) -> Principal | None:
+        """The principal of a configured key. Every entry is compared, so timing reveals nothing."""
         digest = hashlib.sha256(key.encode("utf-8")).digest()
-        found: str | None = None
-        for stored, scope in self.entries:
+        found: Principal | None = None
+        for stored, principal in self.entries:
             if hmac.compare_digest(digest, stored) and found is None:
-                found = scope
+                found = principal
         return found
+
+    def principal_of(self, key: str) -> Principal | None:
+        """Whom ``key`` acts for, or None. Blocking when the stored keys are due for a refresh."""
+        found = self.configured(key)
+        if found is None and self.store is not None:
+            record = self.store.lookup(digest_of(key))
+            found = None if record is None else record.principal()
+        return found
+
+    def needs_io(self, key: str) -> bool:
+        """Whether ``principal_of(key)`` may read the store (then run it off the event loop)."""
+        return self.store is not None and self.store.needs_refresh() and self.configured(key) is None
+
+    def scope_of(self, key: str) -> str | None:
+        """The scope of ``key``, or None."""
+        principal = self.principal_of(key)
+        return None if principal is None else principal.scope
 
 
 def presented_key(headers: Headers) -> str | None:
@@ -107,49 +139,64 @@ def presented_key(headers: Headers) -> str | None:
     return api_key.strip() if api_key and api_key.strip() else None
 
 
-def authorize(ring: KeyRing | None, headers: Headers, scope: Scope) -> None:
-    """Pass if auth is off or the presented key grants ``scope``; else UnauthorizedError (401) or
-    ForbiddenError (403)."""
+async def authorize(ring: KeyRing | None, headers: Headers, scope: RouteScope) -> Principal:
+    """Whom the request acts for, if its key grants ``scope`` (auth off: a platform admin); else
+    UnauthorizedError (401) or ForbiddenError (403)."""
     if ring is None:
-        return
+        return OPEN
     key = presented_key(headers)
     if key is None:
         raise UnauthorizedError(
             "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
         )
-    granted = ring.scope_of(key)
-    if granted is None:
+    if ring.needs_io(key):
+        principal = await asyncio.to_thread(ring.principal_of, key)
+    else:
+        principal = ring.principal_of(key)
+    if principal is None:
         raise UnauthorizedError("the API key is not valid")
-    if scope not in GRANTS[granted]:
-        raise ForbiddenError(f"this API key has the {granted!r} scope; this route needs {scope!r}")
+    if scope == "platform":
+        if principal.scope != "admin" or principal.tenant is not None:
+            raise ForbiddenError(f"this route needs a platform admin key; this is {principal.describe()}")
+    elif scope not in GRANTS[principal.scope]:
+        raise ForbiddenError(f"this API key has the {principal.scope!r} scope; this route needs {scope!r}")
+    return principal
 
 
-def require_scope(scope: Scope) -> Callable[[Request], Awaitable[None]]:
-    """A FastAPI dependency that admits a request holding ``scope`` (see :func:`authorize`)."""
+def require_scope(scope: RouteScope) -> Callable[[Request], Awaitable[None]]:
+    """A FastAPI dependency that admits a request holding ``scope`` (see :func:`authorize`) and keeps
+    its principal in ``request.state.principal``."""
 
     # async: FastAPI runs a plain def dependency in its thread pool, a thread hop per request.
     async def check(request: Request) -> None:
-        authorize(getattr(request.app.state, "keyring", None), request.headers, scope)
+        ring = getattr(request.app.state, "keyring", None)
+        request.state.principal = await authorize(ring, request.headers, scope)
 
     return check
+
+
+def principal_of(request: Request) -> Principal:
+    """The principal the auth dependency or middleware found for ``request``."""
+    found: Principal | None = getattr(request.state, "principal", None)
+    return found if found is not None else OPEN
 
 
 @dataclass
 class ScopeTable:
     """(methods, path pattern) -> scope of every guarded route, for :class:`AuthMiddleware`."""
 
-    rules: list[tuple[frozenset[str], re.Pattern[str], Scope]] = field(default_factory=list)
+    rules: list[tuple[frozenset[str], re.Pattern[str], RouteScope]] = field(default_factory=list)
 
-    def add(self, router: APIRouter, scope: Scope) -> None:
+    def add(self, router: APIRouter, scope: RouteScope) -> None:
         for route in router.routes:
             if isinstance(route, APIRoute):
                 self.add_path(route.path, route.methods or set(), scope)
 
-    def add_path(self, path: str, methods: set[str], scope: Scope) -> None:
+    def add_path(self, path: str, methods: set[str], scope: RouteScope) -> None:
         pattern, _, _ = compile_path(path)
         self.rules.append((frozenset(methods), pattern, scope))
 
-    def scope_for(self, method: str, path: str) -> Scope | None:
+    def scope_for(self, method: str, path: str) -> RouteScope | None:
         for methods, pattern, scope in self.rules:
             if method in methods and pattern.match(path):
                 return scope
@@ -169,7 +216,10 @@ class AuthMiddleware:
             needed = self.table.scope_for(str(scope.get("method", "")), str(scope.get("path", "")))
             if needed is not None:
                 try:
-                    authorize(self.ring, Headers(scope=scope), needed)
+                    # Kept for the limits middleware (rate, tenant share) and the routes.
+                    scope.setdefault("state", {})["principal"] = await authorize(
+                        self.ring, Headers(scope=scope), needed
+                    )
                 except PtserveError as exc:
                     status = http_status(exc)
                     request_id = scope.get("state", {}).get("request_id")
@@ -190,5 +240,11 @@ def log_auth_mode(ring: KeyRing | None) -> None:
             "is open to anyone who can reach this port"
         )
     else:
-        counts = {s: sum(1 for _, scope in ring.entries if scope == s) for s in GRANTS}
-        logger.info("auth on: %d admin key(s), %d classify key(s)", counts["admin"], counts["classify"])
+        counts = {s: sum(1 for _, p in ring.entries if p.scope == s) for s in GRANTS}
+        tenants = sum(1 for _, p in ring.entries if p.tenant is not None)
+        logger.info(
+            "auth on: %d admin key(s), %d classify key(s) configured (%d of a tenant), plus stored keys",
+            counts["admin"],
+            counts["classify"],
+            tenants,
+        )

@@ -20,6 +20,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prompts.artifact import (
     Manifest,
@@ -31,10 +32,11 @@ from prompts.artifact import (
 from prompts.backbone import Backbone
 from prompts.errors import ArtifactError, StoreUnavailableError, TaskNotFoundError, VersionNotFoundError
 from prompts.forward import TaskPrompt
-from prompts.names import validate_task_name
+from prompts.names import split_task, validate_task_name
 from prompts.store import PromptStore
 from service.errors import TaskUnavailableError
 from service.pool import PromptPool
+from service.tenancy import tenant_label
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +66,14 @@ class LoadedTask:
         return self.manifest.labels
 
 
-def prepare_task(artifact: PromptArtifact, backbone: Backbone, pool: PromptPool) -> LoadedTask:
-    """Copy a validated artifact's tensors into a pool slot on the device (blocking)."""
+def prepare_task(
+    artifact: PromptArtifact, backbone: Backbone, pool: PromptPool, task: str | None = None
+) -> LoadedTask:
+    """Copy a validated artifact's tensors into a pool slot on the device (blocking). ``task``: the
+    name it is stored under, when that is its tenant-qualified name (default: the manifest's)."""
     prompt = TaskPrompt.from_artifact(artifact, backbone.device, backbone.dtype)
     entry = LoadedTask(
-        task=artifact.task,
+        task=task if task is not None else artifact.task,
         version=artifact.version,
         manifest=artifact.manifest,
         slot=pool.add(prompt),
@@ -88,6 +93,12 @@ def prepare_task(artifact: PromptArtifact, backbone: Backbone, pool: PromptPool)
 class _Pointer:
     version: str
     checked_at: float
+
+
+def stored_as(manifest_task: str, task: str) -> bool:
+    """Whether an artifact whose manifest names ``manifest_task`` may be served as ``task``: the same
+    name, or its bare name inside a tenant's namespace (tenants upload artifacts named bare)."""
+    return manifest_task in (task, split_task(task)[1])
 
 
 def artifact_nbytes(artifact: PromptArtifact) -> int:
@@ -111,6 +122,7 @@ class PromptCache:
         max_artifact_bytes: int,
         pointer_ttl_s: float = 1.0,
         host_budget_bytes: int = 0,
+        tenant_share: float = 1.0,
     ) -> None:
         self._store = store
         self._backbone = backbone
@@ -125,6 +137,11 @@ class PromptCache:
         # Parsed, validated artifacts: a device miss that hits here never touches the store.
         self._host: OrderedDict[tuple[str, str], PromptArtifact] = OrderedDict()
         self._host_bytes = 0
+        # Bytes per tenant namespace ("" the platform's) in each tier: a tenant past its share of a
+        # tier evicts its own least recently used versions first, never another tenant's.
+        self._tenant_share = tenant_share
+        self._tenant_bytes: dict[str, int] = {}
+        self._host_tenant_bytes: dict[str, int] = {}
         self._loading: dict[tuple[str, str], asyncio.Future[LoadedTask]] = {}
         self._pointer_reads: dict[str, asyncio.Future[str]] = {}
         # Sequence number of the last pointer write per task, for tasks known here or being read.
@@ -199,7 +216,7 @@ class PromptCache:
         if task in self._pointers:
             # Not after a delete that came in while this load ran: the entry would outlive the
             # task (requests that awaited this load are still served with it).
-            self._host_insert(artifact)
+            self._host_insert(task, artifact)
             self._insert(entry)
         return entry
 
@@ -322,7 +339,7 @@ class PromptCache:
     ) -> tuple[PromptArtifact, LoadedTask]:
         """Blocking: read and validate (unless cached in host memory), then copy to the device."""
         artifact = cached if cached is not None else self._read(task, version)
-        return artifact, prepare_task(artifact, self._backbone, self._pool)
+        return artifact, prepare_task(artifact, self._backbone, self._pool, task)
 
     def _read(self, task: str, version: str) -> PromptArtifact:
         try:
@@ -335,7 +352,7 @@ class PromptCache:
         try:
             artifact = parse_artifact(stored.data, max_bytes=self._max_artifact_bytes)
             check_compatible(artifact, self._backbone.spec)
-            if (artifact.task, artifact.version) != (task, version):
+            if not stored_as(artifact.task, task) or artifact.version != version:
                 # Never serve one task's tensors under another name (a store edited by hand).
                 raise ArtifactError(
                     f"the artifact stored there is {artifact.task!r} version {artifact.version}"
@@ -346,42 +363,70 @@ class PromptCache:
             ) from exc
         return artifact
 
+    def tenant_bytes(self) -> dict[str, int]:
+        """Device-cache bytes per tenant namespace ("": the platform's)."""
+        return {tenant: n for tenant, n in self._tenant_bytes.items() if n}
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        old = self._entries.pop(key)
+        self._bytes -= old.nbytes
+        self._tenant_bytes[tenant_label(key[0])] -= old.nbytes
+
+    def _host_drop(self, key: tuple[str, str]) -> None:
+        size = artifact_nbytes(self._host.pop(key))
+        self._host_bytes -= size
+        self._host_tenant_bytes[tenant_label(key[0])] -= size
+
     def _insert(self, entry: LoadedTask) -> None:
         key = (entry.task, entry.version)
         if key in self._entries:
             self._entries.move_to_end(key)
             return
+        tenant = tenant_label(entry.task)
         self._entries[key] = entry
         self._bytes += entry.nbytes
-        # Evict least recently used; requests holding an evicted entry keep it alive until they finish.
+        self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) + entry.nbytes
+        # Requests holding an evicted entry keep it alive until they finish.
+        for old in _over_share(
+            self._entries, self._tenant_bytes, tenant, self._tenant_share * self._budget, key
+        ):
+            self._drop(old)
+            self.evictions += 1
         while self._bytes > self._budget and len(self._entries) > 1:
-            _, old = self._entries.popitem(last=False)
-            self._bytes -= old.nbytes
+            self._drop(next(iter(self._entries)))  # least recently used
             self.evictions += 1
 
-    def _host_insert(self, artifact: PromptArtifact) -> None:
-        key = (artifact.task, artifact.version)
+    def _host_insert(self, task: str, artifact: PromptArtifact) -> None:
+        key = (task, artifact.version)
         if key in self._host:
             self._host.move_to_end(key)
             return
         size = artifact_nbytes(artifact)
         if size > self._host_budget:
             return
+        tenant = tenant_label(task)
         self._host[key] = artifact
         self._host_bytes += size
+        self._host_tenant_bytes[tenant] = self._host_tenant_bytes.get(tenant, 0) + size
+        cap = self._tenant_share * self._host_budget
+        for old in _over_share(self._host, self._host_tenant_bytes, tenant, cap, key):
+            self._host_drop(old)
         while self._host_bytes > self._host_budget:
-            _, old = self._host.popitem(last=False)
-            self._host_bytes -= artifact_nbytes(old)
+            self._host_drop(next(iter(self._host)))
 
-    async def install(self, artifact: PromptArtifact, since: int | None = None) -> LoadedTask:
+    async def install(
+        self, artifact: PromptArtifact, since: int | None = None, task: str | None = None
+    ) -> LoadedTask:
         """After a successful store write: the next request for this task gets this version.
 
-        ``since``: from ``changing`` around the write; a newer change seen meanwhile wins.
+        ``since``: from ``changing`` around the write; a newer change seen meanwhile wins. ``task``:
+        the name it was stored under (a tenant's full name), default the manifest's.
         """
-        entry = await asyncio.to_thread(prepare_task, artifact, self._backbone, self._pool)
-        self._host_insert(artifact)
+        name = task if task is not None else artifact.task
+        entry = await asyncio.to_thread(prepare_task, artifact, self._backbone, self._pool, name)
+        self._host_insert(name, artifact)
         self._insert(entry)
-        self._settle_pointer(artifact.task, artifact.version, since)
+        self._settle_pointer(name, artifact.version, since)
         return entry
 
     async def load(self, task: str, version: str) -> LoadedTask:
@@ -449,6 +494,28 @@ class PromptCache:
         self._pointers.pop(task, None)
         self._drop_if_unknown(task)
         for key in [k for k in self._entries if k[0] == task]:
-            self._bytes -= self._entries.pop(key).nbytes
+            self._drop(key)
         for key in [k for k in self._host if k[0] == task]:
-            self._host_bytes -= artifact_nbytes(self._host.pop(key))
+            self._host_drop(key)
+
+
+def _over_share(
+    entries: OrderedDict[tuple[str, str], Any],
+    tenant_bytes: dict[str, int],
+    tenant: str,
+    cap: float,
+    keep: tuple[str, str],
+) -> list[tuple[str, str]]:
+    """The tenant's least recently used keys to evict so its bytes fit ``cap`` (never ``keep``, the
+    version just inserted; the platform namespace "" has no cap). Only the tenant's own keys."""
+    if not tenant or tenant_bytes.get(tenant, 0) <= cap:
+        return []
+    excess = tenant_bytes[tenant] - cap
+    victims: list[tuple[str, str]] = []
+    for key, value in entries.items():
+        if excess <= 0:
+            break
+        if key != keep and tenant_label(key[0]) == tenant:
+            victims.append(key)
+            excess -= value.nbytes if isinstance(value, LoadedTask) else artifact_nbytes(value)
+    return victims

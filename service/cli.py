@@ -123,10 +123,28 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, dest, kind, text in WORKER_FLAGS:
         worker.add_argument(flag, dest=dest, type=kind, default=None, help=text)
     hk = commands.add_parser(
-        "hash-key", help="print an API key and its PTSERVE_API_KEYS entry ('<scope>:<sha256 hex>')"
+        "hash-key", help="print an API key and its PTSERVE_API_KEYS entry ('<scope>[@<tenant>]:<sha256 hex>')"
     )
     hk.add_argument("--scope", choices=["classify", "admin"], default="classify")
+    hk.add_argument("--tenant", help="bind the key to this tenant's tasks (default: a platform key)")
     hk.add_argument("--key", help="the key to hash (default: a new random key); read from stdin when '-'")
+
+    keys = commands.add_parser(
+        "keys", help="create, list or revoke stored API keys (every replica honours the change at once)"
+    )
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_commands.add_parser("create", help="create a key; it is printed this once")
+    create.add_argument("--name", required=True, help="what the key is for (shown in listings)")
+    create.add_argument("--scope", choices=["classify", "admin"], default="classify")
+    create.add_argument("--tenant", help="the tenant whose tasks the key sees (default: a platform key)")
+    create.add_argument("--rate", type=_positive_float, help="requests per second (token bucket)")
+    create.add_argument("--burst", type=_positive_int, help="requests at once before the rate applies")
+    keys_commands.add_parser("list", help="every stored key (never the keys themselves)")
+    revoke = keys_commands.add_parser("revoke", help="revoke a key by its public id (k_...)")
+    revoke.add_argument("key_id")
+    for sub in (create, *keys_commands.choices.values()):
+        if not any(a.dest == "store" for a in sub._actions):
+            sub.add_argument("--store", help="the prompt store (default: PTSERVE_STORE or ./ptserve-data)")
 
     train = commands.add_parser("train", help="train a task's prompt on labelled data and publish it")
     train.add_argument("--task", required=True, help="task name ([a-z0-9][a-z0-9_.-]{0,63})")
@@ -627,6 +645,7 @@ def ensure_demo_task(settings: Settings, backbone: Backbone, data: Path | None =
 
 
 def hash_key_command(args: argparse.Namespace) -> int:
+    from prompts.names import validate_tenant
     from service.auth import hash_key, new_key
 
     key = args.key
@@ -638,13 +657,60 @@ def hash_key_command(args: argparse.Namespace) -> int:
     key = key or new_key()
     if shown:
         print(f"key:   {key}")
-    print(f"entry: {args.scope}:{hash_key(key)}")
+    tenant = f"@{validate_tenant(args.tenant)}" if args.tenant else ""
+    print(f"entry: {args.scope}{tenant}:{hash_key(key)}")
     if shown:
         print(
             "Give the key to the client; put the entry in PTSERVE_API_KEYS (comma-separated).",
             file=sys.stderr,
         )
     return 0
+
+
+def keys_command(args: argparse.Namespace) -> int:
+    """``ptserve keys``: works on the store itself, as a platform admin acting from the command line."""
+    from service.runtime import open_store, open_tenancy
+    from service.tenancy import Principal
+
+    store = open_store(args.store or default_store())
+    try:
+        tenancy = open_tenancy(Settings(), store)
+        if tenancy.keys is None:
+            raise CliError(f"the prompt store {args.store or default_store()} keeps no API keys")
+        actor = Principal(key_id="cli", scope="admin")
+        if args.keys_command == "create":
+            from prompts.names import validate_tenant
+
+            if args.tenant is not None:
+                validate_tenant(args.tenant)
+            key, record = tenancy.keys.create(
+                name=args.name,
+                scope=args.scope,
+                tenant=args.tenant,
+                created_by=actor.key_id,
+                rate_per_s=args.rate,
+                burst=args.burst,
+            )
+            if tenancy.audit is not None:
+                detail = {"key": record.id, "scope": record.scope, "name": record.name}
+                tenancy.audit.record(actor, "key.create", tenant=record.tenant, detail=detail)
+            print(f"key: {key}")
+            print(f"id:  {record.id}  scope {record.scope}  tenant {record.tenant or '(platform)'}")
+            print("Give the key to its user: it is not stored and cannot be shown again.", file=sys.stderr)
+        elif args.keys_command == "list":
+            for r in tenancy.keys.records():
+                state = f"revoked {r.revoked_at}" if r.revoked_at else "active"
+                limits = f" rate {r.rate_per_s:g}/s burst {r.burst}" if r.rate_per_s else ""
+                print(f"{r.id}  {r.scope:8}  {(r.tenant or '(platform)'):20}  {state:32}  {r.name}{limits}")
+        else:
+            record = tenancy.keys.revoke(args.key_id)
+            if tenancy.audit is not None:
+                detail = {"key": record.id, "scope": record.scope, "name": record.name}
+                tenancy.audit.record(actor, "key.revoke", tenant=record.tenant, detail=detail)
+            print(f"revoked {record.id} ({record.name}) at {record.revoked_at}")
+        return 0
+    finally:
+        store.close()
 
 
 def serve_command(settings: Settings, demo: bool) -> None:
@@ -677,6 +743,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], object]] = {
     "import-peft": import_peft_command,
     "export-peft": export_peft_command,
     "hash-key": hash_key_command,
+    "keys": keys_command,
 }
 
 

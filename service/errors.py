@@ -62,6 +62,22 @@ class TooManyRequestsError(OverloadedError):
     code = "too_many_requests"
 
 
+class RateLimitedError(OverloadedError):
+    """The key spent its token bucket; ``retry_after_s`` says when the next request would pass."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class KeyNotFoundError(NotFoundError):
+    """No API key has that public id."""
+
+    code = "key_not_found"
+
+
 class RequestTimeoutError(PtserveError):
     """The request did not finish within ``request_timeout_s``."""
 

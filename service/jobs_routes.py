@@ -9,11 +9,14 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
-from prompts.jobs import JobQueue, JobSpec, JobStatus, job_task_data, resolve_data_path
+from prompts.jobs import JobNotFoundError, JobQueue, JobSpec, JobStatus, job_task_data, resolve_data_path
+from prompts.names import tenant_of
 from prompts.training import job_train_config
+from service.auth import principal_of
 from service.errors import JobsDisabledError, PayloadTooLargeError
 from service.runtime import Runtime
 from service.schemas import ErrorResponse
+from service.tenancy import Principal, visible, writable
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
@@ -88,14 +91,25 @@ def _queue(request: Request) -> tuple[Runtime, JobQueue]:
     return runtime, runtime.jobs
 
 
-def _check(spec: JobSpec, runtime: Runtime) -> None:
-    """Refuse now what a worker would refuse later: bad hyperparameters, unusable inline data, bad paths."""
+def _check(spec: JobSpec, runtime: Runtime, principal: Principal) -> JobSpec:
+    """Refuse now what a worker would refuse later (bad hyperparameters, unusable inline data, bad
+    paths), and confine a tenant's job: its task to the tenant's namespace, its data path to the
+    tenant's folder of the data root (``<data root>/<tenant>/``). Returns the spec to queue."""
     job_train_config(spec)
-    if spec.data_path is not None:
+    task = writable(principal, spec.task)
+    data_path = spec.data_path
+    root = runtime.settings.data_root
+    if data_path is not None:
         # The file is read by the worker; here only where it is, so a huge file costs the API nothing.
-        resolve_data_path(runtime.settings.data_root, spec.data_path)
+        if principal.tenant is not None and root is not None:
+            own = resolve_data_path(root, principal.tenant)
+            path = resolve_data_path(own, data_path)
+            data_path = str(path.relative_to(root.resolve()))  # what the worker resolves under the root
+        else:
+            resolve_data_path(root, data_path)
     else:
-        job_task_data(spec, runtime.settings.data_root)
+        job_task_data(spec, root)
+    return spec.model_copy(update={"task": task, "data_path": data_path})
 
 
 @jobs_router.post(
@@ -116,8 +130,19 @@ async def submit_training_job(
             f"{body.example_count()} inline examples in one job; the limit is {limit} "
             "(PTSERVE_MAX_JOB_EXAMPLES): put larger data sets under the data root and send data_path"
         )
-    await asyncio.to_thread(_check, body, runtime)
-    job_id = await asyncio.to_thread(queue.submit, body)
+    principal = principal_of(request)
+    spec = await asyncio.to_thread(_check, body, runtime, principal)
+    job_id = await asyncio.to_thread(queue.submit, spec)
+    if runtime.audit is not None:
+        detail = {"job": job_id, "method": spec.method}
+        await asyncio.to_thread(
+            runtime.audit.record,
+            principal,
+            "job.submit",
+            tenant=tenant_of(spec.task),
+            task=spec.task,
+            detail=detail,
+        )
     response.headers["Location"] = f"/v1/training-jobs/{job_id}"
     return TrainingJobCreatedResponse(id=job_id, state="queued")
 
@@ -126,7 +151,9 @@ async def submit_training_job(
     "/v1/training-jobs/{job_id}", response_model=TrainingJobResponse, responses=ERRORS, tags=["training"]
 )
 async def get_training_job(job_id: str, request: Request) -> TrainingJobResponse:
-    """A job's state, progress, metrics, published version or error."""
+    """A job's state, progress, metrics, published version or error (a tenant's key: its own jobs)."""
     _, queue = _queue(request)
     status = await asyncio.to_thread(queue.status, job_id)
+    if not visible(principal_of(request), status.task):
+        raise JobNotFoundError(f"no training job {job_id!r}")  # as for an id that does not exist
     return TrainingJobResponse.from_status(status)

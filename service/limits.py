@@ -1,11 +1,15 @@
-"""Request limits as one ASGI middleware: body size (413), concurrent requests (429) and time (504).
+"""Request limits as one ASGI middleware: body size (413), concurrent requests (429), a key's rate
+(429 ``rate_limited``), a tenant's share of the concurrent requests (429) and time (504).
 
 Texts per request and characters per text are checked by the classify route, where the texts are.
+The key's principal comes from the auth middleware, which runs before this one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.responses import JSONResponse
@@ -14,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from prompts.errors import PtserveError
 from service.errors import (
     PayloadTooLargeError,
+    RateLimitedError,
     RequestTimeoutError,
     TooManyRequestsError,
     error_body,
@@ -21,7 +26,9 @@ from service.errors import (
     http_status,
 )
 from service.logs import request_state
+from service.ratelimit import RateLimiter, retry_after_header
 from service.settings import Settings
+from service.tenancy import Principal
 
 # Health probes and scrapes must answer while the replica is saturated: they are never limited.
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -37,6 +44,9 @@ class Limits:
     max_concurrent: int
     timeout_s: float
     retry_after_s: int
+    tenant_max_concurrent: int = 1 << 30  # one tenant's requests at once
+    key_rate_per_s: float | None = None  # default token bucket of a key (None: unlimited)
+    key_burst: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -46,7 +56,20 @@ class Limits:
             max_concurrent=settings.max_concurrent_requests,
             timeout_s=settings.request_timeout_s,
             retry_after_s=settings.retry_after_s,
+            tenant_max_concurrent=max(
+                1, math.ceil(settings.tenant_concurrency_share * settings.max_concurrent_requests)
+            ),
+            key_rate_per_s=settings.key_rate_per_s,
+            key_burst=settings.key_burst,
         )
+
+    def bucket(self, principal: Principal) -> tuple[float, int] | None:
+        """(rate per second, burst) of ``principal``'s key, or None when it is not rate-limited."""
+        rate = principal.rate_per_s if principal.rate_per_s is not None else self.key_rate_per_s
+        if rate is None:
+            return None
+        burst = principal.burst if principal.burst is not None else self.key_burst
+        return rate, burst if burst is not None else max(1, math.ceil(rate))
 
     def body_limit(self, method: str, path: str) -> tuple[int, str]:
         """The byte limit of a route's body and the setting it comes from (for the 413 message)."""
@@ -60,10 +83,19 @@ class _BodyTooLarge(Exception):
 
 
 class LimitsMiddleware:
-    def __init__(self, app: ASGIApp, limits: Limits) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limits: Limits,
+        limiter: Callable[[], RateLimiter | None] = lambda: None,
+        on_refusal: Callable[[Principal, str], None] | None = None,
+    ) -> None:
         self.app = app
         self.limits = limits
+        self.limiter = limiter  # the runtime's, once the lifespan built it
+        self.on_refusal = on_refusal  # (principal, reason): per-tenant metrics
         self.in_flight = 0
+        self.tenant_in_flight: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") in EXEMPT_PATHS:
@@ -81,6 +113,15 @@ class LimitsMiddleware:
             )
             await self._refuse(scope, receive, send, error)
             return
+        principal: Principal | None = request_state(scope).get("principal")
+        tenant = principal.tenant if principal is not None else None
+        if principal is not None:
+            refusal = await self._over_share_or_rate(principal)
+            if refusal is not None:
+                if self.on_refusal is not None:
+                    self.on_refusal(principal, refusal.code)
+                await self._refuse(scope, receive, send, refusal)
+                return
 
         received = 0
         over_limit = False
@@ -107,6 +148,8 @@ class LimitsMiddleware:
             await send(message)
 
         self.in_flight += 1
+        if tenant is not None:
+            self.tenant_in_flight[tenant] = self.tenant_in_flight.get(tenant, 0) + 1
         deadline = asyncio.timeout(self.limits.timeout_s)
         try:
             async with deadline:
@@ -125,11 +168,42 @@ class LimitsMiddleware:
             await self._refuse(scope, receive, send, error)
         finally:
             self.in_flight -= 1
+            if tenant is not None:
+                self.tenant_in_flight[tenant] -= 1
+                if not self.tenant_in_flight[tenant]:
+                    del self.tenant_in_flight[tenant]
+
+    async def _over_share_or_rate(self, principal: Principal) -> PtserveError | None:
+        """Why ``principal``'s request is refused (its tenant's share, its key's rate), or None."""
+        tenant = principal.tenant
+        if tenant is not None and self.tenant_in_flight.get(tenant, 0) >= self.limits.tenant_max_concurrent:
+            return TooManyRequestsError(
+                f"tenant {tenant!r} has {self.tenant_in_flight[tenant]} requests in flight on this "
+                f"replica, its share (tenant_concurrency_share); retry after {self.limits.retry_after_s} s"
+            )
+        bucket = self.limits.bucket(principal)
+        limiter = self.limiter()
+        if bucket is None or limiter is None:
+            return None
+        rate, burst = bucket
+        if limiter.needs_io:
+            verdict = await asyncio.to_thread(limiter.take, principal.key_id, rate, burst)
+        else:
+            verdict = limiter.take(principal.key_id, rate, burst)
+        if verdict.allowed:
+            return None
+        return RateLimitedError(
+            f"key {principal.key_id} is over its rate of {rate:g} requests/s (burst {burst}); "
+            f"retry after {verdict.retry_after_s:.2f} s",
+            verdict.retry_after_s,
+        )
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, error: PtserveError) -> None:
         status = http_status(error)
         body = error_body(error.code, error.message, request_state(scope).get("request_id"))
         headers = http_headers(status, self.limits.retry_after_s)
+        if isinstance(error, RateLimitedError):
+            headers["Retry-After"] = retry_after_header(error.retry_after_s)
         if status == 413:
             # The rest of the body is not read; the client must not reuse this connection.
             headers["Connection"] = "close"

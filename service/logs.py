@@ -3,6 +3,7 @@ access line per request written by :class:`RequestLogMiddleware`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -42,6 +43,8 @@ class RequestRecord:
     version: str | None
     status: int
     latency_ms: float
+    key: str | None = None  # the public id of the request's key (None: no key checked)
+    tenant: str | None = None  # the key's tenant (None: a platform key, or no key)
 
 
 def request_id_from(headers: Sequence[tuple[bytes, bytes]]) -> str:
@@ -151,6 +154,9 @@ class RequestLogMiddleware:
                 status=status,
                 latency_ms=(time.perf_counter() - started) * 1000.0,
             )
+            principal = state.get("principal")
+            if principal is not None:
+                record = dataclasses.replace(record, key=principal.key_id, tenant=principal.tenant)
             self._finish(record)
 
     def _finish(self, record: RequestRecord) -> None:

@@ -7,6 +7,7 @@ read from the runtime when ``/metrics`` is scraped, so they never drift from the
 from __future__ import annotations
 
 import logging
+from collections import Counter as Counter_
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from service.batcher import BatchStats
 from service.logs import RequestRecord
+from service.tenancy import Principal, tenant_label
 
 if TYPE_CHECKING:
     from service.engine import Row
@@ -34,9 +36,12 @@ _RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 class Metrics:
     """Every metric of one app; ``render()`` is the body of ``GET /metrics``."""
 
-    def __init__(self, runtime: Callable[[], Runtime | None]) -> None:
+    def __init__(self, runtime: Callable[[], Runtime | None], max_tenant_series: int = 100) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # Tenants named in per-tenant series, first come first named; the rest count as "other".
+        self._tenants: set[str] = set()
+        self._max_tenants = max_tenant_series
         # ``task`` is set only once a request resolved a real task (routes put it on request.state),
         # so unknown or malformed task names cannot grow the label set.
         self.requests = Counter(
@@ -82,7 +87,32 @@ class Metrics:
             buckets=_FORWARD_BUCKETS,
             registry=r,
         )
-        self.registry.register(RuntimeCollector(runtime))
+        self.tenant_requests = Counter(
+            "ptserve_tenant_requests",
+            "HTTP requests by the key's tenant ('platform' for platform keys) and status",
+            ["tenant", "status"],
+            registry=r,
+        )
+        self.tenant_rows = Counter(
+            "ptserve_tenant_rows", "texts classified, by the task's tenant", ["tenant"], registry=r
+        )
+        self.tenant_refusals = Counter(
+            "ptserve_tenant_refusals",
+            "requests refused by a tenant's limits (rate_limited, too_many_requests), by tenant",
+            ["tenant", "reason"],
+            registry=r,
+        )
+        self.registry.register(RuntimeCollector(runtime, self.tenant))
+
+    def tenant(self, tenant: str | None) -> str:
+        """The label of ``tenant`` (None or "": the platform), bounded by ``max_tenant_series``."""
+        if not tenant:
+            return "platform"
+        if tenant not in self._tenants:
+            if len(self._tenants) >= self._max_tenants:
+                return "other"
+            self._tenants.add(tenant)
+        return tenant
 
     def observe_request(self, record: RequestRecord) -> None:
         route = record.route or "unmatched"
@@ -90,6 +120,11 @@ class Metrics:
         status = str(record.status)
         self.requests.labels(route, task, status).inc()
         self.latency.labels(route, task, status).observe(record.latency_ms / 1000.0)
+        if record.key is not None:
+            self.tenant_requests.labels(self.tenant(record.tenant), status).inc()
+
+    def observe_refusal(self, principal: Principal, reason: str) -> None:
+        self.tenant_refusals.labels(self.tenant(principal.tenant), reason).inc()
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batches.labels(stats.closed_by).inc()
@@ -102,6 +137,9 @@ class Metrics:
     def observe_rows(self, rows: Sequence[Row]) -> None:
         """Called from the forward thread with each batch's rows (prometheus-client is thread-safe)."""
         self.batch_tasks.observe(len({(row.task.task, row.task.version) for row in rows}))
+        per_tenant = Counter_(tenant_label(row.task.task) for row in rows)
+        for tenant, count in per_tenant.items():
+            self.tenant_rows.labels(self.tenant(tenant)).inc(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -110,8 +148,9 @@ class Metrics:
 class RuntimeCollector(Collector):
     """Reads the cache, batcher and job queue at scrape time (no job queue: no job figures)."""
 
-    def __init__(self, runtime: Callable[[], Runtime | None]) -> None:
+    def __init__(self, runtime: Callable[[], Runtime | None], tenant: Callable[[str | None], str]) -> None:
         self._runtime = runtime
+        self._tenant = tenant
 
     def describe(self) -> list[Metric]:
         # Nothing up front: what exists depends on the runtime, which appears in the lifespan.
@@ -136,6 +175,18 @@ class RuntimeCollector(Collector):
             "ptserve_cache_evictions", "task versions evicted from the device cache", cache.evictions
         )
         yield _counter("ptserve_swaps", "times this replica saw a task's current version change", cache.swaps)
+        per_tenant = GaugeMetricFamily(
+            "ptserve_tenant_cache_bytes",
+            "bytes of a tenant's tasks in the device prompt cache",
+            labels=["tenant"],
+        )
+        totals: dict[str, int] = {}
+        for tenant, nbytes in cache.tenant_bytes().items():
+            label = self._tenant(tenant)
+            totals[label] = totals.get(label, 0) + nbytes
+        for label, nbytes in sorted(totals.items()):
+            per_tenant.add_metric([label], nbytes)
+        yield per_tenant
         jobs = runtime.jobs
         if jobs is not None:
             family = GaugeMetricFamily("ptserve_training_jobs", "training jobs by state", labels=["state"])

@@ -15,8 +15,9 @@ from fastapi.responses import JSONResponse
 from prompts.artifact import PromptArtifact, check_compatible, parse_artifact
 from prompts.backbone import Encoding
 from prompts.errors import ArtifactTooLargeError, InvalidInputError, PtserveError, VersionNotFoundError
-from prompts.names import validate_task_name
+from prompts.names import tenant_of
 from prompts.store import PromptStore, TaskRecord
+from service.auth import principal_of
 from service.engine import Row
 from service.runtime import Runtime
 from service.schemas import (
@@ -32,6 +33,7 @@ from service.schemas import (
     RollbackResponse,
     UploadResponse,
 )
+from service.tenancy import Principal, resolve, visible, writable
 
 T = TypeVar("T")
 
@@ -120,7 +122,7 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     runtime = _runtime(request)
     texts = body.all_texts()
     _check_texts(texts, runtime)
-    task = await runtime.cache.resolve(body.task)
+    task = await runtime.cache.resolve(resolve(principal_of(request), body.task))
     # For the access line and the metrics (service/logs.py): only resolved tasks become labels.
     request.state.task, request.state.version = task.task, task.version
     if len(texts) <= INLINE_TOKENIZE_TEXTS and sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
@@ -165,25 +167,32 @@ async def upload_prompt(
         check_compatible(artifact, runtime.backbone.spec)
         return artifact
 
+    principal = principal_of(request)
     artifact = await asyncio.to_thread(validate)
-    request.state.task, request.state.version = artifact.task, artifact.version
+    # A tenant's key uploads into its own namespace, whatever the artifact's (bare) name.
+    task = writable(principal, artifact.task)
+    request.state.task, request.state.version = task, artifact.version
 
     async def publish() -> None:
         # One upload at a time per replica: the store's pointer and this cache's move in the same order.
         async with runtime.upload_lock:
-            with runtime.cache.changing(artifact.task) as since:
+            with runtime.cache.changing(task) as since:
                 await asyncio.to_thread(
-                    runtime.store.put,
-                    artifact.task,
-                    artifact.version,
-                    artifact.data,
-                    artifact.manifest_json(),
+                    runtime.store.put, task, artifact.version, artifact.data, artifact.manifest_json()
                 )
-                await runtime.cache.install(artifact, since)
+                await runtime.cache.install(artifact, since, task)
+        await _audit(runtime, principal, "upload", task, artifact.version)
 
     await unabandoned(publish())
     m = artifact.manifest
-    return UploadResponse(task=m.task, version=m.version, labels=m.labels, method=m.method)
+    return UploadResponse(task=task, version=m.version, labels=m.labels, method=m.method)
+
+
+async def _audit(runtime: Runtime, principal: Principal, action: str, task: str, version: str | None) -> None:
+    if runtime.audit is not None:
+        await asyncio.to_thread(
+            runtime.audit.record, principal, action, tenant=tenant_of(task), task=task, version=version
+        )
 
 
 def _info(record: TaskRecord) -> PromptInfo:
@@ -204,30 +213,51 @@ def _info(record: TaskRecord) -> PromptInfo:
 
 @classify_router.get("/v1/prompts", response_model=PromptListResponse, tags=["prompts"])
 async def list_prompts(request: Request) -> PromptListResponse:
+    """Every task the key may see: its tenant's (a platform key: all of them)."""
+    principal = principal_of(request)
     records = await asyncio.to_thread(_runtime(request).store.list_tasks)
-    return PromptListResponse(tasks=[_info(r) for r in records])
+    return PromptListResponse(tasks=[_info(r) for r in records if visible(principal, r.task)])
 
 
 @classify_router.get("/v1/prompts/{task}", response_model=PromptInfo, responses=ERRORS, tags=["prompts"])
 async def get_prompt(task: str, request: Request) -> PromptInfo:
-    validate_task_name(task)
-    record = await asyncio.to_thread(_runtime(request).store.record, task)
+    """One task with its stored versions (a tenant's key may name its tasks bare)."""
+    name = resolve(principal_of(request), task)
+    record = await asyncio.to_thread(_runtime(request).store.record, name)
     return _info(record)
+
+
+@classify_router.get(
+    "/v1/prompts/{tenant}/{task}", response_model=PromptInfo, responses=ERRORS, tags=["prompts"]
+)
+async def get_tenant_prompt(tenant: str, task: str, request: Request) -> PromptInfo:
+    """One tenant's task by its full name."""
+    return await get_prompt(f"{tenant}/{task}", request)
 
 
 @admin_router.delete("/v1/prompts/{task}", response_model=DeleteResponse, responses=ERRORS, tags=["prompts"])
 async def delete_prompt(task: str, request: Request) -> DeleteResponse:
     """Delete a task: new requests get 404; requests already admitted finish on their version."""
     runtime = _runtime(request)
-    validate_task_name(task)
+    principal = principal_of(request)
+    name = resolve(principal, task)
 
     async def remove() -> None:
         async with runtime.upload_lock:
-            await asyncio.to_thread(runtime.store.delete, task)
-            runtime.cache.forget(task)
+            await asyncio.to_thread(runtime.store.delete, name)
+            runtime.cache.forget(name)
+        await _audit(runtime, principal, "delete", name, None)
 
     await unabandoned(remove())
-    return DeleteResponse(task=task, deleted=True)
+    return DeleteResponse(task=name, deleted=True)
+
+
+@admin_router.delete(
+    "/v1/prompts/{tenant}/{task}", response_model=DeleteResponse, responses=ERRORS, tags=["prompts"]
+)
+async def delete_tenant_prompt(tenant: str, task: str, request: Request) -> DeleteResponse:
+    """Delete one tenant's task by its full name."""
+    return await delete_prompt(f"{tenant}/{task}", request)
 
 
 def _rollback_target(store: PromptStore, task: str, version: str | None) -> tuple[str, str]:
@@ -252,23 +282,38 @@ async def rollback_prompt(
 ) -> RollbackResponse:
     """Make an older stored version current; once this returns, new requests here are served with it."""
     runtime = _runtime(request)
-    validate_task_name(task)
+    principal = principal_of(request)
+    name = resolve(principal, task)
 
     async def roll_back() -> tuple[str, str]:
         async with runtime.upload_lock:
             previous, target = await asyncio.to_thread(
-                _rollback_target, runtime.store, task, body.version if body is not None else None
+                _rollback_target, runtime.store, name, body.version if body is not None else None
             )
             # Loaded before the pointer moves, so a version this replica cannot serve is refused
             # (404 unknown, 409 unusable) without changing what every replica serves.
-            await runtime.cache.load(task, target)
-            with runtime.cache.changing(task) as since:
-                await asyncio.to_thread(runtime.store.set_current, task, target)
-                await runtime.cache.activate(task, target, since)
-            return previous, target
+            await runtime.cache.load(name, target)
+            with runtime.cache.changing(name) as since:
+                await asyncio.to_thread(runtime.store.set_current, name, target)
+                await runtime.cache.activate(name, target, since)
+        await _audit(runtime, principal, "rollback", name, target)
+        return previous, target
 
     previous, target = await unabandoned(roll_back())
-    return RollbackResponse(task=task, version=target, previous=previous)
+    return RollbackResponse(task=name, version=target, previous=previous)
+
+
+@admin_router.post(
+    "/v1/prompts/{tenant}/{task}/rollback",
+    response_model=RollbackResponse,
+    responses=ERRORS,
+    tags=["prompts"],
+)
+async def rollback_tenant_prompt(
+    tenant: str, task: str, request: Request, body: Annotated[RollbackRequest | None, Body()] = None
+) -> RollbackResponse:
+    """Roll back one tenant's task by its full name."""
+    return await rollback_prompt(f"{tenant}/{task}", request, body)
 
 
 @public_router.get("/healthz", response_model=HealthResponse, tags=["health"])

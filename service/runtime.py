@@ -11,11 +11,14 @@ from prompts.disk_store import DiskPromptStore
 from prompts.jobs import JobQueue
 from prompts.redis_store import RedisPromptStore
 from prompts.store import PromptStore
+from service.audit import AuditLog, DiskAuditBackend, RedisAuditBackend
 from service.batcher import BatchStats, DynamicBatcher, group_window
 from service.cache import PromptCache
 from service.engine import Engine, Row
+from service.keystore import DiskKeyBackend, KeyStore, RedisKeyBackend
 from service.memory import HeapTrimmer
 from service.pool import PromptPool
+from service.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
 from service.settings import Settings
 from service.watcher import ChangeWatcher, make_watcher
 
@@ -31,6 +34,36 @@ class Runtime:
     watcher: ChangeWatcher | None = None
     upload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     jobs: JobQueue | None = None  # None: training jobs are disabled on this replica
+    keys: KeyStore | None = None  # stored API keys (None: a store that keeps none)
+    audit: AuditLog | None = None
+    limiter: RateLimiter = field(default_factory=LocalRateLimiter)
+
+
+@dataclass(frozen=True)
+class Tenancy:
+    """What a store's backend keeps besides prompts: API keys, the audit trail, rate-limit buckets."""
+
+    keys: KeyStore | None
+    audit: AuditLog | None
+    limiter: RateLimiter
+
+
+def open_tenancy(settings: Settings, store: PromptStore) -> Tenancy:
+    """Keys, audit trail and rate limits in the same backend as ``store`` (Redis or the disk root)."""
+    if isinstance(store, RedisPromptStore):
+        client, prefix = store.client, store.prefix
+        return Tenancy(
+            KeyStore(RedisKeyBackend(client, prefix), settings.key_refresh_s),
+            AuditLog(RedisAuditBackend(client, prefix, settings.audit_max_entries)),
+            RedisRateLimiter(client, prefix),
+        )
+    if isinstance(store, DiskPromptStore):
+        return Tenancy(
+            KeyStore(DiskKeyBackend(store.root), settings.key_refresh_s),
+            AuditLog(DiskAuditBackend(store.root)),
+            LocalRateLimiter(),
+        )
+    return Tenancy(None, None, LocalRateLimiter())
 
 
 def open_store(location: str, keep_versions: int = 10) -> PromptStore:
@@ -87,6 +120,7 @@ def build_runtime(
         max_artifact_bytes=settings.max_artifact_bytes,
         pointer_ttl_s=settings.pointer_ttl_s,
         host_budget_bytes=settings.host_cache_bytes,
+        tenant_share=settings.tenant_cache_share,
     )
     engine = Engine(
         backbone,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from prompts.names import TASK_NAME_PATTERN
+from prompts.names import TASK_NAME_PATTERN, TENANT_PATTERN
 
 # The document states the rules the handlers enforce (so clients and fuzzers can follow them), but
 # pydantic does not check them: the handlers' own errors name the problem better.
@@ -126,3 +126,54 @@ class ErrorResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class KeyCreateRequest(BaseModel):
+    """A new API key: a platform key (no ``tenant``) or one tenant's."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=200, description="what the key is for (shown in listings)")
+    scope: Literal["classify", "admin"] = Field(description="classify, or admin (which may also classify)")
+    tenant: str | None = Field(
+        default=None,
+        description="the tenant whose tasks the key sees and changes; none: a platform key (every tenant)",
+        json_schema_extra={"pattern": f"^{TENANT_PATTERN.pattern}$"},
+    )
+    rate_per_s: float | None = Field(default=None, gt=0, description="token-bucket rate of this key")
+    burst: int | None = Field(default=None, ge=1, description="token-bucket size of this key")
+
+
+class KeyInfo(BaseModel):
+    id: str = Field(description="the key's public id (in the audit trail and logs); not the key")
+    name: str
+    scope: str
+    tenant: str | None
+    created_at: str
+    created_by: str = Field(description="the public id of the key that created it")
+    revoked_at: str | None
+    rate_per_s: float | None
+    burst: int | None
+
+
+class KeyCreatedResponse(KeyInfo):
+    key: str = Field(description="the key itself: shown this once, never stored or shown again")
+
+
+class KeyListResponse(BaseModel):
+    keys: list[KeyInfo]
+
+
+class AuditEntryInfo(BaseModel):
+    time: str
+    actor: str = Field(description="public id of the key that made the change")
+    actor_tenant: str | None
+    action: str = Field(description="upload, rollback, delete, job.submit, key.create or key.revoke")
+    tenant: str | None = Field(description="the namespace changed (none: the platform's)")
+    task: str | None
+    version: str | None
+    detail: dict[str, Any] | None
+
+
+class AuditResponse(BaseModel):
+    entries: list[AuditEntryInfo] = Field(description="newest first")

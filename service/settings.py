@@ -10,7 +10,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # An API-key entry: ``<scope>:<sha256 hex of the key>`` (``ptserve hash-key`` prints one).
-API_KEY_ENTRY = re.compile(r"^(classify|admin):([0-9a-f]{64})$")
+# SCOPE[@TENANT]:SHA256HEX; a tenant as prompts.names.TENANT_PATTERN has it.
+API_KEY_ENTRY = re.compile(r"^(classify|admin)(?:@([a-z0-9][a-z0-9_-]{0,31}))?:([0-9a-f]{64})$")
 
 
 class Settings(BaseSettings):
@@ -188,8 +189,52 @@ class Settings(BaseSettings):
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="comma-separated 'SCOPE:SHA256HEX' entries: SCOPE 'classify' or 'admin' (admin may "
-        "also classify), SHA256HEX the key's sha256 in lower-case hex; 'ptserve hash-key' prints one",
+        description="comma-separated 'SCOPE[@TENANT]:SHA256HEX' entries: SCOPE 'classify' or 'admin' (admin "
+        "may also classify), TENANT binds the key to one tenant's tasks (none: a platform key), SHA256HEX "
+        "the key's sha256 in lower-case hex; 'ptserve hash-key' prints one. Keys stored with 'ptserve keys' "
+        "or POST /v1/keys work besides these",
+    )
+    key_refresh_s: float = Field(
+        default=0.25,
+        gt=0,
+        le=60,
+        description="how often a replica checks the stored API keys for changes: a key created or revoked "
+        "anywhere is honoured or refused everywhere within this time",
+    )
+    key_rate_per_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="requests per second a key may make (token bucket, shared by the replicas on one Redis; "
+        "a key's own rate_per_s overrides it); default: unlimited",
+    )
+    key_burst: int | None = Field(
+        default=None,
+        ge=1,
+        description="requests a key may make at once before key_rate_per_s applies; default: one "
+        "second's worth",
+    )
+    tenant_concurrency_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="fraction of max_concurrent_requests one tenant's keys may hold at once (429 beyond it); "
+        "platform keys are not counted",
+    )
+    tenant_cache_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="fraction of the device and host prompt caches one tenant's tasks may hold: its cold "
+        "tasks then evict its own before anyone else's (the platform namespace is not capped)",
+    )
+    audit_max_entries: int = Field(
+        default=100_000, ge=100, description="audit entries kept in a Redis store (oldest dropped first)"
+    )
+    max_tenant_series: int = Field(
+        default=100,
+        ge=1,
+        description="tenants named in per-tenant metrics; the traffic of any further tenant counts as "
+        "'other'",
     )
     metrics_public: bool = Field(
         default=True, description="serve GET /metrics without a key (else the admin scope is needed)"
@@ -238,8 +283,8 @@ class Settings(BaseSettings):
             if not API_KEY_ENTRY.match(entry):
                 shown = entry.split(":", 1)[0]
                 raise ValueError(
-                    f"entry {i + 1} (scope {shown!r}) is not '<classify|admin>:<64 lowercase hex digits>', "
-                    "the sha256 of the key; 'ptserve hash-key' prints one"
+                    f"entry {i + 1} (scope {shown!r}) is not '<classify|admin>[@<tenant>]:<64 lowercase hex "
+                    "digits>', the sha256 of the key; 'ptserve hash-key' prints one"
                 )
         return value
 

@@ -24,7 +24,7 @@ from prompts.errors import (
 from prompts.store import PromptStore, StoredArtifact
 
 V1, V2, V3, V4, V5 = (f"{i:08x}" for i in range(0xA1, 0xA6))
-BAD_NAMES = ["../etc", "a/b", "Upper", "x" * 65, "", ".hidden", "..", "a\x00b"]
+BAD_NAMES = ["../etc", "a/b/c", "a.b/c", "/b", "a/", "Upper", "x" * 65, "", ".hidden", "..", "a\x00b"]
 
 
 def manifest(task: str = "t", **extra: Any) -> str:

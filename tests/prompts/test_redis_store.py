@@ -336,7 +336,7 @@ def test_invalid_names_are_rejected_before_any_redis_call(dead_redis_url: str) -
         lambda: store.put("../x", V1, b"x", manifest()),
         lambda: store.get("Bad"),
         lambda: store.get("Bad", V1),
-        lambda: store.current_version("a/b"),
+        lambda: store.current_version("a/b/c"),
         lambda: store.versions(""),
         lambda: store.record("x" * 65),
         lambda: store.set_current("a:b", V1),

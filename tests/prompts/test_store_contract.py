@@ -30,7 +30,23 @@ from prompts.store import PromptStore, StoredArtifact
 pytest_plugins = ("tests.redis_server",)
 
 V1, V2, V3, V4, V5 = (f"{i:08x}" for i in range(0xA1, 0xA6))
-BAD_NAMES = ["../etc", "a/b", "Upper", "x" * 65, "", ".hidden", "..", "a\x00b", "a:b", "a b", "a*"]
+BAD_NAMES = [
+    "../etc",
+    "a/b/c",
+    "a.b/c",
+    "/b",
+    "a/",
+    "a~b",
+    "Upper",
+    "x" * 65,
+    "",
+    ".hidden",
+    "..",
+    "a\x00b",
+    "a:b",
+    "a b",
+    "a*",
+]
 
 
 def manifest(task: str = "t", **extra: Any) -> str:
@@ -346,3 +362,20 @@ def test_current_versions_reads_pointers_only(store: PromptStore) -> None:
     store.delete("a")
     # Names that cannot be tasks are left out rather than raising: reconciling must go on.
     assert store.current_versions(["a", "../x", "b"]) == {"a": None, "b": V1}
+
+
+def test_tenant_tasks_live_apart_from_the_platforms_and_each_other(backend: Backend) -> None:
+    """``team-a/x``, ``team-b/x`` and the platform's ``x`` are three tasks (a tenant may share a name)."""
+    store = backend.open(10)
+    names = ["x", "team-a/x", "team-b/x", "team-a/y", "team-a"]
+    versions = [V1, V2, V3, V4, V5]
+    for name, version in zip(names, versions, strict=True):
+        put(store, name, version)
+    assert [r.task for r in store.list_tasks()] == sorted(names)
+    for name, version in zip(names, versions, strict=True):
+        assert store.get(name).data == data_for(version) and store.current_version(name) == version
+    assert store.current_versions(["team-a/x", "team-b/nothing"]) == {"team-a/x": V2, "team-b/nothing": None}
+    store.delete("team-a/x")
+    assert [r.task for r in store.list_tasks()] == ["team-a", "team-a/y", "team-b/x", "x"]
+    with pytest.raises(TaskNotFoundError):
+        store.get("team-a/x")

@@ -241,11 +241,18 @@ JSON_CASES = [
         {"task": "nope", "text": "hi"}, 404, "task_not_found", ["unknown task 'nope'"], id="unknown-task"
     ),
     pytest.param(
-        {"task": "team/good", "text": "hi"},
+        {"task": "team/good/x", "text": "hi"},
         422,
         "invalid_task_name",
-        ["invalid task name 'team/good'"],
-        id="task-slash",
+        ["invalid task name 'team/good/x'", "after a tenant and a '/'"],
+        id="task-slashes",
+    ),
+    pytest.param(
+        {"task": "team/good", "text": "hi"},
+        404,
+        "task_not_found",
+        ["unknown task 'team/good'"],
+        id="task-tenant",
     ),
     pytest.param(
         {"task": "..", "text": "hi"}, 422, "invalid_task_name", ["invalid task name '..'"], id="task-dotdot"
@@ -362,11 +369,20 @@ def test_a_text_with_some_control_characters_is_still_classified(client: TestCli
 
 # Percent-escapes travel as written; the server decodes them before routing.
 PATH_CASES = [
+    # One '/' separates a tenant from its task; more are no route at all.
+    pytest.param("team/good", 404, "task_not_found", ["unknown task 'team/good'"], id="tenant"),
+    pytest.param("team%2Fgood", 404, "task_not_found", ["unknown task 'team/good'"], id="encoded-slash"),
     pytest.param(
-        "team/good", 404, "not_found", ["no route for {method} /v1/prompts/team/good", "(no '/')"], id="slash"
+        "team/good/x",
+        404,
+        "not_found",
+        ["no route for {method} /v1/prompts/team/good/x", "(no other '/')"],
+        id="slashes",
     ),
-    pytest.param("team%2Fgood", 404, "not_found", ["/v1/prompts/team/good", "(no '/')"], id="encoded-slash"),
-    pytest.param("..%2F..%2Fetc", 404, "not_found", ["/v1/prompts/../../etc", "(no '/')"], id="traversal"),
+    pytest.param(
+        "..%2F..%2Fetc", 404, "not_found", ["/v1/prompts/../../etc", "(no other '/')"], id="traversal"
+    ),
+    pytest.param("..%2Fetc", 422, "invalid_task_name", ["invalid task name '../etc'"], id="traversal-tenant"),
     pytest.param("%2E%2E", 422, "invalid_task_name", ["invalid task name '..'"], id="dotdot"),
     pytest.param("%2E", 422, "invalid_task_name", ["invalid task name '.'"], id="dot"),
     pytest.param("Good", 422, "invalid_task_name", ["invalid task name 'Good'"], id="upper"),
