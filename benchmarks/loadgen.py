@@ -47,6 +47,10 @@ class Job:
     timeout_s: float = 60.0
     seed: int = 0
     client: str = "raw"  # "raw" (asyncio streams, HTTP/1.1 keep-alive) or "httpx"
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every request (an API key)
+    # Closed loop: after a 429 a client waits this long before its next request (a well-behaved
+    # client honours Retry-After; ptserve's is at least 1 s). 0: it sends again at once.
+    pause_after_429_s: float = 0.0
 
 
 @dataclass
@@ -89,9 +93,10 @@ class Recorder:
 class RawConnection:
     """One HTTP/1.1 keep-alive connection on asyncio streams: POST a JSON body, read the answer."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, headers: dict[str, str] | None = None) -> None:
         self.host = host
         self.port = port
+        self.extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -106,7 +111,7 @@ class RawConnection:
         reader, writer = self.reader, self.writer
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            f"Content-Type: application/json\r\n{self.extra}Content-Length: {len(body)}\r\n\r\n"
         )
         writer.write(head.encode() + body)
         status_line = await reader.readline()
@@ -164,7 +169,7 @@ class Sender:
         if self.client is not None:
             try:
                 response = await self.client.post(
-                    self.path, content=body, headers={"content-type": "application/json"}
+                    self.path, content=body, headers={"content-type": "application/json", **self.job.headers}
                 )
                 await response.aread()
                 return str(response.status_code)
@@ -174,7 +179,7 @@ class Sender:
                 return type(exc).__name__
         conn = self.idle.pop() if self.idle else None
         if conn is None:
-            conn = RawConnection(self.host, self.port)
+            conn = RawConnection(self.host, self.port, self.job.headers)
             self.all.append(conn)
         try:
             for attempt in (0, 1):
@@ -223,6 +228,8 @@ async def closed_loop(job: Job, sender: Sender, outcome: Outcome) -> None:
             start = loop.time()
             status = await sender.send(body)
             rec.record(start, loop.time(), status)
+            if status == "429" and job.pause_after_429_s > 0:
+                await asyncio.sleep(job.pause_after_429_s)
 
     workers = [asyncio.ensure_future(worker(k)) for k in range(job.concurrency)]
     done, pending = await asyncio.wait(workers, timeout=job.warmup_s + job.duration_s + job.drain_s)

@@ -75,8 +75,11 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(args: argparse.Namespace, store: Path, log_path: Path) -> Iterator[Server]:
-    """``ptserve serve`` on a free loopback port; SIGTERM (then SIGKILL after 30 s) on the way out."""
+def running_server(
+    args: argparse.Namespace, store: Path, log_path: Path, env_extra: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """``ptserve serve`` on a free loopback port; SIGTERM (then SIGKILL after 30 s) on the way out.
+    ``env_extra`` sets (or overrides) the server's environment, e.g. auth and tenant settings."""
     port = free_port()
     env = dict(os.environ)
     env.update(
@@ -89,6 +92,7 @@ def running_server(args: argparse.Namespace, store: Path, log_path: Path) -> Ite
             "PYTHONUNBUFFERED": "1",
         }
     )
+    env.update(env_extra or {})
     if args.pipeline_depth is not None:
         env["PTSERVE_PIPELINE_DEPTH"] = str(args.pipeline_depth)
     if args.server_threads > 0:
@@ -152,15 +156,22 @@ def wait_ready(server: Server, timeout_s: float) -> float:
 
 
 def upload_tasks(
-    server: Server, backbone: Backbone, count: int, prefix_length: int, num_labels: int
+    server: Server,
+    backbone: Backbone,
+    count: int,
+    prefix_length: int,
+    num_labels: int,
+    *,
+    prefix: str = "http-bench-",
+    headers: dict[str, str] | None = None,
 ) -> list[str]:
     spec = backbone.spec
     g = torch.Generator().manual_seed(0)
     names = []
-    with httpx.Client(timeout=60.0) as client:
+    with httpx.Client(timeout=60.0, headers=headers) as client:
         for i in range(count):
             artifact = build_artifact(
-                task=f"http-bench-{i}",
+                task=f"{prefix}{i}",
                 labels=[f"l{j}" for j in range(num_labels)],
                 spec=spec,
                 prefix=torch.randn(
@@ -210,26 +221,31 @@ def process_cpu_s(pid: int) -> float:
 
 def run_loadgen(job: dict[str, Any], workdir: Path, client_threads: int) -> dict[str, Any]:
     """Run one job in a separate ``benchmarks.loadgen`` process; returns its outcome."""
-    job_path = workdir / "job.json"
-    result_path = workdir / "result.json"
-    result_path.unlink(missing_ok=True)
-    job_path.write_text(json.dumps(job))
+    return run_loadgens([job], workdir, client_threads)[0]
+
+
+def run_loadgens(jobs: list[dict[str, Any]], workdir: Path, client_threads: int) -> list[dict[str, Any]]:
+    """Run several jobs at once, one ``benchmarks.loadgen`` process each; returns their outcomes."""
     env = dict(os.environ)
     if client_threads > 0:
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[name] = str(client_threads)
-    limit = job["warmup_s"] + job["duration_s"] + job["drain_s"] + 60.0
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.loadgen", str(job_path), str(result_path)],
-        cwd=REPO_ROOT,
-        env=env,
-        timeout=limit,
-        check=False,
-    )
-    if completed.returncode != 0 or not result_path.exists():
-        raise RuntimeError(f"load generator failed with exit code {completed.returncode}")
-    outcome: dict[str, Any] = json.loads(result_path.read_text())
-    return outcome
+    running = []
+    for i, job in enumerate(jobs):
+        job_path = workdir / f"job-{i}.json"
+        result_path = workdir / f"result-{i}.json"
+        result_path.unlink(missing_ok=True)
+        job_path.write_text(json.dumps(job))
+        command = [sys.executable, "-m", "benchmarks.loadgen", str(job_path), str(result_path)]
+        limit = job["warmup_s"] + job["duration_s"] + job["drain_s"] + 60.0
+        running.append((subprocess.Popen(command, cwd=REPO_ROOT, env=env), result_path, limit))
+    outcomes = []
+    for process, result_path, limit in running:
+        code = process.wait(timeout=limit)
+        if code != 0 or not result_path.exists():
+            raise RuntimeError(f"load generator failed with exit code {code}")
+        outcomes.append(json.loads(result_path.read_text()))
+    return outcomes
 
 
 @dataclass

@@ -15,7 +15,7 @@ import concurrent.futures
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -85,13 +85,16 @@ def choose_group(costs: Sequence[int], max_size: int, max_tokens: int) -> tuple[
 class _Entry(Generic[ItemT, ResultT]):
     """One queued item; compared by identity so ``deque.remove`` finds exactly this one."""
 
-    __slots__ = ("cost", "enqueued_at", "future", "item")
+    __slots__ = ("cost", "enqueued_at", "future", "group", "item")
 
-    def __init__(self, item: ItemT, cost: int, future: asyncio.Future[ResultT], enqueued_at: float) -> None:
+    def __init__(
+        self, item: ItemT, cost: int, future: asyncio.Future[ResultT], enqueued_at: float, group: str = ""
+    ) -> None:
         self.item = item
         self.cost = cost
         self.future = future
         self.enqueued_at = enqueued_at
+        self.group = group
 
 
 # What the worker thread hands back: results or the error run_batch raised, and its wall time.
@@ -125,6 +128,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         max_queue: int | None = None,
         group_window: int | None = None,
         pipeline_depth: int = 1,
+        fair_group: Callable[[ItemT], str] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -147,6 +151,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._max_queue = max_queue
         self._group_window = group_window
         self._pipeline_depth = pipeline_depth
+        # Fairness between groups (tenants): while rows of several groups wait, batches take them in
+        # round robin (each group's oldest first), so one group's deep queue cannot make another's
+        # rows wait behind all of it. With one group queued, batches form exactly as without it.
+        self._fair_group = fair_group
+        self._queued_per_group: collections.Counter[str] = collections.Counter()
         self._owns_executor = executor is None
         self._executor: concurrent.futures.Executor = executor or concurrent.futures.ThreadPoolExecutor(
             max_workers=pipeline_depth, thread_name_prefix="ptserve-forward"
@@ -230,9 +239,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         futures: list[asyncio.Future[ResultT]] = []
         for item, cost in zip(items, costs, strict=True):
             future: asyncio.Future[ResultT] = loop.create_future()
-            entry = _Entry(item, cost, future, now)
+            group = self._fair_group(item) if self._fair_group is not None else ""
+            entry = _Entry(item, cost, future, now, group)
             future.add_done_callback(self._make_forget(entry))
             self._queue.append(entry)
+            self._queued_per_group[group] += 1
             futures.append(future)
         self._wakeup.set()
         return futures
@@ -250,13 +261,37 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 # ValueError: already taken into a batch, or failed by stop().
                 with contextlib.suppress(ValueError):
                     self._queue.remove(entry)
+                    self._dequeued([entry])
 
         return forget
 
     def _fail_queued(self, error: Exception) -> None:
         entries = list(self._queue)
         self._queue.clear()
+        self._queued_per_group.clear()
         self._fail(entries, error)
+
+    def _dequeued(self, entries: Sequence[_Entry[ItemT, ResultT]]) -> None:
+        for entry in entries:
+            self._queued_per_group[entry.group] -= 1
+            if self._queued_per_group[entry.group] <= 0:
+                del self._queued_per_group[entry.group]
+
+    def _fair_view(self) -> list[_Entry[ItemT, ResultT]] | None:
+        """The live queue in round robin over groups (in the order of each group's oldest row), or
+        None while it holds one group only (then the queue order is the fair order)."""
+        if len(self._queued_per_group) < 2:
+            return None
+        members: dict[str, list[_Entry[ItemT, ResultT]]] = {}
+        for entry in self._queue:
+            if not entry.future.done():
+                members.setdefault(entry.group, []).append(entry)
+        if len(members) < 2:
+            return None
+        view: list[_Entry[ItemT, ResultT]] = []
+        for rank in range(max(len(rows) for rows in members.values())):
+            view.extend(rows[rank] for rows in members.values() if rank < len(rows))
+        return view
 
     @staticmethod
     def _fail(entries: Sequence[_Entry[ItemT, ResultT]], error: Exception) -> None:
@@ -303,13 +338,20 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             # Cleared before looking, so a submit that lands while we wait below still wakes us.
             self._wakeup.clear()
             while self._queue and self._queue[0].future.done():
-                self._queue.popleft()
+                self._dequeued([self._queue.popleft()])
             if not self._queue:
                 if self._closed:
                     return None
                 await self._wakeup.wait()
                 continue
-            taken, consumed, closed_by = self._scan() if self._group_window is None else self._scan_grouped()
+            view = self._fair_view()
+            entries = self._queue if view is None else view
+            if self._group_window is None:
+                taken, consumed, closed_by = self._scan(entries)
+            else:
+                taken, consumed, closed_by = self._scan_grouped(entries)
+            if view is not None:
+                consumed = -1  # not a prefix of the queue: removed by identity below
             if closed_by is None and self._running:
                 # Another batch is running: only a full batch may overlap it (see the class docstring).
                 # A batch finishing sets _wakeup, and this one is formed again without the restriction.
@@ -331,22 +373,26 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                         continue
                     closed_by = "time"
             if consumed >= 0:
-                for _ in range(consumed):
-                    self._queue.popleft()
-            else:  # a grouped batch is not a prefix of the queue
+                # Every popped entry leaves the count here: a cancelled one's forget callback will
+                # not find it in the queue any more.
+                self._dequeued([self._queue.popleft() for _ in range(consumed)])
+            else:  # a grouped or fair batch is not a prefix of the queue
                 chosen = {id(entry) for entry in taken}
                 self._queue = collections.deque(e for e in self._queue if id(e) not in chosen)
+                self._dequeued(taken)
             return taken, closed_by
 
-    def _scan(self) -> tuple[list[_Entry[ItemT, ResultT]], int, str | None]:
-        """The batch the queue's head would form now, how many queue slots it spans, and why it closed.
-
-        ``None`` as the reason means the batch could still take more items.
+    def _scan(
+        self, entries: Iterable[_Entry[ItemT, ResultT]]
+    ) -> tuple[list[_Entry[ItemT, ResultT]], int, str | None]:
+        """The batch the head of ``entries`` (the queue, or its fair view) would form now, how many
+        queue slots it spans, and why it closed. ``None`` as the reason means the batch could still
+        take more items.
         """
         taken: list[_Entry[ItemT, ResultT]] = []
         longest = 0
         consumed = 0
-        for entry in self._queue:
+        for entry in entries:
             if entry.future.done():
                 consumed += 1  # cancelled; dropped along with the batch
                 continue
@@ -361,7 +407,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 return taken, consumed, "size"
         return taken, consumed, None
 
-    def _scan_grouped(self) -> tuple[list[_Entry[ItemT, ResultT]], int, str | None]:
+    def _scan_grouped(
+        self, entries: Iterable[_Entry[ItemT, ResultT]]
+    ) -> tuple[list[_Entry[ItemT, ResultT]], int, str | None]:
         """Like ``_scan``, but fills the batch with queued items of lengths close to the oldest one.
 
         Only the oldest ``group_window`` live items are candidates. The oldest item always goes, so
@@ -372,7 +420,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         """
         assert self._group_window is not None
         window: list[_Entry[ItemT, ResultT]] = []
-        for entry in self._queue:
+        for entry in entries:
             if not entry.future.done():
                 window.append(entry)
                 if len(window) >= self._group_window:

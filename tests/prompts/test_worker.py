@@ -36,18 +36,21 @@ def _worker(private_redis: RedisServer, backbone: Backbone, queue: JobQueue) -> 
     return TrainingWorker(backbone, queue, store, heartbeat_s=0.05, data_root=None, name="inproc")
 
 
+@pytest.mark.parametrize("task", ["keywords", "team-a/keywords"])
 def test_worker_trains_reports_progress_and_publishes(
-    private_redis: RedisServer, backbone: Backbone, queue: JobQueue
+    private_redis: RedisServer, backbone: Backbone, queue: JobQueue, task: str
 ) -> None:
     worker = _worker(private_redis, backbone, queue)
-    job_id = queue.submit(JobSpec.model_validate(job_request(epochs=3)))
+    job_id = queue.submit(JobSpec.model_validate({**job_request(epochs=3), "task": task}))
     lease = queue.take(worker.name, block_s=0.1)
     assert lease is not None
     assert worker.run_job(lease, threading.Event()) == "succeeded"
     status = queue.status(job_id)
     assert status.state == "succeeded" and status.progress is not None and status.metrics is not None
     assert status.progress["epoch"] == 3 and status.progress["dev_accuracy"] is not None
-    assert worker.store.current_version("keywords") == status.version
+    # A tenant's job (its name confined by the API) publishes into the tenant's namespace.
+    assert worker.store.current_version(task) == status.version
+    assert [r.task for r in worker.store.list_tasks()] == [task]
 
 
 def test_worker_stopping_gives_the_job_back(

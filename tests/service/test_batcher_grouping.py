@@ -95,3 +95,31 @@ def test_choose_group_trims_the_long_end_to_the_token_budget_but_keeps_the_oldes
     assert sorted(chosen) == [0, 1] and trimmed
     # One item over the budget still runs, alone.
     assert choose_group([500, 4], max_size=2, max_tokens=100) == ([0], True)
+
+
+async def test_rows_of_several_groups_share_batches_in_round_robin() -> None:
+    """One group's deep queue does not make another group's rows wait behind all of it."""
+    from service.batcher import DynamicBatcher
+
+    seen: list[list[str]] = []
+
+    def run(items: list[str]) -> list[str]:
+        seen.append(items)
+        return items
+
+    batcher: DynamicBatcher[str, str] = DynamicBatcher(
+        run, max_batch_size=4, max_batch_tokens=1000, max_wait_ms=0, cost=len, fair_group=lambda s: s[0]
+    )
+    # Queued before the collector runs: 12 rows of group "a", then 2 of group "b", then 1 of "c".
+    batcher.start()
+    flood = [f"a{i:02d}" for i in range(12)]
+    submitted = [batcher.submit_many(flood), batcher.submit_many(["b0", "b1"]), batcher.submit_many(["c0"])]
+    results = await asyncio.gather(*submitted)
+    await batcher.stop()
+    assert results == [flood, ["b0", "b1"], ["c0"]]
+    # The first batch already holds the oldest row of every group, in round robin.
+    assert seen[0] == ["a00", "b0", "c0", "a01"]
+    assert seen[1] == ["a02", "b1", "a03", "a04"]  # each group in the order of its oldest row
+    # Once one group is left, batches are its rows in queue order, as without fairness.
+    assert [row for batch in seen[2:] for row in batch] == flood[5:]
+    assert batcher._queued_per_group == {}
