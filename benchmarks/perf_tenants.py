@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds measured per run")
     parser.add_argument("--polite-load", type=float, default=0.2, help="polite arrivals, x capacity")
     parser.add_argument("--flood-concurrency", type=int, default=48)
-    parser.add_argument("--flood-limit", type=float, default=0.3, help="flooder's key rate, x capacity")
+    parser.add_argument("--flood-limit", type=float, default=0.2, help="flooder's key rate, x capacity")
     parser.add_argument("--flood-burst", type=int, default=2, help="the flooder's key's token-bucket size")
     parser.add_argument(
         "--flood-pause",
