@@ -177,6 +177,7 @@ def create_app(
         try:
             yield
         finally:
+            runtime.draining = True
             # Admitted requests finish before the store closes.
             await runtime.batcher.stop(drain=True)
             if runtime.watcher is not None:

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from service.batcher import BatchStats
+from service.health import OK
 from service.logs import RequestRecord
 from service.tenancy import Principal, tenant_label
 
@@ -161,6 +162,11 @@ class RuntimeCollector(Collector):
         if runtime is None:
             return
         yield _gauge("ptserve_queue_depth", "rows waiting for a batch", runtime.batcher.queue_depth)
+        # Runs in the scrape's thread (see install_metrics_route); at most one ping per second.
+        store_up = runtime.store_health.probe(runtime.store) == OK
+        yield _gauge(
+            "ptserve_store_up", "1 if this replica reaches the prompt store, else 0", float(store_up)
+        )
         cache = runtime.cache
         yield _gauge("ptserve_cache_entries", "task versions in the device prompt cache", len(cache))
         yield _gauge("ptserve_cache_bytes", "bytes of task tensors in the device prompt cache", cache.nbytes)

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from prompts.artifact import PromptArtifact, check_compatible, parse_artifact
 from prompts.backbone import Encoding
-from prompts.errors import ArtifactTooLargeError, InvalidInputError, PtserveError, VersionNotFoundError
+from prompts.errors import ArtifactTooLargeError, InvalidInputError, VersionNotFoundError
 from prompts.names import tenant_of
 from prompts.store import PromptStore, TaskRecord
 from service.auth import principal_of
@@ -326,16 +326,20 @@ async def healthz() -> HealthResponse:
     "/readyz", response_model=HealthResponse, responses={503: {"model": HealthResponse}}, tags=["health"]
 )
 async def readyz(request: Request) -> HealthResponse | JSONResponse:
-    """Ready when the backbone is loaded and the prompt store answers."""
+    """Ready when this replica can serve: the backbone is loaded and it is not draining.
+
+    The prompt store's state is reported (``checks.store``, metric ``ptserve_store_up``) but does not
+    decide readiness: while Redis fails over, cached tasks keep serving, and an orchestrator that
+    took every replica out of rotation would turn a partial outage into a total one.
+    """
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)
     if runtime is None:
         body = HealthResponse(status="starting", checks={"backbone": "loading"})
         return JSONResponse(body.model_dump(), status_code=503)
     checks = {"backbone": runtime.backbone.spec.fingerprint}
-    try:
-        await asyncio.to_thread(runtime.store.ping)
-        checks["store"] = "ok"
-    except PtserveError as exc:
-        checks["store"] = exc.message
-        return JSONResponse(HealthResponse(status="unavailable", checks=checks).model_dump(), status_code=503)
-    return HealthResponse(status="ready", checks=checks)
+    checks["store"] = await runtime.store_health.check(runtime.store)
+    if runtime.draining:
+        checks["draining"] = "yes"
+        return JSONResponse(HealthResponse(status="draining", checks=checks).model_dump(), status_code=503)
+    status = "ready" if checks["store"] == "ok" else "degraded"
+    return HealthResponse(status=status, checks=checks)

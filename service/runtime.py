@@ -15,6 +15,7 @@ from service.audit import AuditLog, DiskAuditBackend, RedisAuditBackend
 from service.batcher import BatchStats, DynamicBatcher, group_window
 from service.cache import PromptCache
 from service.engine import Engine, Row
+from service.health import StoreHealth
 from service.keystore import DiskKeyBackend, KeyStore, RedisKeyBackend
 from service.memory import HeapTrimmer
 from service.pool import PromptPool
@@ -38,6 +39,8 @@ class Runtime:
     keys: KeyStore | None = None  # stored API keys (None: a store that keeps none)
     audit: AuditLog | None = None
     limiter: RateLimiter = field(default_factory=LocalRateLimiter)
+    store_health: StoreHealth = field(default_factory=StoreHealth)
+    draining: bool = False  # set at shutdown: /readyz answers 503 while admitted requests finish
 
 
 @dataclass(frozen=True)

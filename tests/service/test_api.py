@@ -20,6 +20,7 @@ from prompts.forward import TaskPrompt, prompted_forward
 from service.app import create_app
 from service.batcher import DynamicBatcher
 from service.engine import Row
+from service.health import StoreHealth
 from service.runtime import Runtime
 from service.settings import Settings
 from tests.factories import random_artifact
@@ -286,16 +287,30 @@ def test_health_and_openapi(client: TestClient, backbone: Backbone) -> None:
     assert client.get("/docs").status_code == 200
 
 
-def test_readyz_reports_an_unusable_store(tmp_path: Path, backbone: Backbone) -> None:
+def test_readyz_reports_an_unusable_store_but_stays_ready(tmp_path: Path, backbone: Backbone) -> None:
     store_dir = tmp_path / "store"
     with TestClient(create_app(Settings(store=str(store_dir)), backbone=backbone)) as client:
+        # Every probe pings (the default keeps an answer for a second).
+        client.app.state.runtime.store_health = StoreHealth(max_age_s=0.0)  # type: ignore[attr-defined]
         assert client.get("/readyz").status_code == 200
+        assert "ptserve_store_up 1.0" in client.get("/metrics").text
         # The store directory vanishes and a plain file takes its place (a lost mount, say).
         shutil.rmtree(store_dir)
         store_dir.write_text("not a directory")
         r = client.get("/readyz")
-        assert r.status_code == 503 and r.json()["status"] == "unavailable"
+        # Readiness is about this replica; the store's state is reported beside it.
+        assert r.status_code == 200 and r.json()["status"] == "degraded"
         assert str(store_dir) in r.json()["checks"]["store"]
+        assert "ptserve_store_up 0.0" in client.get("/metrics").text
+        assert client.get("/healthz").status_code == 200
+
+
+def test_readyz_answers_503_while_draining(tmp_path: Path, backbone: Backbone) -> None:
+    with TestClient(create_app(Settings(store=str(tmp_path / "store")), backbone=backbone)) as client:
+        runtime = client.app.state.runtime  # type: ignore[attr-defined]
+        runtime.draining = True
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "draining"
         assert client.get("/healthz").status_code == 200
 
 

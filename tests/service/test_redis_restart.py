@@ -93,11 +93,19 @@ def test_redis_restart_under_load_fails_no_cached_request_and_recovers(
             assert r.json()["error"]["code"] == "store_unavailable"
             assert "'uncached' is not cached on this replica" in r.json()["error"]["message"]
             assert r.headers.get("Retry-After")
-            assert httpx.get(f"{base}/readyz", timeout=30).status_code == 503
+            # Still ready (cached tasks serve); the store's state is reported beside readiness.
+            ready = httpx.get(f"{base}/readyz", timeout=30)
+            assert ready.status_code == 200 and ready.json()["status"] == "degraded", ready.text
+            assert "unreachable" in ready.json()["checks"]["store"]
+            assert "ptserve_store_up 0.0" in httpx.get(f"{base}/metrics", timeout=30).text
             server.check_alive()
 
             private_redis.start()
-            eventually(lambda: httpx.get(f"{base}/readyz", timeout=30).status_code == 200, "/readyz 200")
+            eventually(
+                lambda: httpx.get(f"{base}/readyz", timeout=30).json()["checks"]["store"] == "ok",
+                "/readyz reports the store back",
+            )
+            assert "ptserve_store_up 1.0" in httpx.get(f"{base}/metrics", timeout=30).text
             eventually(
                 lambda: (
                     httpx.post(
