@@ -30,10 +30,10 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -52,7 +52,8 @@ from prompts.data import (
 )
 from prompts.errors import InvalidInputError, NotFoundError, PtserveError, StoreUnavailableError
 from prompts.names import validate_task_name
-from prompts.redis_store import DEFAULT_PREFIX, redact_url
+from prompts.redis_store import DEFAULT_PREFIX
+from prompts.redis_target import RedisTarget, Replicated, ReplicationError, redact_url
 
 __all__ = [
     "GROUP",
@@ -71,6 +72,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 JobState = Literal["queued", "running", "succeeded", "failed"]
 JOB_STATES: tuple[JobState, ...] = ("queued", "running", "succeeded", "failed")
@@ -338,6 +340,7 @@ class JobQueue:
         claim_idle_s: float = 60.0,
         max_attempts: int = 3,
         socket_timeout: float = 5.0,
+        write_replicas: int | None = None,
         retention_s: float = 7 * 24 * 3600.0,
     ) -> None:
         if retention_s <= 0:
@@ -346,21 +349,29 @@ class JobQueue:
             raise ValueError(f"claim_idle_s must be positive, got {claim_idle_s}")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
-        self.prefix = prefix
+        try:
+            self.target = RedisTarget.parse(url)
+        except ValueError as exc:
+            raise JobQueueError(f"invalid job queue URL {redact_url(url)}: {exc}") from exc
+        # Hash-tagged on a Cluster: the stream, its group and every job hash on one slot.
+        self.prefix = self.target.key_prefix(prefix)
         self.claim_idle_s = claim_idle_s
         self.max_attempts = max_attempts
         self.retention_s = retention_s
-        self.stream = f"{prefix}:jobs:stream"
-        self.counts_key = f"{prefix}:jobs:counts"
-        self._shown_url = redact_url(url)
+        self.stream = f"{self.prefix}:jobs:stream"
+        self.counts_key = f"{self.prefix}:jobs:counts"
+        self._shown_url = self.target.shown
         # Blocking reads wait up to their own timeout; the socket timeout must outlast them.
         self._socket_timeout = socket_timeout
         try:
-            self._client: redis.Redis = redis.Redis.from_url(
-                url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
-            )
-        except ValueError as exc:
+            self._client: redis.Redis = self.target.client(socket_timeout=socket_timeout)
+        except (ValueError, RedisError) as exc:
             raise JobQueueError(f"invalid job queue URL {self._shown_url}: {exc}") from exc
+        replicas = self.target.replicas_to_wait(write_replicas)
+        # Where a failover can happen, a job's writes are done only once a replica has them.
+        self._replicated = (
+            Replicated(self.target, replicas, socket_timeout=socket_timeout) if replicas else None
+        )
         self._transition = self._client.register_script(_TRANSITION)
         self._heartbeat = self._client.register_script(_HEARTBEAT)
         self._group_ready = False
@@ -370,6 +381,17 @@ class JobQueue:
 
     def close(self) -> None:
         self._client.close()
+        if self._replicated is not None:
+            self._replicated.close()
+
+    def _durable(self, write: Callable[[redis.Redis], T]) -> T:
+        """``write(client)``, acknowledged by a replica where one is asked for (see Replicated)."""
+        if self._replicated is None:
+            return write(self._client)
+        try:
+            return self._replicated.run(self.stream, write)
+        except ReplicationError as exc:
+            raise StoreUnavailableError(f"job queue {exc}") from exc
 
     def job_key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -410,12 +432,16 @@ class JobQueue:
             "attempts": 0,
             "created_at": repr(time.time()),
         }
-        with self._redis("submit a job"):
-            pipe = self._client.pipeline(transaction=True)
+
+        def write(client: redis.Redis) -> None:
+            pipe = client.pipeline(transaction=True)
             pipe.hset(self.job_key(job_id), mapping=cast(dict[Any, Any], fields))
             pipe.hincrby(self.counts_key, "queued", 1)
             pipe.xadd(self.stream, {"id": job_id})
             pipe.execute()
+
+        with self._redis("submit a job"):
+            self._durable(write)
         return job_id
 
     def status(self, job_id: str) -> JobStatus:
@@ -468,7 +494,8 @@ class JobQueue:
         for name, value in fields.items():
             args += [name, str(value)]
         with self._redis(f"mark job {job_id} {state}"):
-            result: int = self._transition(keys=[self.job_key(job_id), self.counts_key], args=args)
+            keys = [self.job_key(job_id), self.counts_key]
+            result: int = self._durable(lambda client: self._transition(keys=keys, args=args, client=client))
         return result
 
     def _finish_entry(self, entry_id: str, job_id: str | None = None) -> None:
@@ -593,13 +620,17 @@ class JobQueue:
         changed = self._move(lease.job_id, "queued", owner=lease.consumer, allowed="running", worker="")
         if changed != 1:
             return False
-        with self._redis("re-queue a job"):
-            pipe = self._client.pipeline(transaction=True)
+
+        def write(client: redis.Redis) -> None:
+            pipe = client.pipeline(transaction=True)
             pipe.hincrby(self.job_key(lease.job_id), "attempts", -1)
             pipe.xack(self.stream, GROUP, lease.entry_id)
             pipe.xdel(self.stream, lease.entry_id)
             pipe.xadd(self.stream, {"id": lease.job_id})
             pipe.execute()
+
+        with self._redis("re-queue a job"):
+            self._durable(write)
         return True
 
     def pending_idle_s(self, lease: Lease) -> float | None:

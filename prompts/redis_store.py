@@ -27,7 +27,10 @@ of its own that ends at the first cut, since messages published meanwhile are lo
 what a cut lost with :meth:`RedisPromptStore.current_versions` (every pointer they know, one MGET).
 
 Scripts derive per-version key names from the history and ``{prefix}:tasks`` spans every task, so
-this store needs a single Redis primary (or a proxy that behaves like one), not Redis Cluster.
+all keys must live on one node: under Redis Sentinel that is the primary, under Redis Cluster the
+prefix is hash-tagged (``{ptserve}:art:...``) so every key and script is on one slot, and each
+script declares ``{prefix}:tasks`` as its key so the cluster client routes it there. Where a
+failover can happen, writes wait for a replica's acknowledgement (prompts/redis_target.py).
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
-from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -58,6 +60,7 @@ from prompts.errors import (
     VersionNotFoundError,
 )
 from prompts.names import TASK_NAME_PATTERN, VERSION_PATTERN, validate_task_name, validate_version
+from prompts.redis_target import RedisTarget, Replicated, ReplicationError, redact_url
 from prompts.store import StoredArtifact, TaskRecord, check_put
 
 __all__ = [
@@ -154,20 +157,6 @@ class ChangeFeed:
             self._pubsub.close()
         with contextlib.suppress(RedisError, OSError):
             self._client.close()
-
-
-def redact_url(url: str) -> str:
-    """``url`` without user, password or query string, for messages and logs."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:
-        return "<invalid redis url>"
-    if ":" in host:
-        host = f"[{host}]"  # an IPv6 literal
-    netloc = f"{host}:{port}" if port is not None else host
-    return f"{parts.scheme}://{netloc}{parts.path}"
 
 
 def _is_oom(exc: RedisError) -> bool:
@@ -309,29 +298,39 @@ class RedisPromptStore:
         *,
         prefix: str = DEFAULT_PREFIX,
         socket_timeout: float = 2.0,
+        write_replicas: int | None = None,
     ) -> None:
         if keep_versions < 1:
             raise ValueError(f"keep_versions must be at least 1, got {keep_versions}")
         if not prefix or any(c.isspace() for c in prefix):
             raise ValueError(f"prefix must be a non-empty string without whitespace, got {prefix!r}")
+        try:
+            self.target = RedisTarget.parse(url)
+        except ValueError as exc:
+            raise StoreError(f"invalid prompt store URL {redact_url(url)}: {exc}") from exc
         self.keep_versions = keep_versions
-        self.prefix = prefix
-        self.channel = changes_channel(prefix)
-        self._shown_url = redact_url(url)
-        self._url = url
+        # Hash-tagged on a Cluster: every key and the channel on one slot (prompts/redis_target.py).
+        self.prefix = self.target.key_prefix(prefix)
+        self.channel = changes_channel(self.prefix)
+        # Scripts build their key names from the prefix; this one declared key routes them (Cluster).
+        self._route = f"{self.prefix}:tasks"
+        self._shown_url = self.target.shown
         self._socket_timeout = socket_timeout
         try:
-            self._client: redis.Redis = redis.Redis.from_url(
-                url,
+            self._client: redis.Redis = self.target.client(
                 socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
                 # One immediate retry on connection errors only: a pooled connection is stale after
                 # a server restart, and the retry reconnects. Timeouts are not retried, since the
                 # command may have run (a repeated delete would report an unknown task).
                 retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             )
-        except ValueError as exc:
+        except (ValueError, RedisError) as exc:
             raise StoreError(f"invalid prompt store URL {self._shown_url}: {exc}") from exc
+        replicas = self.target.replicas_to_wait(write_replicas)
+        # Where a failover can happen, a write is done only once a replica has it.
+        self._replicated = (
+            Replicated(self.target, replicas, socket_timeout=socket_timeout) if replicas else None
+        )
         self._put_script = self._client.register_script(_PUT)
         self._set_current_script = self._client.register_script(_SET_CURRENT)
         self._delete_script = self._client.register_script(_DELETE)
@@ -371,7 +370,20 @@ class RedisPromptStore:
     def _run(self, script: Script, action: str, *args: str | bytes | int) -> Any:
         """Run ``script`` with ARGV = prefix, *args (the convention every script here follows)."""
         with self._redis(action):
-            return script(keys=[], args=[self.prefix, *args])
+            return script(keys=[self._route], args=[self.prefix, *args])
+
+    def _write(self, script: Script, action: str, *args: str | bytes | int) -> Any:
+        """``_run`` for a script that writes: replicated before it counts as done (see ``Replicated``)."""
+        if self._replicated is None:
+            return self._run(script, action, *args)
+        with self._redis(action):
+            try:
+                return self._replicated.run(
+                    self._route,
+                    lambda client: script(keys=[self._route], args=[self.prefix, *args], client=client),
+                )
+            except ReplicationError as exc:
+                raise StoreUnavailableError(f"cannot {action}: {exc}") from exc
 
     # ---------------------------------------------------------------------------------- reading
 
@@ -455,12 +467,8 @@ class RedisPromptStore:
         # A client of its own without retries: a cut must surface as an error, not be papered over
         # by a silent reconnect that loses the messages published in between. The health check
         # PINGs an idle subscription, so a half-open connection is noticed too.
-        client = redis.Redis.from_url(
-            self._url,
-            socket_timeout=self._socket_timeout,
-            socket_connect_timeout=self._socket_timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=10,
+        client = self.target.client(
+            socket_timeout=self._socket_timeout, retry=Retry(NoBackoff(), 0), health_check_interval=10
         )
         pubsub = client.pubsub()
         try:
@@ -506,10 +514,15 @@ class RedisPromptStore:
         if not chunks:
             return []
         with self._redis("list tasks"):
-            pipe = self._client.pipeline(transaction=False)
-            for chunk in chunks:
-                self._records_script(keys=[], args=[self.prefix, *chunk], client=pipe)
-            replies: list[Any] = pipe.execute()
+            replies: list[Any]
+            if self.target.kind == "cluster":
+                # A Cluster pipeline does not load scripts first; one call per chunk instead.
+                replies = [self._records_script(keys=[self._route], args=[self.prefix, *c]) for c in chunks]
+            else:
+                pipe = self._client.pipeline(transaction=False)
+                for chunk in chunks:
+                    self._records_script(keys=[self._route], args=[self.prefix, *chunk], client=pipe)
+                replies = pipe.execute()
         records: list[TaskRecord] = []
         for chunk, entries in zip(chunks, replies, strict=True):
             for name, entry in zip(chunk, entries, strict=True):
@@ -563,6 +576,8 @@ class RedisPromptStore:
         """Close pooled connections; a later call would open new ones."""
         with contextlib.suppress(RedisError):
             self._client.close()
+            if self._replicated is not None:
+                self._replicated.close()
 
     # ---------------------------------------------------------------------------------- writing
 
@@ -575,7 +590,7 @@ class RedisPromptStore:
         """
         check_put(task, version, manifest_json)
         message = ChangeEvent(task, version, "put").to_json()
-        self._run(
+        self._write(
             self._put_script,
             f"store version {version!r} of task {task!r}",
             task,
@@ -597,7 +612,7 @@ class RedisPromptStore:
             self._require_task(task)
             validate_version(task, version)
         message = ChangeEvent(task, version, "rollback").to_json()
-        status = self._run(
+        status = self._write(
             self._set_current_script,
             f"move the pointer of task {task!r}",
             task,
@@ -614,6 +629,6 @@ class RedisPromptStore:
         """Remove the task and all its versions. Raises TaskNotFoundError."""
         validate_task_name(task)
         message = ChangeEvent(task, None, "delete").to_json()
-        status = self._run(self._delete_script, f"delete task {task!r}", task, self.channel, message)
+        status = self._write(self._delete_script, f"delete task {task!r}", task, self.channel, message)
         if status == _TASK_MISSING:
             raise TaskNotFoundError(f"unknown task {task!r}")

@@ -159,7 +159,11 @@ def create_app(
             loaded = await asyncio.to_thread(
                 load_backbone, settings.model, device=settings.device, dtype=settings.dtype
             )
-        opened = store if store is not None else open_store(settings.store, settings.keep_versions)
+        opened = (
+            store
+            if store is not None
+            else open_store(settings.store, settings.keep_versions, settings.write_replicas)
+        )
         runtime = build_runtime(
             settings, loaded, opened, on_batch=metrics.observe_batch, on_rows=metrics.observe_rows
         )

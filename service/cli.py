@@ -611,7 +611,7 @@ def ensure_demo_task(settings: Settings, backbone: Backbone, data: Path | None =
     from prompts.trainer import TrainConfig, train_task
     from service.runtime import open_store
 
-    store = open_store(settings.store, settings.keep_versions)
+    store = open_store(settings.store, settings.keep_versions, settings.write_replicas)
     try:
         try:
             record = store.record(DEMO_TASK)

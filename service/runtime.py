@@ -10,6 +10,7 @@ from prompts.backbone import Backbone
 from prompts.disk_store import DiskPromptStore
 from prompts.jobs import JobQueue
 from prompts.redis_store import RedisPromptStore
+from prompts.redis_target import is_redis_url
 from prompts.store import PromptStore
 from service.audit import AuditLog, DiskAuditBackend, RedisAuditBackend
 from service.batcher import BatchStats, DynamicBatcher, group_window
@@ -70,10 +71,10 @@ def open_tenancy(settings: Settings, store: PromptStore) -> Tenancy:
     return Tenancy(None, None, LocalRateLimiter())
 
 
-def open_store(location: str, keep_versions: int = 10) -> PromptStore:
-    """The store a ``store`` setting or flag names: a redis:// URL, or else a directory path."""
-    if location.startswith(("redis://", "rediss://", "unix://")):
-        return RedisPromptStore(location, keep_versions=keep_versions)
+def open_store(location: str, keep_versions: int = 10, write_replicas: int | None = None) -> PromptStore:
+    """The store a ``store`` setting or flag names: a Redis URL (any form), or else a directory path."""
+    if is_redis_url(location):
+        return RedisPromptStore(location, keep_versions=keep_versions, write_replicas=write_replicas)
     return DiskPromptStore(location, keep_versions=keep_versions)
 
 
@@ -87,6 +88,7 @@ def open_job_queue(settings: Settings) -> JobQueue | None:
         claim_idle_s=settings.worker_claim_idle_s,
         max_attempts=settings.worker_max_attempts,
         retention_s=settings.job_retention_s,
+        write_replicas=settings.write_replicas,
     )
 
 

@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from prompts.redis_target import is_redis_url
+
 # An API-key entry: ``<scope>:<sha256 hex of the key>`` (``ptserve hash-key`` prints one).
 # SCOPE[@TENANT]:SHA256HEX; a tenant as prompts.names.TENANT_PATTERN has it.
 API_KEY_ENTRY = re.compile(r"^(classify|admin)(?:@([a-z0-9][a-z0-9_-]{0,31}))?:([0-9a-f]{64})$")
@@ -40,10 +42,19 @@ class Settings(BaseSettings):
     # Prompt store
     store: str = Field(
         default="./ptserve-data",
-        description="prompt store: a directory, or a redis://host:port/db URL (artifacts and pointers "
-        "changed atomically by Lua scripts; change messages on ptserve:changes)",
+        description="prompt store: a directory, or a Redis URL: redis://host:port/db, "
+        "redis+sentinel://h1:26379,h2:26379/<service>/db (Sentinel) or redis+cluster://h1:6379,h2:6379 "
+        "(Cluster); rediss+... for TLS. Artifacts and pointers change atomically in Lua scripts",
     )
     keep_versions: int = Field(default=10, ge=1, le=1000, description="versions kept per task")
+    write_replicas: int | None = Field(
+        default=None,
+        ge=0,
+        le=16,
+        description="Redis replicas that must acknowledge a store or job-queue write (WAIT) before it "
+        "counts as done, so a failover cannot lose it; default 1 under Sentinel and Cluster, 0 on one "
+        "server. With fewer live replicas, writes answer 503 until one is back",
+    )
 
     # HTTP
     host: str = Field(default="127.0.0.1", description="address to bind ('0.0.0.0' in containers)")
@@ -257,8 +268,10 @@ class Settings(BaseSettings):
     @field_validator("jobs_url")
     @classmethod
     def _jobs_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("jobs_url must be a redis://, rediss:// or unix:// URL")
+        if value is not None and not is_redis_url(value):
+            raise ValueError(
+                "jobs_url must be a Redis URL (redis://, rediss://, unix://, redis+sentinel://, redis+cluster://)"
+            )
         return value
 
     @field_validator("data_root")
@@ -310,6 +323,6 @@ class Settings(BaseSettings):
         """Where training jobs queue: ``jobs_url``, else a redis:// store's URL, else None (disabled)."""
         if self.jobs_url is not None:
             return self.jobs_url
-        if self.store.startswith(("redis://", "rediss://", "unix://")):
+        if is_redis_url(self.store):
             return self.store
         return None

@@ -32,7 +32,7 @@ def run_worker(settings: Settings, stop: threading.Event | None = None) -> None:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-    store = open_store(settings.store, settings.keep_versions)
+    store = open_store(settings.store, settings.keep_versions, settings.write_replicas)
     try:
         if settings.torch_threads is not None:
             import torch

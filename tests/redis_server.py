@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
@@ -94,9 +94,12 @@ class RedisServer:
     the outage reconnect to it. Nothing is persisted: a restart starts empty.
     """
 
-    def __init__(self, binary: Path | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, binary: Path | None = None, port: int | None = None, extra_args: Sequence[str] = ()
+    ) -> None:
         self.binary = binary or find_redis_server()
         self.port = port or free_port()
+        self.extra_args = list(extra_args)
         self.host = "127.0.0.1"
         self._dir = Path(tempfile.mkdtemp(prefix="ptserve-redis-"))
         self._proc: subprocess.Popen[bytes] | None = None
@@ -124,6 +127,7 @@ class RedisServer:
                     "--appendonly", "no",
                     "--dir", str(self._dir),
                     "--daemonize", "no",
+                    *self.extra_args,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -160,6 +164,13 @@ class RedisServer:
         try:
             proc.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies as a crashed node does, without a goodbye to its peers."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
 

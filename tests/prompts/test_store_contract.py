@@ -1,20 +1,20 @@
 """The ``PromptStore`` contract, run against every implementation.
 
-Each test runs once per backend: the disk store on ``tmp_path`` and the Redis store on a real
-server under a key prefix of the test's own. Passing both proves they implement the same
-semantics, so the service can be pointed at either.
+Each test runs once per backend: the disk store on ``tmp_path``, and the Redis store under a key
+prefix of the test's own on a real server, on a Sentinel set and on a Redis Cluster. Passing them
+all proves they implement the same semantics, so the service can be pointed at any.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from prompts.disk_store import DiskPromptStore
 from prompts.errors import (
@@ -27,7 +27,7 @@ from prompts.redis_store import RedisPromptStore
 from prompts.store import PromptStore, StoredArtifact
 
 # The Redis fixtures (redis_url, redis_prefix, private_redis) live with the server helper.
-pytest_plugins = ("tests.redis_server",)
+pytest_plugins = ("tests.redis_server", "tests.redis_ha")
 
 V1, V2, V3, V4, V5 = (f"{i:08x}" for i in range(0xA1, 0xA6))
 BAD_NAMES = [
@@ -70,7 +70,7 @@ class Backend:
     snapshot: Callable[[], list[str]]  # everything the backing holds, to prove nothing changed
 
 
-@pytest.fixture(params=["disk", "redis"])
+@pytest.fixture(params=["disk", "redis", "sentinel", "cluster"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     opened: list[PromptStore] = []
     if request.param == "disk":
@@ -87,9 +87,14 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         yield Backend("disk", open_disk, disk_snapshot)
         return
     # Looked up lazily so the disk half of the suite never needs (or skips for lack of) Redis.
-    url: str = request.getfixturevalue("redis_url")
-    prefix: str = request.getfixturevalue("redis_prefix")
-    client = redis.Redis.from_url(url)
+    if request.param == "redis":
+        url: str = request.getfixturevalue("redis_url")
+        prefix: str = request.getfixturevalue("redis_prefix")
+    else:
+        # A Sentinel set or a Cluster shared by the module; each test under a prefix of its own.
+        url = request.getfixturevalue(f"{request.param}_set").url()
+        prefix = f"contract-{uuid.uuid4().hex[:12]}"
+    inspector = RedisPromptStore(url, prefix=prefix)  # its client reaches the primary (or the nodes)
 
     def open_redis(keep: int) -> PromptStore:
         store = RedisPromptStore(url, keep_versions=keep, prefix=prefix)
@@ -97,12 +102,13 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         return store
 
     def redis_snapshot() -> list[str]:
-        return sorted(key.decode() for key in client.scan_iter(match=f"{prefix}:*"))
+        keys = inspector.client.scan_iter(match=f"{inspector.prefix}:*")
+        return sorted(key.decode() for key in keys)
 
-    yield Backend("redis", open_redis, redis_snapshot)
+    yield Backend(request.param, open_redis, redis_snapshot)
     for store in opened:
         store.close()
-    client.close()
+    inspector.close()
 
 
 @pytest.fixture

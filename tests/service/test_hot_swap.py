@@ -136,13 +136,17 @@ def test_redis_outage_keeps_cached_tasks_and_recovers_without_a_restart(
             assert "'uncached' is not cached on this replica" in r.json()["error"]["message"]
             assert "unreachable" in r.json()["error"]["message"]
             # The store's state is re-checked at most once a second; readiness holds throughout.
-            eventually(lambda: "unreachable" in client.get("/readyz").json()["checks"]["store"], "outage seen")
+            eventually(
+                lambda: "unreachable" in client.get("/readyz").json()["checks"]["store"], "outage seen"
+            )
             assert client.get("/readyz").status_code == 200
             eventually(lambda: runtime.watcher is not None and not runtime.watcher.connected, "cut noticed")
             assert client.get("/healthz").status_code == 200
 
             private_redis.start()
-            eventually(lambda: client.get("/readyz").json()["checks"]["store"] == "ok", "store back in /readyz")
+            eventually(
+                lambda: client.get("/readyz").json()["checks"]["store"] == "ok", "store back in /readyz"
+            )
             eventually(lambda: served_version(client, "uncached") == uncached.version, "uncached served")
             assert served_version(client, "cached") == cached.version
             eventually(lambda: runtime.watcher is not None and runtime.watcher.connected, "resubscribed")
