@@ -606,3 +606,8 @@ def test_worker_scaler_connection_follows_the_redis_values(chart: helm.Chart) ->
         {"redis": {"url": "unix:///run/redis.sock"}, "worker": {"autoscaling": {"enabled": True}}},
     )
     assert "redis:// or rediss://" in render_error(chart, unix)
+
+
+def test_pending_entries_cannot_scale_workers_from_zero(chart: helm.Chart) -> None:
+    values = merged(value_set("cluster"), {"worker": {"autoscaling": {"minReplicas": 0}}})
+    assert "never starts a worker from zero" in render_error(chart, values)
