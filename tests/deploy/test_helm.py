@@ -611,3 +611,15 @@ def test_worker_scaler_connection_follows_the_redis_values(chart: helm.Chart) ->
 def test_pending_entries_cannot_scale_workers_from_zero(chart: helm.Chart) -> None:
     values = merged(value_set("cluster"), {"worker": {"autoscaling": {"minReplicas": 0}}})
     assert "never starts a worker from zero" in render_error(chart, values)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"autoscaling": {"enabled": True, "kind": "keda", "minReplicas": 5, "maxReplicas": 3}},
+        {"autoscaling": {"enabled": True, "kind": "hpa", "minReplicas": 5, "maxReplicas": 3}},
+        {"worker": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3}}},
+    ],
+)
+def test_autoscalers_refuse_a_minimum_above_the_maximum(chart: helm.Chart, override: dict[str, Any]) -> None:
+    assert "minReplicas is above maxReplicas" in render_error(chart, merged(value_set("default"), override))
