@@ -37,9 +37,7 @@ from typing import Any, Literal, TypeVar, cast
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from prompts.data import (
     DataError,
@@ -53,7 +51,7 @@ from prompts.data import (
 from prompts.errors import InvalidInputError, NotFoundError, PtserveError, StoreUnavailableError
 from prompts.names import validate_task_name
 from prompts.redis_store import DEFAULT_PREFIX
-from prompts.redis_target import RedisTarget, Replicated, ReplicationError, redact_url
+from prompts.redis_target import UNAVAILABLE, RedisTarget, Replicated, ReplicationError, redact_url
 
 __all__ = [
     "GROUP",
@@ -400,7 +398,7 @@ class JobQueue:
     def _redis(self, action: str) -> Iterator[None]:
         try:
             yield
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except UNAVAILABLE as exc:
             raise StoreUnavailableError(f"job queue {self._shown_url} is unreachable: {exc}") from exc
         except RedisError as exc:
             raise JobQueueError(f"job queue {self._shown_url} failed to {action}: {exc}") from exc

@@ -49,7 +49,6 @@ from redis.client import PubSub
 from redis.commands.core import Script
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from prompts.errors import (
@@ -60,7 +59,7 @@ from prompts.errors import (
     VersionNotFoundError,
 )
 from prompts.names import TASK_NAME_PATTERN, VERSION_PATTERN, validate_task_name, validate_version
-from prompts.redis_target import RedisTarget, Replicated, ReplicationError, redact_url
+from prompts.redis_target import UNAVAILABLE, RedisTarget, Replicated, ReplicationError, redact_url
 from prompts.store import StoredArtifact, TaskRecord, check_put
 
 __all__ = [
@@ -358,7 +357,7 @@ class RedisPromptStore:
         """Translate redis-py errors raised while doing ``action`` into store errors."""
         try:
             yield
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except UNAVAILABLE as exc:
             raise StoreUnavailableError(f"prompt store {self._shown_url} is unreachable: {exc}") from exc
         except RedisError as exc:
             if _is_oom(exc):

@@ -31,10 +31,21 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import ClusterDownError, ReadOnlyError, RedisClusterException, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-__all__ = ["RedisKind", "RedisTarget", "Replicated", "ReplicationError", "is_redis_url", "redact_url"]
+__all__ = [
+    "UNAVAILABLE",
+    "RedisKind",
+    "RedisTarget",
+    "Replicated",
+    "ReplicationError",
+    "is_redis_url",
+    "redact_url",
+]
 
 RedisKind = Literal["single", "sentinel", "cluster"]
 _SCHEMES: dict[str, tuple[RedisKind, bool]] = {
@@ -47,6 +58,19 @@ _SCHEMES: dict[str, tuple[RedisKind, bool]] = {
     "rediss+cluster": ("cluster", True),
 }
 T = TypeVar("T")
+
+# Errors that mean "Redis cannot be used right now", not "this request is wrong": a lost connection or
+# a timeout, and what a failover shows for a moment: a Cluster without a primary for a slot
+# (CLUSTERDOWN, MASTERDOWN, TRYAGAIN, no node for a slot) or a demoted primary (READONLY). They map to
+# 503 store_unavailable with Retry-After, and a worker keeps its job rather than failing it.
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    ReadOnlyError,
+    RedisClusterException,
+)
 
 
 def is_redis_url(location: str) -> bool:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from prompts.errors import StoreUnavailableError
 from service.errors import KeyNotFoundError
@@ -266,7 +266,7 @@ class KeyStore:
 def _unavailable(what: str) -> Iterator[None]:
     try:
         yield
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         raise StoreUnavailableError(f"cannot {what}: {exc}") from exc
 
 

@@ -167,6 +167,12 @@ class RuntimeCollector(Collector):
         yield _gauge(
             "ptserve_store_up", "1 if this replica reaches the prompt store, else 0", float(store_up)
         )
+        if runtime.watcher is not None:
+            yield _gauge(
+                "ptserve_store_watch_connected",
+                "1 while this replica follows the store's changes (subscription or disk poll up), else 0",
+                float(runtime.watcher.connected),
+            )
         cache = runtime.cache
         yield _gauge("ptserve_cache_entries", "task versions in the device prompt cache", len(cache))
         yield _gauge("ptserve_cache_bytes", "bytes of task tensors in the device prompt cache", cache.nbytes)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class RedisRateLimiter:
     def take(self, key_id: str, rate_per_s: float, burst: int) -> Verdict:
         try:
             allowed, wait = self._script(keys=[f"{self._prefix}:rate:{key_id}"], args=[rate_per_s, burst])
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             if not self._outage_logged:
                 logger.warning("rate limits not enforced while Redis is unreachable: %s", exc)
                 self._outage_logged = True
