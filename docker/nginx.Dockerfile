@@ -4,7 +4,7 @@
 #       --build-arg BASE_IMAGE=localhost/ptserve-base:bookworm .
 #   NGINX_IMAGE=localhost/ptserve-nginx:bookworm podman-compose up -d
 # docker/nginx.conf needs nginx >= 1.27.3 (`resolve` on an upstream server): bookworm has 1.22, so
-# nginx comes from NGINX_SUITE (sid) with the libraries it needs. wget is the health check's client.
+# nginx comes from NGINX_SUITE (sid; empty: the base's own suite). wget is the health check's client.
 # The entrypoint does what the official image's does for compose: NGINX_ENTRYPOINT_LOCAL_RESOLVERS
 # sets NGINX_LOCAL_RESOLVERS from /etc/resolv.conf, and templates in /etc/nginx/templates are
 # written to NGINX_ENVSUBST_OUTPUT_DIR with the environment's variables substituted.
@@ -12,14 +12,15 @@
 ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
 ARG NGINX_SUITE=sid
+# The whole image moves to NGINX_SUITE (a partial upgrade of bookworm trips over the t64 transition).
 RUN if [ -n "$NGINX_SUITE" ]; then \
-        echo "deb [check-valid-until=no] http://deb.debian.org/debian $NGINX_SUITE main" > /etc/apt/sources.list.d/nginx.list \
-        && printf 'Package: *\nPin: release n=%s\nPin-Priority: 100\n' "$NGINX_SUITE" \
-            > /etc/apt/preferences.d/nginx; \
+        rm -f /etc/apt/sources.list.d/* \
+        && echo "deb [check-valid-until=no] http://deb.debian.org/debian $NGINX_SUITE main" > /etc/apt/sources.list \
+        && apt-get update \
+        && DEBIAN_FRONTEND=noninteractive apt-get full-upgrade -y --no-install-recommends; \
     fi \
     && apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        ${NGINX_SUITE:+-t "$NGINX_SUITE"} nginx wget gettext-base \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx wget gettext-base \
     && rm -rf /var/lib/apt/lists/* /etc/nginx/sites-enabled/* \
     && nginx -v
 COPY docker/nginx-entrypoint.sh /usr/local/bin/nginx-entrypoint

@@ -232,8 +232,17 @@ def served_version(base: str, key: str, task: str) -> str | None:
     return version
 
 
-def ready(base: str) -> bool:
+def ready(base: str, container: str | None = None) -> bool:
+    """/readyz answers 200; a container that has exited fails the wait at once."""
+    if container and podman("inspect", container, "--format", "{{.State.Running}}").strip() != "true":
+        raise CheckFailed(f"{container} exited:\n{logs(container)}")
     return http("GET", f"{base}/readyz", timeout=5).status == 200
+
+
+def logs(container: str, tail: int = 30) -> str:
+    """The container's output, stdout and stderr together (ptserve logs to stderr)."""
+    done = subprocess.run(["podman", "logs", "--tail", str(tail), container], capture_output=True, text=True)
+    return done.stdout + done.stderr
 
 
 def serves(base: str, key: str, task: str, version: str) -> bool:
@@ -308,7 +317,7 @@ def single_container(report: Report, key: str, entry: str) -> None:
                 f"PTSERVE_API_KEYS={entry}",
                 IMAGE,
             )
-            wait_for(partial(ready, base), "/readyz answers 200", 300)
+            wait_for(partial(ready, base, SINGLE), "/readyz answers 200", 300)
             report.ok("container ready (/readyz 200)", t0)
             config = json.loads(podman("image", "inspect", IMAGE))[0]
             health = config.get("Healthcheck") or config.get("Config", {}).get("Healthcheck")
@@ -345,7 +354,7 @@ def single_container(report: Report, key: str, entry: str) -> None:
             report.ok(f"stops on SIGTERM (exit code {code})", t0)
     finally:
         if report.failed:
-            print(podman("logs", "--tail", "40", SINGLE, check=False), file=sys.stderr)
+            print(logs(SINGLE), file=sys.stderr)
         podman("rm", "-f", SINGLE, check=False)
 
 
@@ -399,7 +408,7 @@ def compose_topology(report: Report, key: str, entry: str, keep: bool) -> None:
             }
             for name, base in topo.replicas.items():
                 wait_for(
-                    partial(ready, base),
+                    partial(ready, base, name),
                     f"{name} ready",
                     300,
                 )
@@ -479,7 +488,7 @@ def compose_topology(report: Report, key: str, entry: str, keep: bool) -> None:
                 t0,
             )
             worker = next(n for n, s in topo.containers.items() if s == "worker")
-            if status["id"] not in podman("logs", worker):
+            if status["id"] not in logs(worker, 1000):
                 raise CheckFailed(f"{worker}'s log does not mention job {status['id']}")
             report.ok(f"{worker}'s log names the job")
             t0 = time.monotonic()
@@ -494,7 +503,7 @@ def compose_topology(report: Report, key: str, entry: str, keep: bool) -> None:
     finally:
         if report.failed:
             for name in project_containers():
-                print(f"--- {name}\n" + podman("logs", "--tail", "30", name, check=False), file=sys.stderr)
+                print(f"--- {name}\n{logs(name)}", file=sys.stderr)
         if not keep:
             t0 = time.monotonic()
             topo.compose("down", "-v", check=False)
