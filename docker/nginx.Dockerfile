@@ -5,9 +5,10 @@
 #   NGINX_IMAGE=localhost/ptserve-nginx:bookworm podman-compose up -d
 # docker/nginx.conf needs nginx >= 1.27.3 (`resolve` on an upstream server): bookworm has 1.22, so
 # nginx comes from NGINX_SUITE (sid; empty: the base's own suite). wget is the health check's client.
-# The entrypoint does what the official image's does for compose: NGINX_ENTRYPOINT_LOCAL_RESOLVERS
-# sets NGINX_LOCAL_RESOLVERS from /etc/resolv.conf, and templates in /etc/nginx/templates are
-# written to NGINX_ENVSUBST_OUTPUT_DIR with the environment's variables substituted.
+# The entrypoint does what the official image's does for compose: it sources executable
+# /docker-entrypoint.d/*.envsh files (compose mounts docker/nginx-resolver.envsh there, which sets
+# NGINX_LOCAL_RESOLVERS), then writes templates in /etc/nginx/templates to NGINX_ENVSUBST_OUTPUT_DIR
+# with the environment's variables substituted.
 # check-valid-until=no: mirrors that are frozen snapshots serve an expired sid Release file.
 ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}

@@ -251,7 +251,8 @@ def serves(base: str, key: str, task: str, version: str) -> bool:
 
 def healthy(container: str) -> bool:
     """The container's health check, run now (podman without systemd runs none on its own)."""
-    return podman("healthcheck", "run", container, check=False).strip() == "healthy"
+    done = subprocess.run(["podman", "healthcheck", "run", container], capture_output=True, text=True)
+    return done.returncode == 0
 
 
 def classify_count(metrics: str) -> float:
@@ -300,7 +301,7 @@ def new_key() -> tuple[str, str]:
 
 
 def single_container(report: Report, key: str, entry: str) -> None:
-    podman("rm", "-f", SINGLE, check=False)
+    podman("rm", "-f", "-v", SINGLE, check=False)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     try:
@@ -355,7 +356,7 @@ def single_container(report: Report, key: str, entry: str) -> None:
     finally:
         if report.failed:
             print(logs(SINGLE), file=sys.stderr)
-        podman("rm", "-f", SINGLE, check=False)
+        podman("rm", "-f", "-v", SINGLE, check=False)
 
 
 @dataclass
@@ -384,6 +385,15 @@ def container_ip(name: str) -> str:
     return str(ip)
 
 
+def down(topo: Topology) -> None:
+    """podman-compose down leaves scaled replicas behind: remove every container of the project (and
+    its anonymous volumes) first, then the network and named volumes."""
+    ids = podman("ps", "-aq", "--filter", f"label=io.podman.compose.project={PROJECT}").split()
+    if ids:
+        podman("rm", "-f", "-v", *ids, check=False)
+    topo.compose("down", "-v", check=False)
+
+
 def compose_topology(report: Report, key: str, entry: str, keep: bool) -> None:
     port = free_port()
     env = {
@@ -394,7 +404,7 @@ def compose_topology(report: Report, key: str, entry: str, keep: bool) -> None:
         "PTSERVE_HTTP_PORT": str(port),
     }
     topo = Topology(env, f"http://127.0.0.1:{port}", {}, {})
-    topo.compose("down", "-v", check=False)
+    down(topo)
     try:
         with step(report, "compose up: redis, 2 service replicas, worker, nginx (podman-compose)"):
             t0 = time.monotonic()
@@ -506,7 +516,7 @@ def compose_topology(report: Report, key: str, entry: str, keep: bool) -> None:
                 print(f"--- {name}\n{logs(name)}", file=sys.stderr)
         if not keep:
             t0 = time.monotonic()
-            topo.compose("down", "-v", check=False)
+            down(topo)
             print(f"compose down ({time.monotonic() - t0:.1f} s)")
 
 

@@ -303,7 +303,6 @@ def test_nginx_balances_over_the_service_port_and_publishes_8080() -> None:
     names = set(re.findall(r"\$\{?([A-Za-z_]\w*)", NGINX.read_text(encoding="utf-8")))
     assert {n for n in names if not n.islower()} == {"NGINX_LOCAL_RESOLVERS"}
     nginx_env = compose_environment("nginx")
-    assert nginx_env["NGINX_ENTRYPOINT_LOCAL_RESOLVERS"] == "1"
     (server,) = find(conf, "http", "server")
     assert [d["args"] for d in find(server["block"], "listen")] == [["8080"]]
     passes = [d["args"] for d in find(server["block"], "location", "proxy_pass")]
@@ -315,6 +314,12 @@ def test_nginx_balances_over_the_service_port_and_publishes_8080() -> None:
     # The entrypoint writes NGINX_ENVSUBST_OUTPUT_DIR/<name without .template>: nginx's main file.
     assert template.parent == Path("/etc/nginx/templates") and template.suffix == ".template"
     assert Path(nginx_env["NGINX_ENVSUBST_OUTPUT_DIR"]) / template.stem == Path("/etc/nginx/nginx.conf")
+    # The resolver script replaces the official image's (which lists every nameserver: podman's
+    # resolv.conf adds the host's, which do not know the services) and runs before the templates.
+    script = mounted["./docker/nginx-resolver.envsh"]
+    assert script == "/docker-entrypoint.d/15-local-resolvers.envsh"
+    assert os.access(REPO / "docker" / "nginx-resolver.envsh", os.X_OK)
+    assert "NGINX_LOCAL_RESOLVERS" in (REPO / "docker" / "nginx-resolver.envsh").read_text(encoding="utf-8")
 
 
 def test_nginx_lets_uploads_and_slow_requests_reach_the_service() -> None:
@@ -424,7 +429,7 @@ def test_local_redis_and_nginx_images_build_on_a_base_and_do_what_compose_expect
     assert ("WORKDIR", "/data") in redis  # the append-only file lands on the volume
     assert "--protected-mode no" in (REPO / "docker" / "redis-entrypoint.sh").read_text(encoding="utf-8")
     entry = (REPO / "docker" / "nginx-entrypoint.sh").read_text(encoding="utf-8")
-    assert "NGINX_ENTRYPOINT_LOCAL_RESOLVERS" in entry and "NGINX_ENVSUBST_OUTPUT_DIR" in entry
+    assert "/docker-entrypoint.d/*.envsh" in entry and "NGINX_ENVSUBST_OUTPUT_DIR" in entry
 
 
 def test_dockerfile_copies_only_what_exists_and_dockerignore_keeps_it() -> None:
