@@ -119,7 +119,7 @@ class Report:
 class Response:
     status: int
     body: bytes
-    headers: dict[str, str]
+    headers: dict[str, str]  # names in lower case
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -149,9 +149,9 @@ def http(
     request = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with _OPENER.open(request, timeout=timeout) as answer:
-            return Response(answer.status, answer.read(), dict(answer.headers))
+            return Response(answer.status, answer.read(), {k.lower(): v for k, v in answer.headers.items()})
     except urllib.error.HTTPError as error:
-        return Response(error.code, error.read(), dict(error.headers))
+        return Response(error.code, error.read(), {k.lower(): v for k, v in error.headers.items()})
 
 
 def multipart(name: str, filename: str, data: bytes) -> tuple[bytes, str]:
@@ -215,6 +215,9 @@ def step(report: Report, title: str) -> Iterator[None]:
     except CheckFailed as error:
         report.fail(f"{title}: {error}")
         raise
+    except Exception as error:  # a surprise (an answer without a field...) is a failed check too
+        report.fail(f"{title}: {type(error).__name__}: {error}")
+        raise CheckFailed(str(error)) from error
 
 
 def make_artifact(container: str, task: str, seed: int) -> bytes:
@@ -478,7 +481,7 @@ def compose_topology(report: Report, key: str, entry: str, keep: bool) -> None:
             r = http("POST", f"{topo.nginx}/v1/training-jobs", key=key, json_body=job)
             if r.status != 202:
                 raise CheckFailed(f"submit: {r.status} {r.body[:300]!r}")
-            job_url = f"{topo.nginx}{r.headers['Location']}"
+            job_url = f"{topo.nginx}{r.headers['location']}"
             status: dict[str, Any] = {}
 
             def done() -> bool:
