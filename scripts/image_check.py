@@ -389,11 +389,16 @@ def container_ip(name: str) -> str:
 
 
 def down(topo: Topology) -> None:
-    """podman-compose down leaves scaled replicas behind: remove every container of the project (and
-    its anonymous volumes) first, then the network and named volumes."""
-    ids = podman("ps", "-aq", "--filter", f"label=io.podman.compose.project={PROJECT}").split()
-    if ids:
-        podman("rm", "-f", "-v", *ids, check=False)
+    """Everything of the project gone: podman-compose down leaves scaled replicas behind, and a
+    container others depend on (podman-compose's --requires) goes only after them, so leftovers are
+    removed one at a time, dependants first, over a few passes; then the network and named volumes."""
+    topo.compose("down", "-v", check=False)
+    for _ in range(5):
+        ids = podman("ps", "-aq", "--filter", f"label=io.podman.compose.project={PROJECT}").split()
+        if not ids:
+            break
+        for container in ids:
+            podman("rm", "-f", "-v", container, check=False)
     topo.compose("down", "-v", check=False)
 
 
