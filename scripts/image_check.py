@@ -391,7 +391,13 @@ def container_ip(name: str) -> str:
 def down(topo: Topology) -> None:
     """Everything of the project gone: podman-compose down leaves scaled replicas behind, and a
     container others depend on (podman-compose's --requires) goes only after them, so leftovers are
-    removed one at a time, dependants first, over a few passes; then the network and named volumes."""
+    removed one at a time, dependants first, over a few passes; then the network and named volumes,
+    and the anonymous volumes of the images' VOLUMEs, which podman-compose leaves."""
+    ids = podman("ps", "-aq", "--filter", f"label=io.podman.compose.project={PROJECT}").split()
+    volumes = set()
+    for container in ids:
+        mounts = podman("inspect", container, "--format", "{{range .Mounts}}{{.Name}} {{end}}", check=False)
+        volumes |= {v for v in mounts.split() if re.fullmatch(r"[0-9a-f]{64}", v)}
     topo.compose("down", "-v", check=False)
     for _ in range(5):
         ids = podman("ps", "-aq", "--filter", f"label=io.podman.compose.project={PROJECT}").split()
@@ -400,6 +406,8 @@ def down(topo: Topology) -> None:
         for container in ids:
             podman("rm", "-f", "-v", container, check=False)
     topo.compose("down", "-v", check=False)
+    if volumes:
+        podman("volume", "rm", "-f", *sorted(volumes), check=False)
 
 
 def compose_topology(report: Report, key: str, entry: str, keep: bool) -> None:
