@@ -30,13 +30,15 @@ from service.app import create_app
 from service.cli import build_parser
 from service.limits import MULTIPART_OVERHEAD_BYTES
 from service.settings import Settings
-from tests.compose import compose_environment, load_compose, local_environment
+from tests.compose import compose_environment, interpolate, load_compose, local_environment
 from tests.processes import PtserveProcess, clean_environment, free_port
 
 pytest_plugins = ("tests.redis_server",)
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
+REDIS_DOCKERFILE = REPO / "docker" / "redis.Dockerfile"
+NGINX_DOCKERFILE = REPO / "docker" / "nginx.Dockerfile"
 NGINX = REPO / "docker" / "nginx.conf"
 
 PTSERVE_SERVICES = ("service", "worker", "service-gpu", "worker-gpu")
@@ -108,6 +110,16 @@ def _command(service: dict[str, Any]) -> list[str]:
     return shlex.split(command) if isinstance(command, str) else [str(x) for x in command]
 
 
+def _interpolated(value: Any) -> Any:
+    if isinstance(value, str):
+        return interpolate(value, {})
+    if isinstance(value, dict):
+        return {k: _interpolated(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolated(v) for v in value]
+    return value
+
+
 def _ptserve_services() -> dict[str, dict[str, Any]]:
     services: dict[str, dict[str, Any]] = load_compose()["services"]
     return {name: services[name] for name in PTSERVE_SERVICES if name in services}
@@ -122,9 +134,10 @@ def _healthcheck_url(test: list[str]) -> str:
 
 
 def test_compose_file_follows_the_compose_specification() -> None:
-    # Anchors and merge keys resolved (as compose does) and x- fragments dropped, then parsed by the
-    # Compose specification's types: unknown keys, bad conditions or durations would be refused.
-    data = {k: v for k, v in load_compose().items() if not k.startswith("x-")}
+    # Anchors and merge keys resolved, ${VAR:-default} interpolated with nothing set (as compose does)
+    # and x- fragments dropped, then parsed by the Compose specification's types: unknown keys, bad
+    # conditions or durations would be refused.
+    data = _interpolated({k: v for k, v in load_compose().items() if not k.startswith("x-")})
     compose = PyCompose.from_json(json.dumps(data))
     assert set(compose.service_names()) == set(data["services"])
 
@@ -132,8 +145,12 @@ def test_compose_file_follows_the_compose_specification() -> None:
 def test_compose_has_redis_service_worker_and_a_load_balancer() -> None:
     services = load_compose()["services"]
     assert {"redis", "service", "worker", "nginx"} <= set(services)
-    assert services["redis"]["image"].startswith("redis:")
-    assert services["nginx"]["image"].startswith("nginx:")
+    # Upstream images by default; REDIS_IMAGE/NGINX_IMAGE name local builds (docker/*.Dockerfile).
+    assert interpolate(services["redis"]["image"], {}) == "redis:7-alpine"
+    assert interpolate(services["nginx"]["image"], {}) == "nginx:1.27-alpine"
+    local = {"REDIS_IMAGE": "localhost/r:1", "NGINX_IMAGE": "localhost/n:1"}
+    assert interpolate(services["redis"]["image"], local) == "localhost/r:1"
+    assert interpolate(services["nginx"]["image"], local) == "localhost/n:1"
 
 
 def test_every_command_is_a_real_cli_subcommand() -> None:
@@ -276,14 +293,33 @@ def test_nginx_balances_over_the_service_port_and_publishes_8080() -> None:
     # Docker's DNS name of the service, its port, re-resolved as replicas come and go.
     assert servers == [[f"service:{port}", "resolve"]]
     assert find(upstream["block"], "zone")  # `resolve` needs a shared-memory zone
-    assert [d["args"][0] for d in find(conf, "http", "resolver")] == ["127.0.0.11"]
+    # The resolver is the container's own nameserver (Docker's 127.0.0.11, podman's aardvark-dns),
+    # filled in by the nginx image's entrypoint from the template compose mounts.
+    # (crossplane reads "${X} valid=10s" as one argument; nginx sees the substituted text.)
+    resolvers = [" ".join(d["args"]).split() for d in find(conf, "http", "resolver")]
+    assert [r[0] for r in resolvers] == ["${NGINX_LOCAL_RESOLVERS}"]
+    # envsubst replaces only the environment's variables: nginx's own are lower-case, and the only
+    # upper-case one is the resolver.
+    names = set(re.findall(r"\$\{?([A-Za-z_]\w*)", NGINX.read_text(encoding="utf-8")))
+    assert {n for n in names if not n.islower()} == {"NGINX_LOCAL_RESOLVERS"}
+    nginx_env = compose_environment("nginx")
     (server,) = find(conf, "http", "server")
     assert [d["args"] for d in find(server["block"], "listen")] == [["8080"]]
     passes = [d["args"] for d in find(server["block"], "location", "proxy_pass")]
     assert passes == [[f"http://{name}"]]
-    assert nginx["ports"] == ["8080:8080"]
+    assert [interpolate(p, {}) for p in nginx["ports"]] == ["8080:8080"]
+    assert [interpolate(p, {"PTSERVE_HTTP_PORT": "9090"}) for p in nginx["ports"]] == ["9090:8080"]
     mounted = {v.split(":")[0]: v.split(":")[1] for v in nginx["volumes"]}
-    assert mounted["./docker/nginx.conf"] == "/etc/nginx/nginx.conf"
+    template = Path(mounted["./docker/nginx.conf"])
+    # The entrypoint writes NGINX_ENVSUBST_OUTPUT_DIR/<name without .template>: nginx's main file.
+    assert template.parent == Path("/etc/nginx/templates") and template.suffix == ".template"
+    assert Path(nginx_env["NGINX_ENVSUBST_OUTPUT_DIR"]) / template.stem == Path("/etc/nginx/nginx.conf")
+    # The resolver script replaces the official image's (which lists every nameserver: podman's
+    # resolv.conf adds the host's, which do not know the services) and runs before the templates.
+    script = mounted["./docker/nginx-resolver.envsh"]
+    assert script == "/docker-entrypoint.d/15-local-resolvers.envsh"
+    assert os.access(REPO / "docker" / "nginx-resolver.envsh", os.X_OK)
+    assert "NGINX_LOCAL_RESOLVERS" in (REPO / "docker" / "nginx-resolver.envsh").read_text(encoding="utf-8")
 
 
 def test_nginx_lets_uploads_and_slow_requests_reach_the_service() -> None:
@@ -313,8 +349,8 @@ def test_dockerfile_runs_ptserve_as_a_non_root_user() -> None:
     stage = final_stage(instructions)
     froms = [rest for keyword, rest in instructions if keyword == "FROM"]
     args = dict(rest.split("=", 1) for keyword, rest in instructions if keyword == "ARG" and "=" in rest)
-    assert args["PYTHON_IMAGE"] == "python:3.11-slim"
-    assert all(f.split()[0] == "${PYTHON_IMAGE}" for f in froms)
+    assert args["BASE_IMAGE"] == "python:3.11-slim"
+    assert all(f.split()[0] == "${BASE_IMAGE}" for f in froms)
     # CPU torch unless the build says otherwise (the CUDA variant is a build argument).
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     users = [rest for keyword, rest in stage if keyword == "USER"]
@@ -345,8 +381,61 @@ def test_dockerfile_environment_and_healthcheck_match_the_settings() -> None:
     assert volumes == [f'["{settings_env["store"]}"]']
 
 
-def test_dockerfile_copies_only_what_exists_and_dockerignore_keeps_it() -> None:
+def test_dockerfile_installs_the_lock_then_torch_then_ptserve_without_resolving() -> None:
+    """The image gets the tested set: scripts/setup.sh's order, hash-checked, nothing re-resolved."""
     instructions = dockerfile_instructions()
+    runs = [rest for keyword, rest in instructions if keyword == "RUN"]
+    args = dict(rest.split("=", 1) for keyword, rest in instructions if keyword == "ARG" and "=" in rest)
+    copies = [rest.split() for keyword, rest in instructions if keyword == "COPY"]
+    assert ["requirements/serve.txt", "/tmp/serve.txt"] in copies
+    (lock,) = [i for i, r in enumerate(runs) if "-r /tmp/serve.txt" in r]
+    assert "--require-hashes" in runs[lock] and "--no-deps" in runs[lock]
+    (torch,) = [i for i, r in enumerate(runs) if '"$TORCH_SPEC"' in r]
+    # torch from the index, or from docker/wheels alone when TORCH_INDEX_URL is empty (offline).
+    assert (
+        '--index-url "$TORCH_INDEX_URL"' in runs[torch] and "--no-index --find-links /wheels" in runs[torch]
+    )
+    assert args["TORCH_SPEC"].strip('"') == "torch==" + _locked_torch()
+    (project,) = [i for i, r in enumerate(runs) if "--no-build-isolation ." in r]
+    assert "--no-deps" in runs[project] and "pip check" in runs[project]
+    assert lock < torch < project
+    # Debian's own python has no `python` before the venv exists; python:3.11-slim has python3 too.
+    assert runs[0].startswith("python3 -m venv ")
+
+
+def _locked_torch() -> str:
+    """The torch version scripts/setup.sh installs with the lock."""
+    setup = (REPO / "scripts" / "setup.sh").read_text(encoding="utf-8")
+    match = re.search(r"TORCH_SPEC:-torch==([\w.+]+)", setup)
+    assert match is not None
+    return match.group(1)
+
+
+def test_local_redis_and_nginx_images_build_on_a_base_and_do_what_compose_expects() -> None:
+    services = load_compose()["services"]
+    for path, service in ((REDIS_DOCKERFILE, "redis"), (NGINX_DOCKERFILE, "nginx")):
+        instructions = dockerfile_instructions(path)
+        froms = [rest for keyword, rest in instructions if keyword == "FROM"]
+        assert froms == ["${BASE_IMAGE}"], path
+        entrypoint = [rest for keyword, rest in instructions if keyword == "ENTRYPOINT"]
+        script = json.loads(entrypoint[0])[0]
+        sources = {rest.split()[1]: rest.split()[0] for keyword, rest in instructions if keyword == "COPY"}
+        assert (REPO / sources[script]).exists() and os.access(REPO / sources[script], os.X_OK)
+        installs = " ".join(rest for keyword, rest in instructions if keyword == "RUN")
+        # The health check's client is in the image.
+        tool = services[service]["healthcheck"]["test"][1]
+        assert tool in installs or f"{tool.split('-')[0]}-tools" in installs, (path, tool)
+    redis = dockerfile_instructions(REDIS_DOCKERFILE)
+    assert ("WORKDIR", "/data") in redis  # the append-only file lands on the volume
+    assert "--protected-mode no" in (REPO / "docker" / "redis-entrypoint.sh").read_text(encoding="utf-8")
+    entry = (REPO / "docker" / "nginx-entrypoint.sh").read_text(encoding="utf-8")
+    assert "/docker-entrypoint.d/*.envsh" in entry and "NGINX_ENVSUBST_OUTPUT_DIR" in entry
+
+
+def test_dockerfile_copies_only_what_exists_and_dockerignore_keeps_it() -> None:
+    instructions = [
+        i for path in (DOCKERFILE, REDIS_DOCKERFILE, NGINX_DOCKERFILE) for i in dockerfile_instructions(path)
+    ]
     sources = [
         rest.split()[0] for keyword, rest in instructions if keyword == "COPY" and "--from" not in rest
     ]

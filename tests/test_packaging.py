@@ -87,3 +87,19 @@ def test_ci_runs_the_readme_test_command_on_the_lock() -> None:
     setup = (ROOT / "scripts" / "setup.sh").read_text(encoding="utf-8")
     assert "bash scripts/test.sh" in readme and "bash scripts/test.sh" in ci
     assert "--require-hashes" in setup and 'LOCK="$LOCK_DIR/test.txt"' in setup
+
+
+def test_the_wheel_takes_every_subpackage() -> None:
+    """Every package directory under service/ and prompts/ is in what ``pip install .`` installs (a
+    fixed list once left prompts.backbones out: the image failed at start, the checkout did not)."""
+    from setuptools import find_packages
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    found = set(find_packages(where=str(ROOT), **config["packages"]["find"]))
+    on_disk = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for top in ("service", "prompts")
+        for init in (ROOT / top).rglob("__init__.py")
+    }
+    assert "prompts.backbones" in on_disk
+    assert on_disk <= found, on_disk - found
