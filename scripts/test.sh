@@ -15,7 +15,7 @@ fi
 
 VENV=${PTSERVE_VENV:-.venv}
 bash scripts/setup.sh
-"$VENV/bin/ruff" check service prompts tests benchmarks
-"$VENV/bin/ruff" format --check service prompts tests benchmarks
+"$VENV/bin/ruff" check service prompts tests benchmarks scripts
+"$VENV/bin/ruff" format --check service prompts tests benchmarks scripts
 "$VENV/bin/mypy"
 "$VENV/bin/python" -m pytest -q "$@"
