@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import redis
@@ -247,40 +248,36 @@ class ClusterSet:
             node.close()
 
 
-def _started(make: Callable[[], SentinelSet | ClusterSet]) -> SentinelSet | ClusterSet:
+Topology = TypeVar("Topology", SentinelSet, ClusterSet)
+
+
+def _running(make: type[Topology]) -> Iterator[Topology]:
+    """A started topology for the fixture's lifetime (skipped, or failed in CI, if it cannot start)."""
     try:
-        return make()
+        topology = make()
     except (RedisUnavailable, OSError) as exc:
         no_redis(str(exc))
+    try:
+        yield topology
+    finally:
+        topology.close()
 
 
 @pytest.fixture(scope="module")
 def sentinel_set() -> Iterator[SentinelSet]:
-    topology = _started(SentinelSet)
-    assert isinstance(topology, SentinelSet)
-    yield topology
-    topology.close()
+    yield from _running(SentinelSet)
 
 
 @pytest.fixture(scope="module")
 def cluster_set() -> Iterator[ClusterSet]:
-    topology = _started(ClusterSet)
-    assert isinstance(topology, ClusterSet)
-    yield topology
-    topology.close()
+    yield from _running(ClusterSet)
 
 
 @pytest.fixture
 def fresh_sentinel_set() -> Iterator[SentinelSet]:
-    topology = _started(SentinelSet)
-    assert isinstance(topology, SentinelSet)
-    yield topology
-    topology.close()
+    yield from _running(SentinelSet)
 
 
 @pytest.fixture
 def fresh_cluster_set() -> Iterator[ClusterSet]:
-    topology = _started(ClusterSet)
-    assert isinstance(topology, ClusterSet)
-    yield topology
-    topology.close()
+    yield from _running(ClusterSet)
