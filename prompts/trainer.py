@@ -35,6 +35,7 @@ from prompts.methods import (
     PTuningEncoder,
     SoftPrompt,
     label_word_embeddings,
+    label_words,
     prefix_from_tokens,
     resolve_method,
     vocabulary_sample,
@@ -111,6 +112,8 @@ class TrainConfig:
     # input-prompt methods.
     head: HeadStyle | None = None
     max_seconds: float | None = None  # stop after the step that crosses this training time
+    # head "verbalizer": each label's words (default: the label itself), each one vocabulary token.
+    label_words: dict[str, list[str]] | None = None
 
     def resolved(self) -> TrainConfig:
         method = resolve_method(self.method)
@@ -131,6 +134,13 @@ class TrainConfig:
             raise ValueError(f"max_length must leave room for the special tokens, got {self.max_length}")
         if min(self.lr or 0.0, self.head_lr or 0.0, self.weight_decay) < 0 or not 0 <= self.dropout < 1:
             raise ValueError("learning rates and weight decay must be >= 0 and dropout in [0, 1)")
+        if self.head == "verbalizer" and method not in ("p-tuning", "prompt-tuning"):
+            raise ValueError(
+                f"head 'verbalizer' puts a [MASK] in an input prompt: use method p-tuning or "
+                f"prompt-tuning, not {method}"
+            )
+        if self.label_words is not None and self.head != "verbalizer":
+            raise ValueError("label words are for head 'verbalizer'")
         return dataclasses.replace(
             self,
             method=method,
@@ -274,6 +284,9 @@ def build_method(
             generator=generator,
         )
     elif method in ("p-tuning", "prompt-tuning"):
+        verbalizer = (
+            label_words(backbone, labels, config.label_words) if config.head == "verbalizer" else None
+        )
         init = vocabulary_sample(backbone, config.prompt_length, generator)  # [K, hidden]
         words = label_word_embeddings(backbone, labels)
         if words is not None:
@@ -281,9 +294,9 @@ def build_method(
             n = min(len(words), config.prompt_length)
             init[:n] = words[:n]
         if method == "prompt-tuning":
-            module = SoftPrompt(spec, len(labels), init=init, head=config.head)
+            module = SoftPrompt(spec, len(labels), init=init, head=config.head, verbalizer=verbalizer)
         else:
-            module = PTuningEncoder(spec, len(labels), init=init, head=config.head)
+            module = PTuningEncoder(spec, len(labels), init=init, head=config.head, verbalizer=verbalizer)
     else:
         module = LinearProbe(spec, len(labels), head=config.head)
     return module.to(backbone.device)
@@ -546,6 +559,7 @@ def train_task(
             positions="after_prefix",
             metrics=metrics,
             training=training,
+            verbalizer=exported.verbalizer,
         )
 
     # Metrics are measured on the artifact's own tensors, loaded exactly as the service loads them.
