@@ -104,6 +104,29 @@ def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _label_words(text: str) -> dict[str, list[str]]:
+    """``label=word|word,label=word``, or a JSON file ``{"label": "word" or ["word", ...]}``."""
+    path = Path(text)
+    if path.suffix.lower() == ".json" or path.is_file():
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(f"cannot read label words from {path}: {exc}") from exc
+        if not isinstance(value, dict) or not all(
+            isinstance(v, str) or (isinstance(v, list) and all(isinstance(w, str) for w in v))
+            for v in value.values()
+        ):
+            raise argparse.ArgumentTypeError(f'{path}: expected {{"label": "word" or ["word", ...]}}')
+        return {str(k): [v] if isinstance(v, str) else list(v) for k, v in value.items()}
+    words: dict[str, list[str]] = {}
+    for part in text.split(","):
+        label, eq, spelled = part.partition("=")
+        if not eq or not label.strip() or not spelled.strip():
+            raise argparse.ArgumentTypeError(f"expected label=word|word,label=word; got {part!r}")
+        words[label.strip()] = [w.strip() for w in spelled.split("|") if w.strip()]
+    return words
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -185,12 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--head",
-        choices=["cls", "peft", "mean", "last"],
+        choices=["cls", "peft", "mean", "last", "verbalizer"],
         help="cls: the text's first token into the head; mean: mean of the text tokens; last: the text's "
         "last token; peft: the head of PEFT's sequence classifier, so the task exports to PEFT (BERT "
         "layout: position 0 through the pooler; decoders: the last token, no bias). Default: decoders "
         "last; encoders: mean for the probe, for p-tuning-v2 the pooling the backbone declares (mean for "
-        "the packaged MiniLM, ModernBERT its classifier_pooling), else cls",
+        "the packaged MiniLM, ModernBERT its classifier_pooling), else cls; verbalizer: label words "
+        "predicted at a [MASK] after the prompt by the backbone's masked-LM head (ptuning or prompt; "
+        "needs a checkpoint with one, e.g. BertForMaskedLM: the packaged MiniLM has none)",
+    )
+    train.add_argument(
+        "--label-words",
+        type=_label_words,
+        help="head verbalizer: label=word|word,label=word or a JSON file {label: [words]}; each word one "
+        "vocabulary token (default: the label itself)",
     )
     train.add_argument("--dev-fraction", type=float, default=0.1, help="dev split of a single data file")
     train.add_argument("--max-seconds", type=_positive_float, help="stop training after this many seconds")
@@ -473,6 +504,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         class_balanced=args.class_balanced,
         head=args.head,
         max_seconds=args.max_seconds,
+        label_words=args.label_words,
     )
 
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from transformers import BertForMaskedLM
 
-from prompts.artifact import build_artifact, parse_artifact
+from prompts.artifact import PromptArtifact, parse_artifact
 from prompts.backbone import Backbone, load_backbone
 from prompts.errors import ArtifactError, IncompatibleArtifactError, InvalidInputError
 from prompts.forward import TaskPrompt, prompted_forward
 from prompts.methods import label_words
 from prompts.trainer import TrainConfig, train_task
-from tests.factories import forge_artifact, random_artifact
+from tests.factories import forge_artifact, make_verbalizer_artifact, random_artifact
 from tests.models import make_tiny_bert_mlm
 from tests.synthetic import make_task_data
 
@@ -35,25 +35,10 @@ def mlm(mlm_dir: Path) -> Backbone:
     return load_backbone(mlm_dir)
 
 
-def verbalizer_artifact(backbone: Backbone, prompt_words: list[str], task: str = "verb") -> tuple:  # type: ignore[type-arg]
-    """A verbalizer artifact whose input prompt is the word embeddings of ``prompt_words`` then [MASK]."""
-    words = label_words(backbone, LABELS, WORDS)
-    ids = [backbone.tokenizer.convert_tokens_to_ids(w) for w in prompt_words]
-    with torch.no_grad():
-        prompt = backbone.word_embeddings.weight[torch.tensor(ids)].float()  # [K, hidden]
-    prompt = torch.cat([prompt, words.mask_embedding.unsqueeze(0)])  # [K + 1, hidden]
-    artifact = build_artifact(
-        task=task,
-        labels=LABELS,
-        spec=backbone.spec,
-        head_weight=words.head_weight,
-        head_bias=words.head_bias,
-        prompt=prompt,
-        method="p-tuning",
-        pooling="mask",
-        verbalizer=words.spec(mask_position=len(prompt_words)),
-    )
-    return artifact, ids
+def verbalizer_artifact(
+    backbone: Backbone, prompt_words: list[str], task: str = "verb"
+) -> tuple[PromptArtifact, list[int]]:
+    return make_verbalizer_artifact(backbone, WORDS, prompt_words, task=task)
 
 
 def test_label_word_logits_equal_hugging_faces_masked_lm(mlm: Backbone, mlm_dir: Path) -> None:
@@ -72,9 +57,9 @@ def test_label_word_logits_equal_hugging_faces_masked_lm(mlm: Backbone, mlm_dir:
         full = torch.tensor([[*prompt_ids, mask_id, *text_ids]])
         with torch.no_grad():
             vocab = reference(input_ids=full).logits[0, len(prompt_ids)]  # [vocab]
-        expected = torch.stack(
-            [vocab[torch.tensor(w)].mean() for w in artifact.manifest.head.verbalizer.token_ids]
-        )
+        verbalizer = artifact.manifest.head.verbalizer
+        assert verbalizer is not None
+        expected = torch.stack([vocab[torch.tensor(w)].mean() for w in verbalizer.token_ids])
         torch.testing.assert_close(ours[row], expected, rtol=0, atol=1e-5)
 
 
