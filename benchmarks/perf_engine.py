@@ -49,7 +49,8 @@ from service.cache import LoadedTask, prepare_task
 from service.engine import Engine, Row
 from service.pool import PromptPool
 
-POOLINGS = get_args(Pooling)  # "cls", "first", "mean", "last"
+# Head poolings a random task can use ("mask" needs a masked-LM head and label words).
+POOLINGS = tuple(p for p in get_args(Pooling) if p != "mask")  # "cls", "first", "mean", "last"
 
 
 def make_tasks(

@@ -7,6 +7,7 @@ Tensors (all float32, float16 or bfloat16):
 - ``prompt``      [prompt_length, hidden]                      input-prompt embeddings placed before the text
 - ``head.weight`` [num_labels, hidden]                         linear head on the pooled position
 - ``head.bias``   [num_labels]
+  (a verbalizer head: each label's mean masked-LM decoder row and bias, see :class:`VerbalizerSpec`)
 
 The manifest lives under the metadata key ``ptserve.manifest``. Artifacts are data only: no pickle is
 ever read, and every check below fails with a message that says what was expected and what was found.
@@ -24,7 +25,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -40,7 +49,31 @@ MAX_LABELS = 10_000
 ALLOWED_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 Method = Literal["p-tuning-v2", "p-tuning", "prompt-tuning", "linear-probe", "custom"]
-Pooling = Literal["cls", "first", "mean", "last"]
+Pooling = Literal["cls", "first", "mean", "last", "mask"]
+
+
+class VerbalizerSpec(BaseModel):
+    """Label words predicted at a ``[MASK]`` of the template by the backbone's masked-LM head.
+
+    The template is ``prompt[:mask_position] [MASK] prompt[mask_position + 1:] [CLS] text [SEP]``:
+    the ``[MASK]`` is the input prompt's row ``mask_position``, the real [MASK] embedding. A label's
+    score is the mean of its words' masked-LM logits there; ``head.weight`` / ``head.bias`` hold each
+    label's mean decoder row and bias (the mean is linear, so it folds exactly), and the serving path
+    reads only those rows after the head's transform, never the whole vocabulary. Mean rather than
+    max: the fold makes a verbalizer row an ordinary head row in a mixed batch, and the label
+    distribution equals that of the words' mean log-probabilities (the vocabulary's log-sum-exp is
+    one constant per row).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    words: list[list[str]] = Field(
+        min_length=2, max_length=MAX_LABELS
+    )  # per label, as the vocabulary spells them
+    token_ids: list[list[int]] = Field(min_length=2, max_length=MAX_LABELS)  # per label, their vocabulary ids
+    aggregate: Literal["mean"] = "mean"
+    mask_position: int = Field(ge=0, le=4096)
+    mlm_fingerprint: str = Field(min_length=1, max_length=200)  # the masked-LM head the rows came from
 
 
 class HeadSpec(BaseModel):
@@ -49,13 +82,23 @@ class HeadSpec(BaseModel):
     ``cls`` pools the text's first token (after any input prompt), ``first`` pools sequence
     position 0 (the first input-prompt token when there is one: PEFT's sequence-classification
     convention), ``mean`` averages the text tokens, ``last`` pools the text's last token (decoders:
-    the only token that has seen the whole text).
+    the only token that has seen the whole text), ``mask`` reads the input prompt's ``[MASK]`` row
+    through the backbone's masked-LM transform (a verbalizer: ``verbalizer`` says which words).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     pooling: Pooling = "cls"
     pooler: Literal["none", "backbone"] = "none"
+    verbalizer: VerbalizerSpec | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_verbalizer(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Head-based manifests serialise exactly as before verbalizers existed (same JSON, same hash).
+        data: dict[str, Any] = handler(self)
+        if data.get("verbalizer") is None:
+            data.pop("verbalizer", None)
+        return data
 
 
 class BackboneRef(BaseModel):
@@ -197,6 +240,7 @@ def build_artifact(
     positions: Literal["after_prefix", "from_zero"] = "after_prefix",
     metrics: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
+    verbalizer: VerbalizerSpec | None = None,
 ) -> PromptArtifact:
     """Write an artifact from tensors (shapes as in the module docstring); validated like any upload."""
     tensors: dict[str, torch.Tensor] = {
@@ -214,7 +258,7 @@ def build_artifact(
             method=method,
             prefix_length=int(prefix.shape[3]) if prefix is not None and prefix.dim() == 5 else 0,
             prompt_length=int(prompt.shape[0]) if prompt is not None else 0,
-            head=HeadSpec(pooling=pooling, pooler=pooler),
+            head=HeadSpec(pooling=pooling, pooler=pooler, verbalizer=verbalizer),
             positions=positions,
             backbone=BackboneRef(**spec.as_manifest()),
             conventions=family_conventions(spec.family),
@@ -318,6 +362,8 @@ def parse_artifact(data: bytes, *, max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) 
             f"method {manifest.method!r} needs a prefix or an input prompt; the artifact has neither"
         )
 
+    _check_verbalizer(manifest)
+
     actual = content_version(manifest, tensors)
     if manifest.version != actual:
         raise ArtifactError(
@@ -325,6 +371,32 @@ def parse_artifact(data: bytes, *, max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) 
             "the file is corrupt or was edited after export"
         )
     return PromptArtifact(manifest=manifest, tensors=tensors, data=data)
+
+
+def _check_verbalizer(manifest: Manifest) -> None:
+    head, verbalizer = manifest.head, manifest.head.verbalizer
+    if (head.pooling == "mask") != (verbalizer is not None):
+        raise ArtifactError(
+            "head pooling 'mask' and head.verbalizer go together: one is set without the other"
+        )
+    if verbalizer is None:
+        return
+    labels = len(manifest.labels)
+    if len(verbalizer.words) != labels or len(verbalizer.token_ids) != labels:
+        raise ArtifactError(
+            f"verbalizer lists words for {len(verbalizer.words)} and token ids for "
+            f"{len(verbalizer.token_ids)} labels; the task has {labels}"
+        )
+    for label, words, ids in zip(manifest.labels, verbalizer.words, verbalizer.token_ids, strict=True):
+        if not ids or len(words) != len(ids) or min(ids) < 0:
+            raise ArtifactError(f"verbalizer for label {label!r}: needs one non-negative token id per word")
+    if verbalizer.mask_position >= manifest.prompt_length:
+        raise ArtifactError(
+            f"verbalizer mask_position {verbalizer.mask_position} is outside the input prompt "
+            f"(prompt_length {manifest.prompt_length})"
+        )
+    if head.pooler != "none":
+        raise ArtifactError("a verbalizer head reads the masked-LM head, not the backbone's pooler")
 
 
 def family_conventions(family: str) -> dict[str, str]:
@@ -373,6 +445,19 @@ def check_compatible(artifact: PromptArtifact, spec: BackboneSpec) -> None:
             f"artifact for task {artifact.task!r} uses the backbone's pooler, but this backbone "
             f"({spec.fingerprint}) has no pooler weights"
         )
+    verbalizer = artifact.manifest.head.verbalizer
+    if verbalizer is not None:
+        if spec.mlm_fingerprint is None:
+            raise IncompatibleArtifactError(
+                f"task {artifact.task!r} has a verbalizer head (label words at a [MASK]), but this "
+                f"backbone ({spec.fingerprint}) has no masked-LM head; serve it on a checkpoint saved "
+                "with one (e.g. BertForMaskedLM)"
+            )
+        if verbalizer.mlm_fingerprint != spec.mlm_fingerprint:
+            raise IncompatibleArtifactError(
+                f"task {artifact.task!r} was trained on masked-LM head {verbalizer.mlm_fingerprint}; "
+                f"this backbone's is {spec.mlm_fingerprint}"
+            )
     if max_text_tokens(artifact.manifest, spec) < 2:
         raise IncompatibleArtifactError(
             f"artifact for task {artifact.task!r} uses {artifact.manifest.prefix_length} prefix and "

@@ -19,7 +19,7 @@ from prompts.errors import BackboneError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "Backbone", "BackboneSpec", "Encoding", "load_backbone"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "Backbone", "BackboneSpec", "Encoding", "MaskedLMHead", "load_backbone"]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -55,6 +55,10 @@ class BackboneSpec:
     fingerprint: str
     family: str = "bert"  # prompts.backbones: how prompts meet the layers
     num_kv_heads: int = 0  # key/value heads a prefix holds (grouped-query attention); 0: num_heads
+    # A hash of the masked-LM head's weights (transform, decoder rows, bias); None: the checkpoint has
+    # no masked-LM head, so verbalizer tasks cannot run on it. Apart from ``fingerprint`` so that
+    # loading the head changed no existing backbone's fingerprint.
+    mlm_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         if not self.num_kv_heads:
@@ -81,6 +85,31 @@ class BackboneSpec:
 
 
 @dataclass(frozen=True)
+class MaskedLMHead:
+    """A BERT checkpoint's masked-LM head (``cls.predictions``), frozen, for verbalizer tasks.
+
+    A label word's logit at a position with hidden state ``h`` is
+    ``transform(h) . decoder_weight[word] + decoder_bias[word]``; verbalizer tasks only ever read
+    their label words' rows, never the whole vocabulary.
+    """
+
+    transform: torch.nn.Module  # dense -> activation -> LayerNorm, [..., hidden] -> [..., hidden]
+    decoder_weight: torch.Tensor  # [vocab, hidden]; the word embeddings themselves when tied
+    decoder_bias: torch.Tensor  # [vocab]
+    fingerprint: str
+
+    def label_rows(self, token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per label the mean of its words' decoder rows ``[C, hidden]`` and biases ``[C]`` (float32).
+
+        The mean of the words' logits is linear in ``transform(h)``, so it folds into one row per label.
+        """
+        device = self.decoder_bias.device
+        rows = [self.decoder_weight[torch.tensor(ids, device=device)].float().mean(0) for ids in token_ids]
+        biases = [self.decoder_bias[torch.tensor(ids, device=device)].float().mean() for ids in token_ids]
+        return torch.stack(rows), torch.stack(biases)
+
+
+@dataclass(frozen=True)
 class Encoding:
     """One tokenised text, cut to the room its task leaves."""
 
@@ -99,8 +128,10 @@ class Backbone:
         path: Path,
         family: BackboneFamily,
         pooling: str | None = None,
+        mlm: MaskedLMHead | None = None,
     ) -> None:
         self.model = model
+        self.mlm = mlm
         self.tokenizer = tokenizer
         self.spec = spec
         self.path = path
@@ -213,6 +244,83 @@ def _fingerprint(model: PreTrainedModel, model_type: str, family: type[BackboneF
     return f"{model_type}-L{config.num_hidden_layers}-H{config.hidden_size}-{h.hexdigest()[:16]}"
 
 
+_MLM = "cls.predictions."
+
+
+def _checkpoint_tensors(model_dir: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's safetensors tensors whose names start with ``prefix`` (one file or shards)."""
+    from safetensors import safe_open
+
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        files = sorted({str(f) for name, f in weight_map.items() if str(name).startswith(prefix)})
+    else:
+        files = ["model.safetensors"]
+    out: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = (model_dir / name).resolve()
+        if not path.is_file() or not path.is_relative_to(model_dir.resolve()):
+            continue
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if key.startswith(prefix):
+                    out[key] = f.get_tensor(key)
+    return out
+
+
+def _load_mlm_head(model_dir: Path, model: PreTrainedModel, unexpected: set[str]) -> MaskedLMHead | None:
+    """BERT's masked-LM head when the checkpoint carries one (BertForMaskedLM, BertForPreTraining).
+
+    Read from the safetensors files: AutoModel loads the encoder and reports these weights as
+    unexpected. Other families' LM heads (RoBERTa's ``lm_head``) are not read yet.
+    """
+    if model.config.model_type != "bert" or not any(k.startswith(_MLM + "transform.") for k in unexpected):
+        return None
+    from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
+
+    try:
+        found = _checkpoint_tensors(model_dir, _MLM)
+    except (OSError, ValueError) as exc:
+        logger.warning("cannot read the masked-LM head in %s: %s", model_dir, exc)
+        return None
+    transform = BertPredictionHeadTransform(model.config)
+    state = {
+        k.removeprefix(_MLM + "transform."): v for k, v in found.items() if k.startswith(_MLM + "transform.")
+    }
+    bias = found.get(_MLM + "bias", found.get(_MLM + "decoder.bias"))
+    weight = found.get(_MLM + "decoder.weight")
+    if weight is None and getattr(model.config, "tie_word_embeddings", True):
+        embeddings = model.get_input_embeddings()
+        assert isinstance(embeddings, torch.nn.Embedding)
+        weight = embeddings.weight  # tied: BERT checkpoints store it once
+    if weight is None or bias is None:
+        return None
+    try:
+        transform.load_state_dict(state)
+    except RuntimeError as exc:
+        logger.warning("ignoring the masked-LM head in %s: %s", model_dir, exc)
+        return None
+    transform.requires_grad_(False)
+    transform.eval()
+    h = hashlib.sha256()
+    tensors = {
+        **{f"transform.{k}": v for k, v in transform.state_dict().items()},
+        "decoder": weight,
+        "bias": bias,
+    }
+    for name, tensor in sorted(tensors.items()):
+        t = tensor.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"|{name}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return MaskedLMHead(
+        transform=transform,
+        decoder_weight=weight,  # not detached: load_backbone recognises the tied embedding by identity
+        decoder_bias=bias.detach(),
+        fingerprint=f"mlm-{h.hexdigest()[:16]}",
+    )
+
+
 def declared_pooling(model_dir: Path) -> str | None:
     """The pooling a sentence-transformers checkpoint was trained with: "mean", "cls" or None.
 
@@ -315,7 +423,20 @@ def load_backbone(
     model.requires_grad_(False)
     model.eval()
     fingerprint = _fingerprint(model, model_type, family_type)
+    mlm = _load_mlm_head(model_dir, model, set(info.get("unexpected_keys", [])))
     model.to(device=torch_device, dtype=DTYPES[dtype])
+    if mlm is not None:
+        tied = mlm.decoder_weight is model.get_input_embeddings().weight
+        mlm.transform.to(device=torch_device, dtype=DTYPES[dtype])
+        mlm = MaskedLMHead(
+            transform=mlm.transform,
+            # Tied rows are the (moved) word embeddings again, not a second copy of the vocabulary.
+            decoder_weight=model.get_input_embeddings().weight
+            if tied
+            else mlm.decoder_weight.to(torch_device, DTYPES[dtype]),
+            decoder_bias=mlm.decoder_bias.to(torch_device, DTYPES[dtype]),
+            fingerprint=mlm.fingerprint,
+        )
 
     family = family_type(model)
     shape = family.shape
@@ -331,6 +452,7 @@ def load_backbone(
         fingerprint=fingerprint,
         family=family_type.name,
         num_kv_heads=shape.num_kv_heads,
+        mlm_fingerprint=mlm.fingerprint if mlm is not None else None,
     )
     logger.info("loaded backbone %s from %s on %s/%s", spec.describe(), model_dir, torch_device, dtype)
-    return Backbone(model, tokenizer, spec, model_dir, family, pooling=declared_pooling(model_dir))
+    return Backbone(model, tokenizer, spec, model_dir, family, pooling=declared_pooling(model_dir), mlm=mlm)

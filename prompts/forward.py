@@ -16,7 +16,8 @@ Per row ``b`` with task prefix length ``P_b``, input-prompt length ``K_b`` and t
 - attention: the family's (``prompts/backbones``): bidirectional or causal, its own position scheme,
   and the prefix in front of every layer's keys and values;
 - pooled vector: the text's first token (index ``K_b``), sequence position 0, the mean of the text
-  tokens, or the text's last token (index ``K_b + T_b - 1``, decoders);
+  tokens, the text's last token (index ``K_b + T_b - 1``, decoders), or (a verbalizer) the input
+  prompt's ``[MASK]`` row through the masked-LM head's transform, whose head rows are label words';
 - logits over the row's own labels; columns past its label count are ``-inf``.
 """
 
@@ -32,7 +33,7 @@ from prompts.artifact import PromptArtifact
 from prompts.backbone import Backbone
 from prompts.backbones import Layout
 
-POOLING_MODES = ("cls", "first", "mean", "last")
+POOLING_MODES = ("cls", "first", "mean", "last", "mask")
 
 
 @dataclass(eq=False)
@@ -49,6 +50,7 @@ class TaskPrompt:
     pooling: str = "cls"  # one of POOLING_MODES
     use_pooler: bool = False
     positions_after_prefix: bool = True
+    mask_position: int = 0  # pooling "mask": the input prompt's row that holds the [MASK] embedding
 
     @property
     def prefix_length(self) -> int:
@@ -85,6 +87,7 @@ class TaskPrompt:
             pooling=m.head.pooling,
             use_pooler=m.head.pooler == "backbone",
             positions_after_prefix=m.positions == "after_prefix",
+            mask_position=m.head.verbalizer.mask_position if m.head.verbalizer is not None else 0,
         )
 
 
@@ -116,6 +119,7 @@ class PromptBatch:
     pooling: torch.Tensor  # [B] long, index into POOLING_MODES
     use_pooler: torch.Tensor  # [B] bool
     after_prefix: torch.Tensor  # [B] bool
+    mask_pos: torch.Tensor  # [B] long: pooling "mask" rows' [MASK] index in the sequence
     prompt_lens: list[int]
     modes: frozenset[str]
     any_pooler: bool
@@ -176,6 +180,7 @@ def batch_from_tasks(rows: Sequence[TaskPrompt], device: torch.device) -> Prompt
         pooling=per_row([POOLING_MODES.index(t.pooling) for t in tasks]),
         use_pooler=per_row([int(t.use_pooler) for t in tasks]).bool(),
         after_prefix=per_row([int(t.positions_after_prefix) for t in tasks]).bool(),
+        mask_pos=per_row([t.mask_position for t in tasks]),
         prompt_lens=[t.prompt_length for t in rows],
         modes=frozenset(t.pooling for t in tasks),
         any_pooler=any(t.use_pooler for t in tasks),
@@ -261,6 +266,13 @@ def run_prompted(
         if pooler is None:
             raise ValueError("a task asks for the backbone pooler, but this backbone has none")
         pooled = torch.where(batch.use_pooler.unsqueeze(1), pooler.activation(pooler.dense(pooled)), pooled)
+    if "mask" in batch.modes:
+        if backbone.mlm is None:
+            raise ValueError("a task has a verbalizer head, but this backbone has no masked-LM head")
+        # The transform runs on one pooled vector per row (cheap); head-based rows keep theirs. The
+        # verbalizer rows' "head" is their label words' decoder rows: no vocabulary projection at all.
+        is_mask = (batch.pooling == POOLING_MODES.index("mask")).unsqueeze(1)  # [B, 1]
+        pooled = torch.where(is_mask, backbone.mlm.transform(pooled), pooled)
 
     weights = batch.head_weight  # [B, C, hidden]
     logits = torch.einsum("bh,bch->bc", pooled.to(weights.dtype), weights) + batch.head_bias  # [B, C]
@@ -286,4 +298,7 @@ def _pool(hidden: torch.Tensor, batch: PromptBatch, text_len: torch.Tensor) -> t
         in_text = ((j >= k) & (j < k + text_len.unsqueeze(1))).unsqueeze(-1).to(hidden.dtype)  # [B, S, 1]
         mean = (hidden * in_text).sum(1) / text_len.unsqueeze(1).to(hidden.dtype)
         pooled = torch.where(mode == POOLING_MODES.index("mean"), mean, pooled)
+    if "mask" in batch.modes:
+        mask_vec = hidden[rows, batch.mask_pos]  # [B, hidden]
+        pooled = torch.where(mode == POOLING_MODES.index("mask"), mask_vec, pooled)
     return pooled

@@ -24,9 +24,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from prompts.artifact import Method
+from prompts.artifact import Method, VerbalizerSpec
 from prompts.backbone import Backbone, BackboneSpec
 from prompts.backbones import Collected, Layout
+from prompts.errors import InvalidInputError
 from prompts.forward import TaskPrompt
 
 __all__ = [
@@ -35,12 +36,14 @@ __all__ = [
     "DeepPrefix",
     "ExportedPrompt",
     "HeadStyle",
+    "LabelWords",
     "LinearProbe",
     "MethodName",
     "PTuningEncoder",
     "PromptMethod",
     "SoftPrompt",
     "label_word_embeddings",
+    "label_words",
     "prefix_from_tokens",
     "resolve_method",
     "vocabulary_sample",
@@ -61,8 +64,10 @@ METHOD_ALIASES: dict[str, MethodName] = {
 # lets see the whole text. "peft": the head PEFT's SEQ_CLS models have, so the task exports to PEFT
 # unchanged: BERT layout, sequence position 0 through the backbone's pooler (BertForSequenceClassification);
 # decoders, the last token into a bias-free head (LlamaForSequenceClassification's ``score``).
-HeadStyle = Literal["cls", "peft", "mean", "last"]
-Pooling = Literal["cls", "first", "mean", "last"]
+# "verbalizer": label words predicted at a [MASK] after the input prompt by the backbone's masked-LM
+# head (P-tuning with label words); the head is frozen to the words' decoder rows (LabelWords).
+HeadStyle = Literal["cls", "peft", "mean", "last", "verbalizer"]
+Pooling = Literal["cls", "first", "mean", "last", "mask"]
 PEFT_HEAD_FAMILIES = ("bert", "decoder")
 
 
@@ -84,20 +89,98 @@ class ExportedPrompt:
     head_bias: torch.Tensor  # [C]
     pooling: Pooling
     pooler: Literal["none", "backbone"]
+    verbalizer: VerbalizerSpec | None = None
 
     def parameter_count(self) -> int:
         tensors = [self.prefix, self.prompt, self.head_weight, self.head_bias]
         return sum(t.numel() for t in tensors if t is not None)
 
 
+@dataclass(frozen=True)
+class LabelWords:
+    """A verbalizer on a backbone: each label's words, their ids, and what the head is built from."""
+
+    words: list[list[str]]  # per label
+    token_ids: list[list[int]]  # per label, one vocabulary id per word
+    head_weight: torch.Tensor  # [C, hidden]: each label's mean masked-LM decoder row
+    head_bias: torch.Tensor  # [C]
+    mask_embedding: torch.Tensor  # [hidden]: the [MASK] token's word embedding
+    mlm_fingerprint: str
+
+    def spec(self, mask_position: int) -> VerbalizerSpec:
+        return VerbalizerSpec(
+            words=self.words,
+            token_ids=self.token_ids,
+            mask_position=mask_position,
+            mlm_fingerprint=self.mlm_fingerprint,
+        )
+
+
+def label_words(backbone: Backbone, labels: list[str], words: dict[str, list[str]] | None) -> LabelWords:
+    """The verbalizer for ``labels``: ``words[label]`` (default: the label itself), each word one token.
+
+    Raises InvalidInputError on a backbone without a masked-LM head, a label without words, or a word
+    the vocabulary splits into several pieces (one [MASK] predicts one token).
+    """
+    mlm = backbone.mlm
+    if mlm is None:
+        raise InvalidInputError(
+            f"the verbalizer head needs a backbone with a masked-LM head (e.g. a BertForMaskedLM "
+            f"checkpoint); {backbone.path} has none"
+        )
+    mask_id = backbone.tokenizer.mask_token_id
+    if mask_id is None:
+        raise InvalidInputError(f"the tokenizer of {backbone.path} has no [MASK] token")
+    chosen = words or {}
+    unknown = sorted(set(chosen) - set(labels))
+    if unknown:
+        raise InvalidInputError(f"label words given for labels the data does not have: {unknown[:10]}")
+    all_words: list[list[str]] = []
+    all_ids: list[list[int]] = []
+    for label in labels:
+        spelled = [w.strip() for w in chosen.get(label, [label]) if w.strip()]
+        if not spelled:
+            raise InvalidInputError(f"label {label!r} has no label words")
+        ids: list[int] = []
+        for word in spelled:
+            pieces = backbone.token_ids(word, special=False)
+            if len(pieces) != 1 or pieces[0] == backbone.tokenizer.unk_token_id:
+                shown = backbone.tokenizer.convert_ids_to_tokens(pieces)
+                raise InvalidInputError(
+                    f"label word {word!r} (label {label!r}) is not one token of the vocabulary (it is "
+                    f"{shown}); a [MASK] predicts one token: choose another word with --label-words"
+                )
+            ids.append(pieces[0])
+        all_words.append(spelled)
+        all_ids.append(ids)
+    weight, bias = mlm.label_rows(all_ids)
+    with torch.no_grad():
+        mask = backbone.word_embeddings.weight[mask_id].detach().float().clone()
+    return LabelWords(all_words, all_ids, weight, bias, mask, mlm.fingerprint)
+
+
 class PromptMethod(nn.Module):
-    """Base: a linear head on the pooled position; subclasses add a prefix or an input prompt."""
+    """Base: a linear head on the pooled position; subclasses add a prefix or an input prompt.
+
+    With ``verbalizer`` (head "verbalizer", input-prompt methods only) the input prompt ends with the
+    frozen [MASK] embedding and the head is frozen to the label words' masked-LM decoder rows: only
+    the prompt is trained, as in P-tuning with label words.
+    """
 
     method: MethodName = "linear-probe"
     artifact_method: Method = "linear-probe"
 
-    def __init__(self, spec: BackboneSpec, num_labels: int, *, head: HeadStyle = "cls") -> None:
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        num_labels: int,
+        *,
+        head: HeadStyle = "cls",
+        verbalizer: LabelWords | None = None,
+    ) -> None:
         super().__init__()
+        if (head == "verbalizer") != (verbalizer is not None):
+            raise ValueError("head 'verbalizer' needs label words, and label words need head 'verbalizer'")
         if head == "peft":
             if spec.family not in PEFT_HEAD_FAMILIES:
                 raise ValueError(
@@ -113,9 +196,18 @@ class PromptMethod(nn.Module):
         nn.init.zeros_(self.head.bias)
         if head == "peft" and spec.family == "decoder":
             self.head.bias.requires_grad_(False)  # the score layer PEFT exports to has no bias
+        self.verbalizer = verbalizer
+        if verbalizer is not None:
+            with torch.no_grad():
+                self.head.weight.copy_(verbalizer.head_weight)
+                self.head.bias.copy_(verbalizer.head_bias)
+            self.head.requires_grad_(False)
+            self.register_buffer("mask_embedding", verbalizer.mask_embedding.clone())  # [hidden]
 
     @property
     def pooling(self) -> Pooling:
+        if self.head_style == "verbalizer":
+            return "mask"
         if self.head_style == "peft":
             return "last" if self.spec.family == "decoder" else "first"
         return self.head_style
@@ -130,6 +222,18 @@ class PromptMethod(nn.Module):
     def prompt(self) -> torch.Tensor | None:
         return None
 
+    def mask_position(self) -> int:
+        """Where the [MASK] sits in the input prompt: its last row (the text follows it)."""
+        return self.lengths()[1] - 1 if self.verbalizer is not None else 0
+
+    def _with_mask(self, prompt: torch.Tensor) -> torch.Tensor:
+        """``prompt`` [K, hidden], then the [MASK] embedding when there is a verbalizer: [K + 1, hidden]."""
+        if self.verbalizer is None:
+            return prompt
+        mask = self.mask_embedding
+        assert isinstance(mask, torch.Tensor)
+        return torch.cat([prompt, mask.to(prompt.dtype).unsqueeze(0)])
+
     def task_prompt(self) -> TaskPrompt:
         """The task as ``prompted_forward`` takes it, built from the current parameters (differentiable)."""
         return TaskPrompt(
@@ -140,6 +244,7 @@ class PromptMethod(nn.Module):
             pooling=self.pooling,
             use_pooler=self.pooler == "backbone",
             positions_after_prefix=True,
+            mask_position=self.mask_position(),
         )
 
     def lengths(self) -> tuple[int, int]:
@@ -177,6 +282,7 @@ class PromptMethod(nn.Module):
             head_bias=bias,
             pooling=self.pooling,
             pooler=self.pooler,
+            verbalizer=None if self.verbalizer is None else self.verbalizer.spec(self.mask_position()),
         )
 
 
@@ -277,17 +383,18 @@ class SoftPrompt(PromptMethod):
         *,
         init: torch.Tensor,
         head: HeadStyle = "cls",
+        verbalizer: LabelWords | None = None,
     ) -> None:
-        super().__init__(spec, num_labels, head=head)
+        super().__init__(spec, num_labels, head=head, verbalizer=verbalizer)
         if init.dim() != 2 or init.shape[1] != spec.hidden_size or init.shape[0] < 1:
             raise ValueError(f"prompt init must be [K >= 1, {spec.hidden_size}], got {list(init.shape)}")
         self.embedding = nn.Parameter(init.detach().clone().float())  # [K, hidden]
 
     def lengths(self) -> tuple[int, int]:
-        return 0, int(self.embedding.shape[0])
+        return 0, int(self.embedding.shape[0]) + (self.verbalizer is not None)
 
     def prompt(self) -> torch.Tensor:
-        return self.embedding
+        return self._with_mask(self.embedding)
 
 
 class PTuningEncoder(PromptMethod):
@@ -309,8 +416,9 @@ class PTuningEncoder(PromptMethod):
         lstm_layers: int = 2,
         dropout: float = 0.0,
         head: HeadStyle = "cls",
+        verbalizer: LabelWords | None = None,
     ) -> None:
-        super().__init__(spec, num_labels, head=head)
+        super().__init__(spec, num_labels, head=head, verbalizer=verbalizer)
         hidden = spec.hidden_size
         if init.dim() != 2 or init.shape[1] != hidden or init.shape[0] < 1:
             raise ValueError(f"prompt init must be [K >= 1, {hidden}], got {list(init.shape)}")
@@ -328,14 +436,14 @@ class PTuningEncoder(PromptMethod):
         self.mlp = nn.Sequential(nn.Linear(2 * half, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
 
     def lengths(self) -> tuple[int, int]:
-        return 0, int(self.embedding.shape[0])
+        return 0, int(self.embedding.shape[0]) + (self.verbalizer is not None)
 
     def prompt(self) -> torch.Tensor:
         encoded, _ = self.lstm(self.embedding.unsqueeze(0))  # [1, K, 2 * half]
         # A residual to the embeddings: starting from real token embeddings, the encoder learns a
         # correction instead of having to reproduce the embedding scale from scratch.
         prompt: torch.Tensor = self.embedding + self.mlp(encoded[0])  # [K, hidden]
-        return prompt
+        return self._with_mask(prompt)  # [K (+ 1 [MASK]), hidden]
 
 
 # ------------------------------------------------------------------------------------- initialisers

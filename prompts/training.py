@@ -39,6 +39,7 @@ def make_train_config(
     class_balanced: bool = False,
     head: HeadStyle | None = None,
     max_seconds: float | None = None,
+    label_words: dict[str, list[str]] | None = None,
 ) -> TrainConfig:
     """A checked TrainConfig; ``length`` is the prefix length or the number of virtual tokens.
 
@@ -57,6 +58,7 @@ def make_train_config(
         class_balanced=class_balanced,
         head=head,
         max_seconds=max_seconds,
+        label_words=label_words,
     )
     if length is not None:
         config = dataclasses.replace(config, prefix_length=length, prompt_length=length)

@@ -104,6 +104,29 @@ def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _label_words(text: str) -> dict[str, list[str]]:
+    """``label=word|word,label=word``, or a JSON file ``{"label": "word" or ["word", ...]}``."""
+    path = Path(text)
+    if path.suffix.lower() == ".json" or path.is_file():
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(f"cannot read label words from {path}: {exc}") from exc
+        if not isinstance(value, dict) or not all(
+            isinstance(v, str) or (isinstance(v, list) and all(isinstance(w, str) for w in v))
+            for v in value.values()
+        ):
+            raise argparse.ArgumentTypeError(f'{path}: expected {{"label": "word" or ["word", ...]}}')
+        return {str(k): [v] if isinstance(v, str) else list(v) for k, v in value.items()}
+    words: dict[str, list[str]] = {}
+    for part in text.split(","):
+        label, eq, spelled = part.partition("=")
+        if not eq or not label.strip() or not spelled.strip():
+            raise argparse.ArgumentTypeError(f"expected label=word|word,label=word; got {part!r}")
+        words[label.strip()] = [w.strip() for w in spelled.split("|") if w.strip()]
+    return words
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -185,18 +208,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--head",
-        choices=["cls", "peft", "mean", "last"],
+        choices=["cls", "peft", "mean", "last", "verbalizer"],
         help="cls: the text's first token into the head; mean: mean of the text tokens; last: the text's "
         "last token; peft: the head of PEFT's sequence classifier, so the task exports to PEFT (BERT "
         "layout: position 0 through the pooler; decoders: the last token, no bias). Default: decoders "
         "last; encoders: mean for the probe, for p-tuning-v2 the pooling the backbone declares (mean for "
-        "the packaged MiniLM, ModernBERT its classifier_pooling), else cls",
+        "the packaged MiniLM, ModernBERT its classifier_pooling), else cls; verbalizer: label words "
+        "predicted at a [MASK] after the prompt by the backbone's masked-LM head (ptuning or prompt; "
+        "needs a checkpoint with one, e.g. BertForMaskedLM: the packaged MiniLM has none)",
+    )
+    train.add_argument(
+        "--label-words",
+        type=_label_words,
+        help="head verbalizer: label=word|word,label=word or a JSON file {label: [words]}; each word one "
+        "vocabulary token (default: the label itself)",
     )
     train.add_argument("--dev-fraction", type=float, default=0.1, help="dev split of a single data file")
     train.add_argument("--max-seconds", type=_positive_float, help="stop training after this many seconds")
     train.add_argument("--search", action="store_true", help="try every --search-lrs x --search-lengths pair")
     train.add_argument("--search-lrs", type=_float_list, default=[5e-3, 1e-2, 2e-2], help="comma-separated")
     train.add_argument("--search-lengths", type=_int_list, default=[8, 16, 32], help="comma-separated")
+    _add_threads_flag(train)
 
     ev = commands.add_parser("eval", help="score a published task on labelled data")
     ev.add_argument("--task", required=True)
@@ -207,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_flags(ev)
     ev.add_argument("--png", type=Path, help="save the confusion matrix as a PNG")
     ev.add_argument("--batch-size", type=_positive_int, default=64)
+    _add_threads_flag(ev)
 
     imp = commands.add_parser("import-peft", help="turn a PEFT prompt-learning adapter into a task")
     imp.add_argument(
@@ -233,6 +266,10 @@ def _add_destination(parser: argparse.ArgumentParser, *, upload: bool) -> None:
     where.add_argument("--server", help=f"{verb} a running service at this URL (e.g. http://127.0.0.1:8000)")
     if upload:
         where.add_argument("--out", type=Path, help="write the artifact to this .safetensors file")
+    else:
+        where.add_argument(
+            "--artifact", type=Path, help="read the task from this .safetensors file (written by --out)"
+        )
 
 
 def _add_backbone_flags(parser: argparse.ArgumentParser) -> None:
@@ -240,6 +277,15 @@ def _add_backbone_flags(parser: argparse.ArgumentParser) -> None:
         "--model", help="local Hugging Face model directory (default: PTSERVE_MODEL or packaged MiniLM)"
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def _add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--torch-threads",
+        dest="torch_threads",
+        type=_positive_int,
+        help="intra-op threads (PTSERVE_TORCH_THREADS); default: torch's (all cores)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -305,6 +351,30 @@ def default_store() -> str:
     """The store ``serve`` would use: PTSERVE_STORE, else the settings default."""
     default = Settings.model_fields["store"].default
     return os.environ.get("PTSERVE_STORE") or str(default)
+
+
+def torch_threads(args: argparse.Namespace) -> int | None:
+    """``--torch-threads``, else PTSERVE_TORCH_THREADS (as ``serve`` and ``worker`` read it), else None."""
+    if args.torch_threads is not None:
+        threads: int = args.torch_threads
+        return threads
+    raw = os.environ.get("PTSERVE_TORCH_THREADS", "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise CliError(f"PTSERVE_TORCH_THREADS must be a positive integer, got {raw!r}")
+    return value
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _load_backbone(model: str | None, device: str) -> Backbone:
@@ -434,15 +504,18 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         class_balanced=args.class_balanced,
         head=args.head,
         max_seconds=args.max_seconds,
+        label_words=args.label_words,
     )
 
 
 def train_command(args: argparse.Namespace, backbone: Backbone | None = None) -> int:
     from prompts.data import load_task_data
     from prompts.names import validate_task_name
-    from prompts.training import SearchGrid, run_training
 
     validate_task_name(args.task)
+    threads = torch_threads(args)
+    # The data is read and checked before torch is even imported: a bad path or label is reported in
+    # well under a second, not after the seconds that torch, transformers and the backbone take.
     data = load_task_data(
         args.data, dev_fraction=args.dev_fraction, seed=args.seed, max_train_rows=args.max_train_rows
     )
@@ -453,7 +526,10 @@ def train_command(args: argparse.Namespace, backbone: Backbone | None = None) ->
         f"{len(data.labels)} labels",
         file=sys.stderr,
     )
+    from prompts.training import SearchGrid, run_training
+
     config = _train_config(args)
+    _set_threads(threads)
     backbone = backbone or _load_backbone(args.model, args.device)
     grid = SearchGrid(args.search_lrs, args.search_lengths) if args.search else None
 
@@ -479,6 +555,8 @@ def train_command(args: argparse.Namespace, backbone: Backbone | None = None) ->
 def _eval_examples(path: Path) -> list[Example]:
     from prompts.data import DataError, find_split_file, read_examples
 
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
     if path.is_dir():
         found = find_split_file(path, "test") or find_split_file(path, "dev")
         if found is None:
@@ -489,21 +567,38 @@ def _eval_examples(path: Path) -> list[Example]:
     return read_examples(path)
 
 
-def _predict_local(
-    args: argparse.Namespace, texts: list[str], backbone: Backbone | None
-) -> tuple[list[str], list[str]]:
-    """(labels, predicted label per text) running the stored artifact through prompted_forward here."""
-    from prompts.artifact import check_compatible, max_text_tokens, parse_artifact
-    from prompts.forward import TaskPrompt
-    from prompts.trainer import predict
+def _read_artifact(args: argparse.Namespace) -> PromptArtifact:
+    """The task's artifact from ``--artifact FILE`` or the prompt store."""
+    from prompts.artifact import parse_artifact
     from service.runtime import open_store
 
+    if args.artifact is not None:
+        try:
+            data = args.artifact.read_bytes()
+        except FileNotFoundError:
+            raise CliError(f"{args.artifact}: no such artifact file") from None
+        except OSError as exc:
+            raise CliError(f"{args.artifact}: cannot read: {exc.strerror or exc}") from exc
+        artifact = parse_artifact(data)
+        if artifact.task != args.task:
+            raise CliError(f"{args.artifact} holds task {artifact.task!r}, not {args.task!r}")
+        return artifact
     store = open_store(args.store or default_store())
     try:
         stored = store.get(args.task)
     finally:
         store.close()
-    artifact = parse_artifact(stored.data)
+    return parse_artifact(stored.data)
+
+
+def _predict_local(
+    artifact: PromptArtifact, args: argparse.Namespace, texts: list[str], backbone: Backbone | None
+) -> list[str]:
+    """The predicted label per text, running the artifact through prompted_forward here."""
+    from prompts.artifact import check_compatible, max_text_tokens
+    from prompts.forward import TaskPrompt
+    from prompts.trainer import predict
+
     backbone = backbone or _load_backbone(args.model, args.device)
     check_compatible(artifact, backbone.spec)
     task = TaskPrompt.from_artifact(artifact, backbone.device, backbone.dtype)
@@ -512,7 +607,7 @@ def _predict_local(
     ids = [e.input_ids for e in backbone.encode(texts, room)]
     logits = predict(backbone, task, ids, args.batch_size)
     labels = artifact.manifest.labels
-    return labels, [labels[i] for i in logits.argmax(-1).tolist()]
+    return [labels[i] for i in logits.argmax(-1).tolist()]
 
 
 def classify_remote(
@@ -529,13 +624,18 @@ def classify_remote(
         if info.status_code != 200:
             raise _server_error(info, f"reading task {task!r} from {base}")
         labels = [str(x) for x in info.json()["labels"]]
-        predicted: list[str] = []
+        predicted = [""] * len(texts)
+        # Requests of similar lengths (characters: the client has no tokenizer) pad less in the
+        # service's batches; answers go back to the texts' own order.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         for start in range(0, len(texts), batch_size):
-            chunk = texts[start : start + batch_size]
+            idx = order[start : start + batch_size]
+            chunk = [texts[i] for i in idx]
             response = http.post(f"{base}/v1/classify", json={"task": task, "texts": chunk})
             if response.status_code != 200:
                 raise _server_error(response, f"classify on {base}")
-            predicted.extend(str(r["label"]) for r in response.json()["results"])
+            for i, result in zip(idx, response.json()["results"], strict=True):
+                predicted[i] = str(result["label"])
     except httpx.HTTPError as exc:
         raise CliError(f"cannot reach {base}: {exc}") from exc
     finally:
@@ -550,16 +650,23 @@ def eval_command(args: argparse.Namespace, backbone: Backbone | None = None) -> 
     from prompts.names import validate_task_name
 
     validate_task_name(args.task)
+    threads = torch_threads(args)
     examples = _eval_examples(args.data)
     texts = [e.text for e in examples]
+    where = f"{args.data} (checked against task {args.task!r})"
     if args.server is not None:
         with make_http_client() as client:
             labels, predicted = classify_remote(
                 args.server, args.task, texts, batch_size=args.batch_size, client=client
             )
+        check_labels(examples, labels, where)
     else:
-        labels, predicted = _predict_local(args, texts, backbone)
-    check_labels(examples, labels, f"{args.data} (checked against task {args.task!r})")
+        artifact = _read_artifact(args)
+        labels = artifact.manifest.labels
+        # Before the backbone loads: a label mismatch is reported without waiting for the model.
+        check_labels(examples, labels, where)
+        _set_threads(threads)
+        predicted = _predict_local(artifact, args, texts, backbone)
     index = {label: i for i, label in enumerate(labels)}
     report = evaluate([index[e.label] for e in examples], [index[p] for p in predicted], labels)
     print(f"task {args.task} on {args.data}")

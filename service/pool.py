@@ -16,7 +16,7 @@ from prompts.backbone import BackboneSpec
 from prompts.forward import POOLING_MODES, PromptBatch, TaskPrompt
 
 # Per-slot metadata columns of PromptPool._meta.
-_PREFIX_LEN, _PROMPT_LEN, _NUM_LABELS, _POOLING, _POOLER, _AFTER_PREFIX = range(6)
+_PREFIX_LEN, _PROMPT_LEN, _NUM_LABELS, _POOLING, _POOLER, _AFTER_PREFIX, _MASK_POS = range(7)
 
 
 class PromptPool:
@@ -39,7 +39,7 @@ class PromptPool:
         self._prompt = self._zeros(0, 0, spec.hidden_size)
         self._head_weight = self._zeros(0, 2, spec.hidden_size)
         self._head_bias = self._zeros(0, 2)
-        self._meta = torch.zeros((0, 6), dtype=torch.long, device=device)
+        self._meta = torch.zeros((0, 7), dtype=torch.long, device=device)
         self._grow_slots(initial_slots)
 
     def _zeros(self, *shape: int) -> torch.Tensor:
@@ -76,6 +76,7 @@ class PromptPool:
                 POOLING_MODES.index(task.pooling),
                 int(task.use_pooler),
                 int(task.positions_after_prefix),
+                task.mask_position,
             ]
             self._meta[slot] = torch.tensor(meta, dtype=torch.long)
             return slot
@@ -108,7 +109,7 @@ class PromptPool:
             )  # [B, K, hidden]
             head_weight = self._head_weight[:, :max_labels].index_select(0, index)  # [B, C, hidden]
             head_bias = self._head_bias[:, :max_labels].index_select(0, index)  # [B, C]
-            meta = self._meta.index_select(0, index)  # [B, 6]
+            meta = self._meta.index_select(0, index)  # [B, 7]
         return PromptBatch(
             prefix=prefix,
             prefix_len=meta[:, _PREFIX_LEN],
@@ -120,6 +121,7 @@ class PromptPool:
             pooling=meta[:, _POOLING],
             use_pooler=meta[:, _POOLER].bool(),
             after_prefix=meta[:, _AFTER_PREFIX].bool(),
+            mask_pos=meta[:, _MASK_POS],
             prompt_lens=prompt_lens,
             modes=modes,
             any_pooler=any_pooler,

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from safetensors.torch import save as st_save
 
 from prompts.artifact import MANIFEST_KEY, Manifest, Method, PromptArtifact, build_artifact, content_version
-from prompts.backbone import BackboneSpec
+from prompts.backbone import Backbone, BackboneSpec
+from prompts.methods import label_words
 
 
 def random_artifact(
@@ -74,3 +75,29 @@ def forge_artifact(
         else:
             manifest["version"] = content_version(model, tensors)
     return st_save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest)})
+
+
+def make_verbalizer_artifact(
+    backbone: Backbone, words: dict[str, list[str]], prompt_words: list[str], *, task: str = "verb"
+) -> tuple[PromptArtifact, list[int]]:
+    """A verbalizer task (labels: ``words``' keys, sorted) whose input prompt is the word embeddings of
+    ``prompt_words`` then [MASK]: the same template a Hugging Face MLM sees as tokens. Also returns
+    the prompt words' ids."""
+    labels = sorted(words)
+    verbalizer = label_words(backbone, labels, words)
+    ids = [int(backbone.tokenizer.convert_tokens_to_ids(w)) for w in prompt_words]
+    with torch.no_grad():
+        prompt = backbone.word_embeddings.weight[torch.tensor(ids, dtype=torch.long)].float()  # [K, hidden]
+    prompt = torch.cat([prompt, verbalizer.mask_embedding.unsqueeze(0)])  # [K + 1, hidden]
+    artifact = build_artifact(
+        task=task,
+        labels=labels,
+        spec=backbone.spec,
+        head_weight=verbalizer.head_weight,
+        head_bias=verbalizer.head_bias,
+        prompt=prompt,
+        method="p-tuning",
+        pooling="mask",
+        verbalizer=verbalizer.spec(mask_position=len(prompt_words)),
+    )
+    return artifact, ids

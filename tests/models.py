@@ -222,3 +222,32 @@ def make_tiny_modernbert(directory: Path, *, seed: int = 0, pooling: str = "cls"
     ModernBertModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def make_tiny_bert_mlm(directory: Path, *, seed: int = 0, initializer_range: float = 0.02) -> Path:
+    """A random ``BertForMaskedLM`` (encoder + ``cls.predictions``), saved as Hugging Face saves one.
+
+    ``initializer_range`` 0.2 makes the tiny random model's outputs depend on its input enough to
+    learn from (see tests.synthetic.make_learnable_bert).
+    """
+    from transformers import BertForMaskedLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = BertTokenizerFast(vocab=str(write_vocab(directory / "vocab.txt")), do_lower_case=True)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        initializer_range=initializer_range,
+        architectures=["BertForMaskedLM"],
+    )
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(config)
+    with torch.no_grad():  # a zero bias would hide a bias read from the wrong place
+        model.cls.predictions.bias.normal_(0, 0.5)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

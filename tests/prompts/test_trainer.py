@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +20,10 @@ from prompts.trainer import (
     TrainConfig,
     TrainResult,
     _class_weights,
+    eval_batches,
     for_backbone,
+    padded_tokens,
+    predict,
     search,
     train_task,
 )
@@ -218,3 +224,52 @@ def test_prefix_head_follows_the_backbones_declared_pooling(learnable: Backbone,
         assert for_backbone(TrainConfig(), learnable).resolved().head == "cls"
     finally:
         learnable.pooling = learnable_pooling
+
+
+def test_scoring_groups_rows_by_length_and_keeps_their_order(learnable: Backbone) -> None:
+    long_text = "phone battery screen great price " * 8
+    texts = [long_text if i % 4 == 0 else "a book" if i % 2 else "shirt size okay fine" for i in range(24)]
+    ids = [e.input_ids for e in learnable.encode(texts, 60)]
+    task = TaskPrompt.from_artifact(random_artifact(learnable.spec), learnable.device, learnable.dtype)
+    grouped = predict(learnable, task, ids, batch_size=4)
+    # The file-order path: batches of consecutive rows, each padded to its longest.
+    with torch.no_grad():
+        in_order = torch.cat(
+            [
+                prompted_forward(learnable, ids[i : i + 4], [task] * len(ids[i : i + 4]))
+                for i in range(0, 24, 4)
+            ]
+        )
+    torch.testing.assert_close(grouped, in_order, rtol=0, atol=1e-5)
+
+    lengths = [len(x) for x in ids]
+    batches = eval_batches(lengths, 4)
+    assert sorted(i for b in batches for i in b) == list(range(24)) and all(len(b) <= 4 for b in batches)
+    file_order = [list(range(i, min(i + 4, 24))) for i in range(0, 24, 4)]
+    # Every file-order batch holds a long row; sorted, only the long rows' own batches are long.
+    assert padded_tokens(lengths, file_order) == 24 * max(lengths)
+    assert padded_tokens(lengths, batches) < 0.5 * padded_tokens(lengths, file_order)
+    assert padded_tokens(lengths, batches) == sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+def test_probe_duration_includes_its_feature_pass(
+    learnable: Backbone, data: TaskData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A clock that jumps 100 s on each feature pass: the duration must contain both jumps.
+    import prompts.trainer as trainer
+
+    skipped = [0.0]
+    real_features = trainer._features
+
+    def slow_features(*args: Any, **kwargs: Any) -> torch.Tensor:
+        skipped[0] += 100.0
+        return real_features(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_features", slow_features)
+    monkeypatch.setattr(
+        trainer, "time", SimpleNamespace(perf_counter=lambda: time.perf_counter() + skipped[0])
+    )
+    result = train_task(learnable, "probe", data, dataclasses.replace(FAST, method="linear-probe", epochs=2))
+    assert 200.0 <= result.seconds < 260.0
+    assert result.artifact.manifest.training is not None
+    assert result.artifact.manifest.training["duration_seconds"] >= 200.0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +13,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from prompts.artifact import parse_artifact
+from prompts.artifact import max_text_tokens, parse_artifact
 from prompts.backbone import Backbone, load_backbone
 from prompts.disk_store import DiskPromptStore
 from prompts.forward import TaskPrompt, prompted_forward
@@ -21,6 +24,8 @@ from tests.factories import random_artifact
 from tests.synthetic import make_examples, make_learnable_bert, write_data_dir, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+REPO = Path(__file__).resolve().parents[2]
 
 FAST = ["--epochs", "12", "--batch-size", "16", "--lr", "0.05", "--head-lr", "0.05", "--prefix-length", "4"]
 
@@ -237,3 +242,158 @@ def test_bad_arguments_are_refused_before_any_work(
     assert "not allowed with argument" in capsys.readouterr().err
     assert cli.main(_train(model_dir, data_dir, "--max-length", "1", "--out", str(tmp_path / "a"))) == 1
     assert "max_length must leave room" in capsys.readouterr().err
+
+
+def _accuracy(out: str) -> float:
+    return float(next(line.split()[1] for line in out.splitlines() if line.startswith("accuracy")))
+
+
+def test_eval_reads_an_artifact_file_written_by_train_out(
+    model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "keywords.safetensors"
+    assert cli.main(_train(model_dir, data_dir, "--out", str(out), "--epochs", "4")) == 0
+    capsys.readouterr()
+    argv = ["eval", "--task", "keywords", "--data", str(data_dir), "--model", str(model_dir)]
+    assert cli.main([*argv, "--device", "cpu", "--artifact", str(out)]) == 0
+    recorded = parse_artifact(out.read_bytes()).manifest.metrics
+    assert recorded is not None
+    assert _accuracy(capsys.readouterr().out) == pytest.approx(recorded["test"]["accuracy"], abs=1e-4)
+
+    assert cli.main(["eval", "--task", "other", "--data", str(data_dir), "--artifact", str(out)]) == 1
+    assert "holds task 'keywords', not 'other'" in capsys.readouterr().err
+    assert cli.main([*argv, "--artifact", str(tmp_path / "missing.safetensors")]) == 1
+    assert "missing.safetensors: no such artifact file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--artifact", str(out), "--store", str(tmp_path / "s")])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.fixture
+def restore_threads() -> Any:
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("restore_threads")
+def test_train_and_eval_take_a_thread_setting(
+    model_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Threads as the backbone is loaded, i.e. what the command's forward passes run with.
+    seen: list[int] = []
+    load = cli._load_backbone
+
+    def spy(model: str | None, device: str) -> Backbone:
+        seen.append(torch.get_num_threads())
+        return load(model, device)
+
+    monkeypatch.setattr(cli, "_load_backbone", spy)
+    out = tmp_path / "t.safetensors"
+    torch.set_num_threads(1)
+    assert (
+        cli.main(_train(model_dir, data_dir, "--out", str(out), "--epochs", "1", "--torch-threads", "2")) == 0
+    )
+    argv = [
+        "eval",
+        "--task",
+        "keywords",
+        "--data",
+        str(data_dir),
+        "--artifact",
+        str(out),
+        "--model",
+        str(model_dir),
+    ]
+    torch.set_num_threads(1)
+    assert cli.main([*argv, "--torch-threads", "2"]) == 0
+    torch.set_num_threads(1)
+    monkeypatch.setenv("PTSERVE_TORCH_THREADS", "2")
+    assert cli.main(argv) == 0  # the environment, as serve and worker read it
+    assert seen == [2, 2, 2]
+    torch.set_num_threads(1)
+    assert cli.main([*argv, "--torch-threads", "1"]) == 0  # the flag wins over the environment
+    assert seen[-1] == 1
+    monkeypatch.setenv("PTSERVE_TORCH_THREADS", "many")
+    capsys.readouterr()
+    assert cli.main(argv) == 1
+    assert "PTSERVE_TORCH_THREADS must be a positive integer, got 'many'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--torch-threads", "0"])
+    assert "must be a positive integer" in capsys.readouterr().err
+
+
+# Run in a fresh interpreter: this one imported torch long ago.
+_FRESH = """
+import sys
+from service.cli import main
+code = main(sys.argv[1:])
+print("torch imported:", "torch" in sys.modules)
+sys.exit(code)
+"""
+
+
+def _fresh_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env.pop("PTSERVE_TORCH_THREADS", None)
+    return subprocess.run(
+        [sys.executable, "-c", _FRESH, *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_bad_data_fails_before_torch_or_the_backbone(tmp_path: Path) -> None:
+    missing_model = str(tmp_path / "no-model")
+    missing_data = str(tmp_path / "no-data")
+    train = _fresh_cli("train", "--task", "t", "--data", missing_data, "--model", missing_model)
+    assert train.returncode == 1
+    assert f"ptserve train: error: {missing_data}: no such file or directory" in train.stderr
+    assert "no-model" not in train.stderr and "torch imported: False" in train.stdout
+
+    one_label = write_jsonl(
+        tmp_path / "one.jsonl", [e for e in make_examples(9, seed=0) if e.label == "book"]
+    )
+    train = _fresh_cli("train", "--task", "t", "--data", str(one_label), "--model", missing_model)
+    assert train.returncode == 1 and "every example has the label 'book'" in train.stderr
+    assert "torch imported: False" in train.stdout
+
+    ev = _fresh_cli("eval", "--task", "t", "--data", missing_data, "--model", missing_model, "--store", "x")
+    assert ev.returncode == 1 and f"{missing_data}: no such file" in ev.stderr
+    assert "torch imported: False" in ev.stdout
+
+
+def test_eval_checks_labels_before_loading_the_backbone(
+    learnable: Backbone, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    artifact = random_artifact(learnable.spec, task="three", num_labels=3)
+    path = tmp_path / "three.safetensors"
+    artifact.save(path)
+    data = write_jsonl(tmp_path / "eval.jsonl", make_examples(6, seed=0))
+    argv = ["eval", "--task", "three", "--data", str(data), "--artifact", str(path)]
+    assert cli.main([*argv, "--model", str(tmp_path / "no-model")]) == 1
+    err = capsys.readouterr().err
+    assert "labels the task does not know" in err and "no-model" not in err
+
+
+def test_eval_server_keeps_the_texts_order(
+    model_dir: Path, data_dir: Path, learnable: Backbone, tmp_path: Path
+) -> None:
+    store = tmp_path / "served"
+    artifact = random_artifact(learnable.spec, task="order", num_labels=3)
+    DiskPromptStore(store).put(artifact.task, artifact.version, artifact.data, artifact.manifest_json())
+    texts = ["phone battery screen size " * 6, "book", "a shirt", "the great movie music " * 3, "okay"]
+    with _app_client(store, learnable) as client:
+        labels, remote = cli.classify_remote("http://testserver", "order", texts, batch_size=2, client=client)
+    task = TaskPrompt.from_artifact(artifact, learnable.device, learnable.dtype)
+    ids = [e.input_ids for e in learnable.encode(texts, max_text_tokens(artifact.manifest, learnable.spec))]
+    with torch.no_grad():
+        local = [labels[i] for i in prompted_forward(learnable, ids, [task] * len(ids)).argmax(-1).tolist()]
+    assert remote == local
