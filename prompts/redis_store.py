@@ -39,7 +39,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -370,6 +370,18 @@ class RedisPromptStore:
         """Run ``script`` with ARGV = prefix, *args (the convention every script here follows)."""
         with self._redis(action):
             return script(keys=[self._route], args=[self.prefix, *args])
+
+    def durable(self, write: Callable[[redis.Redis], None]) -> None:
+        """``write(client)`` for other records kept beside the prompts (API keys): acknowledged by a
+        replica where one is asked for, like the store's own writes. Raises StoreUnavailableError."""
+        with self._redis("write"):
+            if self._replicated is None:
+                write(self._client)
+                return
+            try:
+                self._replicated.run(self._route, write)
+            except ReplicationError as exc:
+                raise StoreUnavailableError(f"cannot write: {exc}") from exc
 
     def _write(self, script: Script, action: str, *args: str | bytes | int) -> Any:
         """``_run`` for a script that writes: replicated before it counts as done (see ``Replicated``)."""

@@ -30,6 +30,7 @@ from typing import Any, Literal, TypeVar, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ClusterDownError, ReadOnlyError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -206,7 +207,11 @@ class Replicated:
         self.replicas = replicas
         self.timeout_ms = timeout_ms
         self._lock = threading.Lock()
-        self.client = target.client(socket_timeout=socket_timeout + timeout_ms / 1000, max_connections=1)
+        # No silent retries: a write whose reply a dying primary never sent may have run (a job
+        # queued twice); the caller gets 503 store_unavailable and decides.
+        self.client = target.client(
+            socket_timeout=socket_timeout + timeout_ms / 1000, retry=Retry(NoBackoff(), 0), max_connections=1
+        )
 
     def run(self, key: str, write: Callable[[redis.Redis], T]) -> T:
         """``write(client)``, then wait for the replicas of the node that owns ``key``.

@@ -23,7 +23,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,8 +103,15 @@ class KeyBackend(Protocol):
 class RedisKeyBackend:
     """``{prefix}:keys`` (hash: digest -> record JSON) and ``{prefix}:keys:version`` (the token)."""
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        durable: Callable[[Callable[[redis.Redis], None]], None] | None = None,
+    ) -> None:
         self._client = client
+        # Key changes wait for a replica like uploads do (RedisPromptStore.durable), where asked.
+        self._durable = durable if durable is not None else (lambda write: write(client))
         self._hash = f"{prefix}:keys"
         self._version = f"{prefix}:keys:version"
 
@@ -119,11 +126,14 @@ class RedisKeyBackend:
         return "" if value is None else _text(value)
 
     def put(self, digest: str, record: KeyRecord) -> None:
-        with _unavailable("write an API key"):
-            pipe = self._client.pipeline(transaction=True)
+        def write(client: redis.Redis) -> None:
+            pipe = client.pipeline(transaction=True)
             pipe.hset(self._hash, digest, record.to_json())
             pipe.incr(self._version)
             pipe.execute()
+
+        with _unavailable("write an API key"):
+            self._durable(write)
 
     def close(self) -> None:
         with contextlib.suppress(RedisError, OSError):

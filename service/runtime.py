@@ -58,7 +58,7 @@ def open_tenancy(settings: Settings, store: PromptStore) -> Tenancy:
     if isinstance(store, RedisPromptStore):
         client, prefix = store.client, store.prefix
         return Tenancy(
-            KeyStore(RedisKeyBackend(client, prefix), settings.key_refresh_s),
+            KeyStore(RedisKeyBackend(client, prefix, store.durable), settings.key_refresh_s),
             AuditLog(RedisAuditBackend(client, prefix, settings.audit_max_entries)),
             RedisRateLimiter(client, prefix),
         )

@@ -70,6 +70,11 @@ def test_a_write_no_replica_acknowledges_is_not_reported_done(sentinel_set: obje
     with pytest.raises(StoreUnavailableError, match="reached 2 of 3 replica"):
         store.put("t", "000000a2", b"y", manifest)
     assert store.current_version("t") == "000000a2"  # on the primary, but not confirmed
+    # API keys kept beside the prompts wait for the replicas the same way.
+    keys = open_tenancy(Settings(store=url), store).keys
+    assert keys is not None
+    with pytest.raises(StoreUnavailableError, match="reached 2 of 3 replica"):
+        keys.create(name="ci", scope="classify", tenant=None, created_by="test")
 
 
 @pytest.mark.parametrize("kind", ["sentinel", "cluster"])
