@@ -117,6 +117,64 @@ class Encoding:
     truncated: bool
 
 
+class TextTokenizer:
+    """A backbone's tokenizer and the framing it puts around a text: what tokenising needs, without
+    the weights (front-end processes tokenise for an engine process that holds the model)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        # Read once: the tokenizer rebuilds this list on every access.
+        self.special_ids: frozenset[int] = frozenset(tokenizer.all_special_ids)
+        self._fast = _private_fast_tokenizer(tokenizer)
+        # The special tokens the tokenizer puts around a text ([CLS] ... [SEP], <s>, nothing...).
+        self.opening_ids, self.closing_ids = _framing(self)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> TextTokenizer:
+        """The tokenizer of a local model directory (the packaged MiniLM by default); never a hub."""
+        model_dir = Path(path) if path is not None else default_model_path()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        except Exception as exc:
+            raise BackboneError(f"cannot load the tokenizer in {model_dir}: {exc}") from exc
+        return cls(tokenizer)
+
+    def untruncated(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids with the special tokens, whatever their length."""
+        if self._fast is not None:
+            return [e.ids for e in self._fast.encode_batch(texts, add_special_tokens=True)]
+        encoded = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
+        return [list(ids) for ids in encoded["input_ids"]]
+
+    def truncate(self, ids: list[int], max_tokens: int) -> Encoding:
+        """``ids`` cut to ``max_tokens``, keeping their head and the closing special tokens."""
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens must leave room for the special tokens, got {max_tokens}")
+        closing = len(self.closing_ids)
+        if len(ids) <= max_tokens:
+            return Encoding(list(ids), False)
+        if closing and closing < max_tokens:
+            # [CLS] t1 ... [SEP]: keep the closing special tokens the model was trained with.
+            return Encoding([*ids[: max_tokens - closing], *ids[-closing:]], True)
+        return Encoding(list(ids[:max_tokens]), True)
+
+    def encode(self, texts: list[str], max_tokens: int) -> list[Encoding]:
+        """Tokenise with special tokens; texts longer than ``max_tokens`` keep their head and end token.
+
+        Tokenising untruncated first is what tells us *whether* a text was cut, which the API reports.
+        The caller bounds text size in characters, so the untruncated pass is bounded too.
+        """
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens must leave room for the special tokens, got {max_tokens}")
+        return [self.truncate(ids, max_tokens) for ids in self.untruncated(texts)]
+
+    def token_ids(self, text: str, *, special: bool) -> list[int]:
+        """``text``'s token ids, untruncated, with or without the tokenizer's special tokens."""
+        if self._fast is not None:
+            return list(self._fast.encode(text, add_special_tokens=special).ids)
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
 class Backbone:
     """A frozen backbone in inference mode on one device and dtype, with its tokenizer, family and spec."""
 
@@ -146,11 +204,9 @@ class Backbone:
         if pad_id is None:
             pad_id = tokenizer.eos_token_id
         self.pad_token_id: int = int(pad_id) if pad_id is not None else 0
-        # Read once: the tokenizer rebuilds this list on every access.
-        self.special_ids: frozenset[int] = frozenset(tokenizer.all_special_ids)
-        self._fast = _private_fast_tokenizer(tokenizer)
-        # The special tokens the tokenizer puts around a text ([CLS] ... [SEP], <s>, nothing...).
-        self.opening_ids, self.closing_ids = _framing(self)
+        self.text = TextTokenizer(tokenizer)
+        self.special_ids = self.text.special_ids
+        self.opening_ids, self.closing_ids = self.text.opening_ids, self.text.closing_ids
 
     @property
     def word_embeddings(self) -> torch.nn.Embedding:
@@ -164,42 +220,19 @@ class Backbone:
         return self.family.pooling()
 
     def encode(self, texts: list[str], max_tokens: int) -> list[Encoding]:
-        """Tokenise with special tokens; texts longer than ``max_tokens`` keep their head and end token.
-
-        Tokenising untruncated first is what tells us *whether* a text was cut, which the API reports.
-        The caller bounds text size in characters, so the untruncated pass is bounded too.
-        """
-        if max_tokens < 2:
-            raise ValueError(f"max_tokens must leave room for the special tokens, got {max_tokens}")
-        if self._fast is not None:
-            rows: list[list[int]] = [e.ids for e in self._fast.encode_batch(texts, add_special_tokens=True)]
-        else:
-            encoded = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
-            rows = encoded["input_ids"]
-        out: list[Encoding] = []
-        closing = len(self.closing_ids)
-        for ids in rows:
-            if len(ids) <= max_tokens:
-                out.append(Encoding(list(ids), False))
-            elif closing and closing < max_tokens:
-                # [CLS] t1 ... [SEP]: keep the closing special tokens the model was trained with.
-                out.append(Encoding([*ids[: max_tokens - closing], *ids[-closing:]], True))
-            else:
-                out.append(Encoding(list(ids[:max_tokens]), True))
-        return out
+        """Tokenise with special tokens, cut to ``max_tokens`` (see TextTokenizer.encode)."""
+        return self.text.encode(texts, max_tokens)
 
     def token_ids(self, text: str, *, special: bool) -> list[int]:
         """``text``'s token ids, untruncated, with or without the tokenizer's special tokens."""
-        if self._fast is not None:
-            return list(self._fast.encode(text, add_special_tokens=special).ids)
-        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+        return self.text.token_ids(text, special=special)
 
 
-def _framing(backbone: Backbone) -> tuple[list[int], list[int]]:
+def _framing(text: TextTokenizer) -> tuple[list[int], list[int]]:
     """The special tokens the tokenizer adds before and after a text, read off a probe text."""
     probe = "hello"
-    plain = backbone.token_ids(probe, special=False)
-    full = backbone.token_ids(probe, special=True)
+    plain = text.token_ids(probe, special=False)
+    full = text.token_ids(probe, special=True)
     if not plain or len(full) < len(plain):
         return [], []
     for start in range(len(full) - len(plain) + 1):

@@ -348,7 +348,7 @@ def test_encode_matches_the_transformers_tokenizer(kind: str, model_dirs: Path) 
     path = model_dirs / f"encode-{kind}"
     backbone = load_backbone(path if path.exists() else make(path))
     texts = ["this phone is great", "", "  Café — naïve ünïcode 🙂 ", "the " * 80, "A\tB\nC"]
-    assert backbone._fast is not None and backbone._fast is not backbone.tokenizer.backend_tokenizer
+    assert backbone.text._fast is not None and backbone.text._fast is not backbone.tokenizer.backend_tokenizer
     # A truncating call through the wrapper leaves its own backend truncating; encode must not see it.
     backbone.tokenizer(texts, truncation=True, max_length=4)
     encoded = backbone.encode(texts, 1000)
