@@ -18,6 +18,7 @@ from prompts.errors import PtserveError
 from prompts.store import PromptStore
 from service.auth import AuthMiddleware, KeyRing, ScopeTable, log_auth_mode, require_scope
 from service.errors import error_body, http_headers, http_status
+from service.frontends.link import EngineEndpoint
 from service.jobs_routes import jobs_router
 from service.limits import Limits, LimitsMiddleware
 from service.logs import RequestLogMiddleware, RouteTemplates
@@ -140,8 +141,12 @@ def create_app(
     *,
     backbone: Backbone | None = None,
     store: PromptStore | None = None,
+    engine_address: str | None = None,
 ) -> FastAPI:
     """Build the app. ``backbone`` and ``store`` may be injected (tests share one tiny backbone).
+
+    ``engine_address``: this is the engine process of ``serve --frontends N``, which also answers
+    tokenised classify calls from the front ends on that ZeroMQ address (service/frontends/).
 
     Raises SettingsError when auth is on without API keys.
     """
@@ -175,6 +180,10 @@ def create_app(
         runtime.batcher.start()
         if runtime.watcher is not None:
             runtime.watcher.start()
+        endpoint = None
+        if engine_address is not None:
+            endpoint = EngineEndpoint(runtime, metrics, engine_address)
+            endpoint.start()
         app.state.runtime = runtime
         log_auth_mode(keyring)
         logger.info("ptserve ready: backbone %s, store %s", loaded.spec.describe(), settings.store)
@@ -182,6 +191,8 @@ def create_app(
             yield
         finally:
             runtime.draining = True
+            if endpoint is not None:
+                await endpoint.stop()  # the front ends' admitted calls finish first
             # Admitted requests finish before the store closes.
             await runtime.batcher.stop(drain=True)
             if runtime.watcher is not None:

@@ -49,6 +49,7 @@ SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--cache-bytes", "cache_bytes", int, "device prompt-cache budget (PTSERVE_CACHE_BYTES)"),
     ("--log-level", "log_level", str, "debug, info, warning or error (PTSERVE_LOG_LEVEL)"),
     ("--log-format", "log_format", str, "text or json (PTSERVE_LOG_FORMAT)"),
+    ("--frontends", "frontends", int, "HTTP front-end processes before one engine (PTSERVE_FRONTENDS)"),
 ]
 
 # The worker's flags: the backbone and store ones it shares with ``serve``, then its own.
@@ -322,6 +323,12 @@ def serve(settings: Settings, backbone: Backbone | None = None) -> None:
     from service.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
+    if settings.frontends > 1:
+        from service.auth import KeyRing
+        from service.frontends.supervisor import Supervisor
+
+        KeyRing.from_settings(settings)  # auth on without keys stops start-up here, as below
+        raise SystemExit(Supervisor(settings).run())
     # Built before uvicorn starts, so invalid settings (auth on without keys) stop start-up here.
     app = create_app(settings, backbone=backbone)
     uvicorn.run(

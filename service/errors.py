@@ -90,6 +90,22 @@ class SettingsError(PtserveError):
     code = "invalid_settings"
 
 
+class EngineUnavailableError(PtserveError):
+    """A front end of ``serve --frontends`` cannot reach its engine process (restarting, or gone)."""
+
+    code = "engine_unavailable"
+
+
+class RelayedError(PtserveError):
+    """An error the engine process answered a front end's call with: its status and code as they are."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        # Per instance: the engine's error class is not known here, only its code.
+        self.code = code  # type: ignore[misc]
+
+
 # Most specific first; the first class an error is an instance of decides its status.
 HTTP_STATUS: list[tuple[type[PtserveError], int]] = [
     (PayloadTooLargeError, 413),
@@ -103,6 +119,7 @@ HTTP_STATUS: list[tuple[type[PtserveError], int]] = [
     (TaskUnavailableError, 409),
     (OverloadedError, 429),
     (ShuttingDownError, 503),
+    (EngineUnavailableError, 503),
     (JobsDisabledError, 503),
     (RequestTimeoutError, 504),
     (StoreFullError, 507),
@@ -114,6 +131,8 @@ HTTP_STATUS: list[tuple[type[PtserveError], int]] = [
 
 
 def http_status(error: PtserveError) -> int:
+    if isinstance(error, RelayedError):
+        return error.status
     for cls, status in HTTP_STATUS:
         if isinstance(error, cls):
             return status

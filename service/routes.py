@@ -6,14 +6,13 @@ Short classify requests are the exception: tokenising them costs less than the h
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Body, File, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from prompts.artifact import PromptArtifact, check_compatible, parse_artifact
-from prompts.backbone import Encoding
 from prompts.errors import ArtifactTooLargeError, InvalidInputError, VersionNotFoundError
 from prompts.names import tenant_of
 from prompts.store import PromptStore, TaskRecord
@@ -33,6 +32,7 @@ from service.schemas import (
     RollbackResponse,
     UploadResponse,
 )
+from service.settings import Settings
 from service.tenancy import Principal, resolve, visible, writable
 
 T = TypeVar("T")
@@ -77,8 +77,8 @@ async def unabandoned(change: Coroutine[Any, Any, T]) -> T:
     return await asyncio.shield(asyncio.ensure_future(change))
 
 
-def _check_texts(texts: list[str], runtime: Runtime) -> None:
-    limits = runtime.settings
+def check_texts(texts: list[str], limits: Settings) -> None:
+    """Texts per request and characters per text (the front ends of serve --frontends check too)."""
     if len(texts) > limits.max_texts_per_request:
         raise InvalidInputError(
             f"{len(texts)} texts in one request; the limit is {limits.max_texts_per_request}"
@@ -105,11 +105,11 @@ def _where(texts: list[str], i: int) -> str:
     return "text" if len(texts) == 1 else f"texts[{i}]"
 
 
-def _check_tokens(texts: list[str], encodings: list[Encoding], special_ids: frozenset[int]) -> None:
+def check_tokens(texts: list[str], rows: list[list[int]], special_ids: frozenset[int]) -> None:
     """Refuse texts that leave nothing but special tokens (control or format characters only, say):
     the task would answer for an empty input, which is never what the caller meant."""
-    for i, encoding in enumerate(encodings):
-        if all(token in special_ids for token in encoding.input_ids):
+    for i, ids in enumerate(rows):
+        if all(token in special_ids for token in ids):
             raise InvalidInputError(
                 f"{_where(texts, i)} has no tokens to classify: it holds only control, format or "
                 "whitespace characters (or special tokens)"
@@ -121,7 +121,7 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     """Classify one or several texts with a task's current version (one version for the whole request)."""
     runtime = _runtime(request)
     texts = body.all_texts()
-    _check_texts(texts, runtime)
+    check_texts(texts, runtime.settings)
     task = await runtime.cache.resolve(resolve(principal_of(request), body.task))
     # For the access line and the metrics (service/logs.py): only resolved tasks become labels.
     request.state.task, request.state.version = task.task, task.version
@@ -129,12 +129,23 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
         encodings = runtime.backbone.encode(texts, task.max_text_tokens)
     else:
         encodings = await asyncio.to_thread(runtime.backbone.encode, texts, task.max_text_tokens)
-    _check_tokens(texts, encodings, runtime.backbone.special_ids)
+    check_tokens(texts, [e.input_ids for e in encodings], runtime.backbone.special_ids)
     probabilities = await runtime.batcher.submit_many([Row(task, e.input_ids) for e in encodings])
+    truncated = [e.truncated for e in encodings]
+    return classify_response(body, task.task, task.version, task.labels, probabilities, truncated)
 
-    labels = task.labels
+
+def classify_response(
+    body: ClassifyRequest,
+    task: str,
+    version: str,
+    labels: Sequence[str],
+    probabilities: Sequence[Sequence[float]],
+    truncated: Sequence[bool],
+) -> ClassifyResponse:
+    """The response of one classify request: each text's labels by probability (``top_k`` of them)."""
     results = []
-    for encoding, probs in zip(encodings, probabilities, strict=True):
+    for probs, cut in zip(probabilities, truncated, strict=True):
         order = sorted(range(len(labels)), key=lambda i: probs[i], reverse=True)
         if body.top_k is not None:
             order = order[: body.top_k]
@@ -143,10 +154,10 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
                 label=labels[order[0]],
                 score=probs[order[0]],
                 scores={labels[i]: probs[i] for i in order},
-                truncated=encoding.truncated,
+                truncated=cut,
             )
         )
-    return ClassifyResponse(task=task.task, version=task.version, results=results)
+    return ClassifyResponse(task=task, version=version, results=results)
 
 
 @admin_router.post(

@@ -38,6 +38,14 @@ class Settings(BaseSettings):
         description="intra-op threads for the forward; default: torch's (all cores); fewer than the "
         "cores leaves the event loop a core",
     )
+    frontends: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="HTTP front-end processes feeding one engine process that holds the backbone "
+        "(serve --frontends N; service/frontends/). 1: one process does everything, which measured "
+        "best on a 2-core CPU; more where one process cannot keep the device busy",
+    )
 
     # Prompt store
     store: str = Field(

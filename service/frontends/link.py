@@ -1,0 +1,184 @@
+"""Both ends of the ZeroMQ link: the engine's endpoint and a front end's client.
+
+ipc:// sockets in a directory only the server's user can enter: whoever can connect is trusted with
+the principal a Call names (the front end authenticated it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from typing import cast
+
+import zmq
+import zmq.asyncio
+
+from prompts.errors import PtserveError, StoreUnavailableError
+from service.engine import Row
+from service.errors import ShuttingDownError, http_status
+from service.frontends.protocol import ENCODER, REPLIES, TO_ENGINE, Call, Observed, Reply
+from service.logs import RequestRecord
+from service.metrics import Metrics
+from service.runtime import Runtime
+from service.tenancy import Principal, Scope, resolve
+
+logger = logging.getLogger(__name__)
+
+
+class EngineEndpoint:
+    """The engine's ROUTER socket: classifies Calls with the engine's runtime, records Observed."""
+
+    def __init__(self, runtime: Runtime, metrics: Metrics, address: str) -> None:
+        self.runtime = runtime
+        self.metrics = metrics
+        self.address = address
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(address)
+        self._receiver: asyncio.Task[None] | None = None
+        self._answers: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._receiver = asyncio.get_running_loop().create_task(self._receive())
+
+    async def _receive(self) -> None:
+        while True:
+            identity, payload = await self._socket.recv_multipart()
+            try:
+                message = TO_ENGINE.decode(payload)
+            except Exception:  # only front ends of this server connect; a bad frame is a bug there
+                logger.exception("undecodable message from a front end")
+                continue
+            if isinstance(message, Observed):
+                self._observe(message)
+                continue
+            answer = asyncio.get_running_loop().create_task(self._answer(identity, message))
+            self._answers.add(answer)
+            answer.add_done_callback(self._answers.discard)
+
+    def _observe(self, seen: Observed) -> None:
+        if seen.refusal is not None:
+            principal = Principal(seen.key or "-", "classify", seen.tenant)
+            self.metrics.observe_refusal(principal, seen.refusal)
+        self.metrics.observe_request(
+            RequestRecord(
+                request_id="",
+                method="POST",
+                path=seen.route,
+                route=seen.route,
+                task=seen.task,
+                version=None,
+                status=seen.status,
+                latency_ms=seen.latency_ms,
+                key=seen.key,
+                tenant=seen.tenant,
+            )
+        )
+
+    async def _answer(self, identity: bytes, call: Call) -> None:
+        try:
+            reply = await self._classify(call)
+        except PtserveError as exc:
+            status = http_status(exc)
+            if status >= 500:
+                logger.error("request %s failed: %s: %s", call.request_id, exc.code, exc.message)
+            reply = Reply(call.id, error_status=status, error_code=exc.code, error_message=exc.message)
+        except Exception as exc:
+            logger.exception("request %s: unhandled error", call.request_id)
+            message = f"internal error: {type(exc).__name__}"
+            reply = Reply(call.id, error_status=500, error_code="internal_error", error_message=message)
+        with contextlib.suppress(zmq.ZMQError):  # the front end is gone: nobody waits for this
+            await self._socket.send_multipart([identity, ENCODER.encode(reply)])
+
+    async def _classify(self, call: Call) -> Reply:
+        runtime = self.runtime
+        principal = Principal(call.key_id, cast(Scope, call.scope), call.tenant)
+        task = await runtime.cache.resolve(resolve(principal, call.task))
+        # Cut to the room of the version this request is pinned to (front ends do not know it).
+        encodings = [runtime.backbone.text.truncate(ids, task.max_text_tokens) for ids in call.rows]
+        probabilities = await runtime.batcher.submit_many([Row(task, e.input_ids) for e in encodings])
+        return Reply(
+            call.id,
+            task=task.task,
+            version=task.version,
+            labels=list(task.labels),
+            probabilities=probabilities,
+            truncated=[e.truncated for e in encodings],
+        )
+
+    async def stop(self) -> None:
+        """Stop taking Calls, let the admitted ones finish (the batcher drains after), close."""
+        if self._receiver is not None:
+            self._receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._receiver
+        if self._answers:
+            await asyncio.gather(*self._answers, return_exceptions=True)
+        self._socket.close(linger=0)
+        self._context.term()
+
+
+class EngineClient:
+    """A front end's DEALER socket: one Call per request, replies matched by id."""
+
+    def __init__(self, address: str, identity: str) -> None:
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.IDENTITY, identity.encode())
+        self._socket.connect(address)
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[Reply]] = {}
+        self._receiver: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        self._receiver = asyncio.get_running_loop().create_task(self._receive())
+
+    async def _receive(self) -> None:
+        while True:
+            payload = await self._socket.recv()
+            reply = REPLIES.decode(payload)
+            waiter = self._waiting.pop(reply.id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(reply)
+
+    async def classify(
+        self, request_id: str, task: str, principal: Principal, rows: list[list[int]]
+    ) -> Reply:
+        """The engine's Reply; the request's own deadline (the limits middleware's 504) bounds the wait."""
+        if self._closed:
+            raise ShuttingDownError("this front end is shutting down")
+        call_id = next(self._ids)
+        waiter: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[call_id] = waiter
+        call = Call(call_id, request_id, task, principal.key_id, principal.scope, principal.tenant, rows)
+        try:
+            await self._socket.send(ENCODER.encode(call))
+            return await waiter
+        except zmq.ZMQError as exc:
+            raise StoreUnavailableError(f"the engine process cannot be reached: {exc}") from exc
+        finally:
+            self._waiting.pop(call_id, None)
+
+    def observe(self, seen: Observed) -> None:
+        """Hand a finished request to the engine's metrics; dropped if the engine is not there."""
+        with contextlib.suppress(zmq.ZMQError):
+            self._socket.send(ENCODER.encode(seen), flags=zmq.NOBLOCK)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._receiver is not None:
+            self._receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._receiver
+        self._socket.close(linger=0)
+        self._context.term()
+
+
+def now_ms() -> float:
+    return time.perf_counter() * 1000.0

@@ -1,0 +1,54 @@
+"""Messages between front ends and the engine: msgspec structs over ZeroMQ, one per frame.
+
+A front end's DEALER socket sends a :class:`Call` and the engine's ROUTER socket answers with a
+:class:`Reply` carrying the same ``id``; ZeroMQ routes the reply back to the front end that asked.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Call(msgspec.Struct, array_like=True, frozen=True, tag=True):
+    """One classify request: its texts tokenised (untruncated; the engine cuts them to the room the
+    task version it resolves leaves) and whom it acts for (authenticated by the front end)."""
+
+    id: int
+    request_id: str
+    task: str
+    key_id: str
+    scope: str
+    tenant: str | None
+    rows: list[list[int]]
+
+
+class Observed(msgspec.Struct, array_like=True, frozen=True, tag=True):
+    """A request a front end finished (or refused), for the engine's metrics: one registry, so one
+    ``/metrics`` scrape covers every process. Fire and forget: no reply."""
+
+    route: str
+    task: str | None
+    status: int
+    latency_ms: float
+    key: str | None
+    tenant: str | None
+    refusal: str | None = None  # the reason of a tenant's refusal (rate, share), counted apart
+
+
+class Reply(msgspec.Struct, array_like=True, frozen=True):
+    """The answer to a Call: the version that served every row, or an error as the HTTP API states it."""
+
+    id: int
+    task: str = ""
+    version: str = ""
+    labels: list[str] = []
+    probabilities: list[list[float]] = []
+    truncated: list[bool] = []
+    error_status: int = 0
+    error_code: str = ""
+    error_message: str = ""
+
+
+TO_ENGINE = msgspec.msgpack.Decoder(Call | Observed)
+REPLIES = msgspec.msgpack.Decoder(Reply)
+ENCODER = msgspec.msgpack.Encoder()
