@@ -76,7 +76,11 @@ class Server:
 
 @contextlib.contextmanager
 def running_server(
-    args: argparse.Namespace, store: Path, log_path: Path, env_extra: dict[str, str] | None = None
+    args: argparse.Namespace,
+    store: Path,
+    log_path: Path,
+    env_extra: dict[str, str] | None = None,
+    frontends: int = 1,
 ) -> Iterator[Server]:
     """``ptserve serve`` on a free loopback port; SIGTERM (then SIGKILL after 30 s) on the way out.
     ``env_extra`` sets (or overrides) the server's environment, e.g. auth and tenant settings."""
@@ -89,6 +93,7 @@ def running_server(
             "PTSERVE_MAX_BATCH_TOKENS": str(args.max_batch_tokens),
             "PTSERVE_LOG_LEVEL": args.log_level,
             "PTSERVE_AUTH": "off",  # a loopback benchmark server; auth has its own tests
+            "PTSERVE_FRONTENDS": str(frontends),
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -219,6 +224,29 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux /proc): serve --frontends N is a supervisor, an engine and
+    N front ends, and the server's CPU is theirs together."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents[int(entry.name)] = int(fields[1])
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
+
+
+def tree_cpu_s(pids: list[int]) -> dict[int, float]:
+    return {pid: process_cpu_s(pid) for pid in pids}
+
+
 def run_loadgen(job: dict[str, Any], workdir: Path, client_threads: int) -> dict[str, Any]:
     """Run one job in a separate ``benchmarks.loadgen`` process; returns its outcome."""
     return run_loadgens([job], workdir, client_threads)[0]
@@ -267,12 +295,15 @@ class Point:
     client_cpu_cores: float
     raw_adjacent: float = math.nan  # closed loop: mean raw batch rate timed just before and after
     raw_spread: float = math.nan  # the larger of those two raw rates ÷ the smaller: > 1.5 means noise
+    frontends: int = 1  # serve --frontends of the server measured
+    server_cpu_per_process: dict[str, float] | None = None  # cores per process of the server's tree
 
     @property
     def label(self) -> str:
+        where = f"{self.frontends} front ends, " if self.frontends > 1 else ""
         if self.mode == "closed":
-            return f"{self.shape} closed C={self.concurrency}"
-        return f"{self.shape} open {self.offered_rps:.1f} req/s"
+            return f"{where}{self.shape} closed C={self.concurrency}"
+        return f"{where}{self.shape} open {self.offered_rps:.1f} req/s"
 
 
 def to_point(
@@ -389,6 +420,11 @@ def main() -> None:
     )
     parser.add_argument("--client-threads", type=int, default=1, help="OMP/MKL threads of the load generator")
     parser.add_argument(
+        "--frontends",
+        default="1",
+        help="serve --frontends values, one server each, measured in turn (e.g. 1,2,4)",
+    )
+    parser.add_argument(
         "--client",
         choices=["raw", "httpx"],
         default="raw",
@@ -464,109 +500,126 @@ def main() -> None:
     points: list[Point] = []
     with tempfile.TemporaryDirectory(prefix="ptserve-http-bench-") as tmp:
         workdir = Path(tmp)
-        store = workdir / "store"
         log_path = workdir / "server.log"
-        with running_server(args, store, log_path) as server:
-            try:
-                ready_s = wait_ready(server, args.startup_timeout)
-                print(f"server ready at {server.url} after {ready_s:.1f} s")
-                tasks = upload_tasks(server, backbone, args.tasks, args.prefix_length, args.labels)
-                print(f"uploaded {len(tasks)} tasks (prefix {args.prefix_length})")
-                shapes = {
-                    "single": (1, make_bodies(tasks, texts, 1, 2000, seed=2)),
-                    "batch": (args.batch_texts, make_bodies(tasks, texts, args.batch_texts, 200, seed=3)),
-                }
-                concurrencies = {"single": ints(args.closed_single), "batch": ints(args.closed_batch)}
-
-                def job(shape: str, mode: str, concurrency: int = 1, rate: float = 0.0) -> dict[str, Any]:
-                    rows, bodies = shapes[shape]
-                    return {
-                        "url": server.url,
-                        "mode": mode,
-                        "bodies": bodies,
-                        "rows_per_request": rows,
-                        "duration_s": args.duration,
-                        "warmup_s": args.warmup,
-                        "drain_s": args.drain,
-                        "concurrency": concurrency,
-                        "rate": rate,
-                        "seed": len(points),
-                        "client": args.client,
+        stop_codes: dict[int, int | None] = {}
+        for frontends in ints(args.frontends):
+            with running_server(
+                args, workdir / f"store-{frontends}", log_path, frontends=frontends
+            ) as server:
+                try:
+                    ready_s = wait_ready(server, args.startup_timeout)
+                    print(f"server ready at {server.url} after {ready_s:.1f} s")
+                    tasks = upload_tasks(server, backbone, args.tasks, args.prefix_length, args.labels)
+                    print(f"uploaded {len(tasks)} tasks (prefix {args.prefix_length})")
+                    shapes = {
+                        "single": (1, make_bodies(tasks, texts, 1, 2000, seed=2)),
+                        "batch": (args.batch_texts, make_bodies(tasks, texts, args.batch_texts, 200, seed=3)),
                     }
+                    concurrencies = {"single": ints(args.closed_single), "batch": ints(args.closed_batch)}
 
-                def phase(shape: str, spec: dict[str, Any], rows: int) -> Point:
-                    cpu0, t0 = process_cpu_s(server.process.pid), time.perf_counter()
-                    outcome = run_loadgen(spec, workdir, args.client_threads)
-                    cpu = process_cpu_s(server.process.pid) - cpu0
-                    return to_point(shape, outcome, rows, cpu, time.perf_counter() - t0)
+                    def job(shape: str, mode: str, concurrency: int = 1, rate: float = 0.0) -> dict[str, Any]:
+                        rows, bodies = shapes[shape]  # noqa: B023 (called in this iteration only)
+                        return {
+                            "url": server.url,
+                            "mode": mode,
+                            "bodies": bodies,
+                            "rows_per_request": rows,
+                            "duration_s": args.duration,
+                            "warmup_s": args.warmup,
+                            "drain_s": args.drain,
+                            "concurrency": concurrency,
+                            "rate": rate,
+                            "seed": len(points),
+                            "client": args.client,
+                        }
 
-                def measure_raw() -> None:
-                    raw_b32.append(raw.rate(args.raw_seconds))
-                    raw_b1.append(raw.rate(args.raw_seconds / 2, batch=1))
-                    print(
-                        f"  raw forward: batch {args.raw_batch} {raw_b32[-1]:.1f} rows/s, "
-                        f"batch 1 {raw_b1[-1]:.1f} rows/s"
-                    )
+                    def phase(shape: str, spec: dict[str, Any], rows: int) -> Point:
+                        pids = process_tree(server.process.pid)
+                        cpu0, t0 = tree_cpu_s(pids), time.perf_counter()
+                        outcome = run_loadgen(spec, workdir, args.client_threads)
+                        cpu1, wall = tree_cpu_s(pids), time.perf_counter() - t0
+                        per_process = {
+                            str(pid): (cpu1[pid] - cpu0[pid]) / wall
+                            for pid in pids
+                            if not math.isnan(cpu1[pid] - cpu0[pid])
+                        }
+                        cpu_s = sum(per_process.values()) * wall
+                        point = to_point(shape, outcome, rows, cpu_s, wall)
+                        point.frontends = frontends  # noqa: B023 (called in this iteration only)
+                        point.server_cpu_per_process = per_process
+                        return point
 
-                # Warm the server: every task loaded, kernels and allocator warm.
-                with httpx.Client(timeout=60.0) as client:
-                    for body in shapes["batch"][1][: len(tasks)]:
-                        client.post(
-                            f"{server.url}/v1/classify",
-                            content=body,
-                            headers={"content-type": "application/json"},
+                    def measure_raw() -> None:
+                        raw_b32.append(raw.rate(args.raw_seconds))
+                        raw_b1.append(raw.rate(args.raw_seconds / 2, batch=1))
+                        print(
+                            f"  raw forward: batch {args.raw_batch} {raw_b32[-1]:.1f} rows/s, "
+                            f"batch 1 {raw_b1[-1]:.1f} rows/s"
                         )
-                measure_raw()
-                peaks: dict[str, float] = {}
-                closed = [
-                    (shape, c)
-                    for i in range(max(len(v) for v in concurrencies.values()))
-                    for shape in ("batch", "single")
-                    if i < len(concurrencies[shape])
-                    for c in [concurrencies[shape][i]]
-                ]
-                for shape, c in closed:  # shapes interleaved, the raw forward timed between phases
-                    rows = shapes[shape][0]
-                    before = raw_b32[-1]
-                    point = phase(shape, job(shape, "closed", concurrency=c), rows)
-                    points.append(point)
-                    peaks[shape] = max(peaks.get(shape, 0.0), point.requests_per_s)
+
+                    # Warm the server: every task loaded, kernels and allocator warm.
+                    with httpx.Client(timeout=60.0) as client:
+                        for body in shapes["batch"][1][: len(tasks)]:
+                            client.post(
+                                f"{server.url}/v1/classify",
+                                content=body,
+                                headers={"content-type": "application/json"},
+                            )
                     measure_raw()
-                    point.raw_adjacent = (before + raw_b32[-1]) / 2
-                    point.raw_spread = max(before, raw_b32[-1]) / min(before, raw_b32[-1])
-                    print(
-                        f"  {point.label}: {point.rows_per_s:.1f} rows/s, p50 {point.p50_ms:.0f} ms, "
-                        f"p99 {point.p99_ms:.0f} ms, errors {point.errors}, "
-                        f"÷ adjacent raw {point.rows_per_s / point.raw_adjacent:.2f}, "
-                        f"CPU server {point.server_cpu_cores:.2f} client {point.client_cpu_cores:.2f} cores"
-                    )
-                for shape in ("batch", "single"):
-                    rows = shapes[shape][0]
-                    for level in floats(args.open_levels):
-                        rate = max(0.1, level * peaks[shape])
-                        point = phase(shape, job(shape, "open", rate=rate), rows)
+                    peaks: dict[str, float] = {}
+                    closed = [
+                        (shape, c)
+                        for i in range(max(len(v) for v in concurrencies.values()))
+                        for shape in ("batch", "single")
+                        if i < len(concurrencies[shape])
+                        for c in [concurrencies[shape][i]]
+                    ]
+                    for shape, c in closed:  # shapes interleaved, the raw forward timed between phases
+                        rows = shapes[shape][0]
+                        before = raw_b32[-1]
+                        point = phase(shape, job(shape, "closed", concurrency=c), rows)
                         points.append(point)
+                        peaks[shape] = max(peaks.get(shape, 0.0), point.requests_per_s)
+                        measure_raw()
+                        point.raw_adjacent = (before + raw_b32[-1]) / 2
+                        point.raw_spread = max(before, raw_b32[-1]) / min(before, raw_b32[-1])
                         print(
                             f"  {point.label}: {point.rows_per_s:.1f} rows/s, p50 {point.p50_ms:.0f} ms, "
-                            f"p99 {point.p99_ms:.0f} ms, errors {point.errors}, dropped {point.dropped}"
+                            f"p99 {point.p99_ms:.0f} ms, errors {point.errors}, "
+                            f"÷ adjacent raw {point.rows_per_s / point.raw_adjacent:.2f}, "
+                            f"CPU server {point.server_cpu_cores:.2f} "
+                            f"client {point.client_cpu_cores:.2f} cores"
                         )
-                    measure_raw()
-            except BaseException:
-                print(f"--- server log (tail) ---\n{server.log_tail()}", file=sys.stderr)
-                raise
-            process = server.process
-        # uvicorn shuts down gracefully on SIGTERM, then re-raises it: -15 is the normal exit here.
-        stop_code = process.returncode
+                    for shape in ("batch", "single"):
+                        rows = shapes[shape][0]
+                        for level in floats(args.open_levels):
+                            rate = max(0.1, level * peaks[shape])
+                            point = phase(shape, job(shape, "open", rate=rate), rows)
+                            points.append(point)
+                            print(
+                                f"  {point.label}: {point.rows_per_s:.1f} rows/s, p50 {point.p50_ms:.0f} ms, "
+                                f"p99 {point.p99_ms:.0f} ms, errors {point.errors}, dropped {point.dropped}"
+                            )
+                        measure_raw()
+                except BaseException:
+                    print(f"--- server log (tail) ---\n{server.log_tail()}", file=sys.stderr)
+                    raise
+                process = server.process
+            # uvicorn shuts down gracefully on SIGTERM, then re-raises it: -15 is the normal exit here.
+            stop_codes[frontends] = process.returncode
 
     raw_rate = median(raw_b32)
     raw_one = median(raw_b1)
-    best = {
-        shape: max((p for p in points if p.shape == shape and p.mode == "closed"), key=lambda p: p.rows_per_s)
-        for shape in ("single", "batch")
-    }
-    ratios = {f"{shape}_http_over_raw": best[shape].rows_per_s / raw_rate for shape in best} | {
-        f"{shape}_http_over_adjacent_raw": best[shape].rows_per_s / best[shape].raw_adjacent for shape in best
-    }
+    ratios: dict[str, float] = {}
+    for frontends in ints(args.frontends):
+        where = "" if frontends == 1 else f"frontends_{frontends}_"
+        for shape in ("single", "batch"):
+            closed = [
+                p for p in points if p.shape == shape and p.mode == "closed" and p.frontends == frontends
+            ]
+            best = max(closed, key=lambda p: p.rows_per_s)
+            ratios[f"{where}{shape}_http_over_raw"] = best.rows_per_s / raw_rate
+            ratios[f"{where}{shape}_http_over_adjacent_raw"] = best.rows_per_s / best.raw_adjacent
     threads = {
         "server": args.server_threads
         or f"torch default ({torch.get_num_threads()} here, os.cpu_count()={os.cpu_count()})",
@@ -584,7 +637,7 @@ def main() -> None:
         "raw_median_rows_per_s": {f"batch {args.raw_batch}": raw_rate, "batch 1": raw_one},
         "points": [p.__dict__ | {"label": p.label} for p in points],
         "ratios": ratios,
-        "server_exit_code": stop_code,
+        "server_exit_code": stop_codes,
     }
     rows_md = [
         [
@@ -598,6 +651,9 @@ def main() -> None:
             if math.isnan(p.raw_adjacent)
             else f"{p.rows_per_s / p.raw_adjacent:.3f}" + (" noisy" if p.raw_spread > 1.5 else ""),
             round(p.server_cpu_cores, 2),
+            " + ".join(
+                f"{c:.2f}" for c in sorted((p.server_cpu_per_process or {}).values(), reverse=True)[:9]
+            ),
             round(p.client_cpu_cores, 2),
             sum(p.errors.values()) + p.unfinished + p.dropped,
         ]
@@ -613,6 +669,7 @@ def main() -> None:
             "÷ raw median",
             "÷ adjacent raw",
             "server CPU (cores)",
+            "per server process",
             "client CPU (cores)",
             "errors",
         ],
@@ -629,19 +686,35 @@ def main() -> None:
         f"Threads: server {threads['server']}, load generator {args.client_threads}, "
         f"raw forward {torch.get_num_threads()}."
     )
+    first = ints(args.frontends)[0]
+    where = "" if first == 1 else f"frontends_{first}_"
     md = (
         f"## HTTP end to end ({backbone.spec.model_type}, {args.device}/{args.dtype})\n\n{setup}\n\n"
         f"Raw backbone forward (no prompts, server idle), median of {len(raw_b32)}: "
         f"batch {args.raw_batch} **{raw_rate:.1f} rows/s**, batch 1 {raw_one:.1f} rows/s.\n\n{table}\n\n"
         f"Best closed loop ÷ raw batch {args.raw_batch} (median of the run; in brackets ÷ the raw "
         f"rate timed just before and after that phase): {args.batch_texts}-text requests "
-        f"**{ratios['batch_http_over_raw']:.2f}** ({ratios['batch_http_over_adjacent_raw']:.2f}; "
-        f"target ≥ 0.90), single-text **{ratios['single_http_over_raw']:.2f}** "
-        f'({ratios["single_http_over_adjacent_raw"]:.2f}; target ≥ 0.75). "errors" counts non-200 '
+        f"**{ratios[where + 'batch_http_over_raw']:.2f}** "
+        f"({ratios[where + 'batch_http_over_adjacent_raw']:.2f}; "
+        f"target ≥ 0.90), single-text **{ratios[where + 'single_http_over_raw']:.2f}** "
+        f'({ratios[where + "single_http_over_adjacent_raw"]:.2f}; target ≥ 0.75). "errors" counts non-200 '
         "answers, unanswered requests and open-loop arrivals dropped at the in-flight cap. CPU columns: "
         f"CPU seconds ÷ wall seconds of each process over the phase ({os.cpu_count()} cores here). "
         '"noisy": the raw rates timed just before and after the phase differ by more than 1.5×.\n'
     )
+    if len(ints(args.frontends)) > 1:
+        summary = [
+            [
+                n,
+                ratios[("" if n == 1 else f"frontends_{n}_") + "single_http_over_raw"],
+                ratios[("" if n == 1 else f"frontends_{n}_") + "batch_http_over_raw"],
+            ]
+            for n in ints(args.frontends)
+        ]
+        md += "\n" + markdown_table(
+            ["front ends", "single-text ÷ raw (best closed)", f"{args.batch_texts}-text ÷ raw"], summary
+        )
+        md += "\n"
     tag = f"{args.device.replace(':', '')}_{args.dtype}"
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / f"http_{tag}.png"
