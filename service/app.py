@@ -184,6 +184,7 @@ def create_app(
         if engine_address is not None:
             endpoint = EngineEndpoint(runtime, metrics, engine_address)
             endpoint.start()
+            app.state.engine_endpoint = endpoint
         app.state.runtime = runtime
         log_auth_mode(keyring)
         logger.info("ptserve ready: backbone %s, store %s", loaded.spec.describe(), settings.store)

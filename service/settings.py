@@ -46,6 +46,13 @@ class Settings(BaseSettings):
         "(serve --frontends N; service/frontends/). 1: one process does everything, which measured "
         "best on a 2-core CPU; more where one process cannot keep the device busy",
     )
+    frontend_coalesce_ms: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=50.0,
+        description="with frontends > 1: how long a front end gathers classify requests into one "
+        "message to the engine (0: one message per request)",
+    )
 
     # Prompt store
     store: str = Field(

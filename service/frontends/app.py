@@ -73,7 +73,11 @@ def create_frontend_app(settings: Settings, index: int, engine_address: str, eng
         tenancy = open_tenancy(settings, store)
         if keyring is not None:
             keyring.attach(tenancy.keys)
-        engine = EngineClient(engine_address, identity=f"frontend-{index}-{os.getpid()}")
+        engine = EngineClient(
+            engine_address,
+            identity=f"frontend-{index}-{os.getpid()}",
+            coalesce_s=settings.frontend_coalesce_ms / 1000.0,
+        )
         engine.start()
         relay = httpx.AsyncClient(
             transport=httpx.AsyncHTTPTransport(uds=engine_socket), base_url="http://engine", timeout=None

@@ -10,16 +10,15 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import time
-from typing import cast
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
 
-from prompts.errors import PtserveError, StoreUnavailableError
+from prompts.errors import PtserveError
 from service.engine import Row
-from service.errors import ShuttingDownError, http_status
-from service.frontends.protocol import ENCODER, REPLIES, TO_ENGINE, Call, Observed, Reply
+from service.errors import EngineUnavailableError, ShuttingDownError, http_status
+from service.frontends.protocol import ENCODER, REPLIES, TO_ENGINE, Call, Calls, Observed, Reply
 from service.logs import RequestRecord
 from service.metrics import Metrics
 from service.runtime import Runtime
@@ -41,6 +40,7 @@ class EngineEndpoint:
         self._socket.bind(address)
         self._receiver: asyncio.Task[None] | None = None
         self._answers: set[asyncio.Task[None]] = set()
+        self.messages = 0  # frames received from front ends (Calls coalesce several requests)
 
     def start(self) -> None:
         self._receiver = asyncio.get_running_loop().create_task(self._receive())
@@ -48,6 +48,7 @@ class EngineEndpoint:
     async def _receive(self) -> None:
         while True:
             identity, payload = await self._socket.recv_multipart()
+            self.messages += 1
             try:
                 message = TO_ENGINE.decode(payload)
             except Exception:  # only front ends of this server connect; a bad frame is a bug there
@@ -56,9 +57,10 @@ class EngineEndpoint:
             if isinstance(message, Observed):
                 self._observe(message)
                 continue
-            answer = asyncio.get_running_loop().create_task(self._answer(identity, message))
-            self._answers.add(answer)
-            answer.add_done_callback(self._answers.discard)
+            for call in message.calls if isinstance(message, Calls) else [message]:
+                answer = asyncio.get_running_loop().create_task(self._answer(identity, call))
+                self._answers.add(answer)
+                answer.add_done_callback(self._answers.discard)
 
     def _observe(self, seen: Observed) -> None:
         if seen.refusal is not None:
@@ -123,16 +125,22 @@ class EngineEndpoint:
 
 
 class EngineClient:
-    """A front end's DEALER socket: one Call per request, replies matched by id."""
+    """A front end's DEALER socket: Calls gathered for at most ``coalesce_s``, replies matched by id."""
 
-    def __init__(self, address: str, identity: str) -> None:
+    # A full message goes at once: past this many requests, waiting saves no further wake-ups.
+    MAX_CALLS_PER_MESSAGE = 64
+
+    def __init__(self, address: str, identity: str, coalesce_s: float = 0.001) -> None:
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.IDENTITY, identity.encode())
         self._socket.connect(address)
+        self._coalesce_s = coalesce_s
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Reply]] = {}
+        self._pending: list[Call] = []
+        self._flush_at: asyncio.TimerHandle | None = None
         self._receiver: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -157,13 +165,36 @@ class EngineClient:
         waiter: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[call_id] = waiter
         call = Call(call_id, request_id, task, principal.key_id, principal.scope, principal.tenant, rows)
+        self._pending.append(call)
+        if len(self._pending) >= self.MAX_CALLS_PER_MESSAGE or self._coalesce_s <= 0:
+            self._flush()
+        elif self._flush_at is None:
+            self._flush_at = asyncio.get_running_loop().call_later(self._coalesce_s, self._flush)
         try:
-            await self._socket.send(ENCODER.encode(call))
             return await waiter
-        except zmq.ZMQError as exc:
-            raise StoreUnavailableError(f"the engine process cannot be reached: {exc}") from exc
         finally:
             self._waiting.pop(call_id, None)
+
+    def _flush(self) -> None:
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
+        calls, self._pending = self._pending, []
+        if not calls:
+            return
+        message = calls[0] if len(calls) == 1 else Calls(calls)
+        # zmq.asyncio's send returns a future; a failure must reach the calls' waiters.
+        sent = asyncio.ensure_future(self._socket.send(ENCODER.encode(message)))
+        sent.add_done_callback(lambda done: self._sent(done, calls))
+
+    def _sent(self, done: asyncio.Future[Any], calls: list[Call]) -> None:
+        error = None if done.cancelled() else done.exception()
+        if error is None:
+            return
+        for call in calls:
+            waiter = self._waiting.get(call.id)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(EngineUnavailableError(f"the engine process cannot be reached: {error}"))
 
     def observe(self, seen: Observed) -> None:
         """Hand a finished request to the engine's metrics; dropped if the engine is not there."""
@@ -172,13 +203,10 @@ class EngineClient:
 
     async def close(self) -> None:
         self._closed = True
+        self._flush()
         if self._receiver is not None:
             self._receiver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._receiver
         self._socket.close(linger=0)
         self._context.term()
-
-
-def now_ms() -> float:
-    return time.perf_counter() * 1000.0

@@ -22,6 +22,13 @@ class Call(msgspec.Struct, array_like=True, frozen=True, tag=True):
     rows: list[list[int]]
 
 
+class Calls(msgspec.Struct, array_like=True, frozen=True, tag=True):
+    """The Calls a front end gathered for at most ``frontend_coalesce_ms``: one message, one wake-up
+    of the engine's loop, however many requests arrived meanwhile."""
+
+    calls: list[Call]
+
+
 class Observed(msgspec.Struct, array_like=True, frozen=True, tag=True):
     """A request a front end finished (or refused), for the engine's metrics: one registry, so one
     ``/metrics`` scrape covers every process. Fire and forget: no reply."""
@@ -49,6 +56,6 @@ class Reply(msgspec.Struct, array_like=True, frozen=True):
     error_message: str = ""
 
 
-TO_ENGINE = msgspec.msgpack.Decoder(Call | Observed)
+TO_ENGINE = msgspec.msgpack.Decoder(Call | Calls | Observed)
 REPLIES = msgspec.msgpack.Decoder(Reply)
 ENCODER = msgspec.msgpack.Encoder()

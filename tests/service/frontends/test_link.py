@@ -1,0 +1,72 @@
+"""The ZeroMQ link in one process: a front end's client against the engine app's real endpoint.
+
+The engine app runs in TestClient's thread with its own event loop; the client runs in this thread's
+loop, as a front-end process would. Replies carry what the single-process route answers; requests
+that arrive within the coalescing window travel in one message; errors keep their HTTP meaning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from prompts.backbone import Backbone
+from service.app import create_app
+from service.frontends.link import EngineClient
+from service.frontends.protocol import Reply
+from service.settings import Settings
+from service.tenancy import Principal
+from tests.factories import random_artifact
+
+OPEN = Principal("-", "admin", None)
+TEXTS = ["the battery lasts two days", "a b c", "d e f g", "hello there", "one more text"]
+
+
+def ask_all(address: str, backbone: Backbone, coalesce_s: float, tasks: list[str]) -> list[Reply]:
+    async def run() -> list[Reply]:
+        client = EngineClient(address, identity="test-frontend", coalesce_s=coalesce_s)
+        client.start()
+        try:
+            rows = backbone.text.untruncated(TEXTS)
+            calls = [client.classify(f"req-{i}", task, OPEN, rows[i : i + 1]) for i, task in enumerate(tasks)]
+            return await asyncio.wait_for(asyncio.gather(*calls), timeout=60)
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
+def test_calls_are_answered_as_the_route_answers_and_coalesced(tmp_path: Path, backbone: Backbone) -> None:
+    address = f"ipc://{tmp_path / 'engine.sock'}"
+    app = create_app(
+        Settings(store=str(tmp_path / "store"), max_wait_ms=2), backbone=backbone, engine_address=address
+    )
+    artifact = random_artifact(backbone.spec, task="demo", seed=3)
+    with TestClient(app) as http:
+        assert http.post("/v1/prompts", files={"file": ("a.safetensors", artifact.data)}).status_code == 201
+        endpoint = app.state.engine_endpoint
+
+        before = endpoint.messages
+        replies = ask_all(address, backbone, coalesce_s=0.05, tasks=["demo"] * len(TEXTS))
+        assert endpoint.messages - before == 1  # five requests within 50 ms: one message
+        for text, reply in zip(TEXTS, replies, strict=True):
+            direct = http.post("/v1/classify", json={"task": "demo", "text": text}).json()
+            assert (reply.task, reply.version) == ("demo", artifact.version)
+            expected = direct["results"][0]["scores"]
+            got = dict(zip(reply.labels, reply.probabilities[0], strict=True))
+            assert got.keys() == expected.keys()
+            assert all(abs(got[k] - expected[k]) < 1e-6 for k in got)
+            assert reply.truncated == [False]
+
+        before = endpoint.messages
+        replies = ask_all(
+            address, backbone, coalesce_s=0.0, tasks=["demo", "missing", "demo", "demo", "demo"]
+        )
+        assert endpoint.messages - before == len(TEXTS)  # no window: a message per request
+        assert replies[1].error_status == 404 and replies[1].error_code == "task_not_found"
+        assert "'missing'" in replies[1].error_message
+        assert all(
+            r.error_status == 0 and r.version == artifact.version for i, r in enumerate(replies) if i != 1
+        )
