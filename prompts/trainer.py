@@ -507,8 +507,11 @@ def train_task(
     P-tuning v2 and the linear probe and keeps the better on dev (:func:`_train_few_shot`).
     """
     validate_task_name(task)
-    planned = plan_for_data(config or TrainConfig(), data)
-    if planned.plan is not None and planned.plan.get("probe_candidate"):
+    config = config or TrainConfig()
+    planned = plan_for_data(config, data)
+    # Only a config still "auto" here trains the probe candidate: a planned one passed in again (as
+    # search() does per grid point) trains what it names.
+    if config.method == AUTO and planned.plan is not None and planned.plan.get("probe_candidate"):
         return _train_few_shot(backbone, task, data, planned, progress)
     return _train_one(backbone, task, data, planned, progress)
 

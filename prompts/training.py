@@ -89,8 +89,12 @@ def run_training(
     """Train ``task`` once, or once per grid point keeping the best; the artifact is not stored yet.
 
     Method "auto" is chosen from ``data`` first (:func:`prompts.trainer.plan_for_data`)."""
-    config = plan_for_data(config, data)
     if grid is not None:
+        config = plan_for_data(config, data)
+        if config.plan is not None and config.plan.get("probe_candidate"):
+            # The grid trains P-tuning v2 at each point; the probe is not one of them.
+            plan = config.plan | {"probe_candidate": False, "search": "P-tuning v2 grid only, no probe"}
+            config = dataclasses.replace(config, plan=plan)
         return search(
             backbone,
             task,

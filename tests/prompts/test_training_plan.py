@@ -134,3 +134,15 @@ def test_cli_default_is_auto(tmp_path: Path) -> None:
 
     args = build_parser().parse_args(["train", "--task", "t", "--data", str(tmp_path)])
     assert args.method == "auto"
+
+
+def test_auto_with_a_search_grid_searches_prefix_only(learnable: Backbone) -> None:
+    from prompts.training import SearchGrid, run_training
+
+    data = make_task_data(train=12, dev=6, test=6)
+    config = dataclasses.replace(TINY, method="auto", epochs=2)
+    result = run_training(learnable, "tiny", data, config, grid=SearchGrid([0.05, 0.1], [4]))
+    training = result.artifact.manifest.training or {}
+    assert training["method"] == "p-tuning-v2" and len(result.trials) == 2
+    assert training["plan"]["regime"] == "few-shot" and training["plan"]["probe_candidate"] is False
+    assert "candidates" not in training["plan"] and training["hyperparameters"]["selection"] == "robust"
