@@ -144,6 +144,7 @@ def run_ptserve(backbone: Any, data: TaskData, method: str, seed: int) -> dict[s
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "regime": plan.get("regime") if plan else None,
+        "kept": plan.get("kept") if plan else None,  # auto on few-shot data: the candidate it kept
     }
 
 
