@@ -77,9 +77,18 @@ JOB_STATES: tuple[JobState, ...] = ("queued", "running", "succeeded", "failed")
 TERMINAL_STATES = frozenset({"succeeded", "failed"})
 GROUP = "workers"
 JOB_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
-# The names the CLI accepts too; prompts.methods.resolve_method maps them to the canonical ones.
+# The names the CLI accepts too; prompts.methods.resolve_method maps them to the canonical ones, and
+# "auto" is chosen from the job's data (prompts.trainer.plan_for_data).
 Method = Literal[
-    "prefix", "ptuning", "prompt", "probe", "p-tuning-v2", "p-tuning", "prompt-tuning", "linear-probe"
+    "auto",
+    "prefix",
+    "ptuning",
+    "prompt",
+    "probe",
+    "p-tuning-v2",
+    "p-tuning",
+    "prompt-tuning",
+    "linear-probe",
 ]
 
 
@@ -165,7 +174,11 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task: str = Field(description="task name to publish", examples=["product_type"])
-    method: Method = Field(default="prefix", description="prefix (P-tuning v2), ptuning, prompt or probe")
+    method: Method = Field(
+        default="auto",
+        description="auto (P-tuning v2 with a schedule chosen by the data's size, recorded in the "
+        "artifact's training.plan), prefix (P-tuning v2), ptuning, prompt or probe",
+    )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     train: list[InlineExample] | None = Field(default=None, min_length=1, description="training examples")
     dev: list[InlineExample] | None = Field(

@@ -44,7 +44,9 @@ from prompts.metrics import Report, evaluate
 from prompts.names import validate_task_name
 
 __all__ = [
+    "AUTO",
     "DEFAULTS",
+    "FEW_SHOT_ROWS_PER_LABEL",
     "EpochStats",
     "NullProgress",
     "Progress",
@@ -54,6 +56,7 @@ __all__ = [
     "eval_batches",
     "for_backbone",
     "padded_tokens",
+    "plan_for_data",
     "predict",
     "search",
     "seed_everything",
@@ -82,6 +85,16 @@ DEFAULTS: dict[MethodName, MethodDefaults] = {
 
 
 REPARAM_LR = 1e-3  # p-tuning-v2 with the MLP reparameterisation
+
+# method "auto" (the CLI's and the training jobs' default): chosen by plan_for_data from the data itself.
+AUTO = "auto"
+# Below this many train rows per label (on average) "auto" trains with the few-shot schedule; from it up,
+# exactly today's P-tuning v2 defaults (the full-data accuracy table in README "Accuracy" is unchanged:
+# every shared train set has 117 or more rows per label).
+FEW_SHOT_ROWS_PER_LABEL = 100
+# selection "robust": an epoch whose mean train loss is above this share of the label prior's entropy
+# (the loss of a model that ignores the text) has not learned anything yet and is never kept.
+CHANCE_LOSS_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -114,8 +127,17 @@ class TrainConfig:
     max_seconds: float | None = None  # stop after the step that crosses this training time
     # head "verbalizer": each label's words (default: the label itself), each one vocabulary token.
     label_words: dict[str, list[str]] | None = None
+    # Which epoch is kept. "dev": the best dev accuracy, then macro-F1, the earlier epoch on ties.
+    # "robust" (few-shot): epochs whose train loss is still near chance are never kept; ties in dev
+    # accuracy and macro-F1 go to the lower dev loss, then the later epoch (a dev set of 8 rows per
+    # label ties often, and the earlier epoch has simply trained less).
+    selection: str = "dev"
+    # Filled by plan_for_data for method "auto": what it chose and why (recorded in the manifest).
+    plan: dict[str, Any] | None = None
 
     def resolved(self) -> TrainConfig:
+        if self.method == AUTO:
+            raise ValueError("method 'auto' is chosen from the data: call plan_for_data first")
         method = resolve_method(self.method)
         d = DEFAULTS[method]
         default_lr = d.lr
@@ -141,6 +163,8 @@ class TrainConfig:
             )
         if self.label_words is not None and self.head != "verbalizer":
             raise ValueError("label words are for head 'verbalizer'")
+        if self.selection not in ("dev", "robust"):
+            raise ValueError(f"selection must be 'dev' or 'robust', got {self.selection!r}")
         return dataclasses.replace(
             self,
             method=method,
@@ -173,7 +197,63 @@ class TrainConfig:
                 keep.add("reparam_hidden")
         elif method in ("p-tuning", "prompt-tuning"):
             keep.add("prompt_length")
+        # Recorded only when not the default, so manifests of the other paths are unchanged.
+        if self.selection != "dev":
+            keep.add("selection")
         return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
+
+
+def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
+    """``config`` with method "auto" replaced by a method and schedule chosen for ``data``; other methods
+    are returned as they are. Values the caller set (epochs, patience, lr, ...) are kept.
+
+    From :data:`FEW_SHOT_ROWS_PER_LABEL` train rows per label up: P-tuning v2 with today's defaults. Below
+    it ("few-shot"): P-tuning v2 whose kept epoch is chosen with ``selection="robust"``, and unless a head
+    was asked for, :func:`train_task` also trains the linear probe and keeps the better on dev.
+    """
+    if config.method != AUTO:
+        return config
+    labels = max(1, len(data.labels))
+    per_label = len(data.train) / labels
+    facts: dict[str, Any] = {
+        "train_rows_per_label": round(per_label, 1),
+        "dev_rows": len(data.dev),
+        "few_shot_below_rows_per_label": FEW_SHOT_ROWS_PER_LABEL,
+    }
+    if config.head == "verbalizer":
+        # Label words need an input prompt with a [MASK]: P-tuning, with its own defaults.
+        return dataclasses.replace(
+            config,
+            method="p-tuning",
+            plan=facts | {"regime": "verbalizer", "reason": "head verbalizer: P-tuning with label words"},
+        )
+    if per_label >= FEW_SHOT_ROWS_PER_LABEL:
+        return dataclasses.replace(
+            config,
+            method="p-tuning-v2",
+            plan=facts
+            | {"regime": "full", "reason": "enough rows per label for P-tuning v2 with its defaults"},
+        )
+    # The probe is a candidate unless a head was asked for: "peft" is for PEFT export, which has no
+    # probe adapter, and a probe would not honour "cls" or "last" as asked either.
+    probe = config.head is None
+    also = (
+        "and the linear probe; the better dev accuracy is kept (ties: P-tuning v2)"
+        if probe
+        else f"(no linear probe candidate: head {config.head!r} was asked for)"
+    )
+    return dataclasses.replace(
+        config,
+        method="p-tuning-v2",
+        selection="robust",
+        plan=facts
+        | {
+            "regime": "few-shot",
+            "probe_candidate": probe,
+            "reason": f"fewer than {FEW_SHOT_ROWS_PER_LABEL} train rows per label: P-tuning v2 never "
+            f"keeping an epoch at chance train loss (dev ties: lower dev loss, then the later epoch) {also}",
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -184,6 +264,7 @@ class EpochStats:
     dev_macro_f1: float
     seconds: float  # since training started
     best: bool
+    dev_loss: float = float("nan")
 
 
 class Progress(Protocol):
@@ -405,6 +486,13 @@ def _features(
     return features
 
 
+def _prior_entropy(y: Sequence[int], num_labels: int) -> float:
+    """The train loss of a model that ignores the text and predicts the label frequencies."""
+    counts = torch.bincount(torch.tensor(list(y)), minlength=num_labels).float()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
 def train_task(
     backbone: Backbone,
     task: str,
@@ -413,9 +501,114 @@ def train_task(
     *,
     progress: Progress | None = None,
 ) -> TrainResult:
-    """Train ``config.method`` on ``data`` and export a validated artifact for ``task``."""
+    """Train ``config.method`` on ``data`` and export a validated artifact for ``task``.
+
+    Method "auto" is planned from ``data`` first (:func:`plan_for_data`); on few-shot data that trains
+    P-tuning v2 and the linear probe and keeps the better on dev (:func:`_train_few_shot`).
+    """
     validate_task_name(task)
-    cfg = for_backbone(config or TrainConfig(), backbone).resolved()
+    config = config or TrainConfig()
+    planned = plan_for_data(config, data)
+    # Only a config still "auto" here trains the probe candidate: a planned one passed in again (as
+    # search() does per grid point) trains what it names.
+    if config.method == AUTO and planned.plan is not None and planned.plan.get("probe_candidate"):
+        return _train_few_shot(backbone, task, data, planned, progress)
+    return _train_one(backbone, task, data, planned, progress)
+
+
+def _train_few_shot(
+    backbone: Backbone, task: str, data: TaskData, planned: TrainConfig, progress: Progress | None
+) -> TrainResult:
+    """P-tuning v2 (``planned``) and the linear probe on the same rows; the better dev accuracy, then
+    macro-F1, is kept, P-tuning v2 on ties. On 8 rows per label neither wins everywhere (README
+    "Few-shot"), and the probe costs a feature pass over the train and dev rows. Only the kept one is
+    scored on test; the manifest's ``training.plan`` records both candidates' dev scores."""
+    prefix = _train_one(backbone, task, data, planned, progress, score_test=False)
+    probe_config = TrainConfig(
+        method="linear-probe",
+        seed=planned.seed,
+        batch_size=planned.batch_size,
+        max_length=planned.max_length,
+        class_balanced=planned.class_balanced,
+        max_seconds=planned.max_seconds,
+        plan=planned.plan,
+    )
+    probe = _train_one(backbone, task, data, probe_config, None, score_test=False)
+    by_dev = (probe.dev.accuracy, probe.dev.macro_f1) > (prefix.dev.accuracy, prefix.dev.macro_f1)
+    kept = probe if by_dev else prefix
+    plan = dict(planned.plan or {})
+    plan["candidates"] = {
+        name: {"dev_accuracy": r.dev.accuracy, "dev_macro_f1": r.dev.macro_f1, "seconds": round(r.seconds, 2)}
+        for name, r in (("p-tuning-v2", prefix), ("linear-probe", probe))
+    }
+    plan["kept"] = kept.config.method
+    seconds = prefix.seconds + probe.seconds  # the task cost both
+    training = dict(kept.artifact.manifest.training or {})
+    training |= {"plan": plan, "duration_seconds": round(seconds, 2)}
+    metrics = dict(kept.artifact.manifest.metrics or {})
+    artifact, test = _export(
+        backbone, task, data, kept.module, training, metrics, kept.config.eval_batch_size
+    )
+    return dataclasses.replace(
+        kept,
+        artifact=artifact,
+        test=test,
+        seconds=seconds,
+        config=dataclasses.replace(kept.config, plan=plan),
+    )
+
+
+def _export(
+    backbone: Backbone,
+    task: str,
+    data: TaskData,
+    module: PromptMethod,
+    training: dict[str, Any],
+    metrics: dict[str, Any],
+    eval_batch_size: int,
+) -> tuple[PromptArtifact, Report | None]:
+    """The artifact of ``module`` with ``training`` and ``metrics``, plus its test score when ``data``
+    has test rows (measured on the artifact's own tensors, loaded as the service loads them)."""
+    exported = module.export()
+
+    def build(metrics: dict[str, Any] | None) -> PromptArtifact:
+        return build_artifact(
+            task=task,
+            labels=data.labels,
+            spec=backbone.spec,
+            head_weight=exported.head_weight,
+            head_bias=exported.head_bias,
+            prefix=exported.prefix,
+            prompt=exported.prompt,
+            method=module.artifact_method,
+            pooling=exported.pooling,
+            pooler=exported.pooler,
+            positions="after_prefix",
+            metrics=metrics,
+            training=training,
+            verbalizer=exported.verbalizer,
+        )
+
+    test_report: Report | None = None
+    if data.test:
+        served = TaskPrompt.from_artifact(build(None), backbone.device, backbone.dtype)
+        test_ids = _encode(backbone, [e.text for e in data.test], _serving_room(backbone, module))
+        test_logits = predict(backbone, served, test_ids, eval_batch_size)
+        test_report = _report(test_logits, data.label_ids(data.test), data.labels)
+        metrics = metrics | {"test": test_report.as_dict()}
+    return build(metrics), test_report
+
+
+def _train_one(
+    backbone: Backbone,
+    task: str,
+    data: TaskData,
+    config: TrainConfig,
+    progress: Progress | None,
+    *,
+    score_test: bool = True,
+) -> TrainResult:
+    cfg = for_backbone(config, backbone).resolved()
     assert (
         cfg.epochs is not None and cfg.lr is not None and cfg.head_lr is not None and cfg.patience is not None
     )
@@ -451,6 +644,8 @@ def train_task(
     probe = isinstance(module, LinearProbe)
     train_features = _features(backbone, module, train_ids, cfg.eval_batch_size) if probe else None
     dev_features = _features(backbone, module, dev_ids, cfg.eval_batch_size) if probe else None
+    chance_loss = CHANCE_LOSS_SHARE * _prior_entropy(y_train, len(labels))
+    y_dev_tensor = torch.tensor(y_dev, dtype=torch.long)
 
     def dev_logits() -> torch.Tensor:
         module.eval()
@@ -466,7 +661,7 @@ def train_task(
             module.train()
 
     history: list[EpochStats] = []
-    best_key: tuple[float, float] | None = None
+    best_key: tuple[float, ...] | None = None
     best_state: dict[str, torch.Tensor] = {}
     best_epoch = 0
     stale = 0
@@ -497,9 +692,19 @@ def train_task(
                 if cfg.max_seconds is not None and time.perf_counter() - started > cfg.max_seconds:
                     out_of_time = True
                     break
-            report = _report(dev_logits(), y_dev, labels)
-            key = (report.accuracy, report.macro_f1)
-            improved = best_key is None or key > best_key
+            logits_dev = dev_logits()
+            report = _report(logits_dev, y_dev, labels)
+            dev_loss = float(F.cross_entropy(logits_dev, y_dev_tensor)) if y_dev else 0.0
+            train_loss = sum(losses) / max(1, len(losses))
+            key: tuple[float, ...]
+            if cfg.selection == "robust":
+                learned = 1.0 if train_loss < chance_loss else 0.0
+                # >=: on a full tie the later epoch wins (it has trained more).
+                key = (learned, report.accuracy, report.macro_f1, -dev_loss)
+                improved = best_key is None or key >= best_key
+            else:
+                key = (report.accuracy, report.macro_f1)
+                improved = best_key is None or key > best_key
             if improved:
                 best_key, best_epoch, stale = key, epoch, 0
                 best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -507,11 +712,12 @@ def train_task(
                 stale += 1
             stats = EpochStats(
                 epoch=epoch,
-                train_loss=sum(losses) / max(1, len(losses)),
+                train_loss=train_loss,
                 dev_accuracy=report.accuracy,
                 dev_macro_f1=report.macro_f1,
                 seconds=time.perf_counter() - started,
                 best=improved,
+                dev_loss=dev_loss,
             )
             history.append(stats)
             progress.epoch(stats)
@@ -543,36 +749,16 @@ def train_task(
         "artifact_parameters": exported.parameter_count(),
         "data": data.source,
     }
-
-    def build(metrics: dict[str, Any] | None) -> PromptArtifact:
-        return build_artifact(
-            task=task,
-            labels=labels,
-            spec=backbone.spec,
-            head_weight=exported.head_weight,
-            head_bias=exported.head_bias,
-            prefix=exported.prefix,
-            prompt=exported.prompt,
-            method=module.artifact_method,
-            pooling=exported.pooling,
-            pooler=exported.pooler,
-            positions="after_prefix",
-            metrics=metrics,
-            training=training,
-            verbalizer=exported.verbalizer,
-        )
+    if cfg.plan is not None:
+        training["plan"] = cfg.plan
 
     # Metrics are measured on the artifact's own tensors, loaded exactly as the service loads them.
-    served = TaskPrompt.from_artifact(build(None), backbone.device, backbone.dtype)
+    unscored, _ = _export(backbone, task, dataclasses.replace(data, test=[]), module, training, {}, 1)
+    served = TaskPrompt.from_artifact(unscored, backbone.device, backbone.dtype)
     dev_report = _report(predict(backbone, served, dev_ids, cfg.eval_batch_size), y_dev, labels)
+    scored = data if score_test else dataclasses.replace(data, test=[])
     metrics: dict[str, Any] = {"dev": dev_report.as_dict()}
-    test_report: Report | None = None
-    if data.test:
-        test_ids = _encode(backbone, [e.text for e in data.test], room)
-        test_logits = predict(backbone, served, test_ids, cfg.eval_batch_size)
-        test_report = _report(test_logits, data.label_ids(data.test), labels)
-        metrics["test"] = test_report.as_dict()
-    artifact = build(metrics)
+    artifact, test_report = _export(backbone, task, scored, module, training, metrics, cfg.eval_batch_size)
     assert max_text_tokens(artifact.manifest, backbone.spec) == room
     return TrainResult(
         artifact=artifact,

@@ -13,7 +13,7 @@ from prompts.errors import InvalidInputError
 from prompts.jobs import JobSpec
 from prompts.methods import HeadStyle
 from prompts.store import PromptStore
-from prompts.trainer import Progress, TrainConfig, TrainResult, search, train_task
+from prompts.trainer import AUTO, Progress, TrainConfig, TrainResult, plan_for_data, search, train_task
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,9 @@ def make_train_config(
 ) -> TrainConfig:
     """A checked TrainConfig; ``length`` is the prefix length or the number of virtual tokens.
 
+    Method "auto" stays "auto" (``run_training`` chooses from the data); its other values are checked
+    against P-tuning v2, which "auto" always trains except with head "verbalizer" (P-tuning).
+
     Raises InvalidInputError naming the bad value (the CLI prints it, the API answers 422 with it).
     """
     config = TrainConfig(
@@ -63,7 +66,12 @@ def make_train_config(
     if length is not None:
         config = dataclasses.replace(config, prefix_length=length, prompt_length=length)
     try:
-        config.resolved()
+        if config.method == AUTO:
+            dataclasses.replace(
+                config, method="p-tuning" if head == "verbalizer" else "p-tuning-v2"
+            ).resolved()
+        else:
+            config.resolved()
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from exc
     return config
@@ -78,8 +86,15 @@ def run_training(
     progress_factory: Callable[[TrainConfig], Progress] | None = None,
     grid: SearchGrid | None = None,
 ) -> TrainResult:
-    """Train ``task`` once, or once per grid point keeping the best; the artifact is not stored yet."""
+    """Train ``task`` once, or once per grid point keeping the best; the artifact is not stored yet.
+
+    Method "auto" is chosen from ``data`` first (:func:`prompts.trainer.plan_for_data`)."""
     if grid is not None:
+        config = plan_for_data(config, data)
+        if config.plan is not None and config.plan.get("probe_candidate"):
+            # The grid trains P-tuning v2 at each point; the probe is not one of them.
+            plan = config.plan | {"probe_candidate": False, "search": "P-tuning v2 grid only, no probe"}
+            config = dataclasses.replace(config, plan=plan)
         return search(
             backbone,
             task,

@@ -72,6 +72,7 @@ SETTINGS_FLAGS = {"serve": SERVE_FLAGS, "worker": WORKER_FLAGS}
 
 
 METHOD_CHOICES = [
+    "auto",
     "prefix",
     "ptuning",
     "prompt",
@@ -180,13 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
         "train file (a stratified dev split is cut off)",
     )
     train.add_argument(
-        "--method", choices=METHOD_CHOICES, default="prefix", help="default: prefix (P-tuning v2)"
+        "--method",
+        choices=METHOD_CHOICES,
+        default="auto",
+        help="default: auto (P-tuning v2; below 100 train rows per label the few-shot schedule, see README)",
     )
     _add_destination(train, upload=True)
     _add_backbone_flags(train)
     train.add_argument("--max-train-rows", type=_positive_int, help="cap the train set (stratified sample)")
     train.add_argument(
-        "--epochs", type=_positive_int, help="maximum epochs (default per method: 30; probe 200)"
+        "--epochs",
+        type=_positive_int,
+        help="maximum epochs (default per method: 30; probe 200; auto on few-shot data: >= 150 steps)",
     )
     train.add_argument(
         "--patience", type=_positive_int, help="epochs without a better dev accuracy before stopping"
@@ -549,6 +555,8 @@ def train_command(args: argparse.Namespace, backbone: Backbone | None = None) ->
     where = publish(result.artifact, store=args.store, server=args.server, out=args.out)
     m = result.artifact.manifest
     print(f"task {m.task} version {m.version} ({m.method}) -> {where}")
+    if result.config.plan is not None:
+        print(f"method auto: {result.config.plan['regime']}: {result.config.plan['reason']}")
     print(
         f"dev accuracy {result.dev.accuracy:.4f}  macro-F1 {result.dev.macro_f1:.4f}"
         f"  (best epoch {result.best_epoch} of {result.epochs_run}, {result.seconds:.1f}s, "

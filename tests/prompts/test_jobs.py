@@ -54,7 +54,7 @@ def wait_idle(queue: JobQueue, lease: Lease, seconds: float) -> None:
 def test_submit_take_succeed(queue: JobQueue) -> None:
     job_id = queue.submit(spec(hyperparameters={"epochs": 3, "lr": 0.01}))
     status = queue.status(job_id)
-    assert (status.state, status.task, status.method, status.attempts) == ("queued", "keywords", "prefix", 0)
+    assert (status.state, status.task, status.method, status.attempts) == ("queued", "keywords", "auto", 0)
     assert status.worker is None and status.started_at is None and status.version is None
 
     lease = take(queue, "w1")

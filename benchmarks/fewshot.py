@@ -1,0 +1,413 @@
+"""Few-shot benchmark: K examples per label, every ptserve method against the linear probe and SetFit.
+
+For each (dataset, K, seed): K rows per label sampled from train (seeded), at most ``--dev-per-label``
+rows per label from dev for early stopping (seeded), and test accuracy on up to ``--max-test`` test rows
+(a stratified sample fixed per dataset: the same rows for every K, seed and method). Methods:
+
+- ``default``: what ``ptserve train`` does without ``--method`` (method "auto", chosen from the data);
+- ``prefix``, ``ptuning``, ``prompt``, ``probe``: each ptserve method with its defaults (``prefix`` is
+  the default before "auto"; ``probe`` is the linear probe on the mean of the frozen backbone's tokens);
+- ``setfit``: SetFit with its defaults (contrastive fine-tuning of the whole sentence-transformer body,
+  then logistic regression) on the same model directory. It trains the backbone, so each task would be
+  a copy of the model. Installed by the benchmark's extra: ``pip install -e '.[fewshot]'``; without it
+  the rows say "not installed".
+
+Writes ``fewshot.json`` (every run, saved after each one; running again skips the runs it holds),
+``fewshot.md`` (mean over seeds per dataset x K x method, and training seconds per task) and
+``fewshot.png`` (accuracy against K per dataset; skipped with a message without matplotlib).
+
+    .venv/bin/python benchmarks/fewshot.py --data-root ../shared/data --datasets sst2,trec --k 8,32 \\
+        --seeds 0,1 --methods default,prefix,probe,setfit --torch-threads 1
+
+Not part of the test run (tests/benchmarks/test_fewshot.py checks the sampling and the tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prompts.data import Example, TaskData, cap_rows, read_examples
+
+DATASETS = ["sst2", "agnews", "trec", "emotion", "sms_spam", "banking77", "comment_zh"]
+ENGLISH = {"sst2", "agnews", "trec", "emotion", "sms_spam", "banking77"}
+# banking77 has 77 labels: at 8 and 16 per label it is left out (the issue asks for 32 and 64).
+MIN_K = {"banking77": 32}
+KS = [8, 16, 32, 64]
+SEEDS = [0, 1, 2, 3, 4]
+# Benchmark name -> ptserve method (None: not trained by ptserve).
+METHODS: dict[str, str | None] = {
+    "default": "auto",
+    "prefix": "p-tuning-v2",
+    "ptuning": "p-tuning",
+    "prompt": "prompt-tuning",
+    "probe": "linear-probe",
+    "setfit": None,
+}
+LABELS = {
+    "default": "ptserve default (auto)",
+    "prefix": "P-tuning v2 (old default)",
+    "ptuning": "P-tuning",
+    "prompt": "prompt tuning",
+    "probe": "linear probe",
+    "setfit": "SetFit",
+}
+NOT_INSTALLED = "not installed"
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+def sample_per_label(examples: Sequence[Example], labels: Sequence[str], k: int, seed: int) -> list[Example]:
+    """Up to ``k`` rows of every label, drawn with ``seed`` (a label with fewer rows gives all it has),
+    in a seeded shuffled order. The same (rows, k, seed) always gives the same sample."""
+    rng = random.Random(seed)
+    by_label: dict[str, list[Example]] = defaultdict(list)
+    for example in examples:
+        by_label[example.label].append(example)
+    chosen: list[Example] = []
+    for label in labels:
+        rows = by_label.get(label, [])
+        chosen.extend(rng.sample(rows, min(k, len(rows))))
+    rng.shuffle(chosen)
+    return chosen
+
+
+def test_rows(test: Sequence[Example], max_test: int | None) -> list[Example]:
+    """The test rows every run of a dataset is scored on: a stratified sample fixed by seed 0."""
+    if max_test is None or len(test) <= max_test:
+        return list(test)
+    return cap_rows(test, max_test, 0)
+
+
+def fewshot_data(full: TaskData, k: int, seed: int, dev_per_label: int, max_test: int | None) -> TaskData:
+    """One cell's data: K per label from train, at most ``dev_per_label`` per label from dev, the
+    dataset's fixed test rows. Labels absent from the sampled train set are dropped from dev and test
+    (as ``ptserve train`` would refuse them) and the label list keeps the dataset's order."""
+    train = sample_per_label(full.train, full.labels, k, seed)
+    present = {e.label for e in train}
+    labels = [label for label in full.labels if label in present]
+    dev = sample_per_label([e for e in full.dev if e.label in present], labels, dev_per_label, seed)
+    test = [e for e in test_rows(full.test, max_test) if e.label in present]
+    return TaskData(labels=labels, train=train, dev=dev, test=test, source=f"{full.source} K={k} seed={seed}")
+
+
+def load_dataset(data_root: Path, name: str) -> TaskData:
+    folder = data_root / name
+    labels_file = folder / "labels.json"
+    train = read_examples(folder / "train.jsonl")
+    raw = json.loads(labels_file.read_text()) if labels_file.is_file() else None
+    if isinstance(raw, dict):
+        raw = raw.get("labels")
+    labels = [str(x) for x in raw] if isinstance(raw, list) else sorted({e.label for e in train})
+    return TaskData(
+        labels=labels,
+        train=train,
+        dev=read_examples(folder / "dev.jsonl"),
+        test=read_examples(folder / "test.jsonl"),
+        source=str(folder),
+    )
+
+
+# ------------------------------------------------------------------------------------------- running
+
+
+def setfit_available() -> bool:
+    return importlib.util.find_spec("setfit") is not None
+
+
+def run_ptserve(backbone: Any, data: TaskData, method: str, seed: int) -> dict[str, Any]:
+    from prompts.trainer import TrainConfig, train_task
+
+    result = train_task(backbone, "fewshot", data, TrainConfig(method=method, seed=seed))
+    assert result.test is not None
+    training = result.artifact.manifest.training or {}
+    plan = training.get("plan")
+    return {
+        "accuracy": result.test.accuracy,
+        "macro_f1": result.test.macro_f1,
+        "dev_accuracy": result.dev.accuracy,
+        "seconds": round(result.seconds, 2),
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "regime": plan.get("regime") if plan else None,
+        "kept": plan.get("kept") if plan else None,  # auto on few-shot data: the candidate it kept
+    }
+
+
+def run_setfit(model_dir: Path, data: TaskData, seed: int) -> dict[str, Any]:
+    """SetFit with its defaults on ``model_dir`` (contrastive body fine-tuning, then logistic regression)."""
+    from datasets import Dataset
+    from setfit import SetFitModel, Trainer, TrainingArguments
+
+    from prompts.metrics import evaluate
+
+    index = {label: i for i, label in enumerate(data.labels)}
+    train = Dataset.from_dict(
+        {"text": [e.text for e in data.train], "label": [index[e.label] for e in data.train]}
+    )
+    model = SetFitModel.from_pretrained(str(model_dir))
+    # Its defaults, but checkpoints in a temporary folder instead of ./checkpoints.
+    with tempfile.TemporaryDirectory() as scratch:
+        started = time.perf_counter()
+        trainer = Trainer(
+            model=model, args=TrainingArguments(seed=seed, output_dir=scratch), train_dataset=train
+        )
+        trainer.train()
+        seconds = time.perf_counter() - started
+    predicted = [int(p) for p in model.predict([e.text for e in data.test])]
+    report = evaluate([index[e.label] for e in data.test], predicted, data.labels)
+    return {"accuracy": report.accuracy, "macro_f1": report.macro_f1, "seconds": round(seconds, 2)}
+
+
+def run_key(record: dict[str, Any]) -> tuple[str, int, int, str]:
+    return (record["dataset"], int(record["k"]), int(record["seed"]), record["method"])
+
+
+def cells(datasets: Sequence[str], ks: Sequence[int], seeds: Sequence[int]) -> list[tuple[str, int, int]]:
+    """(dataset, K, seed) to run: banking77 only from its MIN_K up."""
+    return [(d, k, s) for d in datasets for k in ks if k >= MIN_K.get(d, 0) for s in seeds]
+
+
+# ----------------------------------------------------------------------------------------- reporting
+
+
+def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean test accuracy, macro-F1 and training seconds over seeds per (dataset, K, method); runs that
+    did not train (SetFit not installed) give a row with ``status`` and no numbers."""
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        groups[(record["dataset"], int(record["k"]), record["method"])].append(record)
+    rows: list[dict[str, Any]] = []
+    for (dataset, k, method), runs in sorted(groups.items()):
+        done = [r for r in runs if r.get("accuracy") is not None]
+        row: dict[str, Any] = {"dataset": dataset, "k": k, "method": method, "seeds": len(done)}
+        if done:
+            row["accuracy"] = statistics.fmean(r["accuracy"] for r in done)
+            row["macro_f1"] = statistics.fmean(r["macro_f1"] for r in done)
+            row["seconds"] = statistics.fmean(r["seconds"] for r in done)
+        else:
+            row["status"] = runs[0].get("status", "not run")
+        rows.append(row)
+    return rows
+
+
+def english_means(rows: Sequence[dict[str, Any]]) -> dict[tuple[int, str], tuple[float, int]]:
+    """(K, method) -> (mean accuracy over the English datasets that method has at K, how many)."""
+    acc: dict[tuple[int, str], list[float]] = defaultdict(list)
+    for row in rows:
+        if row["dataset"] in ENGLISH and "accuracy" in row:
+            acc[(row["k"], row["method"])].append(row["accuracy"])
+    return {key: (statistics.fmean(values), len(values)) for key, values in acc.items()}
+
+
+def markdown(rows: Sequence[dict[str, Any]], methods: Sequence[str], header: str) -> str:
+    by_cell = {(r["dataset"], r["k"], r["method"]): r for r in rows}
+    cells_seen = sorted({(r["dataset"], r["k"]) for r in rows}, key=lambda c: (c[1], DATASETS.index(c[0])))
+
+    def acc(row: dict[str, Any] | None) -> str:
+        if row is None:
+            return "not run"
+        if "accuracy" not in row:
+            return str(row["status"])
+        return f"{row['accuracy']:.3f}"
+
+    names = [LABELS[m] for m in methods]
+    lines = [
+        header,
+        "",
+        "Test accuracy, mean over seeds (seeds per cell in brackets when not all alike).",
+        "",
+    ]
+    lines += ["| dataset | K | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(methods)]
+    means = english_means(rows)
+    for k in sorted({c[1] for c in cells_seen}):
+        for dataset, kk in cells_seen:
+            if kk != k:
+                continue
+            found = [by_cell.get((dataset, k, m)) for m in methods]
+            seeds = {r["seeds"] for r in found if r is not None and "accuracy" in r}
+            note = f" ({'/'.join(str(s) for s in sorted(seeds))} seeds)" if len(seeds) > 1 else ""
+            lines.append(f"| {dataset}{note} | {k} | " + " | ".join(acc(r) for r in found) + " |")
+        english = [means.get((k, m)) for m in methods]
+        lines.append(
+            f"| **mean, English** | {k} | "
+            + " | ".join("–" if e is None else f"**{e[0]:.3f}** ({e[1]} sets)" for e in english)
+            + " |"
+        )
+    lines += ["", "Training seconds per task (mean over seeds; test scoring not included).", ""]
+    lines += ["| dataset | K | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(methods)]
+    for dataset, k in cells_seen:
+        found = [by_cell.get((dataset, k, m)) for m in methods]
+        lines.append(
+            f"| {dataset} | {k} | "
+            + " | ".join("–" if r is None or "seconds" not in r else f"{r['seconds']:.1f}" for r in found)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict[str, Any]], methods: Sequence[str], path: Path) -> str:
+    """Accuracy against K, one panel per dataset; returns what was done (matplotlib may be missing)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "plot skipped: matplotlib is not installed"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(3.2 * len(datasets), 3.2), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for method in methods:
+            points = sorted(
+                (r["k"], r["accuracy"])
+                for r in rows
+                if r["dataset"] == dataset and r["method"] == method and "accuracy" in r
+            )
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=LABELS[method])
+        ax.set_xscale("log", base=2)
+        ax.set_title(dataset)
+        ax.set_xlabel("examples per label (K)")
+    axes[0][0].set_ylabel("test accuracy")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"saved {path}"
+
+
+def write_outputs(out: Path, payload: dict[str, Any], methods: Sequence[str]) -> list[dict[str, Any]]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = aggregate(payload["runs"])
+    payload["summary"] = rows
+    (out / "fewshot.json").write_text(json.dumps(payload, indent=2) + "\n")
+    header = (
+        f"# Few-shot benchmark\n\nBackbone: {payload['model']}; dev: at most {payload['dev_per_label']} "
+        f"rows per label; test: up to {payload['max_test']} rows per dataset, the same for every run; "
+        f"torch threads: {payload['torch_threads']}."
+    )
+    (out / "fewshot.md").write_text(markdown(rows, methods, header) + "\n")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", type=Path, required=True, help="folder holding <name>/train.jsonl ...")
+    p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated (default: all)")
+    p.add_argument("--k", default=",".join(map(str, KS)), help="examples per label, comma-separated")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {list(METHODS)}")
+    p.add_argument("--max-test", type=int, default=1000, help="test rows per dataset (stratified, fixed)")
+    p.add_argument("--dev-per-label", type=int, default=8, help="dev rows per label for early stopping")
+    p.add_argument("--model", type=Path, help="model directory (default: the packaged MiniLM)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's own)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out/fewshot"))
+    p.add_argument("--report", action="store_true", help="only rebuild fewshot.md and the plot from --out")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    methods = _csv(args.methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    datasets = _csv(args.datasets)
+    for name in datasets:
+        if not (args.data_root / name / "train.jsonl").is_file():
+            raise SystemExit(f"{args.data_root / name}: no train.jsonl")
+    ks = [int(k) for k in _csv(args.k)]
+    seeds = [int(s) for s in _csv(args.seeds)]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import torch
+
+    from prompts.backbone import default_model_path, load_backbone
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    model_dir = args.model or default_model_path()
+    results = args.out / "fewshot.json"
+    payload: dict[str, Any] = (
+        json.loads(results.read_text())
+        if results.is_file()
+        else {
+            "model": str(model_dir),
+            "dev_per_label": args.dev_per_label,
+            "max_test": args.max_test,
+            "torch_threads": torch.get_num_threads(),
+            "runs": [],
+        }
+    )
+    if args.report:
+        write_outputs(args.out, payload, methods)
+        print(plot(payload["summary"], methods, args.out / "fewshot.png"))
+        return 0
+    done = {run_key(r) for r in payload["runs"]}
+    backbone = load_backbone(str(model_dir) if args.model else None, device=args.device)
+    have_setfit = setfit_available()
+    for dataset in datasets:
+        full = load_dataset(args.data_root, dataset)
+        for _, k, seed in cells([dataset], ks, seeds):
+            data = fewshot_data(full, k, seed, args.dev_per_label, args.max_test)
+            for method in methods:
+                key = (dataset, k, seed, method)
+                if key in done:
+                    continue
+                record: dict[str, Any] = {
+                    "dataset": dataset,
+                    "k": k,
+                    "seed": seed,
+                    "method": method,
+                    "train_rows": len(data.train),
+                    "dev_rows": len(data.dev),
+                    "test_rows": len(data.test),
+                }
+                ptserve_method = METHODS[method]
+                if ptserve_method is not None:
+                    record |= run_ptserve(backbone, data, ptserve_method, seed)
+                elif have_setfit:
+                    record |= run_setfit(model_dir, data, seed)
+                else:
+                    record["status"] = NOT_INSTALLED
+                payload["runs"].append(record)
+                done.add(key)
+                write_outputs(args.out, payload, methods)
+                shown = (
+                    f"{record['accuracy']:.3f} in {record['seconds']:.1f}s"
+                    if "accuracy" in record
+                    else record["status"]
+                )
+                print(f"{dataset} K={k} seed={seed} {method}: {shown}", flush=True)
+    rows = write_outputs(args.out, payload, methods)
+    print((args.out / "fewshot.md").read_text())
+    print(plot(rows, methods, args.out / "fewshot.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

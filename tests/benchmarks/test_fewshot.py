@@ -1,0 +1,107 @@
+"""benchmarks/fewshot.py: sampling, aggregation and reports on tiny made-up data (no training)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from benchmarks import fewshot
+from prompts.data import Example, TaskData
+
+
+def _full() -> TaskData:
+    labels = ["a", "b", "c"]
+    train = [Example(f"{label} train {i}", label) for label in labels for i in range(20)]
+    train += [Example(f"rare {i}", "rare") for i in range(3)]  # fewer than K rows
+    dev = [Example(f"{label} dev {i}", label) for label in [*labels, "rare"] for i in range(12)]
+    test = [Example(f"{label} test {i}", label) for label in [*labels, "rare"] for i in range(30)]
+    return TaskData(labels=[*labels, "rare"], train=train, dev=dev, test=test, source="made up")
+
+
+def test_sampling_is_per_label_seeded_and_shares_the_test_rows() -> None:
+    full = _full()
+    data = fewshot.fewshot_data(full, k=8, seed=0, dev_per_label=8, max_test=60)
+    assert Counter(e.label for e in data.train) == {"a": 8, "b": 8, "c": 8, "rare": 3}
+    assert Counter(e.label for e in data.dev) == {"a": 8, "b": 8, "c": 8, "rare": 8}
+    assert len(data.test) == 60 and data.labels == full.labels
+    assert fewshot.fewshot_data(full, 8, 0, 8, 60).train == data.train  # repeatable
+    other = fewshot.fewshot_data(full, 8, 1, 8, 60)
+    assert other.train != data.train
+    assert other.test == data.test == fewshot.fewshot_data(full, 16, 3, 8, 60).test  # same rows for all
+    assert set(map(id, fewshot.sample_per_label(full.train, full.labels, 4, 0))) <= set(map(id, full.train))
+
+
+def test_labels_missing_from_the_sample_leave_dev_and_test() -> None:
+    full = _full()
+    full.train = [e for e in full.train if e.label != "rare"]
+    data = fewshot.fewshot_data(full, 4, 0, 8, None)
+    assert data.labels == ["a", "b", "c"]
+    assert {e.label for e in data.dev} == {e.label for e in data.test} == {"a", "b", "c"}
+    assert len(data.test) == 90
+
+
+def test_banking77_runs_only_from_32_per_label() -> None:
+    grid = fewshot.cells(["banking77", "trec"], [8, 16, 32, 64], [0, 1])
+    assert [c for c in grid if c[0] == "banking77"] == [
+        ("banking77", 32, 0),
+        ("banking77", 32, 1),
+        ("banking77", 64, 0),
+        ("banking77", 64, 1),
+    ]
+    assert len([c for c in grid if c[0] == "trec"]) == 8
+
+
+def _runs() -> list[dict[str, object]]:
+    runs: list[dict[str, object]] = []
+    for dataset, base in (("sst2", 0.6), ("trec", 0.8), ("comment_zh", 0.3)):
+        for seed, delta in ((0, 0.0), (1, 0.1)):
+            for method, shift in (("default", 0.05), ("probe", 0.0)):
+                runs.append(
+                    {
+                        "dataset": dataset,
+                        "k": 8,
+                        "seed": seed,
+                        "method": method,
+                        "accuracy": base + delta + shift,
+                        "macro_f1": 0.5,
+                        "seconds": 2.0 + seed,
+                    }
+                )
+            runs.append(
+                {"dataset": dataset, "k": 8, "seed": seed, "method": "setfit", "status": "not installed"}
+            )
+    return runs
+
+
+def test_aggregate_means_over_seeds_and_keeps_what_did_not_run() -> None:
+    rows = {(r["dataset"], r["method"]): r for r in fewshot.aggregate(_runs())}
+    assert rows[("sst2", "default")]["accuracy"] == pytest.approx(0.7)
+    assert rows[("sst2", "default")]["seconds"] == 2.5 and rows[("sst2", "default")]["seeds"] == 2
+    assert rows[("trec", "probe")]["accuracy"] == pytest.approx(0.85)
+    assert rows[("sst2", "setfit")] == {
+        "dataset": "sst2",
+        "k": 8,
+        "method": "setfit",
+        "seeds": 0,
+        "status": "not installed",
+    }
+    means = fewshot.english_means(list(rows.values()))
+    assert means[(8, "probe")] == (pytest.approx(0.75), 2)  # sst2 and trec; comment_zh is not English
+    assert (8, "setfit") not in means
+
+
+def test_reports_are_written(tmp_path: Path) -> None:
+    methods = ["default", "probe", "setfit"]
+    payload = {"model": "m", "dev_per_label": 8, "max_test": 1000, "torch_threads": 1, "runs": _runs()}
+    fewshot.write_outputs(tmp_path, payload, methods)
+    saved = json.loads((tmp_path / "fewshot.json").read_text())
+    assert len(saved["runs"]) == 18 and len(saved["summary"]) == 9
+    md = (tmp_path / "fewshot.md").read_text()
+    assert "| sst2 | 8 | 0.700 | 0.650 | not installed |" in md
+    assert "| **mean, English** | 8 | **0.800** (2 sets) | **0.750** (2 sets) | – |" in md
+    assert "| trec | 8 | 2.5 | 2.5 | – |" in md
+    message = fewshot.plot(saved["summary"], methods, tmp_path / "fewshot.png")
+    assert message.startswith("plot skipped") or (tmp_path / "fewshot.png").stat().st_size > 0

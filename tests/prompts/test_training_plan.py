@@ -1,0 +1,148 @@
+"""Method "auto": the method and schedule chosen from the data's size, recorded in the manifest, and the
+few-shot pieces it turns on (the robust choice of the kept epoch, the linear probe as a candidate)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from prompts.backbone import Backbone, load_backbone
+from prompts.data import Example, TaskData
+from prompts.errors import InvalidInputError
+from prompts.jobs import JobSpec
+from prompts.trainer import (
+    FEW_SHOT_ROWS_PER_LABEL,
+    TrainConfig,
+    plan_for_data,
+    train_task,
+)
+from prompts.training import job_train_config, make_train_config
+from tests.synthetic import make_learnable_bert, make_task_data
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _data(per_label: int, labels: int = 2) -> TaskData:
+    names = [f"l{i}" for i in range(labels)]
+    train = [Example(f"text {i} {name}", name) for name in names for i in range(per_label)]
+    dev = [Example(f"dev {name}", name) for name in names]
+    return TaskData(labels=names, train=train, dev=dev, source="made up")
+
+
+def test_auto_keeps_todays_defaults_from_the_threshold_up() -> None:
+    planned = plan_for_data(TrainConfig(method="auto"), _data(FEW_SHOT_ROWS_PER_LABEL))
+    assert planned == dataclasses.replace(TrainConfig(method="p-tuning-v2"), plan=planned.plan)
+    assert planned.plan is not None and planned.plan["regime"] == "full"
+    assert planned.plan["train_rows_per_label"] == FEW_SHOT_ROWS_PER_LABEL
+    resolved = planned.resolved()
+    assert (resolved.epochs, resolved.patience, resolved.lr) == (30, 5, 1e-2)
+
+
+def test_auto_below_the_threshold_is_few_shot() -> None:
+    planned = plan_for_data(TrainConfig(method="auto"), _data(FEW_SHOT_ROWS_PER_LABEL - 1, 4))
+    assert planned == dataclasses.replace(
+        TrainConfig(method="p-tuning-v2"), selection="robust", plan=planned.plan
+    )
+    assert planned.plan is not None and planned.plan["regime"] == "few-shot"
+    assert planned.plan["train_rows_per_label"] == FEW_SHOT_ROWS_PER_LABEL - 1
+    assert planned.plan["dev_rows"] == 4 and planned.plan["probe_candidate"] is True
+    # A head asked for (e.g. peft, to export to PEFT) leaves the probe out: it has no PEFT adapter.
+    peft = plan_for_data(TrainConfig(method="auto", head="peft"), _data(8))
+    assert peft.selection == "robust" and peft.plan is not None and peft.plan["probe_candidate"] is False
+
+
+def test_auto_keeps_what_the_caller_set_and_leaves_other_methods_alone() -> None:
+    planned = plan_for_data(TrainConfig(method="auto", epochs=7, patience=2, lr=0.5), _data(8))
+    assert (planned.epochs, planned.patience, planned.lr, planned.method) == (7, 2, 0.5, "p-tuning-v2")
+    prefix = TrainConfig(method="p-tuning-v2")
+    assert plan_for_data(prefix, _data(8)) is prefix
+    verbalizer = plan_for_data(TrainConfig(method="auto", head="verbalizer"), _data(8))
+    assert verbalizer.method == "p-tuning" and verbalizer.plan is not None
+
+
+def test_auto_is_the_default_of_jobs_and_is_checked_like_the_others() -> None:
+    spec = JobSpec.model_validate({"task": "t", "train": [{"text": "a", "label": "x"}]})
+    assert spec.method == "auto" and job_train_config(spec).method == "auto"
+    assert make_train_config("auto", epochs=3).epochs == 3
+    with pytest.raises(InvalidInputError, match="batch_size"):
+        make_train_config("auto", batch_size=0)
+    with pytest.raises(ValueError, match="plan_for_data"):
+        TrainConfig(method="auto").resolved()
+
+
+@pytest.fixture(scope="module")
+def learnable(tmp_path_factory: pytest.TempPathFactory) -> Backbone:
+    return load_backbone(make_learnable_bert(tmp_path_factory.mktemp("models") / "learnable"))
+
+
+TINY = TrainConfig(batch_size=16, lr=0.05, head_lr=0.05, prefix_length=4)
+
+
+def test_auto_on_few_rows_keeps_the_better_of_prefix_and_probe_on_dev(learnable: Backbone) -> None:
+    data = make_task_data(train=12, dev=6, test=6)  # 4 rows per label: few-shot
+    result = train_task(learnable, "tiny", data, dataclasses.replace(TINY, method="auto", epochs=6))
+    training = result.artifact.manifest.training
+    assert training is not None
+    plan = training["plan"]
+    assert plan["regime"] == "few-shot" and plan["train_rows_per_label"] == 4.0
+    assert set(plan["candidates"]) == {"p-tuning-v2", "linear-probe"}
+    prefix, probe = plan["candidates"]["p-tuning-v2"], plan["candidates"]["linear-probe"]
+    expected = (
+        "linear-probe"
+        if (probe["dev_accuracy"], probe["dev_macro_f1"]) > (prefix["dev_accuracy"], prefix["dev_macro_f1"])
+        else "p-tuning-v2"
+    )
+    assert plan["kept"] == training["method"] == result.artifact.manifest.method == expected
+    assert result.dev.accuracy == plan["candidates"][expected]["dev_accuracy"]
+    assert result.seconds == pytest.approx(prefix["seconds"] + probe["seconds"], abs=0.02)
+    assert training["duration_seconds"] == round(result.seconds, 2)
+    assert result.config.plan == plan
+    # Only the kept candidate is scored on test, on the artifact's own tensors.
+    metrics = result.artifact.manifest.metrics
+    assert result.test is not None and metrics is not None
+    assert metrics["test"]["accuracy"] == pytest.approx(result.test.accuracy)
+    if expected == "p-tuning-v2":
+        assert training["hyperparameters"]["selection"] == "robust"
+    # The other paths' manifests are as they were: no plan, no new hyperparameters.
+    plain = train_task(learnable, "tiny", data, dataclasses.replace(TINY, method="p-tuning-v2", epochs=1))
+    plain_training = plain.artifact.manifest.training or {}
+    assert "plan" not in plain_training and "selection" not in plain_training["hyperparameters"]
+
+
+def test_auto_on_enough_rows_trains_prefix_only(learnable: Backbone) -> None:
+    data = make_task_data(train=3 * FEW_SHOT_ROWS_PER_LABEL, dev=6, test=6)
+    result = train_task(learnable, "tiny", data, dataclasses.replace(TINY, method="auto", epochs=1))
+    training = result.artifact.manifest.training or {}
+    assert training["method"] == "p-tuning-v2" and training["plan"]["regime"] == "full"
+    assert "candidates" not in training["plan"] and "selection" not in training["hyperparameters"]
+
+
+def test_robust_selection_keeps_the_later_epoch_on_ties(learnable: Backbone) -> None:
+    """Nothing trains (both learning rates 0): every epoch ties on dev. "dev" keeps epoch 1 (as before);
+    "robust" keeps the last, which on real data is the one that trained longest."""
+    data = make_task_data(train=12, dev=6, test=6)
+    frozen = dataclasses.replace(TINY, method="p-tuning-v2", lr=0.0, head_lr=0.0, epochs=3, patience=10)
+    assert train_task(learnable, "tiny", data, frozen).best_epoch == 1
+    robust = train_task(learnable, "tiny", data, dataclasses.replace(frozen, selection="robust"))
+    assert robust.best_epoch == robust.epochs_run == 3
+
+
+def test_cli_default_is_auto(tmp_path: Path) -> None:
+    from service.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--task", "t", "--data", str(tmp_path)])
+    assert args.method == "auto"
+
+
+def test_auto_with_a_search_grid_searches_prefix_only(learnable: Backbone) -> None:
+    from prompts.training import SearchGrid, run_training
+
+    data = make_task_data(train=12, dev=6, test=6)
+    config = dataclasses.replace(TINY, method="auto", epochs=2)
+    result = run_training(learnable, "tiny", data, config, grid=SearchGrid([0.05, 0.1], [4]))
+    training = result.artifact.manifest.training or {}
+    assert training["method"] == "p-tuning-v2" and len(result.trials) == 2
+    assert training["plan"]["regime"] == "few-shot" and training["plan"]["probe_candidate"] is False
+    assert "candidates" not in training["plan"] and training["hyperparameters"]["selection"] == "robust"
