@@ -12,11 +12,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import ValidationError
 
 from prompts.errors import PtserveError, TaskNotFoundError
+from prompts.jobs import Method
 from service.errors import SettingsError
 from service.settings import Settings
 
@@ -71,17 +72,8 @@ WORKER_FLAGS: list[tuple[str, str, type, str]] = [
 SETTINGS_FLAGS = {"serve": SERVE_FLAGS, "worker": WORKER_FLAGS}
 
 
-METHOD_CHOICES = [
-    "auto",
-    "prefix",
-    "ptuning",
-    "prompt",
-    "probe",
-    "p-tuning-v2",
-    "p-tuning",
-    "prompt-tuning",
-    "linear-probe",
-]
+# The names prompts.jobs accepts (and prompts.methods.resolve_method maps), "auto" first.
+METHOD_CHOICES: list[str] = list(get_args(Method))
 
 
 def _positive_int(text: str) -> int:
