@@ -18,6 +18,8 @@ The server is stopped with SIGTERM at the end, also when something fails.
 
     .venv/bin/python -m benchmarks.perf_http --data-root ../shared/data
     .venv/bin/python -m benchmarks.perf_http --server-threads 1 --raw-threads 2 --client httpx
+
+``--server-root DIR`` serves another checkout's code (``benchmarks/ab_http.py`` compares two commits).
 """
 
 from __future__ import annotations
@@ -122,7 +124,10 @@ def running_server(
     if args.model is not None:
         command += ["--model", str(args.model)]
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # ``-m`` puts the working directory first on sys.path: a checkout given as --server-root serves
+        # its own ``service`` and ``prompts`` (the editable install's finder comes after it).
+        root = getattr(args, "server_root", None) or REPO_ROOT
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = Server(process, f"http://127.0.0.1:{port}", log_path)
     try:
         yield server
@@ -463,6 +468,12 @@ def main() -> None:
     parser.add_argument("--raw-seconds", type=float, default=2.0, help="per raw measurement")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/http"))
+    parser.add_argument(
+        "--server-root",
+        type=Path,
+        default=None,
+        help="serve this checkout's code (a git worktree of an older commit: benchmarks/ab_http.py)",
+    )
     args = parser.parse_args()
 
     # SIGTERM to this benchmark unwinds normally, so the server is stopped on the way out.
