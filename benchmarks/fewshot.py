@@ -7,6 +7,9 @@ rows per label from dev for early stopping (seeded), and test accuracy on up to 
 - ``default``: what ``ptserve train`` does without ``--method`` (method "auto", chosen from the data);
 - ``prefix``, ``ptuning``, ``prompt``, ``probe``: each ptserve method with its defaults (``prefix`` is
   the default before "auto"; ``probe`` is the linear probe on the mean of the frozen backbone's tokens);
+- ``pairs``: P-tuning v2 with objective "pairs" (prompts/pairs.py: SetFit's sentence pairs train the
+  prefix, then a prototype head), what "auto" trains below 100 rows per label; ``pairs_lr`` the same
+  with SetFit's logistic-regression head;
 - ``setfit``: SetFit with its defaults (contrastive fine-tuning of the whole sentence-transformer body,
   then logistic regression) on the same model directory. It trains the backbone, so each task would be
   a copy of the model. Installed by the benchmark's extra: ``pip install -e '.[fewshot]'``; without it
@@ -52,6 +55,8 @@ SEEDS = [0, 1, 2, 3, 4]
 METHODS: dict[str, str | None] = {
     "default": "auto",
     "prefix": "p-tuning-v2",
+    "pairs": "p-tuning-v2",  # objective "pairs" (PAIRS below)
+    "pairs_lr": "p-tuning-v2",
     "ptuning": "p-tuning",
     "prompt": "prompt-tuning",
     "probe": "linear-probe",
@@ -60,12 +65,17 @@ METHODS: dict[str, str | None] = {
 LABELS = {
     "default": "ptserve default (auto)",
     "prefix": "P-tuning v2 (old default)",
+    "pairs": "P-tuning v2 on pairs",
+    "pairs_lr": "pairs, logistic head",
     "ptuning": "P-tuning",
     "prompt": "prompt tuning",
     "probe": "linear probe",
     "setfit": "SetFit",
 }
 NOT_INSTALLED = "not installed"
+# Benchmark methods trained with the pairs objective (prompts/pairs.py): prefix on SetFit's pairs, then
+# the head fitted on the prefixed vectors (its pair_head).
+PAIRS = {"pairs": "prototype", "pairs_lr": "logistic"}
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -129,10 +139,16 @@ def setfit_available() -> bool:
     return importlib.util.find_spec("setfit") is not None
 
 
-def run_ptserve(backbone: Any, data: TaskData, method: str, seed: int) -> dict[str, Any]:
+def run_ptserve(
+    backbone: Any, data: TaskData, method: str, seed: int, pair_head: str | None = None
+) -> dict[str, Any]:
+    """``pair_head`` set: objective "pairs" with that head."""
     from prompts.trainer import TrainConfig, train_task
 
-    result = train_task(backbone, "fewshot", data, TrainConfig(method=method, seed=seed))
+    config = TrainConfig(method=method, seed=seed)
+    if pair_head is not None:
+        config = TrainConfig(method=method, seed=seed, objective="pairs", pair_head=pair_head)
+    result = train_task(backbone, "fewshot", data, config)
     assert result.test is not None
     training = result.artifact.manifest.training or {}
     plan = training.get("plan")
@@ -144,7 +160,7 @@ def run_ptserve(backbone: Any, data: TaskData, method: str, seed: int) -> dict[s
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "regime": plan.get("regime") if plan else None,
-        "kept": plan.get("kept") if plan else None,  # auto on few-shot data: the candidate it kept
+        "objective": plan.get("objective") if plan else None,  # auto on few-shot data: what it trained
     }
 
 
@@ -386,10 +402,11 @@ def main(argv: list[str] | None = None) -> int:
                     "train_rows": len(data.train),
                     "dev_rows": len(data.dev),
                     "test_rows": len(data.test),
+                    "torch_threads": torch.get_num_threads(),  # training seconds depend on it
                 }
                 ptserve_method = METHODS[method]
                 if ptserve_method is not None:
-                    record |= run_ptserve(backbone, data, ptserve_method, seed)
+                    record |= run_ptserve(backbone, data, ptserve_method, seed, PAIRS.get(method))
                 elif have_setfit:
                     record |= run_setfit(model_dir, data, seed)
                 else:

@@ -160,6 +160,11 @@ class Hyperparameters(BaseModel):
     reparam: bool = Field(default=False, description="prefix: MLP reparameterisation while training")
     class_balanced: bool = Field(default=False, description="weight the loss by inverse label frequency")
     max_seconds: float | None = Field(default=None, gt=0, description="stop training after this long")
+    objective: Literal["labels", "pairs"] | None = Field(
+        default=None,
+        description="what a prefix is trained on: labels (cross-entropy) or pairs (SetFit's sentence pairs, "
+        "then a logistic-regression head); default labels, auto chooses by the data's size",
+    )
     head: Literal["cls", "mean", "last", "peft"] | None = Field(
         default=None,
         description="what the linear head reads (default: decoders the last token; encoders mean for the "

@@ -40,6 +40,7 @@ def make_train_config(
     head: HeadStyle | None = None,
     max_seconds: float | None = None,
     label_words: dict[str, list[str]] | None = None,
+    objective: str | None = None,
 ) -> TrainConfig:
     """A checked TrainConfig; ``length`` is the prefix length or the number of virtual tokens.
 
@@ -62,6 +63,7 @@ def make_train_config(
         head=head,
         max_seconds=max_seconds,
         label_words=label_words,
+        objective=objective,
     )
     if length is not None:
         config = dataclasses.replace(config, prefix_length=length, prompt_length=length)
@@ -90,11 +92,7 @@ def run_training(
 
     Method "auto" is chosen from ``data`` first (:func:`prompts.trainer.plan_for_data`)."""
     if grid is not None:
-        config = plan_for_data(config, data)
-        if config.plan is not None and config.plan.get("probe_candidate"):
-            # The grid trains P-tuning v2 at each point; the probe is not one of them.
-            plan = config.plan | {"probe_candidate": False, "search": "P-tuning v2 grid only, no probe"}
-            config = dataclasses.replace(config, plan=plan)
+        config = plan_for_data(config, data)  # each grid point trains what the plan chose
         return search(
             backbone,
             task,
@@ -132,6 +130,7 @@ def job_train_config(spec: JobSpec) -> TrainConfig:
         class_balanced=hp.class_balanced,
         head=hp.head,
         max_seconds=hp.max_seconds,
+        objective=hp.objective,
     )
 
 

@@ -184,7 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--epochs",
         type=_positive_int,
-        help="maximum epochs (default per method: 30; probe 200; auto on few-shot data: >= 150 steps)",
+        help="maximum epochs (default per method: 30; probe 200); with --objective pairs, passes over "
+        "the pairs (default 1)",
+    )
+    train.add_argument(
+        "--objective",
+        choices=["labels", "pairs"],
+        help="what a prefix is trained on: labels (cross-entropy through the head, early stopping on "
+        "dev) or pairs (SetFit's sentence pairs, then a logistic-regression head; p-tuning-v2 only). "
+        "Default: labels; auto chooses by the data's size (see README 'Few-shot data')",
     )
     train.add_argument(
         "--patience", type=_positive_int, help="epochs without a better dev accuracy before stopping"
@@ -510,6 +518,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         head=args.head,
         max_seconds=args.max_seconds,
         label_words=args.label_words,
+        objective=args.objective,
     )
 
 

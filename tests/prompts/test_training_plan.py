@@ -1,5 +1,6 @@
 """Method "auto": the method and schedule chosen from the data's size, recorded in the manifest, and the
-few-shot pieces it turns on (the robust choice of the kept epoch, the linear probe as a candidate)."""
+few-shot pieces it turns on (the pairs objective; the robust choice of the kept epoch where labels or a
+head the pairs cannot fit were asked for)."""
 
 from __future__ import annotations
 
@@ -40,17 +41,39 @@ def test_auto_keeps_todays_defaults_from_the_threshold_up() -> None:
     assert (resolved.epochs, resolved.patience, resolved.lr) == (30, 5, 1e-2)
 
 
-def test_auto_below_the_threshold_is_few_shot() -> None:
+def test_auto_below_the_threshold_trains_on_pairs() -> None:
     planned = plan_for_data(TrainConfig(method="auto"), _data(FEW_SHOT_ROWS_PER_LABEL - 1, 4))
     assert planned == dataclasses.replace(
-        TrainConfig(method="p-tuning-v2"), selection="robust", plan=planned.plan
+        TrainConfig(method="p-tuning-v2"), objective="pairs", plan=planned.plan
     )
     assert planned.plan is not None and planned.plan["regime"] == "few-shot"
+    assert planned.plan["objective"] == "pairs"
     assert planned.plan["train_rows_per_label"] == FEW_SHOT_ROWS_PER_LABEL - 1
-    assert planned.plan["dev_rows"] == 4 and planned.plan["probe_candidate"] is True
-    # A head asked for (e.g. peft, to export to PEFT) leaves the probe out: it has no PEFT adapter.
-    peft = plan_for_data(TrainConfig(method="auto", head="peft"), _data(8))
-    assert peft.selection == "robust" and peft.plan is not None and peft.plan["probe_candidate"] is False
+    assert planned.plan["dev_rows"] == 4
+    resolved = planned.resolved()
+    assert (resolved.epochs, resolved.prefix_init, resolved.objective) == (1, "random", "pairs")
+    # A head the pairs can give is kept.
+    assert plan_for_data(TrainConfig(method="auto", head="cls"), _data(8)).objective == "pairs"
+
+
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({"head": "peft"}, "head 'peft'"),
+        ({"objective": "labels"}, "labels"),
+        ({"epochs": 4}, "epochs, patience or head_lr"),
+        ({"head_lr": 0.1}, "epochs, patience or head_lr"),
+    ],
+)
+def test_auto_few_shot_with_labels_or_a_peft_head_keeps_cross_entropy(
+    changes: dict[str, str], why: str
+) -> None:
+    """PEFT export needs PEFT's own head, which the pairs' logistic regression is not."""
+    planned = plan_for_data(dataclasses.replace(TrainConfig(method="auto"), **changes), _data(8))  # type: ignore[arg-type]
+    assert planned.objective in (None, "labels") and planned.selection == "robust"
+    assert (
+        planned.plan is not None and planned.plan["objective"] == "labels" and why in planned.plan["reason"]
+    )
 
 
 def test_auto_keeps_what_the_caller_set_and_leaves_other_methods_alone() -> None:
@@ -78,37 +101,32 @@ def learnable(tmp_path_factory: pytest.TempPathFactory) -> Backbone:
 
 
 TINY = TrainConfig(batch_size=16, lr=0.05, head_lr=0.05, prefix_length=4)
+# What "auto" is given to train pairs: no epochs, patience or head_lr (those ask for cross-entropy).
+TINY_AUTO = TrainConfig(method="auto", batch_size=16, lr=0.05, prefix_length=4, pair_iterations=4)
 
 
-def test_auto_on_few_rows_keeps_the_better_of_prefix_and_probe_on_dev(learnable: Backbone) -> None:
+def test_auto_on_few_rows_trains_pairs_and_records_the_plan(learnable: Backbone) -> None:
     data = make_task_data(train=12, dev=6, test=6)  # 4 rows per label: few-shot
-    result = train_task(learnable, "tiny", data, dataclasses.replace(TINY, method="auto", epochs=6))
+    result = train_task(learnable, "tiny", data, TINY_AUTO)
     training = result.artifact.manifest.training
     assert training is not None
     plan = training["plan"]
-    assert plan["regime"] == "few-shot" and plan["train_rows_per_label"] == 4.0
-    assert set(plan["candidates"]) == {"p-tuning-v2", "linear-probe"}
-    prefix, probe = plan["candidates"]["p-tuning-v2"], plan["candidates"]["linear-probe"]
-    expected = (
-        "linear-probe"
-        if (probe["dev_accuracy"], probe["dev_macro_f1"]) > (prefix["dev_accuracy"], prefix["dev_macro_f1"])
-        else "p-tuning-v2"
+    assert (
+        plan["regime"] == "few-shot" and plan["train_rows_per_label"] == 4.0 and plan["objective"] == "pairs"
     )
-    assert plan["kept"] == training["method"] == result.artifact.manifest.method == expected
-    assert result.dev.accuracy == plan["candidates"][expected]["dev_accuracy"]
-    assert result.seconds == pytest.approx(prefix["seconds"] + probe["seconds"], abs=0.02)
+    assert training["method"] == result.artifact.manifest.method == "p-tuning-v2"
+    assert training["hyperparameters"]["objective"] == "pairs" and result.config.plan == plan
     assert training["duration_seconds"] == round(result.seconds, 2)
-    assert result.config.plan == plan
-    # Only the kept candidate is scored on test, on the artifact's own tensors.
+    # Scored on test on the artifact's own tensors.
     metrics = result.artifact.manifest.metrics
     assert result.test is not None and metrics is not None
     assert metrics["test"]["accuracy"] == pytest.approx(result.test.accuracy)
-    if expected == "p-tuning-v2":
-        assert training["hyperparameters"]["selection"] == "robust"
     # The other paths' manifests are as they were: no plan, no new hyperparameters.
     plain = train_task(learnable, "tiny", data, dataclasses.replace(TINY, method="p-tuning-v2", epochs=1))
     plain_training = plain.artifact.manifest.training or {}
-    assert "plan" not in plain_training and "selection" not in plain_training["hyperparameters"]
+    assert "plan" not in plain_training
+    assert not {"selection", "objective", "pair_iterations"} & set(plain_training["hyperparameters"])
+    assert plain_training["hyperparameters"]["prefix_init"] == "tokens"
 
 
 def test_auto_on_enough_rows_trains_prefix_only(learnable: Backbone) -> None:
@@ -136,13 +154,14 @@ def test_cli_default_is_auto(tmp_path: Path) -> None:
     assert args.method == "auto"
 
 
-def test_auto_with_a_search_grid_searches_prefix_only(learnable: Backbone) -> None:
+def test_auto_with_a_search_grid_searches_the_planned_objective(learnable: Backbone) -> None:
     from prompts.training import SearchGrid, run_training
 
     data = make_task_data(train=12, dev=6, test=6)
-    config = dataclasses.replace(TINY, method="auto", epochs=2)
+    config = dataclasses.replace(TINY_AUTO, pair_iterations=2)
     result = run_training(learnable, "tiny", data, config, grid=SearchGrid([0.05, 0.1], [4]))
     training = result.artifact.manifest.training or {}
     assert training["method"] == "p-tuning-v2" and len(result.trials) == 2
-    assert training["plan"]["regime"] == "few-shot" and training["plan"]["probe_candidate"] is False
-    assert "candidates" not in training["plan"] and training["hyperparameters"]["selection"] == "robust"
+    assert training["plan"]["regime"] == "few-shot" and training["plan"]["objective"] == "pairs"
+    assert training["hyperparameters"]["objective"] == "pairs"
+    assert {t["lr"] for t in result.trials} == {0.05, 0.1}

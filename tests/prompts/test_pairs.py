@@ -1,0 +1,200 @@
+"""prompts/pairs.py and the trainer's objective "pairs": SetFit's sentence pairs train a P-tuning v2
+prefix on the frozen backbone, then logistic regression on the prefixed pooled vectors is the head."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections import Counter
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from prompts.backbone import Backbone, load_backbone
+from prompts.forward import TaskPrompt
+from prompts.pairs import encoder_prompt, fit_logistic_head, fit_prototype_head, sentence_pairs
+from prompts.trainer import (
+    PAIR_BUDGET,
+    PAIR_ITERATIONS,
+    TrainConfig,
+    pair_iterations_for,
+    predict,
+    train_task,
+)
+from tests.synthetic import make_learnable_bert, make_task_data
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_pairs_are_balanced_and_labelled_by_the_rows_labels() -> None:
+    labels = [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    pairs = sentence_pairs(labels, iterations=5, rng=random.Random(0))
+    assert len(pairs) == 2 * 5 * len(labels)
+    assert sum(p.same for p in pairs) == len(pairs) // 2
+    for p in pairs:
+        assert p.same == (labels[p.left] == labels[p.right])
+    # Every row anchors the same number of pairs: one positive and one negative per iteration.
+    assert set(Counter(p.left for p in pairs).values()) == {10}
+    assert sentence_pairs(labels, 5, random.Random(0)) == pairs  # seeded
+    with pytest.raises(ValueError, match="two labels"):
+        sentence_pairs([1, 1, 1], 2, random.Random(0))
+
+
+def test_pair_iterations_follow_the_data_size() -> None:
+    assert pair_iterations_for(32) == PAIR_ITERATIONS  # 8 rows per label, 4 labels: SetFit's 20
+    assert pair_iterations_for(384) == 4  # 64 rows per label, 6 labels
+    assert 2 * 384 * pair_iterations_for(384) <= PAIR_BUDGET + 2 * 384
+    assert pair_iterations_for(100_000) == 1
+
+
+def _objective_gradient(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, c: float) -> float:
+    """The largest gradient entry of the regularised logistic loss (no bias) at ``w``."""
+    w = w.clone().requires_grad_(True)
+    loss = c * F.cross_entropy(x @ w.T, y, reduction="sum") + 0.5 * (w**2).sum()
+    loss.backward()
+    assert w.grad is not None
+    return float(w.grad.abs().max())
+
+
+def test_logistic_head_fits_unit_vectors_and_ranks_raw_ones_the_same() -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=g) * 2
+    y = torch.arange(3).repeat_interleave(10)  # [30]
+    raw = (centres[y] + torch.randn(30, 16, generator=g)) * torch.rand(30, 1, generator=g) * 9  # norms vary
+    weight, bias = fit_logistic_head(raw, y.tolist(), 3, c=1.0)
+    assert weight.shape == (3, 16) and torch.equal(bias, torch.zeros(3))
+    # The fit ran on unit vectors: at the optimum the gradient there is ~0.
+    unit = raw / raw.norm(dim=-1, keepdim=True)
+    mean_norm = float(raw.norm(dim=-1).mean())
+    assert _objective_gradient(unit, y, weight * mean_norm, 1.0) < 1e-3
+    # Served on the raw vectors: every row ranks the labels as the fitted model does on its unit vector.
+    served, fitted = raw @ weight.T, unit @ (weight * mean_norm).T
+    assert torch.equal(served.argsort(-1), fitted.argsort(-1))
+    assert (served.argmax(-1) == y).float().mean() >= 0.9
+    # A row of the mean norm gets exactly the fitted probabilities.
+    row = unit[0] * mean_norm
+    torch.testing.assert_close(row @ weight.T, fitted[0], atol=1e-5, rtol=1e-5)
+    # Scaling every vector changes nothing the service shows: same logits.
+    w10, _ = fit_logistic_head(raw * 10, y.tolist(), 3, c=1.0)
+    torch.testing.assert_close(raw * 10 @ w10.T, served, atol=1e-4, rtol=1e-4)
+    # Stronger regularisation (smaller c) gives a smaller weight.
+    small, _ = fit_logistic_head(raw, y.tolist(), 3, c=0.01)
+    assert float(small.norm()) < float(weight.norm())
+
+
+def test_prototype_head_is_each_labels_mean_direction() -> None:
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(3, 16, generator=g) * 2
+    y = torch.arange(3).repeat_interleave(6)  # [18]
+    raw = (centres[y] + torch.randn(18, 16, generator=g)) * torch.rand(18, 1, generator=g) * 5  # norms vary
+    weight, bias = fit_prototype_head(raw, y.tolist(), 3)
+    assert torch.equal(bias, torch.zeros(3))
+    unit = raw / raw.norm(dim=-1, keepdim=True)
+    directions = torch.stack([unit[y == c].mean(0) for c in range(3)])
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    # One positive factor (temperature / mean norm) times the unit mean directions.
+    factor = weight.norm(dim=-1)
+    torch.testing.assert_close(factor, factor[:1].expand(3))
+    torch.testing.assert_close(weight / factor.unsqueeze(1), directions, atol=1e-5, rtol=1e-5)
+    # Served on raw vectors, each row's label is its nearest mean direction by cosine.
+    assert torch.equal((raw @ weight.T).argmax(-1), (unit @ directions.T).argmax(-1))
+    # The temperature comes from the calibration rows: confident on clean ones, soft on shuffled labels.
+    clean, _ = fit_prototype_head(raw, y.tolist(), 3, calibration=(raw, y.tolist()))
+    noisy, _ = fit_prototype_head(
+        raw, y.tolist(), 3, calibration=(raw, y[torch.randperm(18, generator=g)].tolist())
+    )
+    assert float(clean.norm()) > 2 * float(noisy.norm())
+
+
+@pytest.fixture(scope="module")
+def learnable(tmp_path_factory: pytest.TempPathFactory) -> Backbone:
+    return load_backbone(make_learnable_bert(tmp_path_factory.mktemp("models") / "learnable"))
+
+
+PAIRS = TrainConfig(method="p-tuning-v2", objective="pairs", batch_size=16, lr=0.05, prefix_length=4)
+
+
+def test_pairs_train_the_prefix_and_fit_the_head(learnable: Backbone) -> None:
+    data = make_task_data(train=24, dev=12, test=12)
+    result = train_task(learnable, "pairs", data, dataclasses.replace(PAIRS, pair_iterations=4))
+    manifest = result.artifact.manifest
+    training = manifest.training or {}
+    hp = training["hyperparameters"]
+    assert manifest.method == training["method"] == "p-tuning-v2"
+    assert hp["objective"] == "pairs" and hp["pair_iterations"] == 4 and hp["prefix_init"] == "random"
+    assert hp["head"] == "mean"
+    assert not {"epochs", "head_lr", "patience", "selection"} & set(hp)
+    assert result.epochs_run == result.best_epoch == 1 and len(result.history) == 1
+    # The head is the logistic regression on the served pooled vectors of the train rows.
+    module = result.module
+    room = learnable.spec.max_positions - 4
+    train_ids = [e.input_ids for e in learnable.encode([e.text for e in data.train], room)]
+    with torch.inference_mode():
+        features = predict(learnable, encoder_prompt(module.task_prompt()), train_ids, 64)
+    dev_ids = [e.input_ids for e in learnable.encode([e.text for e in data.dev], room)]
+    with torch.inference_mode():
+        dev_features = predict(learnable, encoder_prompt(module.task_prompt()), dev_ids, 64)
+    weight, bias = fit_prototype_head(
+        features, data.label_ids(data.train), len(data.labels), (dev_features, data.label_ids(data.dev))
+    )
+    assert hp["pair_head"] == "prototype"
+    torch.testing.assert_close(module.head.weight.detach(), weight, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(module.head.bias.detach(), bias, atol=1e-4, rtol=1e-3)
+    # The keyword task is learnable: the served artifact classifies it well above chance (1/3).
+    assert result.test is not None and result.test.accuracy >= 0.8
+    assert manifest.metrics is not None and manifest.metrics["test"]["accuracy"] == pytest.approx(
+        result.test.accuracy
+    )
+
+
+def test_pairs_move_the_prefix_from_its_start(learnable: Backbone) -> None:
+    data = make_task_data(train=24, dev=12, test=0)
+    trained = train_task(learnable, "pairs", data, dataclasses.replace(PAIRS, pair_iterations=8))
+    untrained = train_task(learnable, "pairs", data, dataclasses.replace(PAIRS, pair_iterations=8, lr=0.0))
+    a, b = trained.artifact.tensors["prefix"], untrained.artifact.tensors["prefix"]
+    assert float((a - b).abs().max()) > 1e-3
+    # Same pairs, same start: training lowered their loss below that of the prefix left at its start.
+    assert trained.history[0].train_loss < 0.8 * untrained.history[0].train_loss
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"method": "prompt-tuning"}, "trains a prefix"),
+        ({"head": "peft"}, "cannot train head 'peft'"),
+        ({"pair_iterations": 0}, "pair_iterations"),
+        ({"objective": "triplets"}, "objective must be"),
+        ({"epochs": 3}, "no epochs, patience or head learning rate"),
+        ({"head_lr": 0.1}, "no epochs, patience or head learning rate"),
+        ({"pair_head": "svm"}, "pair_head must be"),
+    ],
+)
+def test_pairs_config_refusals(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(PAIRS, **changes).resolved()  # type: ignore[arg-type]
+
+
+def test_encoder_prompt_returns_the_pooled_vectors(learnable: Backbone) -> None:
+    hidden = learnable.spec.hidden_size
+    task = TaskPrompt(
+        prefix=None, prompt=None, head_weight=torch.randn(3, hidden), head_bias=torch.zeros(3), pooling="mean"
+    )
+    ids = [e.input_ids for e in learnable.encode(["alpha beta", "gamma"], 32)]
+    pooled = predict(learnable, encoder_prompt(task), ids, 8)  # [2, hidden]
+    logits = predict(learnable, task, ids, 8)  # [2, 3]
+    torch.testing.assert_close(pooled @ task.head_weight.T, logits, atol=1e-5, rtol=1e-4)
+
+
+def test_pairs_with_the_logistic_head(learnable: Backbone) -> None:
+    data = make_task_data(train=24, dev=12, test=12)
+    config = dataclasses.replace(PAIRS, pair_iterations=4, pair_head="logistic")
+    result = train_task(learnable, "pairs", data, config)
+    assert (result.artifact.manifest.training or {})["hyperparameters"]["pair_head"] == "logistic"
+    room = learnable.spec.max_positions - 4
+    train_ids = [e.input_ids for e in learnable.encode([e.text for e in data.train], room)]
+    with torch.inference_mode():
+        features = predict(learnable, encoder_prompt(result.module.task_prompt()), train_ids, 64)
+    weight, _ = fit_logistic_head(features, data.label_ids(data.train), len(data.labels))
+    torch.testing.assert_close(result.module.head.weight.detach(), weight, atol=1e-4, rtol=1e-3)
+    assert result.test is not None and result.test.accuracy >= 0.8
