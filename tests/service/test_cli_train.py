@@ -244,6 +244,27 @@ def test_bad_arguments_are_refused_before_any_work(
     assert "max_length must leave room" in capsys.readouterr().err
 
 
+def test_objective_pairs_from_the_command_line(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    few = write_data_dir(tmp_path / "few", train=12, dev=6, test=6)  # 4 rows per label: auto trains pairs
+    base = ["train", "--task", "few", "--data", str(few), "--model", str(model_dir), "--device", "cpu"]
+    out = tmp_path / "few.safetensors"
+    assert cli.main([*base, "--lr", "0.05", "--prefix-length", "4", "--out", str(out)]) == 0
+    training = parse_artifact(out.read_bytes()).manifest.training or {}
+    assert training["plan"]["objective"] == training["hyperparameters"]["objective"] == "pairs"
+    assert "objective" in capsys.readouterr().out  # the plan is printed
+    # Asked for on another method, or with epochs, it is refused before any training.
+    assert cli.main([*base, "--method", "probe", "--objective", "pairs", "--out", str(out)]) == 1
+    assert "objective 'pairs' trains a prefix" in capsys.readouterr().err
+    assert cli.main([*base, "--objective", "pairs", "--epochs", "3", "--out", str(out)]) == 1
+    assert "no epochs, patience or head learning rate" in capsys.readouterr().err
+    # --objective labels keeps cross-entropy on few-shot data.
+    assert cli.main([*base, *FAST, "--objective", "labels", "--epochs", "1", "--out", str(out)]) == 0
+    hp = (parse_artifact(out.read_bytes()).manifest.training or {})["hyperparameters"]
+    assert "objective" not in hp and hp["selection"] == "robust"
+
+
 def _accuracy(out: str) -> float:
     return float(next(line.split()[1] for line in out.splitlines() if line.startswith("accuracy")))
 
