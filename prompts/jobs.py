@@ -181,8 +181,8 @@ class JobSpec(BaseModel):
     task: str = Field(description="task name to publish", examples=["product_type"])
     method: Method = Field(
         default="auto",
-        description="auto (P-tuning v2 with a schedule chosen by the data's size, recorded in the "
-        "artifact's training.plan), prefix (P-tuning v2), ptuning, prompt or probe",
+        description="auto (P-tuning v2; below 100 train rows per label on sentence pairs; the choice is "
+        "recorded in the artifact's training.plan), prefix (P-tuning v2), ptuning, prompt or probe",
     )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     train: list[InlineExample] | None = Field(default=None, min_length=1, description="training examples")

@@ -95,7 +95,7 @@ REPARAM_LR = 1e-3  # p-tuning-v2 with the MLP reparameterisation
 
 # method "auto" (the CLI's and the training jobs' default): chosen by plan_for_data from the data itself.
 AUTO = "auto"
-# Below this many train rows per label (on average) "auto" trains with the few-shot schedule; from it up,
+# Below this many train rows per label (on average) "auto" trains on sentence pairs; from it up,
 # exactly today's P-tuning v2 defaults (the full-data accuracy table in README "Accuracy" is unchanged:
 # every shared train set has 117 or more rows per label).
 FEW_SHOT_ROWS_PER_LABEL = 100

@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         choices=METHOD_CHOICES,
         default="auto",
-        help="default: auto (P-tuning v2; below 100 train rows per label the few-shot schedule, see README)",
+        help="default: auto (P-tuning v2; below 100 train rows per label on sentence pairs, see README)",
     )
     _add_destination(train, upload=True)
     _add_backbone_flags(train)
