@@ -23,6 +23,7 @@ is asynchronous). Writers therefore ask ``WAIT`` for ``replicas_to_wait`` replic
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "UNAVAILABLE",
@@ -206,11 +209,15 @@ class Replicated:
         self.target = target
         self.replicas = replicas
         self.timeout_ms = timeout_ms
+        self._socket_timeout = socket_timeout + timeout_ms / 1000
         self._lock = threading.Lock()
+        self.client = self._new_client()
+
+    def _new_client(self) -> redis.Redis:
         # No silent retries: a write whose reply a dying primary never sent may have run (a job
         # queued twice); the caller gets 503 store_unavailable and decides.
-        self.client = target.client(
-            socket_timeout=socket_timeout + timeout_ms / 1000, retry=Retry(NoBackoff(), 0), max_connections=1
+        return self.target.client(
+            socket_timeout=self._socket_timeout, retry=Retry(NoBackoff(), 0), max_connections=1
         )
 
     def run(self, key: str, write: Callable[[redis.Redis], T]) -> T:
@@ -220,15 +227,30 @@ class Replicated:
         most likely reach the replicas, but a failover now could lose it, so it is not reported done.
         """
         with self._lock:
-            result = write(self.client)
-            if self.replicas:
-                acked = self._wait(key)
-                if acked < self.replicas:
-                    raise ReplicationError(
-                        f"{self.target.shown}: the write reached {acked} of {self.replicas} replica(s) "
-                        f"within {self.timeout_ms} ms"
-                    )
+            try:
+                result = write(self.client)
+                acked = self._wait(key) if self.replicas else 0
+            except (RedisConnectionError, RedisTimeoutError):
+                # A primary that died mid-write can leave this one-connection client wedged: its slot
+                # map still on the dead node, and a live node's only connection never given back, so
+                # its topology refresh fails too (seen on a Cluster: the worker's writes went to the
+                # killed primary for minutes after the failover). The next write starts afresh and
+                # rediscovers the deployment from its seeds.
+                self._renew()
+                raise
+            if acked < self.replicas:
+                raise ReplicationError(
+                    f"{self.target.shown}: the write reached {acked} of {self.replicas} replica(s) "
+                    f"within {self.timeout_ms} ms"
+                )
             return result
+
+    def _renew(self) -> None:
+        old, self.client = self.client, self._new_client()
+        try:
+            old.close()
+        except redis.RedisError:
+            logger.debug("closing the replaced write client failed", exc_info=True)
 
     def _wait(self, key: str) -> int:
         if self.target.kind == "cluster":

@@ -109,3 +109,20 @@ def test_keys_audit_rate_limits_and_jobs_work_on_each_topology(
         assert queue.stream == f"{{{prefix}}}:jobs:stream" and store.prefix == f"{{{prefix}}}"
     queue.close()
     store.close()
+
+
+def test_a_write_that_loses_its_connection_renews_the_write_client() -> None:
+    """After a connection error the one-connection write client is replaced, so a dead primary cannot
+    leave it wedged; the error itself still reaches the caller (no silent retry)."""
+    import redis
+
+    from prompts.redis_target import Replicated
+    from tests.redis_server import free_port
+
+    target = RedisTarget.parse(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    replicated = Replicated(target, 1, socket_timeout=0.5)
+    first = replicated.client
+    with pytest.raises(redis.ConnectionError):
+        replicated.run("{ptserve}:tasks", lambda client: client.set("k", "v"))
+    assert replicated.client is not first
+    replicated.close()
