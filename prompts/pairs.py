@@ -86,9 +86,8 @@ def train_on_pairs(
     train_ids: Sequence[Sequence[int]],
     pairs: Sequence[Pair],
     *,
-    lr: float,
-    weight_decay: float,
-    warmup_ratio: float,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
     batch_size: int,
     max_seconds: float | None = None,
     on_step: Callable[[float], None] | None = None,
@@ -96,17 +95,11 @@ def train_on_pairs(
     """Train ``parameters`` (the prefix) so that the cosine similarity of each pair's pooled vectors
     approaches 1 for same-label pairs and 0 otherwise (mean squared error, SetFit's default loss).
 
-    One pass over ``pairs`` in batches of ``batch_size`` pairs; each distinct row of a batch is run
-    once. AdamW with linear warmup and decay, gradients clipped at 1.0. Returns the per-step losses
-    and whether ``max_seconds`` cut the pass short.
+    One pass over ``pairs`` in batches of ``batch_size`` pairs, with the caller's optimizer and
+    schedule (stepped once per batch); each distinct row of a batch is run once; gradients clipped at
+    1.0. Returns the per-step losses and whether ``max_seconds`` cut the pass short.
     """
-    optimizer = torch.optim.AdamW(list(parameters), lr=lr, weight_decay=weight_decay)
     steps = math.ceil(len(pairs) / batch_size)
-    warmup = max(1, int(steps * warmup_ratio)) if warmup_ratio > 0 else 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)),
-    )
     started = time.perf_counter()
     losses: list[float] = []
     for step in range(steps):
