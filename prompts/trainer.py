@@ -870,14 +870,7 @@ def _fit_pairs(
     is scored once at the end and chooses nothing. Same return as :func:`_fit_labels`: one history
     entry (the pass)."""
     assert cfg.lr is not None and cfg.pair_iterations is not None
-    train_ids, y_train, dev_ids, y_dev, labels = (
-        rows.train_ids,
-        rows.y_train,
-        rows.dev_ids,
-        rows.y_dev,
-        rows.labels,
-    )
-    pairs = sentence_pairs(y_train, cfg.pair_iterations, random.Random(cfg.seed))
+    pairs = sentence_pairs(rows.y_train, cfg.pair_iterations, random.Random(cfg.seed))
     per_step = max(1, cfg.batch_size // 2)  # pairs per step: at most as many rows as a step of "labels"
     started = time.perf_counter()
     progress.start(math.ceil(len(pairs) / per_step), 1)
@@ -890,7 +883,7 @@ def _fit_pairs(
             backbone,
             module.task_prompt,
             parameters,
-            train_ids,
+            rows.train_ids,
             pairs,
             optimizer=optimizer,
             scheduler=scheduler,
@@ -899,21 +892,23 @@ def _fit_pairs(
             on_step=progress.step,
         )
         module.eval()
-        features = _features(backbone, module, train_ids, cfg.eval_batch_size)  # [N, hidden]
+        features = _features(backbone, module, rows.train_ids, cfg.eval_batch_size)  # [N, hidden]
         if cfg.pair_head == "logistic":
-            weight, bias = fit_logistic_head(features, y_train, len(labels), c=HEAD_C)
+            weight, bias = fit_logistic_head(features, rows.y_train, len(rows.labels), c=HEAD_C)
         else:
-            dev_features = _features(backbone, module, dev_ids, cfg.eval_batch_size) if dev_ids else None
-            calibration = (dev_features, y_dev) if dev_features is not None else None
-            weight, bias = fit_prototype_head(features, y_train, len(labels), calibration)
+            dev_features = (
+                _features(backbone, module, rows.dev_ids, cfg.eval_batch_size) if rows.dev_ids else None
+            )
+            calibration = (dev_features, rows.y_dev) if dev_features is not None else None
+            weight, bias = fit_prototype_head(features, rows.y_train, len(rows.labels), calibration)
         with torch.no_grad():
             module.head.weight.copy_(weight)
             module.head.bias.copy_(bias)
         with torch.inference_mode():
             task_prompt = module.task_prompt()
-        logits_dev = predict(backbone, task_prompt, dev_ids, cfg.eval_batch_size)
-        report = _report(logits_dev, y_dev, labels)
-        y_dev_tensor = torch.tensor(y_dev, dtype=torch.long)
+        logits_dev = predict(backbone, task_prompt, rows.dev_ids, cfg.eval_batch_size)
+        report = _report(logits_dev, rows.y_dev, rows.labels)
+        y_dev_tensor = torch.tensor(rows.y_dev, dtype=torch.long)
         stats = EpochStats(
             epoch=1,
             train_loss=sum(losses) / max(1, len(losses)),
@@ -921,7 +916,7 @@ def _fit_pairs(
             dev_macro_f1=report.macro_f1,
             seconds=time.perf_counter() - started,
             best=True,
-            dev_loss=float(F.cross_entropy(logits_dev, y_dev_tensor)) if y_dev else 0.0,
+            dev_loss=float(F.cross_entropy(logits_dev, y_dev_tensor)) if rows.y_dev else 0.0,
         )
         progress.epoch(stats)
     finally:
