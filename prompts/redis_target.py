@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast
@@ -204,18 +205,25 @@ class Replicated:
     """
 
     def __init__(
-        self, target: RedisTarget, replicas: int, *, socket_timeout: float, timeout_ms: int = 2000
+        self,
+        target: RedisTarget,
+        replicas: int,
+        *,
+        socket_timeout: float,
+        timeout_ms: int = 2000,
+        refused_retry_s: float = 5.0,
     ) -> None:
         self.target = target
         self.replicas = replicas
         self.timeout_ms = timeout_ms
+        self.refused_retry_s = refused_retry_s
         self._socket_timeout = socket_timeout + timeout_ms / 1000
         self._lock = threading.Lock()
         self.client = self._new_client()
 
     def _new_client(self) -> redis.Redis:
-        # No silent retries: a write whose reply a dying primary never sent may have run (a job
-        # queued twice); the caller gets 503 store_unavailable and decides.
+        # No silent retries by redis-py: a write whose reply a dying primary never sent may have run
+        # (a job queued twice); run() retries only what provably never left this process.
         return self.target.client(
             socket_timeout=self._socket_timeout, retry=Retry(NoBackoff(), 0), max_connections=1
         )
@@ -223,19 +231,19 @@ class Replicated:
     def run(self, key: str, write: Callable[[redis.Redis], T]) -> T:
         """``write(client)``, then wait for the replicas of the node that owns ``key``.
 
-        ReplicationError if too few acknowledged in time: the write is on the primary and will
-        most likely reach the replicas, but a failover now could lose it, so it is not reported done.
+        ``write`` must be one command, one script or one MULTI/EXEC transaction, so that a write
+        refused at connect time did nothing: those are retried on a rebuilt client for up to
+        ``refused_retry_s`` (a failover in progress: the primary this client knew is gone and its
+        successor is being elected). Any other connection error is raised at once: the write may
+        have run. ReplicationError if too few replicas acknowledged in time: the write is on the
+        primary and will most likely reach the replicas, but a failover now could lose it, so it is
+        not reported done.
         """
         with self._lock:
+            result = self._write(write)
             try:
-                result = write(self.client)
                 acked = self._wait(key) if self.replicas else 0
             except (RedisConnectionError, RedisTimeoutError):
-                # A primary that died mid-write can leave this one-connection client wedged: its slot
-                # map still on the dead node, and a live node's only connection never given back, so
-                # its topology refresh fails too (seen on a Cluster: the worker's writes went to the
-                # killed primary for minutes after the failover). The next write starts afresh and
-                # rediscovers the deployment from its seeds.
                 self._renew()
                 raise
             if acked < self.replicas:
@@ -244,6 +252,25 @@ class Replicated:
                     f"within {self.timeout_ms} ms"
                 )
             return result
+
+    def _write(self, write: Callable[[redis.Redis], T]) -> T:
+        deadline = time.monotonic() + self.refused_retry_s
+        delay = 0.05
+        while True:
+            try:
+                return write(self.client)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                # A client made before or during a failover keeps the dead primary in its slot map
+                # (Cluster) until an error makes it look again, and a one-connection client can be
+                # left wedged; each failed write starts afresh from the seeds. Seen on a Cluster:
+                # without the retry, a worker whose store client was last rebuilt mid-failover failed
+                # its next write a minute later, and the job with it.
+                self._renew()
+                if not _refused(exc) or time.monotonic() + delay > deadline:
+                    raise
+                logger.info("%s: write refused (%s); retrying on a new connection", self.target.shown, exc)
+                time.sleep(delay)  # backoff while the deployment elects a new primary
+                delay = min(2 * delay, 1.0)
 
     def _renew(self) -> None:
         old, self.client = self.client, self._new_client()
@@ -261,6 +288,16 @@ class Replicated:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _refused(exc: BaseException) -> bool:
+    """True when the connection was refused while connecting: the command was never sent."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _host_port(item: str, default_port: int) -> tuple[str, int]:

@@ -56,10 +56,15 @@ def _until(condition: Callable[[], bool], what: str, timeout: float) -> None:
     raise RedisUnavailable(f"{what} did not happen within {timeout:.0f} s")
 
 
+# Not the module-level random: training tests seed it, which made every cluster of a full run take the
+# same ports.
+_PORTS = random.SystemRandom()
+
+
 def _cluster_port() -> int:
     """A free port whose bus port (port + 10000) is free too; Redis refuses ports above 55535."""
     for _ in range(200):
-        port = random.randint(20000, 45000)
+        port = _PORTS.randint(20000, 45000)
         if all(_free(p) for p in (port, port + 10000)):
             return port
     raise RedisUnavailable("no free port pair for a cluster node")

@@ -99,17 +99,8 @@ def watching(base: str) -> bool:
     return "ptserve_store_watch_connected 1.0" in text
 
 
-# Known bug (session 9, open): in full-suite runs the Cluster variant's worker kept writing to the killed
-# primary ("Error 111 connecting to" it) for minutes after the failover, so the queued job failed after 3
-# attempts, in 2 of 3 runs; alone it passes. Not strict (it passes at times); while the bug is
-# open a Cluster failure of this test does not fail the suite: the Sentinel variant still must pass.
-CLUSTER_WORKER_BUG = pytest.mark.xfail(
-    reason="worker's Cluster client stays on the killed primary in full-suite runs (open bug)", strict=False
-)
-
-
 @pytest.mark.integration
-@pytest.mark.parametrize("kind", ["sentinel", pytest.param("cluster", marks=CLUSTER_WORKER_BUG)])
+@pytest.mark.parametrize("kind", ["sentinel", "cluster"])
 def test_primary_killed_under_load_loses_no_accepted_upload_or_job(
     kind: str, request: pytest.FixtureRequest, tmp_path: Path, tiny_bert_dir: Path, backbone: Backbone
 ) -> None:

@@ -4,18 +4,24 @@ Sentinel set and a Cluster (keys, audit trail, rate limits, the job queue)."""
 from __future__ import annotations
 
 import json
+import threading
 import uuid
+from typing import TYPE_CHECKING
 
 import pytest
+import redis
 
 from prompts.errors import StoreError, StoreUnavailableError
 from prompts.jobs import JobQueue, JobSpec
 from prompts.redis_store import RedisPromptStore
-from prompts.redis_target import RedisTarget, is_redis_url, redact_url
+from prompts.redis_target import RedisTarget, Replicated, is_redis_url, redact_url
 from service.runtime import open_tenancy
 from service.settings import Settings
 from service.tenancy import Principal
 from tests.synthetic import KEYWORDS
+
+if TYPE_CHECKING:
+    from tests.redis_server import RedisServer
 
 pytest_plugins = ("tests.redis_server", "tests.redis_ha")
 
@@ -111,18 +117,57 @@ def test_keys_audit_rate_limits_and_jobs_work_on_each_topology(
     store.close()
 
 
-def test_a_write_that_loses_its_connection_renews_the_write_client() -> None:
-    """After a connection error the one-connection write client is replaced, so a dead primary cannot
-    leave it wedged; the error itself still reaches the caller (no silent retry)."""
-    import redis
-
-    from prompts.redis_target import Replicated
-    from tests.redis_server import free_port
-
-    target = RedisTarget.parse(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
-    replicated = Replicated(target, 1, socket_timeout=0.5)
+def test_a_write_refused_at_connect_is_retried_until_the_primary_is_back(private_redis: RedisServer) -> None:
+    """A refused connection sent nothing, so the write is retried on a new client (a failover in
+    progress) and lands once a server answers again; the caller sees only the success."""
+    target = RedisTarget.parse(private_redis.url)
+    replicated = Replicated(target, 0, socket_timeout=0.5, refused_retry_s=60.0)
     first = replicated.client
-    with pytest.raises(redis.ConnectionError):
-        replicated.run("{ptserve}:tasks", lambda client: client.set("k", "v"))
+    private_redis.stop()
+    calls: list[int] = []
+    retrying = threading.Event()
+
+    def write(client: redis.Redis) -> object:
+        calls.append(1)
+        if len(calls) >= 2:
+            retrying.set()  # the first attempt was refused: the server is down
+        return client.set("k", "landed")
+
+    outcome: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=replicated.run("k", write)))
+    thread.start()
+    assert retrying.wait(30), "the refused write was not retried"
+    private_redis.start()
+    thread.join(60)
+    assert not thread.is_alive() and outcome == {"result": True}
     assert replicated.client is not first
+    with redis.Redis.from_url(private_redis.url) as check:
+        assert check.get("k") == b"landed"
     replicated.close()
+
+
+def test_a_write_cut_after_it_was_sent_is_not_retried(private_redis: RedisServer) -> None:
+    """A connection lost after sending may have run the write (a job queued twice if retried): the
+    error reaches the caller after one attempt, and the write client is replaced."""
+    replicated = Replicated(RedisTarget.parse(private_redis.url), 0, socket_timeout=0.5)
+    first = replicated.client
+    calls: list[int] = []
+
+    def write(client: redis.Redis) -> None:
+        calls.append(1)
+        client.set("k", "sent")
+        raise redis.ConnectionError("Connection closed by server.")  # the reply never came
+
+    with pytest.raises(redis.ConnectionError):
+        replicated.run("k", write)
+    assert calls == [1] and replicated.client is not first
+    # Nothing listens: refused each time until the retry budget is spent, then raised.
+    from tests.redis_server import free_port  # a plugin module here: imported late, not rewritten
+
+    dead = Replicated(
+        RedisTarget.parse(f"redis://127.0.0.1:{free_port()}/0"), 0, socket_timeout=0.5, refused_retry_s=0.0
+    )
+    with pytest.raises(redis.ConnectionError):
+        dead.run("k", lambda client: client.set("k", "v"))
+    replicated.close()
+    dead.close()
