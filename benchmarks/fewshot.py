@@ -13,7 +13,10 @@ rows per label from dev for early stopping (seeded), and test accuracy on up to 
 - ``setfit``: SetFit with its defaults (contrastive fine-tuning of the whole sentence-transformer body,
   then logistic regression) on the same model directory. It trains the backbone, so each task would be
   a copy of the model. Installed by the benchmark's extra: ``pip install -e '.[fewshot]'``; without it
-  the rows say "not installed".
+  the rows say "not installed";
+- ``finetune``: the whole backbone trained with a linear head on the same rows (benchmarks/accuracy.py's
+  full fine-tuning: lr 5e-5, at most 10 epochs, early stopping on the same dev rows), the ceiling the
+  issue's "0.98 of full fine-tuning from 64 per label" is measured against.
 
 Writes ``fewshot.json`` (every run, saved after each one; running again skips the runs it holds),
 ``fewshot.md`` (mean over seeds per dataset x K x method, and training seconds per task) and
@@ -61,6 +64,7 @@ METHODS: dict[str, str | None] = {
     "prompt": "prompt-tuning",
     "probe": "linear-probe",
     "setfit": None,
+    "finetune": None,
 }
 LABELS = {
     "default": "ptserve default (auto)",
@@ -71,6 +75,7 @@ LABELS = {
     "prompt": "prompt tuning",
     "probe": "linear probe",
     "setfit": "SetFit",
+    "finetune": "full fine-tuning",
 }
 NOT_INSTALLED = "not installed"
 # Benchmark methods trained with the pairs objective (prompts/pairs.py): prefix on SetFit's pairs, then
@@ -187,6 +192,23 @@ def run_setfit(model_dir: Path, data: TaskData, seed: int) -> dict[str, Any]:
     predicted = [int(p) for p in model.predict([e.text for e in data.test])]
     report = evaluate([index[e.label] for e in data.test], predicted, data.labels)
     return {"accuracy": report.accuracy, "macro_f1": report.macro_f1, "seconds": round(seconds, 2)}
+
+
+def run_finetune(backbone: Any, data: TaskData, seed: int) -> dict[str, Any]:
+    """benchmarks/accuracy.py's full fine-tuning with its defaults on the few-shot rows."""
+    from benchmarks.accuracy import finetune
+
+    args = argparse.Namespace(
+        seed=seed, max_length=128, batch_size=16, finetune_lr=5e-5, finetune_epochs=10, max_seconds=None
+    )
+    dev, test, _, seconds, epochs, _ = finetune(backbone, data, args)
+    return {
+        "accuracy": test.accuracy,
+        "macro_f1": test.macro_f1,
+        "dev_accuracy": dev.accuracy,
+        "seconds": round(seconds, 2),
+        "epochs_run": epochs,
+    }
 
 
 def run_key(record: dict[str, Any]) -> tuple[str, int, int, str]:
@@ -407,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
                 ptserve_method = METHODS[method]
                 if ptserve_method is not None:
                     record |= run_ptserve(backbone, data, ptserve_method, seed, PAIRS.get(method))
+                elif method == "finetune":
+                    record |= run_finetune(backbone, data, seed)
                 elif have_setfit:
                     record |= run_setfit(model_dir, data, seed)
                 else:
