@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 19's GPU figures in one device call (device tool: `run` with carry [".gpu"], timeout_s 600):
+#   bash scripts/gpu_issue19.sh
+# after `bash scripts/gpu_prepare.sh` here. Installs the carried wheels, gives the MiniLM shape random
+# weights (speed does not depend on their values), and runs benchmarks/perf_http.py on cuda with 1, 2,
+# 4 and 8 front-end processes: single-text and 32-text throughput against the raw forward pass, p99.
+# Everything lands in $OUT (the device tool brings it back). DEVICE=cpu DURATION=2 FRONTENDS=1 SKIP_INSTALL=1
+# PYTHON=.venv/bin/python checks the script itself on a machine without a GPU (about 2 minutes).
+set -u -o pipefail
+OUT=${OUT:-/tmp/gpu-issue19}
+DEVICE=${DEVICE:-cuda}
+DURATION=${DURATION:-8}
+FRONTENDS=${FRONTENDS:-1,2,4,8}
+SITE=${SITE:-/tmp/site}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+if [ -z "${SKIP_INSTALL:-}" ]; then  # SKIP_INSTALL=1: a local check in an environment that has them
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    .gpu/whl/*.whl || exit 1
+fi
+export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1
+"$PYTHON" - <<'PY' || exit 1
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel
+
+src, dst = Path(".gpu/minilm"), Path("/tmp/minilm-random")
+dst.mkdir(parents=True, exist_ok=True)
+for f in src.iterdir():
+    shutil.copyfile(f, dst / f.name)
+torch.manual_seed(0)
+AutoModel.from_config(AutoConfig.from_pretrained(src)).save_pretrained(dst)
+print("random-weight MiniLM at", dst, flush=True)
+PY
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; "$PYTHON" -c \
+  "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.is_available())"; } \
+  | tee "$OUT/machine.txt"
+"$PYTHON" -m benchmarks.perf_http --device "$DEVICE" --model /tmp/minilm-random --data-root .gpu/data \
+  --frontends "$FRONTENDS" --duration "$DURATION" --warmup 2 --drain 5 --raw-seconds 2 \
+  --closed-single 64 --closed-batch 4 --open-levels 0.8 \
+  --out "$OUT/perf_http" 2>&1 | tee "$OUT/perf_http.log"
