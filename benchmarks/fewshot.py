@@ -60,6 +60,7 @@ METHODS: dict[str, str | None] = {
     "prefix": "p-tuning-v2",
     "pairs": "p-tuning-v2",  # objective "pairs" (PAIRS below)
     "pairs_lr": "p-tuning-v2",
+    "pairs_p16": "p-tuning-v2",
     "ptuning": "p-tuning",
     "prompt": "prompt-tuning",
     "probe": "linear-probe",
@@ -71,6 +72,7 @@ LABELS = {
     "prefix": "P-tuning v2 (old default)",
     "pairs": "P-tuning v2 on pairs",
     "pairs_lr": "pairs, logistic head",
+    "pairs_p16": "pairs, prefix 16 (session 9)",
     "ptuning": "P-tuning",
     "prompt": "prompt tuning",
     "probe": "linear probe",
@@ -79,8 +81,12 @@ LABELS = {
 }
 NOT_INSTALLED = "not installed"
 # Benchmark methods trained with the pairs objective (prompts/pairs.py): prefix on SetFit's pairs, then
-# the head fitted on the prefixed vectors (its pair_head).
-PAIRS = {"pairs": "prototype", "pairs_lr": "logistic"}
+# the head fitted on the prefixed vectors (its pair_head), and the prefix length (None: the trainer's).
+PAIRS: dict[str, tuple[str, int | None]] = {
+    "pairs": ("prototype", None),
+    "pairs_lr": ("logistic", None),
+    "pairs_p16": ("prototype", 16),  # the default before PAIRS_PREFIX_LENGTH became 32
+}
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -145,14 +151,21 @@ def setfit_available() -> bool:
 
 
 def run_ptserve(
-    backbone: Any, data: TaskData, method: str, seed: int, pair_head: str | None = None
+    backbone: Any,
+    data: TaskData,
+    method: str,
+    seed: int,
+    pairs: tuple[str, int | None] | None = None,
 ) -> dict[str, Any]:
-    """``pair_head`` set: objective "pairs" with that head."""
+    """``pairs`` set: objective "pairs" with that (head, prefix length)."""
     from prompts.trainer import TrainConfig, train_task
 
     config = TrainConfig(method=method, seed=seed)
-    if pair_head is not None:
-        config = TrainConfig(method=method, seed=seed, objective="pairs", pair_head=pair_head)
+    if pairs is not None:
+        pair_head, length = pairs
+        config = TrainConfig(
+            method=method, seed=seed, objective="pairs", pair_head=pair_head, prefix_length=length
+        )
     result = train_task(backbone, "fewshot", data, config)
     assert result.test is not None
     training = result.artifact.manifest.training or {}

@@ -148,7 +148,11 @@ class Hyperparameters(BaseModel):
     lr: float | None = Field(default=None, gt=0, le=1, description="learning rate of the prompt")
     head_lr: float | None = Field(default=None, gt=0, le=1, description="learning rate of the head")
     prefix_length: int | None = Field(
-        default=None, ge=1, le=256, description="prefix length (prefix) or virtual tokens (ptuning, prompt)"
+        default=None,
+        ge=1,
+        le=256,
+        description="prefix length (prefix) or virtual tokens (ptuning, prompt); default 16, "
+        "32 for objective pairs",
     )
     batch_size: int = Field(default=32, ge=1, le=1024)
     max_length: int = Field(default=128, ge=2, le=4096, description="text tokens per example")

@@ -107,6 +107,11 @@ HEAD_C = 1.0
 # objective "pairs": SetFit's num_iterations, capped so that a pass stays near PAIR_BUDGET pairs (8 rows
 # per label of 4 labels: 1,280 pairs; 64 of 6 labels: 4 iterations, 3,072 pairs).
 PAIR_ITERATIONS = 20
+PREFIX_LENGTH = 16
+# Objective "pairs" trains a longer prefix: K=8, 5 seeds (an experiment script, same cells as
+# benchmarks/fewshot.py): 32 against 16 gave SST-2 0.648 / 0.646, TREC 0.724 / 0.704, emotion
+# 0.383 / 0.356 (better on 10 of 15 seeds).
+PAIRS_PREFIX_LENGTH = 32
 PAIR_BUDGET = 2560
 
 
@@ -123,7 +128,8 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     patience: int | None = None  # epochs without a better dev accuracy before stopping
     seed: int = 0
-    prefix_length: int = 16  # p-tuning-v2
+    # p-tuning-v2. None: PREFIX_LENGTH, or PAIRS_PREFIX_LENGTH for objective "pairs".
+    prefix_length: int | None = None
     prompt_length: int = 16  # p-tuning, prompt-tuning
     reparam: bool = False  # p-tuning-v2: MLP reparameterisation while training
     reparam_hidden: int = 512
@@ -172,7 +178,7 @@ class TrainConfig:
             # at the plain prefix's 1e-2 the reparameterised prefix diverged (SST-2 dev 0.51).
             default_lr = REPARAM_LR
         for name in ("batch_size", "prefix_length", "prompt_length", "eval_batch_size", "reparam_hidden"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
@@ -221,6 +227,7 @@ class TrainConfig:
                 method=method,
                 objective=objective,
                 prefix_init=prefix_init,
+                prefix_length=self.prefix_length if self.prefix_length is not None else PAIRS_PREFIX_LENGTH,
                 epochs=1,
                 patience=1,
                 head_lr=0.0,
@@ -232,6 +239,7 @@ class TrainConfig:
             method=method,
             objective=objective,
             prefix_init=prefix_init,
+            prefix_length=self.prefix_length if self.prefix_length is not None else PREFIX_LENGTH,
             epochs=self.epochs if self.epochs is not None else d.epochs,
             lr=self.lr if self.lr is not None else default_lr,
             head_lr=self.head_lr if self.head_lr is not None else d.head_lr,
@@ -441,6 +449,7 @@ def build_method(
     spec = backbone.spec
     module: PromptMethod
     if method == "p-tuning-v2":
+        assert config.prefix_length is not None
         init = prefix_from_tokens(backbone, config.prefix_length, generator)
         module = DeepPrefix(
             spec,

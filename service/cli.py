@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt-length",
         dest="length",
         type=_positive_int,
-        help="prefix length (prefix) or virtual tokens (ptuning, prompt); default 16",
+        help="prefix length (prefix) or virtual tokens (ptuning, prompt); default 16, 32 for objective pairs",
     )
     train.add_argument("--batch-size", type=_positive_int, default=32)
     train.add_argument("--max-length", type=_positive_int, default=128, help="text tokens per example")

@@ -48,6 +48,15 @@ def test_pair_iterations_follow_the_data_size() -> None:
     assert pair_iterations_for(100_000) == 1
 
 
+def test_pairs_train_a_longer_prefix_unless_one_is_asked_for() -> None:
+    pairs = TrainConfig(method="p-tuning-v2", objective="pairs").resolved()
+    labels = TrainConfig(method="p-tuning-v2").resolved()
+    asked = TrainConfig(method="p-tuning-v2", objective="pairs", prefix_length=8).resolved()
+    assert (pairs.prefix_length, labels.prefix_length, asked.prefix_length) == (32, 16, 8)
+    assert pairs.resolved() == pairs  # resolving twice changes nothing
+    assert pairs.as_manifest()["prefix_length"] == 32
+
+
 def _objective_gradient(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, c: float) -> float:
     """The largest gradient entry of the regularised logistic loss (no bias) at ``w``."""
     w = w.clone().requires_grad_(True)
