@@ -167,7 +167,7 @@ class Hyperparameters(BaseModel):
     objective: Literal["labels", "pairs"] | None = Field(
         default=None,
         description="what a prefix is trained on: labels (cross-entropy) or pairs (SetFit's sentence pairs, "
-        "then a logistic-regression head); default labels, auto chooses by the data's size",
+        "then a fitted head: label prototypes by default); default labels, auto chooses by the data's size",
     )
     head: Literal["cls", "mean", "last", "peft"] | None = Field(
         default=None,

@@ -328,7 +328,7 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
                 "objective": "pairs",
                 "reason": f"fewer than {FEW_SHOT_ROWS_PER_LABEL} train rows per label: P-tuning v2 prefix "
                 "trained on sentence pairs (SetFit's pairs, the backbone frozen), then a "
-                "logistic-regression head; no epoch is chosen on the small dev set",
+                "head fitted on the train rows (label prototypes); no epoch is chosen on the small dev set",
             },
         )
     why = (
