@@ -179,6 +179,8 @@ def run_ptserve(
         "epochs_run": result.epochs_run,
         "regime": plan.get("regime") if plan else None,
         "objective": plan.get("objective") if plan else None,  # auto on few-shot data: what it trained
+        "kept": plan.get("kept") if plan else None,  # auto: pairs or the probe, by McNemar on dev
+        "mcnemar_z": plan.get("mcnemar_z") if plan else None,
     }
 
 

@@ -15,7 +15,9 @@ from prompts.errors import InvalidInputError
 from prompts.jobs import JobSpec
 from prompts.trainer import (
     FEW_SHOT_ROWS_PER_LABEL,
+    PROBE_Z,
     TrainConfig,
+    mcnemar_z,
     plan_for_data,
     train_task,
 )
@@ -114,9 +116,18 @@ def test_auto_on_few_rows_trains_pairs_and_records_the_plan(learnable: Backbone)
     assert (
         plan["regime"] == "few-shot" and plan["train_rows_per_label"] == 4.0 and plan["objective"] == "pairs"
     )
-    assert training["method"] == result.artifact.manifest.method == "p-tuning-v2"
+    # The probe was the other candidate; what was kept follows McNemar's z on the dev rows.
+    assert set(plan["candidates"]) == {"p-tuning-v2", "linear-probe"}
+    right = plan["dev_disagreements"]
+    b, c = right["probe_right"], right["pairs_right"]
+    assert plan["mcnemar_z"] == pytest.approx((b - c) / (b + c) ** 0.5 if b + c else 0.0, abs=1e-3)
+    assert plan["kept"] == ("linear-probe" if plan["mcnemar_z"] >= PROBE_Z else "p-tuning-v2")
+    assert training["method"] == result.artifact.manifest.method == plan["kept"] == "p-tuning-v2"
     assert training["hyperparameters"]["objective"] == "pairs" and result.config.plan == plan
     assert training["duration_seconds"] == round(result.seconds, 2)
+    assert training["duration_seconds"] == pytest.approx(
+        sum(c["seconds"] for c in plan["candidates"].values()), abs=0.02
+    )
     # Scored on test on the artifact's own tensors.
     metrics = result.artifact.manifest.metrics
     assert result.test is not None and metrics is not None
@@ -165,3 +176,47 @@ def test_auto_with_a_search_grid_searches_the_planned_objective(learnable: Backb
     assert training["plan"]["regime"] == "few-shot" and training["plan"]["objective"] == "pairs"
     assert training["hyperparameters"]["objective"] == "pairs"
     assert {t["lr"] for t in result.trials} == {0.05, 0.1}
+
+
+def test_mcnemar_z_counts_only_the_rows_the_two_disagree_on() -> None:
+    first = [True, True, False, False, False, True, False]
+    second = [True, False, True, True, True, True, False]
+    assert mcnemar_z(first, second) == (pytest.approx(1.0), 3, 1)  # (3 - 1) / sqrt(4)
+    assert mcnemar_z(second, first) == (pytest.approx(-1.0), 1, 3)
+    assert mcnemar_z(first, first) == (0.0, 0, 0)
+    with pytest.raises(ValueError, match="same rows"):
+        mcnemar_z(first, second[:-1])
+
+
+# A prefix learning rate that wrecks the pairs' prefix (the probe has none), so the probe is the better
+# candidate: whether auto keeps it is then up to how much the dev rows can show.
+WRECKED = dataclasses.replace(TINY_AUTO, lr=100.0, pair_iterations=1)
+
+
+def test_auto_keeps_the_probe_where_many_dev_rows_show_it_is_better(learnable: Backbone) -> None:
+    data = make_task_data(train=12, dev=90, test=30)
+    result = train_task(learnable, "tiny", data, WRECKED)
+    plan = (result.artifact.manifest.training or {})["plan"]
+    candidates = plan["candidates"]
+    assert candidates["linear-probe"]["dev_accuracy"] > candidates["p-tuning-v2"]["dev_accuracy"]
+    assert plan["mcnemar_z"] >= PROBE_Z and plan["kept"] == "linear-probe"
+    assert result.artifact.manifest.method == "linear-probe" and "prefix" not in result.artifact.tensors
+    assert result.test is not None and result.artifact.manifest.metrics is not None
+    assert result.artifact.manifest.metrics["test"]["accuracy"] == pytest.approx(result.test.accuracy)
+
+
+def test_auto_keeps_the_pairs_where_a_few_dev_rows_cannot_tell(learnable: Backbone) -> None:
+    """Three dev rows: even if the probe gets all three right and the pairs none, z = sqrt(3) < 2."""
+    data = make_task_data(train=12, dev=3, test=30)
+    result = train_task(learnable, "tiny", data, WRECKED)
+    plan = (result.artifact.manifest.training or {})["plan"]
+    assert plan["mcnemar_z"] < PROBE_Z and plan["kept"] == "p-tuning-v2"
+    assert result.artifact.manifest.method == "p-tuning-v2" and "prefix" in result.artifact.tensors
+
+
+def test_a_head_asked_for_has_no_probe_candidate(learnable: Backbone) -> None:
+    data = make_task_data(train=12, dev=90, test=6)
+    result = train_task(learnable, "tiny", data, dataclasses.replace(WRECKED, head="cls"))
+    plan = (result.artifact.manifest.training or {})["plan"]
+    assert plan["probe_candidate"] is False and "candidates" not in plan
+    assert result.artifact.manifest.method == "p-tuning-v2"
