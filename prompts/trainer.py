@@ -295,8 +295,9 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
     are returned as they are. Values the caller set (epochs, patience, lr, ...) are kept.
 
     From :data:`FEW_SHOT_ROWS_PER_LABEL` train rows per label up: P-tuning v2 with today's defaults. Below
-    it ("few-shot"): P-tuning v2 with objective "pairs" (prompts/pairs.py), or, where labels or a head
-    pairs cannot fit were asked for, cross-entropy with ``selection="robust"``.
+    it ("few-shot"): P-tuning v2 with objective "pairs" (prompts/pairs.py), with the linear probe as a
+    candidate :func:`train_task` keeps only on McNemar's evidence (no head asked for), or, where labels
+    or a head pairs cannot fit were asked for, cross-entropy with ``selection="robust"``.
     """
     if config.method != AUTO:
         return config
