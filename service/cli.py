@@ -558,7 +558,14 @@ def train_command(args: argparse.Namespace, backbone: Backbone | None = None) ->
     m = result.artifact.manifest
     print(f"task {m.task} version {m.version} ({m.method}) -> {where}")
     if result.config.plan is not None:
-        print(f"method auto: {result.config.plan['regime']}: {result.config.plan['reason']}")
+        plan = result.config.plan
+        print(f"method auto: {plan['regime']}: {plan['reason']}")
+        if "kept" in plan:
+            dev = {name: f"{c['dev_accuracy']:.4f}" for name, c in plan["candidates"].items()}
+            print(
+                f"kept {plan['kept']}: dev accuracy {dev}, McNemar z {plan['mcnemar_z']} "
+                f"(the probe is kept from {plan['probe_z']})"
+            )
     print(
         f"dev accuracy {result.dev.accuracy:.4f}  macro-F1 {result.dev.macro_f1:.4f}"
         f"  (best epoch {result.best_epoch} of {result.epochs_run}, {result.seconds:.1f}s, "

@@ -253,7 +253,10 @@ def test_objective_pairs_from_the_command_line(
     assert cli.main([*base, "--lr", "0.05", "--prefix-length", "4", "--out", str(out)]) == 0
     training = parse_artifact(out.read_bytes()).manifest.training or {}
     assert training["plan"]["objective"] == training["hyperparameters"]["objective"] == "pairs"
-    assert "objective" in capsys.readouterr().out  # the plan is printed
+    printed = capsys.readouterr().out  # the plan is printed, and which candidate was kept on what evidence
+    plan = training["plan"]
+    assert "sentence pairs" in printed and f"kept {plan['kept']}: dev accuracy" in printed
+    assert f"McNemar z {plan['mcnemar_z']} " in printed
     # Asked for on another method, or with epochs, it is refused before any training.
     assert cli.main([*base, "--method", "probe", "--objective", "pairs", "--out", str(out)]) == 1
     assert "objective 'pairs' trains a prefix" in capsys.readouterr().err
