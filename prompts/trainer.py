@@ -420,6 +420,7 @@ class TrainResult:
     trainable_parameters: int
     trials: list[dict[str, Any]] = field(default_factory=list)  # filled by search()
     stopped_by_budget: bool = False  # max_seconds ended training, not early stopping or the epochs
+    dev_predicted: list[int] = field(default_factory=list)  # the served artifact's label per dev row
 
 
 def for_backbone(config: TrainConfig, backbone: Backbone) -> TrainConfig:
@@ -629,16 +630,6 @@ def mcnemar_z(first_right: Sequence[bool], second_right: Sequence[bool]) -> tupl
     return ((b - c) / math.sqrt(b + c) if b + c else 0.0), b, c
 
 
-def _dev_right(backbone: Backbone, result: TrainResult, data: TaskData) -> list[bool]:
-    """Per dev row, whether the artifact as served labels it right."""
-    served = TaskPrompt.from_artifact(result.artifact, backbone.device, backbone.dtype)
-    ids = _encode(
-        backbone, [e.text for e in data.dev], max_text_tokens(result.artifact.manifest, backbone.spec)
-    )
-    logits = predict(backbone, served, ids, result.config.eval_batch_size)  # [dev, labels]
-    return [bool(p == y) for p, y in zip(logits.argmax(-1).tolist(), data.label_ids(data.dev), strict=True)]
-
-
 def _pairs_or_probe(
     backbone: Backbone, task: str, data: TaskData, planned: TrainConfig, progress: Progress | None
 ) -> TrainResult:
@@ -655,11 +646,12 @@ def _pairs_or_probe(
         max_length=planned.max_length,
         class_balanced=planned.class_balanced,
         max_seconds=planned.max_seconds,
-        plan=planned.plan,
     )
     probe = _train_one(backbone, task, data, probe_config, None, score_test=False)
+    y_dev = data.label_ids(data.dev)
     z, probe_only, pairs_only = mcnemar_z(
-        _dev_right(backbone, pairs, data), _dev_right(backbone, probe, data)
+        [p == y for p, y in zip(pairs.dev_predicted, y_dev, strict=True)],
+        [p == y for p, y in zip(probe.dev_predicted, y_dev, strict=True)],
     )
     kept = probe if z >= PROBE_Z else pairs
     plan = dict(planned.plan or {})
@@ -785,7 +777,8 @@ def _train_one(
     # Metrics are measured on the artifact's own tensors, loaded exactly as the service loads them.
     unscored, _ = _export(backbone, task, dataclasses.replace(data, test=[]), module, training, {}, 1)
     served = TaskPrompt.from_artifact(unscored, backbone.device, backbone.dtype)
-    dev_report = _report(predict(backbone, served, dev_ids, cfg.eval_batch_size), y_dev, labels)
+    dev_predicted: list[int] = predict(backbone, served, dev_ids, cfg.eval_batch_size).argmax(-1).tolist()
+    dev_report = evaluate(list(y_dev), dev_predicted, labels)
     scored = data if score_test else dataclasses.replace(data, test=[])
     metrics: dict[str, Any] = {"dev": dev_report.as_dict()}
     artifact, test_report = _export(backbone, task, scored, module, training, metrics, cfg.eval_batch_size)
@@ -802,6 +795,7 @@ def _train_one(
         seconds=seconds,
         trainable_parameters=trainable,
         stopped_by_budget=out_of_time,
+        dev_predicted=dev_predicted,
     )
 
 
