@@ -252,9 +252,42 @@ def tree_cpu_s(pids: list[int]) -> dict[int, float]:
     return {pid: process_cpu_s(pid) for pid in pids}
 
 
-def run_loadgen(job: dict[str, Any], workdir: Path, client_threads: int) -> dict[str, Any]:
-    """Run one job in a separate ``benchmarks.loadgen`` process; returns its outcome."""
-    return run_loadgens([job], workdir, client_threads)[0]
+def run_loadgen(
+    job: dict[str, Any], workdir: Path, client_threads: int, processes: int = 1
+) -> dict[str, Any]:
+    """Run one job in ``processes`` separate ``benchmarks.loadgen`` processes at once (its clients or
+    its arrival rate shared among them); returns their merged outcome. One asyncio process tops out
+    at a few thousand requests/s, below what several front ends on a GPU answer."""
+    return merge_outcomes(run_loadgens(split_job(job, processes), workdir, client_threads))
+
+
+def split_job(job: dict[str, Any], processes: int) -> list[dict[str, Any]]:
+    """``job`` as at most ``processes`` jobs with the same window: a closed loop's clients dealt out
+    (no process without one), an open loop's rate divided; each its own seed."""
+    if job["mode"] == "closed":
+        count = max(1, min(processes, job["concurrency"]))
+        shares = [job["concurrency"] // count + (i < job["concurrency"] % count) for i in range(count)]
+        return [job | {"concurrency": c, "seed": job["seed"] * 1000 + i} for i, c in enumerate(shares)]
+    count = max(1, processes)
+    return [job | {"rate": job["rate"] / count, "seed": job["seed"] * 1000 + i} for i in range(count)]
+
+
+def merge_outcomes(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    """One outcome of several load generators that ran the same window at once: counts, clients,
+    rates and CPU add up, latencies pool (percentiles are of every request), errors add by status."""
+    merged = dict(outcomes[0])
+    for key in ("concurrency", "offered_rate", "sent", "ok", "rows", "window_requests", "dropped"):
+        merged[key] = sum(o[key] for o in outcomes)
+    merged["unfinished"] = sum(o["unfinished"] for o in outcomes)
+    merged["client_cpu_s"] = sum(o["client_cpu_s"] for o in outcomes)
+    merged["window_s"] = max(o["window_s"] for o in outcomes)
+    merged["latencies_s"] = [x for o in outcomes for x in o["latencies_s"]]
+    errors: dict[str, int] = {}
+    for o in outcomes:
+        for status, n in o["errors"].items():
+            errors[status] = errors.get(status, 0) + n
+    merged["errors"] = errors
+    return merged
 
 
 def run_loadgens(jobs: list[dict[str, Any]], workdir: Path, client_threads: int) -> list[dict[str, Any]]:
@@ -425,6 +458,13 @@ def main() -> None:
     )
     parser.add_argument("--client-threads", type=int, default=1, help="OMP/MKL threads of the load generator")
     parser.add_argument(
+        "--loadgens",
+        type=int,
+        default=1,
+        help="load generator processes per phase, sharing its clients or rate (one tops out at a few "
+        "thousand requests/s)",
+    )
+    parser.add_argument(
         "--frontends",
         default="1",
         help="serve --frontends values, one server each, measured in turn (e.g. 1,2,4)",
@@ -547,7 +587,7 @@ def main() -> None:
                     def phase(shape: str, spec: dict[str, Any], rows: int) -> Point:
                         pids = process_tree(server.process.pid)
                         cpu0, t0 = tree_cpu_s(pids), time.perf_counter()
-                        outcome = run_loadgen(spec, workdir, args.client_threads)
+                        outcome = run_loadgen(spec, workdir, args.client_threads, args.loadgens)
                         cpu1, wall = tree_cpu_s(pids), time.perf_counter() - t0
                         per_process = {
                             str(pid): (cpu1[pid] - cpu0[pid]) / wall
@@ -692,7 +732,8 @@ def main() -> None:
         f"{args.labels} labels) mixed round-robin; max batch {args.max_batch_size}, "
         f"max wait {args.max_wait_ms:g} ms, pipeline depth {depth}, log level {args.log_level}. "
         f"{args.dataset} test texts (mean {mean_tokens:.1f} tokens). "
-        f"Load generator: a separate process, asyncio, {args.client} HTTP client; "
+        f"Load generator: {args.loadgens} separate process{'es' if args.loadgens > 1 else ''}, "
+        f"asyncio, {args.client} HTTP client; "
         f"{args.duration:g} s measured per phase after {args.warmup:g} s warm-up. "
         f"Threads: server {threads['server']}, load generator {args.client_threads}, "
         f"raw forward {torch.get_num_threads()}."

@@ -2,14 +2,18 @@
 # Issue 19's GPU figures in one device call (device tool: `run` with carry [".gpu"], timeout_s 600):
 #   bash scripts/gpu_issue19.sh
 # after `bash scripts/gpu_prepare.sh` here. Installs the carried wheels, gives the MiniLM shape random
-# weights (speed does not depend on their values), and runs benchmarks/perf_http.py on cuda with 1, 2,
-# 4 and 8 front-end processes: single-text and 32-text throughput against the raw forward pass, p99.
+# weights (speed does not depend on their values), runs the CUDA-graph tests (tests/prompts/test_graphs.py,
+# skipped without a GPU), then benchmarks/perf_http.py on cuda in float16 (as benchmarks/RESULTS.md's H100
+# run) with 1, 2, 4 and 8 front-end processes and 4 load-generator processes: single-text and 32-text
+# throughput against the raw forward pass, p50/p99, CPU per process.
 # Everything lands in $OUT (the device tool brings it back). DEVICE=cpu DURATION=2 FRONTENDS=1 SKIP_INSTALL=1
 # PYTHON=.venv/bin/python checks the script itself on a machine without a GPU (about 2 minutes).
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu-issue19}
 DEVICE=${DEVICE:-cuda}
-DURATION=${DURATION:-8}
+DURATION=${DURATION:-6}
+DTYPE=${DTYPE:-float16}
+LOADGENS=${LOADGENS:-4}
 FRONTENDS=${FRONTENDS:-1,2,4,8}
 SITE=${SITE:-/tmp/site}
 PYTHON=${PYTHON:-python3}
@@ -37,7 +41,12 @@ PY
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; "$PYTHON" -c \
   "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.is_available())"; } \
   | tee "$OUT/machine.txt"
-"$PYTHON" -m benchmarks.perf_http --device "$DEVICE" --model /tmp/minilm-random --data-root .gpu/data \
-  --frontends "$FRONTENDS" --duration "$DURATION" --warmup 2 --drain 5 --raw-seconds 2 \
-  --closed-single 64 --closed-batch 4 --open-levels 0.8 \
+if [ -z "${SKIP_TESTS:-}" ]; then  # every family's captured graphs against the eager encoder, on the GPU
+  timeout 240 "$PYTHON" -m pytest -q -p no:cacheprovider tests/prompts/test_graphs.py 2>&1 \
+    | tail -n 30 | tee "$OUT/graph_tests.log"
+fi
+"$PYTHON" -m benchmarks.perf_http --device "$DEVICE" --dtype "$DTYPE" --model /tmp/minilm-random \
+  --data-root .gpu/data --frontends "$FRONTENDS" --loadgens "$LOADGENS" --max-batch-size 64 \
+  --duration "$DURATION" --warmup 2 --drain 5 --raw-seconds 2 \
+  --closed-single 128 --closed-batch 4 --open-levels 0.8 \
   --out "$OUT/perf_http" 2>&1 | tee "$OUT/perf_http.log"

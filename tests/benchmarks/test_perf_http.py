@@ -1,0 +1,53 @@
+"""benchmarks/perf_http.py: one phase's load shared by several load-generator processes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.perf_http import merge_outcomes, split_job
+
+
+def _job(mode: str, concurrency: int = 1, rate: float = 0.0) -> dict[str, Any]:
+    return {"mode": mode, "concurrency": concurrency, "rate": rate, "seed": 3, "duration_s": 5.0}
+
+
+def test_a_closed_loop_deals_its_clients_out_and_never_starts_an_idle_process() -> None:
+    jobs = split_job(_job("closed", concurrency=10), 4)
+    assert [j["concurrency"] for j in jobs] == [3, 3, 2, 2]
+    assert len({j["seed"] for j in jobs}) == 4
+    assert [j["concurrency"] for j in split_job(_job("closed", concurrency=2), 4)] == [1, 1]
+    assert split_job(_job("closed", concurrency=5), 1)[0]["concurrency"] == 5
+
+
+def test_an_open_loop_divides_its_rate() -> None:
+    jobs = split_job(_job("open", rate=900.0), 3)
+    assert [j["rate"] for j in jobs] == [300.0, 300.0, 300.0]
+    assert all(j["duration_s"] == 5.0 for j in jobs)
+
+
+def _outcome(ok: int, latencies: list[float], errors: dict[str, int]) -> dict[str, Any]:
+    return {
+        "mode": "closed",
+        "concurrency": 2,
+        "offered_rate": 0.0,
+        "window_s": 5.0,
+        "sent": ok + 1,
+        "ok": ok,
+        "rows": ok * 32,
+        "window_requests": ok,
+        "errors": errors,
+        "dropped": 1,
+        "unfinished": 0,
+        "latencies_s": latencies,
+        "client_cpu_s": 0.5,
+    }
+
+
+def test_outcomes_add_up_and_latencies_pool() -> None:
+    merged = merge_outcomes([_outcome(2, [0.1, 0.2], {"429": 1}), _outcome(3, [0.3], {"429": 2, "503": 1})])
+    assert merged["concurrency"] == 4
+    assert (merged["ok"], merged["rows"], merged["sent"], merged["dropped"]) == (5, 160, 7, 2)
+    assert merged["errors"] == {"429": 3, "503": 1}
+    assert sorted(merged["latencies_s"]) == [0.1, 0.2, 0.3]
+    assert merged["window_s"] == 5.0
+    assert merged["client_cpu_s"] == 1.0
