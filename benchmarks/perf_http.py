@@ -248,8 +248,31 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def process_name(pid: int) -> str:
+    """/proc/PID/comm: serve --frontends names its engine ``ptserve-engine`` and its front ends
+    ``ptserve-fe-N``; the supervisor and multiprocessing's resource tracker read ``python``."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
 def tree_cpu_s(pids: list[int]) -> dict[int, float]:
     return {pid: process_cpu_s(pid) for pid in pids}
+
+
+def per_process_md(per_process: dict[str, float]) -> str:
+    """The engine's cores, then the front ends' (largest first), then the rest of the tree's."""
+    engine = [c for name, c in per_process.items() if name.startswith("ptserve-engine")]
+    frontends = sorted((c for name, c in per_process.items() if name.startswith("ptserve-fe-")), reverse=True)
+    rest = sum(c for name, c in per_process.items() if not name.startswith(("ptserve-engine", "ptserve-fe-")))
+    if not engine:  # one process: it is the engine and the front end
+        return f"{rest:.2f}"
+    return (
+        f"engine {engine[0]:.2f}; front ends "
+        + " + ".join(f"{c:.2f}" for c in frontends)
+        + f"; rest {rest:.2f}"
+    )
 
 
 def run_loadgen(
@@ -590,7 +613,7 @@ def main() -> None:
                         outcome = run_loadgen(spec, workdir, args.client_threads, args.loadgens)
                         cpu1, wall = tree_cpu_s(pids), time.perf_counter() - t0
                         per_process = {
-                            str(pid): (cpu1[pid] - cpu0[pid]) / wall
+                            f"{process_name(pid)} {pid}": (cpu1[pid] - cpu0[pid]) / wall
                             for pid in pids
                             if not math.isnan(cpu1[pid] - cpu0[pid])
                         }
@@ -702,9 +725,7 @@ def main() -> None:
             if math.isnan(p.raw_adjacent)
             else f"{p.rows_per_s / p.raw_adjacent:.3f}" + (" noisy" if p.raw_spread > 1.5 else ""),
             round(p.server_cpu_cores, 2),
-            " + ".join(
-                f"{c:.2f}" for c in sorted((p.server_cpu_per_process or {}).values(), reverse=True)[:9]
-            ),
+            per_process_md(p.server_cpu_per_process or {}),
             round(p.client_cpu_cores, 2),
             sum(p.errors.values()) + p.unfinished + p.dropped,
         ]
