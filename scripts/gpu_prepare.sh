@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 lock=requirements/serve.txt
 names="fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv annotated-types
 annotated-doc typing-inspection typing-extensions uvicorn click python-multipart redis pyzmq msgspec
-transformers huggingface-hub"
+transformers huggingface-hub httpx2 httpcore2 truststore opentelemetry-api idna anyio regex h11 hf-xet
+certifi"
 rm -rf .gpu && mkdir -p .gpu/whl .gpu/minilm .gpu/data/sst2
 for name in $names; do
   version=$(grep -i "^${name}==" "$lock" | head -1 | sed 's/.*==\([^ ]*\).*/\1/')

@@ -18,8 +18,11 @@ from pydantic import ValidationError
 
 from prompts.errors import PtserveError, TaskNotFoundError
 from prompts.jobs import Method
+from prompts.redis_target import is_redis_url
 from service.errors import SettingsError
-from service.settings import Settings
+from service.settings import Settings, default_frontends
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import httpx
@@ -323,6 +326,28 @@ def _setting_errors(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def with_frontends(settings: Settings) -> Settings:
+    """``settings`` with ``frontends`` decided: as set, else by the device (settings.default_frontends)."""
+    if settings.frontends is not None:
+        frontends = settings.frontends
+    else:
+        from prompts.backbone import resolve_device
+
+        try:
+            cuda = resolve_device(settings.device).type == "cuda"
+        except PtserveError:  # a bad device: loading the backbone reports it
+            cuda = False
+        frontends = default_frontends(cuda, os.cpu_count() or 1)
+        logger.info("front ends: %d (default for %s)", frontends, "CUDA" if cuda else "a CPU")
+    if frontends > 1 and not is_redis_url(settings.store):
+        logger.warning(
+            "%d front ends with a directory store: per-key and per-tenant rate limits apply in each "
+            "front end separately (a Redis store shares them)",
+            frontends,
+        )
+    return settings.model_copy(update={"frontends": frontends})
+
+
 def serve(settings: Settings, backbone: Backbone | None = None) -> None:
     import uvicorn
 
@@ -330,6 +355,8 @@ def serve(settings: Settings, backbone: Backbone | None = None) -> None:
     from service.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
+    settings = with_frontends(settings)
+    assert settings.frontends is not None
     if settings.frontends > 1:
         from service.auth import KeyRing
         from service.frontends.supervisor import Supervisor

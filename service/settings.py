@@ -38,13 +38,14 @@ class Settings(BaseSettings):
         description="intra-op threads for the forward; default: torch's (all cores); fewer than the "
         "cores leaves the event loop a core",
     )
-    frontends: int = Field(
-        default=1,
+    frontends: int | None = Field(
+        default=None,
         ge=1,
         le=64,
         description="HTTP front-end processes feeding one engine process that holds the backbone "
-        "(serve --frontends N; service/frontends/). 1: one process does everything, which measured "
-        "best on a 2-core CPU; more where one process cannot keep the device busy",
+        "(serve --frontends N; service/frontends/); 1: one process does everything. Default: 1 on a "
+        "CPU, which measured best on 2 cores; on CUDA min(4, cores // 4), since an H200 host's 4 front "
+        "ends answered 4.4x the single-text requests of one and 8 no more than 4",
     )
     frontend_coalesce_ms: float = Field(
         default=1.0,
@@ -341,3 +342,10 @@ class Settings(BaseSettings):
         if is_redis_url(self.store):
             return self.store
         return None
+
+
+def default_frontends(cuda: bool, cores: int) -> int:
+    """``frontends`` when unset. With CUDA one process's event loop, not the device, bounds
+    single-text traffic (~1,000 requests/s on a core); past ~4 front ends the engine's own loop is the
+    bound (benchmarks/RESULTS.md, H200), and each front end wants a core of its own."""
+    return max(1, min(4, cores // 4)) if cuda else 1

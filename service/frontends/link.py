@@ -18,7 +18,17 @@ import zmq.asyncio
 from prompts.errors import PtserveError
 from service.engine import Row
 from service.errors import EngineUnavailableError, ShuttingDownError, http_status
-from service.frontends.protocol import ENCODER, REPLIES, TO_ENGINE, Call, Calls, Observed, Reply
+from service.frontends.protocol import (
+    ENCODER,
+    REPLIES,
+    TO_ENGINE,
+    Call,
+    Calls,
+    Observations,
+    Observed,
+    Replies,
+    Reply,
+)
 from service.logs import RequestRecord
 from service.metrics import Metrics
 from service.runtime import Runtime
@@ -40,7 +50,10 @@ class EngineEndpoint:
         self._socket.bind(address)
         self._receiver: asyncio.Task[None] | None = None
         self._answers: set[asyncio.Task[None]] = set()
+        # Replies finished in this turn of the loop, per front end, sent together at its end.
+        self._outbox: dict[bytes, list[Reply]] = {}
         self.messages = 0  # frames received from front ends (Calls coalesce several requests)
+        self.replies_sent = 0  # frames sent to front ends (Replies coalesce several answers)
 
     def start(self) -> None:
         self._receiver = asyncio.get_running_loop().create_task(self._receive())
@@ -56,6 +69,10 @@ class EngineEndpoint:
                 continue
             if isinstance(message, Observed):
                 self._observe(message)
+                continue
+            if isinstance(message, Observations):
+                for seen in message.observed:
+                    self._observe(seen)
                 continue
             for call in message.calls if isinstance(message, Calls) else [message]:
                 answer = asyncio.get_running_loop().create_task(self._answer(identity, call))
@@ -93,8 +110,21 @@ class EngineEndpoint:
             logger.exception("request %s: unhandled error", call.request_id)
             message = f"internal error: {type(exc).__name__}"
             reply = Reply(call.id, error_status=500, error_code="internal_error", error_message=message)
-        with contextlib.suppress(zmq.ZMQError):  # the front end is gone: nobody waits for this
-            await self._socket.send_multipart([identity, ENCODER.encode(reply)])
+        outbox = self._outbox.setdefault(identity, [])
+        outbox.append(reply)
+        if len(self._outbox) == 1 and len(outbox) == 1:  # the first of this turn: flush at its end
+            asyncio.get_running_loop().call_soon(self._send_replies)
+
+    def _send_replies(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for identity, replies in outbox.items():
+            message = replies[0] if len(replies) == 1 else Replies(replies)
+            try:
+                sent = asyncio.ensure_future(self._socket.send_multipart([identity, ENCODER.encode(message)]))
+            except zmq.ZMQError:  # the socket is closing: nobody waits for these
+                continue
+            sent.add_done_callback(_retrieve)  # a front end that is gone: nobody waits for these
+            self.replies_sent += 1
 
     async def _classify(self, call: Call) -> Reply:
         runtime = self.runtime
@@ -120,6 +150,7 @@ class EngineEndpoint:
                 await self._receiver
         if self._answers:
             await asyncio.gather(*self._answers, return_exceptions=True)
+        self._send_replies()
         self._socket.close(linger=0)
         self._context.term()
 
@@ -129,6 +160,9 @@ class EngineClient:
 
     # A full message goes at once: past this many requests, waiting saves no further wake-ups.
     MAX_CALLS_PER_MESSAGE = 64
+    # Finished requests' records wait this long for company (metrics lag by at most this much).
+    OBSERVE_INTERVAL_S = 0.05
+    MAX_OBSERVED_PER_MESSAGE = 256
 
     def __init__(self, address: str, identity: str, coalesce_s: float = 0.001) -> None:
         self._context = zmq.asyncio.Context()
@@ -141,6 +175,8 @@ class EngineClient:
         self._waiting: dict[int, asyncio.Future[Reply]] = {}
         self._pending: list[Call] = []
         self._flush_at: asyncio.TimerHandle | None = None
+        self._observed: list[Observed] = []
+        self._observe_at: asyncio.TimerHandle | None = None
         self._receiver: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -150,10 +186,11 @@ class EngineClient:
     async def _receive(self) -> None:
         while True:
             payload = await self._socket.recv()
-            reply = REPLIES.decode(payload)
-            waiter = self._waiting.pop(reply.id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(reply)
+            message = REPLIES.decode(payload)
+            for reply in message.replies if isinstance(message, Replies) else [message]:
+                waiter = self._waiting.pop(reply.id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(reply)
 
     async def classify(
         self, request_id: str, task: str, principal: Principal, rows: list[list[int]]
@@ -197,16 +234,40 @@ class EngineClient:
                 waiter.set_exception(EngineUnavailableError(f"the engine process cannot be reached: {error}"))
 
     def observe(self, seen: Observed) -> None:
-        """Hand a finished request to the engine's metrics; dropped if the engine is not there."""
+        """Hand a finished request to the engine's metrics, within ``OBSERVE_INTERVAL_S``; dropped if
+        the engine is not there."""
+        self._observed.append(seen)
+        if len(self._observed) >= self.MAX_OBSERVED_PER_MESSAGE:
+            self._send_observed()
+        elif self._observe_at is None:
+            self._observe_at = asyncio.get_running_loop().call_later(
+                self.OBSERVE_INTERVAL_S, self._send_observed
+            )
+
+    def _send_observed(self) -> None:
+        if self._observe_at is not None:
+            self._observe_at.cancel()
+            self._observe_at = None
+        observed, self._observed = self._observed, []
+        if not observed:
+            return
+        message = observed[0] if len(observed) == 1 else Observations(observed)
         with contextlib.suppress(zmq.ZMQError):
-            self._socket.send(ENCODER.encode(seen), flags=zmq.NOBLOCK)
+            self._socket.send(ENCODER.encode(message), flags=zmq.NOBLOCK)
 
     async def close(self) -> None:
         self._closed = True
         self._flush()
+        self._send_observed()
         if self._receiver is not None:
             self._receiver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._receiver
         self._socket.close(linger=0)
         self._context.term()
+
+
+def _retrieve(sent: asyncio.Future[Any]) -> None:
+    """A send's outcome is nobody's business once the front end went away; only retrieved."""
+    if not sent.cancelled():
+        sent.exception()

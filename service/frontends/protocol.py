@@ -2,6 +2,11 @@
 
 A front end's DEALER socket sends a :class:`Call` and the engine's ROUTER socket answers with a
 :class:`Reply` carrying the same ``id``; ZeroMQ routes the reply back to the front end that asked.
+Both directions coalesce: Calls gathered for about a millisecond travel as one :class:`Calls`, the
+Replies finished in one turn of the engine's loop as one :class:`Replies`, and finished requests'
+:class:`Observed` records as one :class:`Observations` every few tens of milliseconds. On a GPU the
+engine's loop is the bound (one core for every front end's requests), and each message costs it a
+wake-up, a decode and a socket operation whatever it carries.
 """
 
 from __future__ import annotations
@@ -42,7 +47,13 @@ class Observed(msgspec.Struct, array_like=True, frozen=True, tag=True):
     refusal: str | None = None  # the reason of a tenant's refusal (rate, share), counted apart
 
 
-class Reply(msgspec.Struct, array_like=True, frozen=True):
+class Observations(msgspec.Struct, array_like=True, frozen=True, tag=True):
+    """Observed records a front end gathered (metrics may lag a request by a flush interval)."""
+
+    observed: list[Observed]
+
+
+class Reply(msgspec.Struct, array_like=True, frozen=True, tag=True):
     """The answer to a Call: the version that served every row, or an error as the HTTP API states it."""
 
     id: int
@@ -56,6 +67,12 @@ class Reply(msgspec.Struct, array_like=True, frozen=True):
     error_message: str = ""
 
 
-TO_ENGINE = msgspec.msgpack.Decoder(Call | Calls | Observed)
-REPLIES = msgspec.msgpack.Decoder(Reply)
+class Replies(msgspec.Struct, array_like=True, frozen=True, tag=True):
+    """The Replies to one front end that finished in the same turn of the engine's loop."""
+
+    replies: list[Reply]
+
+
+TO_ENGINE = msgspec.msgpack.Decoder(Call | Calls | Observed | Observations)
+REPLIES = msgspec.msgpack.Decoder(Reply | Replies)
 ENCODER = msgspec.msgpack.Encoder()

@@ -98,7 +98,10 @@ class Supervisor:
     """Starts the engine and the front ends, keeps the front ends up, and drains them in order."""
 
     def __init__(self, settings: Settings) -> None:
+        if settings.frontends is None:
+            raise ValueError("the number of front ends must be decided first (service.cli.with_frontends)")
         self.settings = settings
+        self.count = settings.frontends
         # A directory only this user can enter: whoever reaches the sockets is trusted (link.py).
         self._dir = Path(tempfile.mkdtemp(prefix="ptserve-engine-"))
         os.chmod(self._dir, 0o700)
@@ -131,7 +134,7 @@ class Supervisor:
         )
         self.engine.start()
         logger.info("engine process started (pid %d)", self.engine.pid)
-        for index in range(self.settings.frontends):
+        for index in range(self.count):
             self._start_frontend(index)
         try:
             return self._watch()

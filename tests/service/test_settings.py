@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +46,32 @@ def test_invalid_settings_stop_serve_with_one_clean_message(env: dict[str, str],
     assert expected in done.stderr
     assert "Traceback" not in done.stderr and "pydantic" not in done.stderr.lower()
     assert done.stdout == ""
+
+
+def test_front_ends_default_to_one_on_a_cpu_and_to_a_quarter_of_the_cores_up_to_four_on_cuda() -> None:
+    from service.settings import default_frontends
+
+    assert [default_frontends(False, cores) for cores in (1, 2, 16, 64)] == [1, 1, 1, 1]
+    assert [default_frontends(True, cores) for cores in (2, 4, 8, 12, 16, 64)] == [1, 1, 2, 3, 4, 4]
+
+
+def test_serve_decides_unset_front_ends_and_warns_that_a_directory_store_keeps_limits_per_process(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+
+    from service.cli import with_frontends
+    from service.settings import Settings
+
+    store = str(tmp_path / "store")
+    assert with_frontends(Settings(store=store, device="cpu")).frontends == 1
+    # No CUDA on this machine: "cuda" fails to resolve here (loading the backbone reports it), and
+    # "auto" resolves to the CPU.
+    assert with_frontends(Settings(store=store, device="cuda")).frontends == 1
+    cores = os.cpu_count() or 1
+    expected = min(4, max(1, cores // 4)) if torch.cuda.is_available() else 1
+    assert with_frontends(Settings(store=store, device="auto")).frontends == expected
+    assert not [r for r in caplog.records if "rate limits" in r.getMessage()]
+    with caplog.at_level("WARNING", logger="service.cli"):
+        assert with_frontends(Settings(store=store, frontends=3)).frontends == 3
+    assert any("3 front ends with a directory store" in r.getMessage() for r in caplog.records)

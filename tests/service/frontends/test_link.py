@@ -2,7 +2,8 @@
 
 The engine app runs in TestClient's thread with its own event loop; the client runs in this thread's
 loop, as a front-end process would. Replies carry what the single-process route answers; requests
-that arrive within the coalescing window travel in one message; errors keep their HTTP meaning.
+that arrive within the coalescing window travel in one message, and so do the replies that finish
+together and the finished requests' records; errors keep their HTTP meaning.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from fastapi.testclient import TestClient
 from prompts.backbone import Backbone
 from service.app import create_app
 from service.frontends.link import EngineClient
-from service.frontends.protocol import Reply
+from service.frontends.protocol import Observed, Reply
 from service.settings import Settings
 from service.tenancy import Principal
 from tests.factories import random_artifact
+from tests.processes import eventually
 
 OPEN = Principal("-", "admin", None)
 TEXTS = ["the battery lasts two days", "a b c", "d e f g", "hello there", "one more text"]
@@ -48,9 +50,12 @@ def test_calls_are_answered_as_the_route_answers_and_coalesced(tmp_path: Path, b
         assert http.post("/v1/prompts", files={"file": ("a.safetensors", artifact.data)}).status_code == 201
         endpoint = app.state.engine_endpoint
 
-        before = endpoint.messages
+        # The task in the engine's cache first: the five calls then join one batch.
+        assert http.post("/v1/classify", json={"task": "demo", "text": "warm"}).status_code == 200
+        before, sent_before = endpoint.messages, endpoint.replies_sent
         replies = ask_all(address, backbone, coalesce_s=0.05, tasks=["demo"] * len(TEXTS))
         assert endpoint.messages - before == 1  # five requests within 50 ms: one message
+        assert endpoint.replies_sent - sent_before == 1  # answered by one batch: one message back
         for text, reply in zip(TEXTS, replies, strict=True):
             direct = http.post("/v1/classify", json={"task": "demo", "text": text}).json()
             assert (reply.task, reply.version) == ("demo", artifact.version)
@@ -60,13 +65,42 @@ def test_calls_are_answered_as_the_route_answers_and_coalesced(tmp_path: Path, b
             assert all(abs(got[k] - expected[k]) < 1e-6 for k in got)
             assert reply.truncated == [False]
 
-        before = endpoint.messages
+        before, sent_before = endpoint.messages, endpoint.replies_sent
         replies = ask_all(
             address, backbone, coalesce_s=0.0, tasks=["demo", "missing", "demo", "demo", "demo"]
         )
         assert endpoint.messages - before == len(TEXTS)  # no window: a message per request
+        assert 1 <= endpoint.replies_sent - sent_before <= len(TEXTS)
         assert replies[1].error_status == 404 and replies[1].error_code == "task_not_found"
         assert "'missing'" in replies[1].error_message
         assert all(
             r.error_status == 0 and r.version == artifact.version for i, r in enumerate(replies) if i != 1
         )
+
+
+def test_finished_requests_reach_the_engines_metrics_in_one_message(
+    tmp_path: Path, backbone: Backbone
+) -> None:
+    address = f"ipc://{tmp_path / 'engine.sock'}"
+    app = create_app(Settings(store=str(tmp_path / "store")), backbone=backbone, engine_address=address)
+
+    def served(status: str) -> float:
+        value = app.state.metrics.requests.labels("/v1/classify", "demo", status)._value.get()
+        return float(value)
+
+    with TestClient(app):
+        endpoint = app.state.engine_endpoint
+        before = endpoint.messages
+
+        async def report() -> None:
+            client = EngineClient(address, identity="test-frontend")
+            client.start()
+            # A round trip first: records sent before the link is up are dropped, not queued.
+            await client.classify("req", "missing", OPEN, [[1]])
+            for status in (200, 200, 404):
+                client.observe(Observed("/v1/classify", "demo", status, 3.0, None, None))
+            await client.close()  # flushes what waits for the interval
+
+        asyncio.run(report())
+        eventually(lambda: served("200") == 2 and served("404") == 1, "observed requests", deadline_s=30)
+        assert endpoint.messages - before == 2  # the call, then every record in one message
