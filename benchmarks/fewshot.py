@@ -181,6 +181,7 @@ def run_ptserve(
         "objective": plan.get("objective") if plan else None,  # auto on few-shot data: what it trained
         "kept": plan.get("kept") if plan else None,  # auto: pairs or the probe, by McNemar on dev
         "mcnemar_z": plan.get("mcnemar_z") if plan else None,
+        "refine_epochs": plan.get("refine_epochs") if plan else None,  # auto: cross-entropy after the pairs
     }
 
 

@@ -78,7 +78,8 @@ class JobProgress:
             self.reported_at = now
 
     def start(self, total_steps: int, epochs: int) -> None:
-        self.state.update(total_steps=total_steps, epochs=epochs)
+        # A phase starts (objective "pairs", then its refinement): steps count within the phase.
+        self.state.update(total_steps=total_steps, epochs=epochs, step=0)
         self._report(force=True)
 
     def step(self, loss: float) -> None:

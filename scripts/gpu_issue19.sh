@@ -14,6 +14,7 @@ DEVICE=${DEVICE:-cuda}
 DURATION=${DURATION:-6}
 DTYPE=${DTYPE:-float16}
 LOADGENS=${LOADGENS:-4}
+OPEN=${OPEN:-0.8}  # open-loop rates as fractions of the closed peak (e.g. 0.3,0.6)
 FRONTENDS=${FRONTENDS:-1,2,4,8}
 SITE=${SITE:-/tmp/site}
 PYTHON=${PYTHON:-python3}
@@ -48,5 +49,5 @@ fi
 "$PYTHON" -m benchmarks.perf_http --device "$DEVICE" --dtype "$DTYPE" --model /tmp/minilm-random \
   --data-root .gpu/data --frontends "$FRONTENDS" --loadgens "$LOADGENS" --max-batch-size 64 \
   --duration "$DURATION" --warmup 2 --drain 5 --raw-seconds 2 \
-  --closed-single 128 --closed-batch 4 --open-levels 0.8 \
+  --closed-single 128 --closed-batch 4 --open-levels "${OPEN:-0.8}" \
   --out "$OUT/perf_http" 2>&1 | tee "$OUT/perf_http.log"

@@ -16,6 +16,10 @@ from prompts.jobs import JobSpec
 from prompts.trainer import (
     FEW_SHOT_ROWS_PER_LABEL,
     PROBE_Z,
+    REFINE_EPOCHS,
+    REFINE_FROM_ROWS_PER_LABEL,
+    EpochStats,
+    NullProgress,
     TrainConfig,
     mcnemar_z,
     plan_for_data,
@@ -46,7 +50,7 @@ def test_auto_keeps_todays_defaults_from_the_threshold_up() -> None:
 def test_auto_below_the_threshold_trains_on_pairs() -> None:
     planned = plan_for_data(TrainConfig(method="auto"), _data(FEW_SHOT_ROWS_PER_LABEL - 1, 4))
     assert planned == dataclasses.replace(
-        TrainConfig(method="p-tuning-v2"), objective="pairs", plan=planned.plan
+        TrainConfig(method="p-tuning-v2"), objective="pairs", refine_epochs=REFINE_EPOCHS, plan=planned.plan
     )
     assert planned.plan is not None and planned.plan["regime"] == "few-shot"
     assert planned.plan["objective"] == "pairs"
@@ -56,6 +60,21 @@ def test_auto_below_the_threshold_trains_on_pairs() -> None:
     assert (resolved.epochs, resolved.prefix_init, resolved.objective) == (1, "random", "pairs")
     # A head the pairs can give is kept.
     assert plan_for_data(TrainConfig(method="auto", head="cls"), _data(8)).objective == "pairs"
+
+
+def test_auto_refines_the_pairs_with_cross_entropy_from_enough_rows_per_label() -> None:
+    below = plan_for_data(TrainConfig(method="auto"), _data(REFINE_FROM_ROWS_PER_LABEL - 1, 4))
+    assert below.refine_epochs == 0 and below.plan is not None and below.plan["refine_epochs"] == 0
+    assert "no epoch is chosen" in below.plan["reason"]
+    for per_label in (REFINE_FROM_ROWS_PER_LABEL, FEW_SHOT_ROWS_PER_LABEL - 1):
+        planned = plan_for_data(TrainConfig(method="auto"), _data(per_label, 4))
+        assert (planned.objective, planned.refine_epochs) == ("pairs", REFINE_EPOCHS)
+        assert planned.plan is not None and planned.plan["refine_epochs"] == REFINE_EPOCHS
+        assert "cross-entropy" in planned.plan["reason"]
+    with pytest.raises(ValueError, match="refine_epochs continues objective 'pairs'"):
+        TrainConfig(method="p-tuning-v2", refine_epochs=3).resolved()
+    with pytest.raises(ValueError, match="refine_epochs must be >= 0"):
+        TrainConfig(method="p-tuning-v2", objective="pairs", refine_epochs=-1).resolved()
 
 
 @pytest.mark.parametrize(
@@ -146,6 +165,36 @@ def test_auto_on_enough_rows_trains_prefix_only(learnable: Backbone) -> None:
     training = result.artifact.manifest.training or {}
     assert training["method"] == "p-tuning-v2" and training["plan"]["regime"] == "full"
     assert "candidates" not in training["plan"] and "selection" not in training["hyperparameters"]
+
+
+def test_refined_pairs_train_cross_entropy_after_the_pass_and_keep_the_best_dev_epoch(
+    learnable: Backbone,
+) -> None:
+    data = make_task_data(train=12, dev=12, test=12)
+    pairs = TrainConfig(method="p-tuning-v2", objective="pairs", batch_size=16, lr=0.05, prefix_length=4)
+    config = dataclasses.replace(pairs, pair_iterations=2, refine_epochs=3)
+    epochs: list[int] = []
+
+    class Epochs(NullProgress):
+        def epoch(self, stats: EpochStats) -> None:
+            epochs.append(stats.epoch)
+
+    result = train_task(learnable, "tiny", data, config, progress=Epochs())
+    # Epoch 1 is the pass over the pairs; 2.. the cross-entropy epochs, numbered on.
+    assert [h.epoch for h in result.history] == epochs == list(range(1, result.epochs_run + 1))
+    assert 2 <= result.epochs_run <= 4 and 2 <= result.best_epoch <= result.epochs_run
+    assert [h.seconds for h in result.history] == sorted(h.seconds for h in result.history)
+    kept = result.history[result.best_epoch - 1]
+    assert kept.dev_accuracy == max(h.dev_accuracy for h in result.history[1:])
+    assert result.dev.accuracy == pytest.approx(kept.dev_accuracy)  # the artifact is the kept epoch
+    training = result.artifact.manifest.training or {}
+    assert training["hyperparameters"]["refine_epochs"] == 3
+    assert training["duration_seconds"] == round(result.seconds, 2)
+    assert result.seconds >= result.history[-1].seconds - 1e-6
+    # Without it the pass alone, as before, and nothing new in the manifest.
+    alone = train_task(learnable, "tiny", data, dataclasses.replace(config, refine_epochs=0))
+    alone_training = alone.artifact.manifest.training or {}
+    assert alone.epochs_run == 1 and "refine_epochs" not in alone_training["hyperparameters"]
 
 
 def test_robust_selection_keeps_the_later_epoch_on_ties(learnable: Backbone) -> None:
