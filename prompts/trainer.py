@@ -121,7 +121,7 @@ PAIR_BUDGET = 2560
 # per label. Test accuracy, pairs -> pairs then cross-entropy (an experiment script, the cells of
 # benchmarks/fewshot.py, seeds 0 / 1): K=64 TREC 0.844 / 0.760 -> 0.858 / 0.774, emotion 0.572 / 0.513
 # -> 0.586 / 0.622, AG News 0.839 / 0.865 -> 0.853 / 0.853, SST-2 0.765 / 0.771 -> 0.764 / 0.773
-# (mean +0.019); K=32 mean +0.004 over five cells (TREC +0.056 and -0.022); K=16 worse in all six
+# (mean +0.019); K=32 mean +0.006 over six cells (TREC +0.056 and -0.022); K=16 worse in all six
 # cells (mean -0.023: 8 dev rows per label choose the epoch badly). The threshold sits between K=32
 # and K=64, so that a K=64 sample of a set with a few smaller labels (banking77's averages 62.9 rows
 # per label) is refined too.
