@@ -116,7 +116,7 @@ PREFIX_LENGTH = 16
 PAIRS_PREFIX_LENGTH = 32
 PAIR_BUDGET = 2560
 # Objective "pairs" followed by cross-entropy: after the pass, up to REFINE_EPOCHS epochs of objective
-# "labels" (P-tuning v2's lr and head lr, REFINE_PATIENCE) start from the pairs' prefix and prototype
+# "labels" (the pairs' lr, P-tuning v2's head lr, REFINE_PATIENCE) start from the pairs' prefix and prototype
 # head, the best epoch kept on dev. Method "auto" plans it from REFINE_FROM_ROWS_PER_LABEL train rows
 # per label. Test accuracy, pairs -> pairs then cross-entropy (an experiment script, the cells of
 # benchmarks/fewshot.py, seeds 0 / 1): K=64 TREC 0.844 / 0.760 -> 0.858 / 0.774, emotion 0.572 / 0.513
@@ -799,7 +799,7 @@ def _train_one(
                 backbone, module, refine, rows, later, generator
             )
             history += [later.shifted(h) for h in more]
-            best_epoch, seconds = best + len(history) - len(more), seconds + more_seconds
+            best_epoch, seconds = best + later.epochs, seconds + more_seconds
     else:
         history, best_epoch, seconds, out_of_time = _fit_labels(
             backbone, module, cfg, rows, progress, generator

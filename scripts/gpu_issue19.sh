@@ -49,5 +49,5 @@ fi
 "$PYTHON" -m benchmarks.perf_http --device "$DEVICE" --dtype "$DTYPE" --model /tmp/minilm-random \
   --data-root .gpu/data --frontends "$FRONTENDS" --loadgens "$LOADGENS" --max-batch-size 64 \
   --duration "$DURATION" --warmup 2 --drain 5 --raw-seconds 2 \
-  --closed-single 128 --closed-batch 4 --open-levels "${OPEN:-0.8}" \
+  --closed-single 128 --closed-batch 4 --open-levels "$OPEN" \
   --out "$OUT/perf_http" 2>&1 | tee "$OUT/perf_http.log"

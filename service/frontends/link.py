@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar, cast
 
 import zmq
 import zmq.asyncio
@@ -35,6 +36,7 @@ from service.runtime import Runtime
 from service.tenancy import Principal, Scope, resolve
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class EngineEndpoint:
@@ -170,13 +172,12 @@ class EngineClient:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.IDENTITY, identity.encode())
         self._socket.connect(address)
-        self._coalesce_s = coalesce_s
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Reply]] = {}
-        self._pending: list[Call] = []
-        self._flush_at: asyncio.TimerHandle | None = None
-        self._observed: list[Observed] = []
-        self._observe_at: asyncio.TimerHandle | None = None
+        self._calls = _Gathered[Call](coalesce_s, self.MAX_CALLS_PER_MESSAGE, self._send_calls)
+        self._observed = _Gathered[Observed](
+            self.OBSERVE_INTERVAL_S, self.MAX_OBSERVED_PER_MESSAGE, self._send_observed
+        )
         self._receiver: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -202,23 +203,13 @@ class EngineClient:
         waiter: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[call_id] = waiter
         call = Call(call_id, request_id, task, principal.key_id, principal.scope, principal.tenant, rows)
-        self._pending.append(call)
-        if len(self._pending) >= self.MAX_CALLS_PER_MESSAGE or self._coalesce_s <= 0:
-            self._flush()
-        elif self._flush_at is None:
-            self._flush_at = asyncio.get_running_loop().call_later(self._coalesce_s, self._flush)
+        self._calls.add(call)
         try:
             return await waiter
         finally:
             self._waiting.pop(call_id, None)
 
-    def _flush(self) -> None:
-        if self._flush_at is not None:
-            self._flush_at.cancel()
-            self._flush_at = None
-        calls, self._pending = self._pending, []
-        if not calls:
-            return
+    def _send_calls(self, calls: list[Call]) -> None:
         message = calls[0] if len(calls) == 1 else Calls(calls)
         # zmq.asyncio's send returns a future; a failure must reach the calls' waiters.
         sent = asyncio.ensure_future(self._socket.send(ENCODER.encode(message)))
@@ -236,35 +227,50 @@ class EngineClient:
     def observe(self, seen: Observed) -> None:
         """Hand a finished request to the engine's metrics, within ``OBSERVE_INTERVAL_S``; dropped if
         the engine is not there."""
-        self._observed.append(seen)
-        if len(self._observed) >= self.MAX_OBSERVED_PER_MESSAGE:
-            self._send_observed()
-        elif self._observe_at is None:
-            self._observe_at = asyncio.get_running_loop().call_later(
-                self.OBSERVE_INTERVAL_S, self._send_observed
-            )
+        self._observed.add(seen)
 
-    def _send_observed(self) -> None:
-        if self._observe_at is not None:
-            self._observe_at.cancel()
-            self._observe_at = None
-        observed, self._observed = self._observed, []
-        if not observed:
-            return
+    def _send_observed(self, observed: list[Observed]) -> None:
         message = observed[0] if len(observed) == 1 else Observations(observed)
         with contextlib.suppress(zmq.ZMQError):
             self._socket.send(ENCODER.encode(message), flags=zmq.NOBLOCK)
 
     async def close(self) -> None:
         self._closed = True
-        self._flush()
-        self._send_observed()
+        self._calls.flush()
+        self._observed.flush()
         if self._receiver is not None:
             self._receiver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._receiver
         self._socket.close(linger=0)
         self._context.term()
+
+
+class _Gathered(Generic[T]):
+    """Items held for at most ``interval_s`` (or until ``limit`` wait) and handed to ``send`` together:
+    one message, one wake-up of the other side, however many arrived meanwhile."""
+
+    def __init__(self, interval_s: float, limit: int, send: Callable[[list[T]], None]) -> None:
+        self._interval_s = interval_s
+        self._limit = limit
+        self._send = send
+        self._items: list[T] = []
+        self._flush_at: asyncio.TimerHandle | None = None
+
+    def add(self, item: T) -> None:
+        self._items.append(item)
+        if len(self._items) >= self._limit or self._interval_s <= 0:
+            self.flush()
+        elif self._flush_at is None:
+            self._flush_at = asyncio.get_running_loop().call_later(self._interval_s, self.flush)
+
+    def flush(self) -> None:
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
+        items, self._items = self._items, []
+        if items:
+            self._send(items)
 
 
 def _retrieve(sent: asyncio.Future[Any]) -> None:
