@@ -454,7 +454,11 @@ def plot(path: Path, bars: list[tuple[str, float]], title: str) -> bool:
 
 
 def ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    """Comma-separated client counts; empty skips the shape, a count below 1 is refused."""
+    values = [int(x) for x in text.split(",") if x.strip()]
+    if any(v < 1 for v in values):
+        raise SystemExit(f"client counts must be at least 1 (an empty list skips the shape), got {text!r}")
+    return values
 
 
 def floats(text: str) -> list[float]:
@@ -665,6 +669,8 @@ def main() -> None:
                             f"client {point.client_cpu_cores:.2f} cores"
                         )
                     for shape in ("batch", "single"):
+                        if shape not in peaks:  # no closed phase of this shape: no rate to scale
+                            continue
                         rows = shapes[shape][0]
                         for level in floats(args.open_levels):
                             rate = max(0.1, level * peaks[shape])
@@ -691,6 +697,8 @@ def main() -> None:
             closed = [
                 p for p in points if p.shape == shape and p.mode == "closed" and p.frontends == frontends
             ]
+            if not closed:  # the shape was skipped (an empty --closed-* list)
+                continue
             best = max(closed, key=lambda p: p.rows_per_s)
             ratios[f"{where}{shape}_http_over_raw"] = best.rows_per_s / raw_rate
             ratios[f"{where}{shape}_http_over_adjacent_raw"] = best.rows_per_s / best.raw_adjacent
@@ -761,16 +769,20 @@ def main() -> None:
     )
     first = ints(args.frontends)[0]
     where = "" if first == 1 else f"frontends_{first}_"
+
+    def ratio(key: str) -> float:
+        return ratios.get(key, math.nan)  # nan: that shape was not measured
+
     md = (
         f"## HTTP end to end ({backbone.spec.model_type}, {args.device}/{args.dtype})\n\n{setup}\n\n"
         f"Raw backbone forward (no prompts, server idle), median of {len(raw_b32)}: "
         f"batch {args.raw_batch} **{raw_rate:.1f} rows/s**, batch 1 {raw_one:.1f} rows/s.\n\n{table}\n\n"
         f"Best closed loop ÷ raw batch {args.raw_batch} (median of the run; in brackets ÷ the raw "
         f"rate timed just before and after that phase): {args.batch_texts}-text requests "
-        f"**{ratios[where + 'batch_http_over_raw']:.2f}** "
-        f"({ratios[where + 'batch_http_over_adjacent_raw']:.2f}; "
-        f"target ≥ 0.90), single-text **{ratios[where + 'single_http_over_raw']:.2f}** "
-        f'({ratios[where + "single_http_over_adjacent_raw"]:.2f}; target ≥ 0.75). "errors" counts non-200 '
+        f"**{ratio(where + 'batch_http_over_raw'):.2f}** "
+        f"({ratio(where + 'batch_http_over_adjacent_raw'):.2f}; "
+        f"target ≥ 0.90), single-text **{ratio(where + 'single_http_over_raw'):.2f}** "
+        f'({ratio(where + "single_http_over_adjacent_raw"):.2f}; target ≥ 0.75). "errors" counts non-200 '
         "answers, unanswered requests and open-loop arrivals dropped at the in-flight cap. CPU columns: "
         f"CPU seconds ÷ wall seconds of each process over the phase ({os.cpu_count()} cores here). "
         '"noisy": the raw rates timed just before and after the phase differ by more than 1.5×.\n'
@@ -779,8 +791,8 @@ def main() -> None:
         summary = [
             [
                 n,
-                ratios[("" if n == 1 else f"frontends_{n}_") + "single_http_over_raw"],
-                ratios[("" if n == 1 else f"frontends_{n}_") + "batch_http_over_raw"],
+                ratio(("" if n == 1 else f"frontends_{n}_") + "single_http_over_raw"),
+                ratio(("" if n == 1 else f"frontends_{n}_") + "batch_http_over_raw"),
             ]
             for n in ints(args.frontends)
         ]

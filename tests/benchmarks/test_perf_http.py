@@ -1,10 +1,12 @@
-"""benchmarks/perf_http.py: one phase's load shared by several load-generator processes."""
+"""benchmarks/perf_http.py: one phase's load shared by several load-generator processes; its lists."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.perf_http import merge_outcomes, split_job
+import pytest
+
+from benchmarks.perf_http import ints, merge_outcomes, split_job
 
 
 def _job(mode: str, concurrency: int = 1, rate: float = 0.0) -> dict[str, Any]:
@@ -51,3 +53,10 @@ def test_outcomes_add_up_and_latencies_pool() -> None:
     assert sorted(merged["latencies_s"]) == [0.1, 0.2, 0.3]
     assert merged["window_s"] == 5.0
     assert merged["client_cpu_s"] == 1.0
+
+
+def test_an_empty_client_list_skips_a_shape_and_zero_clients_are_refused() -> None:
+    assert ints("") == []
+    assert ints("16, 64,") == [16, 64]
+    with pytest.raises(SystemExit, match="at least 1"):
+        ints("0")
