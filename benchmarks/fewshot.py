@@ -9,7 +9,8 @@ rows per label from dev for early stopping (seeded), and test accuracy on up to 
   the default before "auto"; ``probe`` is the linear probe on the mean of the frozen backbone's tokens);
 - ``pairs``: P-tuning v2 with objective "pairs" (prompts/pairs.py: SetFit's sentence pairs train the
   prefix, then a prototype head), what "auto" trains below 100 rows per label; ``pairs_lr`` the same
-  with SetFit's logistic-regression head;
+  with SetFit's logistic-regression head, ``pairs_p16`` with 16 prefix positions, ``pairs_inbatch``
+  with the loss over every pair of a step's rows (``pair_loss="in-batch"``);
 - ``setfit``: SetFit with its defaults (contrastive fine-tuning of the whole sentence-transformer body,
   then logistic regression) on the same model directory. It trains the backbone, so each task would be
   a copy of the model. Installed by the benchmark's extra: ``pip install -e '.[fewshot]'``; without it
@@ -61,6 +62,7 @@ METHODS: dict[str, str | None] = {
     "pairs": "p-tuning-v2",  # objective "pairs" (PAIRS below)
     "pairs_lr": "p-tuning-v2",
     "pairs_p16": "p-tuning-v2",
+    "pairs_inbatch": "p-tuning-v2",
     "ptuning": "p-tuning",
     "prompt": "prompt-tuning",
     "probe": "linear-probe",
@@ -73,6 +75,7 @@ LABELS = {
     "pairs": "P-tuning v2 on pairs",
     "pairs_lr": "pairs, logistic head",
     "pairs_p16": "pairs, prefix 16 (session 9)",
+    "pairs_inbatch": "pairs, in-batch loss",
     "ptuning": "P-tuning",
     "prompt": "prompt tuning",
     "probe": "linear probe",
@@ -81,11 +84,13 @@ LABELS = {
 }
 NOT_INSTALLED = "not installed"
 # Benchmark methods trained with the pairs objective (prompts/pairs.py): prefix on SetFit's pairs, then
-# the head fitted on the prefixed vectors (its pair_head), and the prefix length (None: the trainer's).
-PAIRS: dict[str, tuple[str, int | None]] = {
-    "pairs": ("prototype", None),
-    "pairs_lr": ("logistic", None),
-    "pairs_p16": ("prototype", 16),  # the default before PAIRS_PREFIX_LENGTH became 32
+# the head fitted on the prefixed vectors (its pair_head), the prefix length (None: the trainer's) and
+# the pair_loss.
+PAIRS: dict[str, tuple[str, int | None, str]] = {
+    "pairs": ("prototype", None, "sampled"),
+    "pairs_lr": ("logistic", None, "sampled"),
+    "pairs_p16": ("prototype", 16, "sampled"),  # the default before PAIRS_PREFIX_LENGTH became 32
+    "pairs_inbatch": ("prototype", None, "in-batch"),
 }
 
 
@@ -155,16 +160,21 @@ def run_ptserve(
     data: TaskData,
     method: str,
     seed: int,
-    pairs: tuple[str, int | None] | None = None,
+    pairs: tuple[str, int | None, str] | None = None,
 ) -> dict[str, Any]:
-    """``pairs`` set: objective "pairs" with that (head, prefix length)."""
+    """``pairs`` set: objective "pairs" with that (head, prefix length, pair loss)."""
     from prompts.trainer import TrainConfig, train_task
 
     config = TrainConfig(method=method, seed=seed)
     if pairs is not None:
-        pair_head, length = pairs
+        pair_head, length, loss = pairs
         config = TrainConfig(
-            method=method, seed=seed, objective="pairs", pair_head=pair_head, prefix_length=length
+            method=method,
+            seed=seed,
+            objective="pairs",
+            pair_head=pair_head,
+            prefix_length=length,
+            pair_loss=loss,
         )
     result = train_task(backbone, "fewshot", data, config)
     assert result.test is not None

@@ -33,6 +33,7 @@ __all__ = [
     "encoder_prompt",
     "fit_logistic_head",
     "fit_prototype_head",
+    "in_batch_loss",
     "sentence_pairs",
     "train_on_pairs",
 ]
@@ -89,15 +90,21 @@ def train_on_pairs(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batch_size: int,
+    labels: Sequence[int] | None = None,
     max_seconds: float | None = None,
     on_step: Callable[[float], None] | None = None,
 ) -> tuple[list[float], bool]:
-    """Train ``parameters`` (the prefix) so that the cosine similarity of each pair's pooled vectors
-    approaches 1 for same-label pairs and 0 otherwise (mean squared error, SetFit's default loss).
+    """Train ``parameters`` (the prefix) so that the cosine similarity of pooled vectors approaches 1
+    for same-label pairs and 0 otherwise (mean squared error, SetFit's default loss).
 
     One pass over ``pairs`` in batches of ``batch_size`` pairs, with the caller's optimizer and
     schedule (stepped once per batch); each distinct row of a batch is run once; gradients clipped at
-    1.0. Returns the per-step losses and whether ``max_seconds`` cut the pass short.
+    1.0. Without ``labels`` (the train rows' label ids) the loss is SetFit's, over the sampled pairs
+    only. With them it is over every pair of distinct rows the step ran ("in-batch"): the sampled
+    pairs choose the rows, and the mean error over same-label pairs and the mean over different-label
+    pairs count equally (balanced as SetFit's sampling is). The same forward pass gives about R^2 / 2
+    pairs instead of R / 2 for R rows. Returns the per-step losses and whether ``max_seconds`` cut the
+    pass short.
     """
     steps = math.ceil(len(pairs) / batch_size)
     started = time.perf_counter()
@@ -110,10 +117,13 @@ def train_on_pairs(
         pooled = prompted_forward(
             backbone, [train_ids[i] for i in rows], [encoder] * len(rows)
         )  # [R, hidden]
-        left = pooled[torch.tensor([where[p.left] for p in chunk], device=pooled.device)]  # [B, hidden]
-        right = pooled[torch.tensor([where[p.right] for p in chunk], device=pooled.device)]  # [B, hidden]
-        target = torch.tensor([float(p.same) for p in chunk], device=pooled.device)  # [B]
-        loss = F.mse_loss(F.cosine_similarity(left, right, dim=-1), target)
+        if labels is None:
+            left = pooled[torch.tensor([where[p.left] for p in chunk], device=pooled.device)]  # [B, hidden]
+            right = pooled[torch.tensor([where[p.right] for p in chunk], device=pooled.device)]  # [B, hidden]
+            target = torch.tensor([float(p.same) for p in chunk], device=pooled.device)  # [B]
+            loss = F.mse_loss(F.cosine_similarity(left, right, dim=-1), target)
+        else:
+            loss = in_batch_loss(pooled, [labels[i] for i in rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(list(parameters), 1.0)
@@ -125,6 +135,22 @@ def train_on_pairs(
         if max_seconds is not None and time.perf_counter() - started > max_seconds:
             return losses, True
     return losses, False
+
+
+def in_batch_loss(pooled: torch.Tensor, labels: Sequence[int]) -> torch.Tensor:
+    """SetFit's loss over every pair of distinct rows of ``pooled`` ``[R, hidden]``: squared error of
+    the cosine similarity against 1 (same label) or 0, the mean over same-label pairs and the mean over
+    different-label pairs averaged (either alone where the other kind is absent)."""
+    unit = F.normalize(pooled, dim=-1)
+    cosines = unit @ unit.T  # [R, R]
+    y = torch.tensor(list(labels), device=pooled.device)
+    same = y[:, None] == y[None, :]  # [R, R]
+    distinct = ~torch.eye(len(labels), dtype=torch.bool, device=pooled.device)
+    errors = (cosines - same.float()) ** 2  # [R, R]
+    kinds = [errors[mask] for mask in (same & distinct, ~same) if bool(mask.any())]
+    if not kinds:  # one row: nothing to compare, no gradient to give
+        return cosines.sum() * 0.0
+    return torch.stack([kind.mean() for kind in kinds]).mean()
 
 
 def fit_logistic_head(

@@ -115,6 +115,11 @@ PREFIX_LENGTH = 16
 # 0.383 / 0.356 (better on 10 of 15 seeds).
 PAIRS_PREFIX_LENGTH = 32
 PAIR_BUDGET = 2560
+# Objective "pairs": the loss over SetFit's sampled pairs only ("sampled"), or over every pair of a
+# step's rows ("in-batch", the same forward passes). In-batch helped emotion in all seven cells
+# measured (K=8, 16, 32: +0.017 to +0.052) and hurt SST-2 (K=8 three seeds -0.025 to -0.051) and
+# TREC (-0.048 to 0.000 in seven cells): not the default (README "Few-shot data", step 2).
+PAIR_LOSS = "sampled"
 # Objective "pairs" followed by cross-entropy: after the pass, up to REFINE_EPOCHS epochs of objective
 # "labels" (the pairs' lr, P-tuning v2's head lr, REFINE_PATIENCE) start from the pairs' prefix and prototype
 # head, the best epoch kept on dev. Method "auto" plans it from REFINE_FROM_ROWS_PER_LABEL train rows
@@ -185,6 +190,10 @@ class TrainConfig:
     # objective "pairs": the head fitted on the prefixed vectors. "prototype": each label's mean
     # direction (cosine), "logistic": logistic regression as SetFit's (prompts/pairs.py).
     pair_head: str = "prototype"
+    # objective "pairs": which pairs of a step's rows the loss reads. "sampled": SetFit's sampled pairs
+    # only; "in-batch": every pair of distinct rows (same-label and different-label pairs weighted
+    # equally). PAIR_LOSS records the measurement that chose the default.
+    pair_loss: str = PAIR_LOSS
     # objective "pairs": then at most this many epochs of cross-entropy from the pairs' prefix and head
     # (REFINE_EPOCHS; 0: the pass alone). Method "auto" sets it from REFINE_FROM_ROWS_PER_LABEL up.
     refine_epochs: int = 0
@@ -240,6 +249,8 @@ class TrainConfig:
             )
         if self.pair_head not in ("prototype", "logistic"):
             raise ValueError(f"pair_head must be 'prototype' or 'logistic', got {self.pair_head!r}")
+        if self.pair_loss not in ("in-batch", "sampled"):
+            raise ValueError(f"pair_loss must be 'in-batch' or 'sampled', got {self.pair_loss!r}")
         if self.refine_epochs < 0:
             raise ValueError(f"refine_epochs must be >= 0, got {self.refine_epochs}")
         if self.refine_epochs and not pairs:
@@ -308,6 +319,7 @@ class TrainConfig:
                 "objective",
                 "pair_iterations",
                 "pair_head",
+                "pair_loss",
             }
             if self.refine_epochs:
                 keep.add("refine_epochs")
@@ -1054,6 +1066,7 @@ def _fit_pairs(
             optimizer=optimizer,
             scheduler=scheduler,
             batch_size=per_step,
+            labels=rows.y_train if cfg.pair_loss == "in-batch" else None,
             max_seconds=cfg.max_seconds,
             on_step=progress.step,
         )

@@ -13,7 +13,13 @@ from torch.nn import functional as F
 
 from prompts.backbone import Backbone, load_backbone
 from prompts.forward import TaskPrompt
-from prompts.pairs import encoder_prompt, fit_logistic_head, fit_prototype_head, sentence_pairs
+from prompts.pairs import (
+    encoder_prompt,
+    fit_logistic_head,
+    fit_prototype_head,
+    in_batch_loss,
+    sentence_pairs,
+)
 from prompts.trainer import (
     PAIR_BUDGET,
     PAIR_ITERATIONS,
@@ -177,11 +183,49 @@ def test_pairs_move_the_prefix_from_its_start(learnable: Backbone) -> None:
         ({"epochs": 3}, "no epochs, patience or head learning rate"),
         ({"head_lr": 0.1}, "no epochs, patience or head learning rate"),
         ({"pair_head": "svm"}, "pair_head must be"),
+        ({"pair_loss": "triplet"}, "pair_loss must be"),
     ],
 )
 def test_pairs_config_refusals(changes: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(PAIRS, **changes).resolved()  # type: ignore[arg-type]
+
+
+def test_the_in_batch_loss_reads_every_pair_and_weighs_both_kinds_equally() -> None:
+    pooled = torch.tensor([[1.0, 0.0], [3.0, 4.0], [0.0, 2.0], [1.0, 1.0]])  # [R=4, hidden=2]
+    labels = [0, 0, 1, 0]
+    unit = F.normalize(pooled, dim=-1)
+    cos = unit @ unit.T
+    same = [(0, 1), (0, 3), (1, 3)]  # each unordered pair once: the matrix counts both orders alike
+    different = [(0, 2), (1, 2), (2, 3)]
+    expected = (
+        sum((cos[i, j] - 1) ** 2 for i, j in same) / len(same) + sum(cos[i, j] ** 2 for i, j in different) / 3
+    ) / 2
+    torch.testing.assert_close(in_batch_loss(pooled, labels), expected)
+    # Two labels, each row on its label's own axis: nothing left to learn.
+    aligned = torch.tensor([[2.0, 0.0], [0.5, 0.0], [0.0, 3.0]])
+    assert float(in_batch_loss(aligned, [0, 0, 1])) == pytest.approx(0.0, abs=1e-7)
+    # One kind only: its mean alone (no zero for the missing kind pulling it down).
+    torch.testing.assert_close(in_batch_loss(pooled[:2], [0, 1]), cos[0, 1] ** 2)
+    lone = torch.ones(1, 2, requires_grad=True)
+    loss = in_batch_loss(lone, [0])
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and lone.grad is not None and float(lone.grad.abs().sum()) == 0.0
+
+
+def test_the_pair_loss_is_recorded_and_changes_what_is_trained(learnable: Backbone) -> None:
+    data = make_task_data(train=24, dev=12, test=12)
+    sampled = train_task(learnable, "pairs", data, dataclasses.replace(PAIRS, pair_iterations=4))
+    in_batch = train_task(
+        learnable, "pairs", data, dataclasses.replace(PAIRS, pair_iterations=4, pair_loss="in-batch")
+    )
+    assert TrainConfig().pair_loss == "sampled"
+    for result, loss in ((in_batch, "in-batch"), (sampled, "sampled")):
+        assert (result.artifact.manifest.training or {})["hyperparameters"]["pair_loss"] == loss
+        assert result.test is not None and result.test.accuracy >= 0.8
+    # Same seed, same pairs and rows per step: only the loss differs, and so do the prefixes.
+    a, b = in_batch.artifact.tensors["prefix"], sampled.artifact.tensors["prefix"]
+    assert float((a - b).abs().max()) > 1e-4
 
 
 def test_encoder_prompt_returns_the_pooled_vectors(learnable: Backbone) -> None:
