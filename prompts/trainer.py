@@ -117,8 +117,9 @@ PAIRS_PREFIX_LENGTH = 32
 PAIR_BUDGET = 2560
 # Objective "pairs": the loss over SetFit's sampled pairs only ("sampled"), or over every pair of a
 # step's rows ("in-batch", the same forward passes). In-batch helped emotion in all seven cells
-# measured (K=8, 16, 32: +0.017 to +0.052) and hurt SST-2 (K=8 three seeds -0.025 to -0.051) and
-# TREC (-0.048 to 0.000 in seven cells): not the default (README "Few-shot data", step 2).
+# measured (K=8, 16, 32: +0.017 to +0.052) and hurt SST-2 (K=8 three seeds -0.025 to -0.051), TREC
+# (-0.048 to 0.000 in seven cells) and AG News (K=16 seed 0: -0.024): not the default (README
+# "Few-shot data", step 2).
 PAIR_LOSS = "sampled"
 # Objective "pairs" followed by cross-entropy: after the pass, up to REFINE_EPOCHS epochs of objective
 # "labels" (the pairs' lr, P-tuning v2's head lr, REFINE_PATIENCE) start from the pairs' prefix and prototype
