@@ -56,6 +56,7 @@ from benchmarks.common import (
 )
 from prompts.artifact import build_artifact, max_text_tokens
 from prompts.backbone import DTYPES, Backbone, load_backbone
+from service.batcher import FORWARD_THREAD
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -261,15 +262,58 @@ def tree_cpu_s(pids: list[int]) -> dict[int, float]:
     return {pid: process_cpu_s(pid) for pid in pids}
 
 
-def per_process_md(per_process: dict[str, float]) -> str:
-    """The engine's cores, then the front ends' (largest first), then the rest of the tree's."""
+def thread_role(pid: int, tid: int, name: str) -> str:
+    """What one thread of the engine process is: its main thread runs the event loop (uvicorn), the
+    batcher names its forward threads (service.batcher.FORWARD_THREAD), libzmq its I/O threads
+    (``ZMQbg/...``); the rest (torch's intra-op pool, the watcher) carry the process's name."""
+    if tid == pid:
+        return "loop"
+    if name == FORWARD_THREAD[:15]:
+        return "forward"
+    if name.startswith("ZMQbg"):
+        return "zmq"
+    return "other"
+
+
+def threads_cpu_s(pid: int) -> dict[str, float]:
+    """User + system CPU seconds of ``pid``'s live threads, summed by :func:`thread_role` (Linux)."""
+    roles: dict[str, float] = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return roles
+    for task in tasks:
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            name = (task / "comm").read_text().strip()
+        except (OSError, IndexError):
+            continue  # the thread ended meanwhile
+        role = thread_role(pid, int(task.name), name)
+        roles[role] = roles.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return roles
+
+
+def engine_pid(pids: list[int]) -> int:
+    """The process that runs the batcher: ``ptserve-engine`` with front ends, else the server itself."""
+    return next((pid for pid in pids if process_name(pid) == "ptserve-engine"), pids[0])
+
+
+def threads_md(threads: dict[str, float]) -> str:
+    order = ["loop", "forward", "zmq", "other"]
+    return ", ".join(f"{role} {threads[role]:.2f}" for role in order if role in threads)
+
+
+def per_process_md(per_process: dict[str, float], threads: dict[str, float] | None = None) -> str:
+    """The engine's cores (and its threads' in brackets), then the front ends' (largest first), then
+    the rest of the tree's."""
     engine = [c for name, c in per_process.items() if name.startswith("ptserve-engine")]
     frontends = sorted((c for name, c in per_process.items() if name.startswith("ptserve-fe-")), reverse=True)
     rest = sum(c for name, c in per_process.items() if not name.startswith(("ptserve-engine", "ptserve-fe-")))
+    inside = f" ({threads_md(threads)})" if threads else ""
     if not engine:  # one process: it is the engine and the front end
-        return f"{rest:.2f}"
+        return f"{rest:.2f}{inside}"
     return (
-        f"engine {engine[0]:.2f}; front ends "
+        f"engine {engine[0]:.2f}{inside}; front ends "
         + " + ".join(f"{c:.2f}" for c in frontends)
         + f"; rest {rest:.2f}"
     )
@@ -358,6 +402,7 @@ class Point:
     raw_spread: float = math.nan  # the larger of those two raw rates ÷ the smaller: > 1.5 means noise
     frontends: int = 1  # serve --frontends of the server measured
     server_cpu_per_process: dict[str, float] | None = None  # cores per process of the server's tree
+    engine_threads: dict[str, float] | None = None  # cores per thread role of the engine process
 
     @property
     def label(self) -> str:
@@ -613,9 +658,11 @@ def main() -> None:
 
                     def phase(shape: str, spec: dict[str, Any], rows: int) -> Point:
                         pids = process_tree(server.process.pid)
-                        cpu0, t0 = tree_cpu_s(pids), time.perf_counter()
+                        engine = engine_pid(pids)
+                        cpu0, threads0, t0 = tree_cpu_s(pids), threads_cpu_s(engine), time.perf_counter()
                         outcome = run_loadgen(spec, workdir, args.client_threads, args.loadgens)
-                        cpu1, wall = tree_cpu_s(pids), time.perf_counter() - t0
+                        cpu1, threads1 = tree_cpu_s(pids), threads_cpu_s(engine)
+                        wall = time.perf_counter() - t0
                         per_process = {
                             f"{process_name(pid)} {pid}": (cpu1[pid] - cpu0[pid]) / wall
                             for pid in pids
@@ -625,6 +672,11 @@ def main() -> None:
                         point = to_point(shape, outcome, rows, cpu_s, wall)
                         point.frontends = frontends  # noqa: B023 (called in this iteration only)
                         point.server_cpu_per_process = per_process
+                        # A role whose threads ended during the phase could read below 0: floored.
+                        point.engine_threads = {
+                            role: max(0.0, (threads1.get(role, 0.0) - threads0.get(role, 0.0)) / wall)
+                            for role in threads1
+                        }
                         return point
 
                     def measure_raw() -> None:
@@ -733,7 +785,7 @@ def main() -> None:
             if math.isnan(p.raw_adjacent)
             else f"{p.rows_per_s / p.raw_adjacent:.3f}" + (" noisy" if p.raw_spread > 1.5 else ""),
             round(p.server_cpu_cores, 2),
-            per_process_md(p.server_cpu_per_process or {}),
+            per_process_md(p.server_cpu_per_process or {}, p.engine_threads),
             round(p.client_cpu_cores, 2),
             sum(p.errors.values()) + p.unfinished + p.dropped,
         ]
@@ -784,7 +836,9 @@ def main() -> None:
         f"target ≥ 0.90), single-text **{ratio(where + 'single_http_over_raw'):.2f}** "
         f'({ratio(where + "single_http_over_adjacent_raw"):.2f}; target ≥ 0.75). "errors" counts non-200 '
         "answers, unanswered requests and open-loop arrivals dropped at the in-flight cap. CPU columns: "
-        f"CPU seconds ÷ wall seconds of each process over the phase ({os.cpu_count()} cores here). "
+        f"CPU seconds ÷ wall seconds of each process over the phase ({os.cpu_count()} cores here); in "
+        "brackets the engine process's threads: its event loop, its forward threads, ZeroMQ's I/O "
+        "threads and the rest (torch's intra-op pool among them). "
         '"noisy": the raw rates timed just before and after the phase differ by more than 1.5×.\n'
     )
     if len(ints(args.frontends)) > 1:

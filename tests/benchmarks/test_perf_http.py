@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from benchmarks.perf_http import ints, merge_outcomes, split_job
+from benchmarks.perf_http import (
+    ints,
+    merge_outcomes,
+    per_process_md,
+    split_job,
+    thread_role,
+    threads_cpu_s,
+)
+from service.batcher import FORWARD_THREAD, name_os_thread
 
 
 def _job(mode: str, concurrency: int = 1, rate: float = 0.0) -> dict[str, Any]:
@@ -60,3 +72,43 @@ def test_an_empty_client_list_skips_a_shape_and_zero_clients_are_refused() -> No
     assert ints("16, 64,") == [16, 64]
     with pytest.raises(SystemExit, match="at least 1"):
         ints("0")
+
+
+def test_the_engine_threads_are_told_apart_by_their_names() -> None:
+    assert thread_role(100, 100, "ptserve-engine") == "loop"
+    assert thread_role(100, 101, "ptserve-forward") == "forward"
+    assert thread_role(100, 102, "ZMQbg/IO/0") == "zmq"
+    assert thread_role(100, 103, "ptserve-engine") == "other"  # inherited the process's name
+    md = per_process_md(
+        {"ptserve-engine 7": 1.1, "ptserve-fe-0 8": 0.5, "ptserve-fe-1 9": 0.6, "python 6": 0.0},
+        {"other": 0.05, "forward": 0.4, "loop": 0.6},
+    )
+    assert md == "engine 1.10 (loop 0.60, forward 0.40, other 0.05); front ends 0.60 + 0.50; rest 0.00"
+    one_process = per_process_md({"python 6": 0.9}, {"loop": 0.5, "forward": 0.4})
+    assert one_process == "0.90 (loop 0.50, forward 0.40)"
+
+
+def test_a_forward_thread_carries_its_name_into_proc_and_its_cpu_is_counted_there() -> None:
+    started = threading.Event()
+    finish = threading.Event()
+
+    def forward() -> None:
+        name_os_thread()
+        # 50 ms of this thread's CPU, which must land on the "forward" role, then idle until released.
+        deadline = time.thread_time() + 0.05
+        while time.thread_time() < deadline:
+            pass
+        started.set()
+        finish.wait()
+
+    thread = threading.Thread(target=forward, name=f"{FORWARD_THREAD}_0")
+    thread.start()
+    started.wait()
+    try:
+        comm = Path(f"/proc/self/task/{thread.native_id}/comm").read_text().strip()
+        assert comm == FORWARD_THREAD
+        roles = threads_cpu_s(os.getpid())
+        assert roles["forward"] >= 0.03 and "loop" in roles  # 50 ms of its CPU, in 10 ms ticks
+    finally:
+        finish.set()
+        thread.join()

@@ -12,12 +12,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from prompts.errors import PtserveError
-from service.batcher import BatcherClosedError, BatchStats, DynamicBatcher, QueueFullError
+from service.batcher import FORWARD_THREAD, BatcherClosedError, BatchStats, DynamicBatcher, QueueFullError
 
 LONG_WAIT_MS = 60_000.0  # so no batch in these tests closes by time unless the test wants it to
 
@@ -516,3 +517,22 @@ async def test_cancelled_collector_fails_running_and_queued_batches(make: Factor
         with pytest.raises(BatcherClosedError):
             await task
     assert h.batcher.batches_running == 0
+
+
+async def test_its_own_forward_threads_carry_their_name_into_proc() -> None:
+    """top -H and perf_http tell the forward thread's CPU from the event loop's by this name."""
+    names: list[str] = []
+
+    def run_batch(items: list[Item]) -> list[str]:
+        names.append(Path("/proc/thread-self/comm").read_text().strip())
+        return [i.name for i in items]
+
+    batcher: DynamicBatcher[Item, str] = DynamicBatcher(
+        run_batch, max_batch_size=1, max_batch_tokens=10, max_wait_ms=0, cost=lambda i: i.cost
+    )
+    batcher.start()
+    try:
+        assert await batcher.submit(Item("a")) == "a"
+    finally:
+        await batcher.stop()
+    assert names == [FORWARD_THREAD] and Path("/proc/thread-self/comm").read_text().strip() != FORWARD_THREAD
