@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -291,6 +292,72 @@ def threads_cpu_s(pid: int) -> dict[str, float]:
         role = thread_role(pid, int(task.name), name)
         roles[role] = roles.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return roles
+
+
+def start_profile(
+    pid: int, seconds: float, stem: Path, native: bool
+) -> tuple[subprocess.Popen[bytes], Path] | None:
+    """py-spy sampling ``pid`` for ``seconds`` into ``stem``.txt (raw stacks, one line per distinct
+    stack with its count), without pausing it; None (and a message) where py-spy is missing."""
+    exe = shutil.which("py-spy")
+    if exe is None:
+        print("  py-spy not on PATH: no engine profile")
+        return None
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    raw = stem.with_suffix(".txt")
+    command = [exe, "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", "200"]
+    command += ["--format", "raw", "-o", str(raw), "--threads"]
+    # Native unwinding needs the process paused per sample (py-spy refuses it with --nonblocking).
+    command.append("--native" if native else "--nonblocking")
+    with stem.with_suffix(".log").open("wb") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), raw
+
+
+def finish_profile(process: subprocess.Popen[bytes], raw: Path) -> None:
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if raw.is_file():
+        top = top_frames(raw.read_text())
+        raw.with_suffix(".top.md").write_text(top)
+        print(f"  engine profile: {raw}\n{top}")
+    else:
+        print(f"  engine profile: py-spy wrote nothing (see {raw.with_suffix('.log')})")
+
+
+def top_frames(raw: str, limit: int = 25) -> str:
+    """py-spy's raw format (``frame;frame;... count`` per line) as a markdown table: per thread, the
+    share of its samples in which each function ran (inclusive) and was the innermost frame (self)."""
+    inclusive: dict[str, dict[str, int]] = {}
+    innermost: dict[str, dict[str, int]] = {}
+    totals: dict[str, int] = {}
+    for line in raw.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        thread = frames[0] if frames[0].startswith(("thread ", "process ")) else "all"
+        functions = [f.split(" (")[0] for f in frames if f != thread]
+        totals[thread] = totals.get(thread, 0) + count
+        seen = inclusive.setdefault(thread, {})
+        for name in set(functions):
+            seen[name] = seen.get(name, 0) + count
+        if functions:
+            own = innermost.setdefault(thread, {})
+            own[functions[-1]] = own.get(functions[-1], 0) + count
+    parts = []
+    for thread, total in sorted(totals.items(), key=lambda t: -t[1]):
+        rows = sorted(inclusive[thread].items(), key=lambda t: -t[1])[:limit]
+        own = innermost.get(thread, {})
+        table = markdown_table(
+            ["function", "inclusive", "self"],
+            [[name, f"{n / total:.1%}", f"{own.get(name, 0) / total:.1%}"] for name, n in rows],
+        )
+        parts.append(f"### {thread}: {total} samples\n\n{table}\n")
+    return "\n".join(parts)
 
 
 def engine_pid(pids: list[int]) -> int:
@@ -579,6 +646,18 @@ def main() -> None:
     parser.add_argument("--raw-batch", type=int, default=32)
     parser.add_argument("--raw-seconds", type=float, default=2.0, help="per raw measurement")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--profile-seconds",
+        type=float,
+        default=0.0,
+        help="py-spy (if on PATH) samples the engine process for this long in each closed single-text "
+        "phase: raw stacks and the top frames per phase under --out (0: off)",
+    )
+    parser.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="py-spy --native: C frames too, but it pauses the engine per sample (that phase's figures drop)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/http"))
     parser.add_argument(
         "--server-root",
@@ -659,10 +738,16 @@ def main() -> None:
                     def phase(shape: str, spec: dict[str, Any], rows: int) -> Point:
                         pids = process_tree(server.process.pid)
                         engine = engine_pid(pids)
+                        profile = None
+                        if args.profile_seconds > 0 and shape == "single" and spec["mode"] == "closed":
+                            stem = args.out / f"engine_profile_fe{frontends}_c{spec['concurrency']}"  # noqa: B023
+                            profile = start_profile(engine, args.profile_seconds, stem, args.profile_native)
                         cpu0, threads0, t0 = tree_cpu_s(pids), threads_cpu_s(engine), time.perf_counter()
                         outcome = run_loadgen(spec, workdir, args.client_threads, args.loadgens)
                         cpu1, threads1 = tree_cpu_s(pids), threads_cpu_s(engine)
                         wall = time.perf_counter() - t0
+                        if profile is not None:
+                            finish_profile(*profile)
                         per_process = {
                             f"{process_name(pid)} {pid}": (cpu1[pid] - cpu0[pid]) / wall
                             for pid in pids

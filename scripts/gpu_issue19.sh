@@ -5,7 +5,8 @@
 # weights (speed does not depend on their values), runs the CUDA-graph tests (tests/prompts/test_graphs.py,
 # skipped without a GPU), then benchmarks/perf_http.py on cuda in float16 (as benchmarks/RESULTS.md's H100
 # run) with 1, 2, 4 and 8 front-end processes and 4 load-generator processes: single-text and 32-text
-# throughput against the raw forward pass, p50/p99, CPU per process.
+# throughput against the raw forward pass, p50/p99, CPU per process and per engine thread, and a py-spy
+# sample of the engine process in each closed single-text phase (PROFILE_SECONDS, 0: none).
 # Everything lands in $OUT (the device tool brings it back). DEVICE=cpu DURATION=2 FRONTENDS=1 SKIP_INSTALL=1
 # PYTHON=.venv/bin/python checks the script itself on a machine without a GPU (about 2 minutes).
 set -u -o pipefail
@@ -23,7 +24,7 @@ if [ -z "${SKIP_INSTALL:-}" ]; then  # SKIP_INSTALL=1: a local check in an envir
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     .gpu/whl/*.whl || exit 1
 fi
-export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1
+export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1 PATH="$SITE/bin:$PATH"
 "$PYTHON" - <<'PY' || exit 1
 import shutil
 from pathlib import Path
@@ -49,5 +50,5 @@ fi
 "$PYTHON" -m benchmarks.perf_http --device "$DEVICE" --dtype "$DTYPE" --model /tmp/minilm-random \
   --data-root .gpu/data --frontends "$FRONTENDS" --loadgens "$LOADGENS" --max-batch-size 64 \
   --duration "$DURATION" --warmup 2 --drain 5 --raw-seconds 2 \
-  --closed-single 128 --closed-batch 4 --open-levels "$OPEN" \
+  --closed-single 128 --closed-batch 4 --open-levels "$OPEN" --profile-seconds "${PROFILE_SECONDS:-4}" \
   --out "$OUT/perf_http" 2>&1 | tee "$OUT/perf_http.log"

@@ -3,7 +3,8 @@
 # into .gpu/ (ignored by git; it travels with `carry: [".gpu"]`, under the 64 MiB limit):
 #   .gpu/whl/      ptserve's serving dependencies missing from the device image, as CPython 3.12 wheels
 #                  at the lock's versions (the image has torch, tokenizers, safetensors, numpy, httpx,
-#                  prometheus-client, uvloop);
+#                  prometheus-client, uvloop), and py-spy (a static binary, not a dependency of ptserve:
+#                  perf_http --profile-seconds samples the engine process with it);
 #   .gpu/minilm/   the packaged MiniLM's config and tokenizer (its 87 MiB of weights would not travel:
 #                  scripts/gpu_issue19.sh gives the same shape random weights there, which run as fast);
 #   .gpu/data/     1,000 SST-2 test texts for the load generator (a transient copy, never committed).
@@ -22,6 +23,9 @@ for name in $names; do
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .gpu/whl "${name}==${version}"
 done
+# py-spy is not in the lock (a profiler for this script only), so its version is pinned here.
+python3 -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_5_x86_64 \
+  --platform manylinux1_x86_64 -d .gpu/whl "py-spy==${PY_SPY_VERSION:-0.4.3}"
 model=$(.venv/bin/python -c "from prompts.backbone import default_model_path; print(default_model_path())")
 for f in "$model"/*; do
   case "$(basename "$f")" in *.safetensors|*.bin|*.onnx|*.h5|*.msgpack) ;; *) [ -f "$f" ] && cp "$f" .gpu/minilm/ ;; esac

@@ -17,6 +17,7 @@ from benchmarks.perf_http import (
     split_job,
     thread_role,
     threads_cpu_s,
+    top_frames,
 )
 from service.batcher import FORWARD_THREAD, name_os_thread
 
@@ -112,3 +113,20 @@ def test_a_forward_thread_carries_its_name_into_proc_and_its_cpu_is_counted_ther
     finally:
         finish.set()
         thread.join()
+
+
+def test_a_py_spy_profile_is_summed_per_thread_inclusive_and_innermost() -> None:
+    raw = "\n".join(
+        [
+            "thread (11): MainThread;main (a.py:1);loop (a.py:5);send (z.py:9) 6",
+            "thread (11): MainThread;main (a.py:1);loop (a.py:5) 2",
+            "thread (12): ptserve-forward_0;work (b.py:3);forward (b.py:8) 3",
+            "not a stack line",
+        ]
+    )
+    top = top_frames(raw)
+    main, forward = top.split("### ")[1:]
+    assert main.startswith("thread (11): MainThread: 8 samples")
+    assert "| loop | 100.0% | 25.0% |" in main and "| send | 75.0% | 75.0% |" in main
+    assert forward.startswith("thread (12): ptserve-forward_0: 3 samples")
+    assert "| forward | 100.0% | 100.0% |" in forward
