@@ -43,6 +43,7 @@ from typing import Any
 
 import httpx
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.common import (
     DEFAULT_DATA_ROOT,
@@ -360,9 +361,54 @@ def top_frames(raw: str, limit: int = 25) -> str:
     return "\n".join(parts)
 
 
+def batch_counters(metrics_text: str) -> dict[str, float]:
+    """From a /metrics scrape: rows and forward passes so far, and passes per reason that closed them
+    (``closed:<reason>``)."""
+    counters: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "ptserve_batch_size_sum":
+                counters["rows"] = sample.value
+            elif sample.name == "ptserve_batch_size_count":
+                counters["batches"] = sample.value
+            elif sample.name == "ptserve_batches_total":
+                key = f"closed:{sample.labels.get('closed_by', '?')}"
+                counters[key] = counters.get(key, 0.0) + sample.value
+    return counters
+
+
+def scrape_batches(url: str) -> dict[str, float]:
+    try:
+        return batch_counters(httpx.get(f"{url}/metrics", timeout=10.0).text)
+    except httpx.HTTPError:
+        return {}
+
+
+def batching_md(before: dict[str, float], after: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """Rows per forward pass over a phase, and the share of its passes each reason closed."""
+    batches = after.get("batches", 0.0) - before.get("batches", 0.0)
+    if batches <= 0:
+        return math.nan, {}
+    rows = after.get("rows", 0.0) - before.get("rows", 0.0)
+    shares = {
+        key.split(":", 1)[1]: (after[key] - before.get(key, 0.0)) / batches
+        for key in after
+        if key.startswith("closed:") and after[key] - before.get(key, 0.0) > 0
+    }
+    return rows / batches, shares
+
+
 def engine_pid(pids: list[int]) -> int:
     """The process that runs the batcher: ``ptserve-engine`` with front ends, else the server itself."""
     return next((pid for pid in pids if process_name(pid) == "ptserve-engine"), pids[0])
+
+
+def rows_per_batch_md(rows: float, closed_by: dict[str, float]) -> str:
+    if math.isnan(rows):
+        return ""
+    ranked = sorted(closed_by.items(), key=lambda t: -t[1])
+    reasons = ", ".join(f"{reason} {share:.0%}" for reason, share in ranked)
+    return f"{rows:.1f} ({reasons})" if reasons else f"{rows:.1f}"
 
 
 def threads_md(threads: dict[str, float]) -> str:
@@ -470,6 +516,8 @@ class Point:
     frontends: int = 1  # serve --frontends of the server measured
     server_cpu_per_process: dict[str, float] | None = None  # cores per process of the server's tree
     engine_threads: dict[str, float] | None = None  # cores per thread role of the engine process
+    rows_per_batch: float = math.nan  # mean rows per forward pass over the phase (/metrics)
+    closed_by: dict[str, float] | None = None  # share of the phase's passes each reason closed
 
     @property
     def label(self) -> str:
@@ -742,10 +790,12 @@ def main() -> None:
                         if args.profile_seconds > 0 and shape == "single" and spec["mode"] == "closed":
                             stem = args.out / f"engine_profile_fe{frontends}_c{spec['concurrency']}"  # noqa: B023
                             profile = start_profile(engine, args.profile_seconds, stem, args.profile_native)
+                        batches0 = scrape_batches(server.url)
                         cpu0, threads0, t0 = tree_cpu_s(pids), threads_cpu_s(engine), time.perf_counter()
                         outcome = run_loadgen(spec, workdir, args.client_threads, args.loadgens)
                         cpu1, threads1 = tree_cpu_s(pids), threads_cpu_s(engine)
                         wall = time.perf_counter() - t0
+                        batches1 = scrape_batches(server.url)
                         if profile is not None:
                             finish_profile(*profile)
                         per_process = {
@@ -757,6 +807,7 @@ def main() -> None:
                         point = to_point(shape, outcome, rows, cpu_s, wall)
                         point.frontends = frontends  # noqa: B023 (called in this iteration only)
                         point.server_cpu_per_process = per_process
+                        point.rows_per_batch, point.closed_by = batching_md(batches0, batches1)
                         # A role whose threads ended during the phase could read below 0: floored.
                         point.engine_threads = {
                             role: max(0.0, (threads1.get(role, 0.0) - threads0.get(role, 0.0)) / wall)
@@ -871,6 +922,7 @@ def main() -> None:
             else f"{p.rows_per_s / p.raw_adjacent:.3f}" + (" noisy" if p.raw_spread > 1.5 else ""),
             round(p.server_cpu_cores, 2),
             per_process_md(p.server_cpu_per_process or {}, p.engine_threads),
+            rows_per_batch_md(p.rows_per_batch, p.closed_by or {}),
             round(p.client_cpu_cores, 2),
             sum(p.errors.values()) + p.unfinished + p.dropped,
         ]
@@ -887,6 +939,7 @@ def main() -> None:
             "÷ adjacent raw",
             "server CPU (cores)",
             "per server process",
+            "rows per batch (closed by)",
             "client CPU (cores)",
             "errors",
         ],

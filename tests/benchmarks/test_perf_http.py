@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -11,9 +12,12 @@ from typing import Any
 import pytest
 
 from benchmarks.perf_http import (
+    batch_counters,
+    batching_md,
     ints,
     merge_outcomes,
     per_process_md,
+    rows_per_batch_md,
     split_job,
     thread_role,
     threads_cpu_s,
@@ -130,3 +134,27 @@ def test_a_py_spy_profile_is_summed_per_thread_inclusive_and_innermost() -> None
     assert "| loop | 100.0% | 25.0% |" in main and "| send | 75.0% | 75.0% |" in main
     assert forward.startswith("thread (12): ptserve-forward_0: 3 samples")
     assert "| forward | 100.0% | 100.0% |" in forward
+
+
+def test_rows_per_batch_and_what_closed_the_batches_come_from_two_scrapes() -> None:
+    def scrape(rows: float, batches: float, time_closed: float, size_closed: float) -> str:
+        return "\n".join(
+            [
+                "# TYPE ptserve_batches counter",
+                f'ptserve_batches_total{{closed_by="time"}} {time_closed}',
+                f'ptserve_batches_total{{closed_by="size"}} {size_closed}',
+                "# TYPE ptserve_batch_size histogram",
+                f'ptserve_batch_size_bucket{{le="+Inf"}} {batches}',
+                f"ptserve_batch_size_sum {rows}",
+                f"ptserve_batch_size_count {batches}",
+                "",
+            ]
+        )
+
+    before = batch_counters(scrape(rows=100, batches=10, time_closed=10, size_closed=0))
+    after = batch_counters(scrape(rows=400, batches=20, time_closed=12, size_closed=8))
+    rows, closed_by = batching_md(before, after)
+    assert rows == 30.0 and closed_by == {"time": 0.2, "size": 0.8}
+    assert rows_per_batch_md(rows, closed_by) == "30.0 (size 80%, time 20%)"
+    assert math.isnan(batching_md(after, after)[0])  # no pass in the phase: no figure
+    assert rows_per_batch_md(math.nan, {}) == ""
