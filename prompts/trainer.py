@@ -116,11 +116,15 @@ PREFIX_LENGTH = 16
 PAIRS_PREFIX_LENGTH = 32
 PAIR_BUDGET = 2560
 # Objective "pairs": the loss over SetFit's sampled pairs only ("sampled"), or over every pair of a
-# step's rows ("in-batch", the same forward passes). In-batch helped emotion in all seven cells
-# measured (K=8, 16, 32: +0.017 to +0.052) and hurt SST-2 (K=8 three seeds -0.025 to -0.051), TREC
-# (-0.048 to 0.000 in seven cells) and AG News (K=16 seed 0: -0.024): not the default (README
-# "Few-shot data", step 2).
-PAIR_LOSS = "sampled"
+# step's rows ("in-batch", the same forward passes). The pass alone (K=8, 16, 32; an experiment script
+# over benchmarks/fewshot.py's cells): in-batch helped emotion in all seven cells (+0.017 to +0.052) and
+# hurt SST-2 (K=8 three seeds -0.025 to -0.051), TREC (-0.048 to 0.000 in seven cells) and AG News
+# (K=16 seed 0: -0.024), so a pass alone reads the sampled pairs. Followed by the cross-entropy
+# refinement (K=64, seeds 0 and 1, what "auto" trains): in-batch TREC 0.772 / 0.874 -> 0.874 / 0.862,
+# emotion 0.632 / 0.611 -> 0.697 / 0.682, AG News 0.850 / 0.855 -> 0.854 / 0.851, SST-2 0.755 / 0.760
+# -> 0.748 / 0.731 (mean of the four 0.764 -> 0.788); so a pass the refinement follows reads every pair.
+PAIR_LOSS_ALONE = "sampled"
+PAIR_LOSS_REFINED = "in-batch"
 # Objective "pairs" followed by cross-entropy: after the pass, up to REFINE_EPOCHS epochs of objective
 # "labels" (the pairs' lr, P-tuning v2's head lr, REFINE_PATIENCE) start from the pairs' prefix and prototype
 # head, the best epoch kept on dev. Method "auto" plans it from REFINE_FROM_ROWS_PER_LABEL train rows
@@ -193,8 +197,8 @@ class TrainConfig:
     pair_head: str = "prototype"
     # objective "pairs": which pairs of a step's rows the loss reads. "sampled": SetFit's sampled pairs
     # only; "in-batch": every pair of distinct rows (same-label and different-label pairs weighted
-    # equally). PAIR_LOSS records the measurement that chose the default.
-    pair_loss: str = PAIR_LOSS
+    # equally). None: PAIR_LOSS_REFINED when refine_epochs follow the pass, else PAIR_LOSS_ALONE.
+    pair_loss: str | None = None
     # objective "pairs": then at most this many epochs of cross-entropy from the pairs' prefix and head
     # (REFINE_EPOCHS; 0: the pass alone). Method "auto" sets it from REFINE_FROM_ROWS_PER_LABEL up.
     refine_epochs: int = 0
@@ -250,7 +254,7 @@ class TrainConfig:
             )
         if self.pair_head not in ("prototype", "logistic"):
             raise ValueError(f"pair_head must be 'prototype' or 'logistic', got {self.pair_head!r}")
-        if self.pair_loss not in ("in-batch", "sampled"):
+        if self.pair_loss not in (None, "in-batch", "sampled"):
             raise ValueError(f"pair_loss must be 'in-batch' or 'sampled', got {self.pair_loss!r}")
         if self.refine_epochs < 0:
             raise ValueError(f"refine_epochs must be >= 0, got {self.refine_epochs}")
@@ -270,6 +274,9 @@ class TrainConfig:
                 objective=objective,
                 prefix_init=prefix_init,
                 prefix_length=self.prefix_length if self.prefix_length is not None else PAIRS_PREFIX_LENGTH,
+                pair_loss=self.pair_loss
+                if self.pair_loss is not None
+                else (PAIR_LOSS_REFINED if self.refine_epochs else PAIR_LOSS_ALONE),
                 epochs=1,
                 patience=1,
                 head_lr=0.0,
@@ -381,6 +388,8 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
                 "regime": "few-shot",
                 "objective": "pairs",
                 "refine_epochs": REFINE_EPOCHS if refine else config.refine_epochs,
+                "pair_loss": config.pair_loss
+                or (PAIR_LOSS_REFINED if refine or config.refine_epochs else PAIR_LOSS_ALONE),
                 # The probe pools the mean; a head asked for is not overridden by it.
                 "probe_candidate": config.head is None,
                 "reason": f"fewer than {FEW_SHOT_ROWS_PER_LABEL} train rows per label: P-tuning v2 prefix "

@@ -219,7 +219,7 @@ def test_the_pair_loss_is_recorded_and_changes_what_is_trained(learnable: Backbo
     in_batch = train_task(
         learnable, "pairs", data, dataclasses.replace(PAIRS, pair_iterations=4, pair_loss="in-batch")
     )
-    assert TrainConfig().pair_loss == "sampled"
+    assert TrainConfig(method="p-tuning-v2", objective="pairs").resolved().pair_loss == "sampled"
     for result, loss in ((in_batch, "in-batch"), (sampled, "sampled")):
         assert (result.artifact.manifest.training or {})["hyperparameters"]["pair_loss"] == loss
         assert result.test is not None and result.test.accuracy >= 0.8

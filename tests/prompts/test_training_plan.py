@@ -66,11 +66,17 @@ def test_auto_refines_the_pairs_with_cross_entropy_from_enough_rows_per_label() 
     below = plan_for_data(TrainConfig(method="auto"), _data(REFINE_FROM_ROWS_PER_LABEL - 1, 4))
     assert below.refine_epochs == 0 and below.plan is not None and below.plan["refine_epochs"] == 0
     assert "no epoch is chosen" in below.plan["reason"]
+    # The pass alone reads the sampled pairs; a pass the refinement follows, every pair of its rows.
+    assert below.plan["pair_loss"] == below.resolved().pair_loss == "sampled"
     for per_label in (REFINE_FROM_ROWS_PER_LABEL, FEW_SHOT_ROWS_PER_LABEL - 1):
         planned = plan_for_data(TrainConfig(method="auto"), _data(per_label, 4))
         assert (planned.objective, planned.refine_epochs) == ("pairs", REFINE_EPOCHS)
         assert planned.plan is not None and planned.plan["refine_epochs"] == REFINE_EPOCHS
         assert "cross-entropy" in planned.plan["reason"]
+        assert planned.plan["pair_loss"] == planned.resolved().pair_loss == "in-batch"
+    enough = _data(REFINE_FROM_ROWS_PER_LABEL, 4)
+    asked = plan_for_data(TrainConfig(method="auto", pair_loss="sampled"), enough)
+    assert asked.plan is not None and asked.plan["pair_loss"] == asked.resolved().pair_loss == "sampled"
     with pytest.raises(ValueError, match="refine_epochs continues objective 'pairs'"):
         TrainConfig(method="p-tuning-v2", refine_epochs=3).resolved()
     with pytest.raises(ValueError, match="refine_epochs must be >= 0"):
@@ -189,12 +195,14 @@ def test_refined_pairs_train_cross_entropy_after_the_pass_and_keep_the_best_dev_
     assert result.dev.accuracy == pytest.approx(kept.dev_accuracy)  # the artifact is the kept epoch
     training = result.artifact.manifest.training or {}
     assert training["hyperparameters"]["refine_epochs"] == 3
+    assert training["hyperparameters"]["pair_loss"] == "in-batch"
     assert training["duration_seconds"] == round(result.seconds, 2)
     assert result.seconds >= result.history[-1].seconds - 1e-6
     # Without it the pass alone, as before, and nothing new in the manifest.
     alone = train_task(learnable, "tiny", data, dataclasses.replace(config, refine_epochs=0))
     alone_training = alone.artifact.manifest.training or {}
     assert alone.epochs_run == 1 and "refine_epochs" not in alone_training["hyperparameters"]
+    assert alone_training["hyperparameters"]["pair_loss"] == "sampled"
 
 
 def test_robust_selection_keeps_the_later_epoch_on_ties(learnable: Backbone) -> None:
