@@ -274,9 +274,7 @@ class TrainConfig:
                 objective=objective,
                 prefix_init=prefix_init,
                 prefix_length=self.prefix_length if self.prefix_length is not None else PAIRS_PREFIX_LENGTH,
-                pair_loss=self.pair_loss
-                if self.pair_loss is not None
-                else (PAIR_LOSS_REFINED if self.refine_epochs else PAIR_LOSS_ALONE),
+                pair_loss=pair_loss_for(self.pair_loss, self.refine_epochs),
                 epochs=1,
                 patience=1,
                 head_lr=0.0,
@@ -372,6 +370,7 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
     epoch_settings = (config.epochs, config.patience, config.head_lr) != (None, None, None)
     if config.objective != "labels" and config.head in (None, "mean", "cls", "last") and not epoch_settings:
         refine = per_label >= REFINE_FROM_ROWS_PER_LABEL and config.refine_epochs == 0
+        refine_epochs = REFINE_EPOCHS if refine else config.refine_epochs
         then = (
             f"; from {REFINE_FROM_ROWS_PER_LABEL} rows per label, then up to {REFINE_EPOCHS} epochs of "
             "cross-entropy from that prefix and head, the best epoch kept on dev"
@@ -382,14 +381,13 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
             config,
             method="p-tuning-v2",
             objective="pairs",
-            refine_epochs=REFINE_EPOCHS if refine else config.refine_epochs,
+            refine_epochs=refine_epochs,
             plan=facts
             | {
                 "regime": "few-shot",
                 "objective": "pairs",
-                "refine_epochs": REFINE_EPOCHS if refine else config.refine_epochs,
-                "pair_loss": config.pair_loss
-                or (PAIR_LOSS_REFINED if refine or config.refine_epochs else PAIR_LOSS_ALONE),
+                "refine_epochs": refine_epochs,
+                "pair_loss": pair_loss_for(config.pair_loss, refine_epochs),
                 # The probe pools the mean; a head asked for is not overridden by it.
                 "probe_candidate": config.head is None,
                 "reason": f"fewer than {FEW_SHOT_ROWS_PER_LABEL} train rows per label: P-tuning v2 prefix "
@@ -1039,6 +1037,14 @@ def _fit_labels(
     module.load_state_dict(best_state)
     module.eval()
     return history, best_epoch, seconds, out_of_time
+
+
+def pair_loss_for(asked: str | None, refine_epochs: int) -> str:
+    """The pairs' loss: the one asked for, else :data:`PAIR_LOSS_REFINED` where cross-entropy follows
+    the pass and :data:`PAIR_LOSS_ALONE` where it does not."""
+    if asked is not None:
+        return asked
+    return PAIR_LOSS_REFINED if refine_epochs else PAIR_LOSS_ALONE
 
 
 def pair_iterations_for(rows: int) -> int:

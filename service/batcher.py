@@ -14,26 +14,17 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Generic, TypeVar
 
 from service.errors import OverloadedError, ShuttingDownError
+from service.osnames import name_os_thread
 
-# The forward threads' name, in Python and, for top -H and benchmarks/perf_http.py's per-thread CPU,
-# in /proc (15 bytes at most there).
+# The forward threads' name, in Python and in Linux (service/osnames.py), so that top -H and
+# benchmarks/perf_http.py tell their CPU from the event loop's.
 FORWARD_THREAD = "ptserve-forward"
-
-
-def name_os_thread() -> None:
-    """The calling thread's Python name as its Linux name (/proc/thread-self/comm): threads otherwise
-    carry their process's name, and the forward thread's CPU could not be told from the event loop's."""
-    with contextlib.suppress(OSError):
-        Path("/proc/thread-self/comm").write_text(threading.current_thread().name[:15])
-
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
@@ -172,7 +163,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._queued_per_group: collections.Counter[str] = collections.Counter()
         self._owns_executor = executor is None
         self._executor: concurrent.futures.Executor = executor or concurrent.futures.ThreadPoolExecutor(
-            max_workers=pipeline_depth, thread_name_prefix=FORWARD_THREAD, initializer=name_os_thread
+            max_workers=pipeline_depth,
+            thread_name_prefix=FORWARD_THREAD,
+            initializer=name_os_thread,
+            initargs=(FORWARD_THREAD,),
         )
         self._running: set[asyncio.Task[None]] = set()
         self._queue: collections.deque[_Entry[ItemT, ResultT]] = collections.deque()

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import multiprocessing
@@ -28,6 +27,7 @@ import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+from service.osnames import name_os_thread
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -42,18 +42,11 @@ def _context() -> multiprocessing.context.SpawnContext:
     return multiprocessing.get_context("spawn")
 
 
-def name_process(name: str) -> None:
-    """The name ps, top and /proc/PID/comm show (at most 15 bytes): spawned children otherwise all
-    read "python", and which one is the engine matters when one of them runs hot."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/comm").write_text(name[:15])
-
-
 def run_engine(settings: Settings, engine_socket: str, engine_address: str) -> None:
     """The engine process: today's app on a unix socket, plus the ZeroMQ endpoint."""
     import uvicorn
 
-    name_process("ptserve-engine")
+    name_os_thread("ptserve-engine")  # the main thread: the process
     from service.app import create_app
     from service.logs import configure_logging
 
@@ -73,7 +66,7 @@ def run_frontend(settings: Settings, index: int, engine_socket: str, engine_addr
     """Front end ``index``: the service port shared with its siblings through SO_REUSEPORT."""
     import uvicorn
 
-    name_process(f"ptserve-fe-{index}")
+    name_os_thread(f"ptserve-fe-{index}")
     from service.frontends.app import create_frontend_app
     from service.logs import configure_logging
 

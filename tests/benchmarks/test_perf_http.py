@@ -23,7 +23,8 @@ from benchmarks.perf_http import (
     threads_cpu_s,
     top_frames,
 )
-from service.batcher import FORWARD_THREAD, name_os_thread
+from service.batcher import FORWARD_THREAD
+from service.osnames import name_os_thread
 
 
 def _job(mode: str, concurrency: int = 1, rate: float = 0.0) -> dict[str, Any]:
@@ -98,7 +99,7 @@ def test_a_forward_thread_carries_its_name_into_proc_and_its_cpu_is_counted_ther
     finish = threading.Event()
 
     def forward() -> None:
-        name_os_thread()
+        name_os_thread(FORWARD_THREAD)
         # 50 ms of this thread's CPU, which must land on the "forward" role, then idle until released.
         deadline = time.thread_time() + 0.05
         while time.thread_time() < deadline:
