@@ -169,12 +169,39 @@ class Hyperparameters(BaseModel):
         description="what a prefix is trained on: labels (cross-entropy) or pairs (SetFit's sentence pairs, "
         "then a fitted head: label prototypes by default); default labels, auto chooses by the data's size",
     )
-    head: Literal["cls", "mean", "last", "peft"] | None = Field(
+    head: Literal["cls", "mean", "last", "peft", "verbalizer"] | None = Field(
         default=None,
         description="what the linear head reads (default: decoders the last token; encoders mean for the "
         "probe, for prefix the pooling the backbone declares, else cls); peft makes the task exportable "
-        "to PEFT",
+        "to PEFT; verbalizer reads label words at a [MASK] (method auto, ptuning or prompt, and a "
+        "backbone with a masked-LM head)",
     )
+    label_words: dict[str, list[str]] | None = Field(
+        default=None,
+        description="head verbalizer: each label's words, each one token of the vocabulary (a label "
+        "without words is spelled by its own name)",
+        examples=[{"phone": ["phone", "mobile"], "book": ["book"]}],
+    )
+
+    @field_validator("label_words", mode="before")
+    @classmethod
+    def _label_words(cls, value: Any) -> Any:
+        # {"label": "word"} is accepted as {"label": ["word"]}, as the CLI's JSON file is.
+        if isinstance(value, dict):
+            return {k: [v] if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+    @field_validator("label_words")
+    @classmethod
+    def _words(cls, value: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        if value is None:
+            return None
+        for label, words in value.items():
+            if not label.strip():
+                raise ValueError("label_words has an empty label")
+            if not [w for w in words if w.strip()]:
+                raise ValueError(f"label_words[{label!r}] has no word")
+        return value
 
 
 class JobSpec(BaseModel):

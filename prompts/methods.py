@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from prompts.artifact import Method, VerbalizerSpec
-from prompts.backbone import Backbone, BackboneSpec
+from prompts.backbone import Backbone, BackboneSpec, MaskedLMHead
 from prompts.backbones import Collected, Layout
 from prompts.errors import InvalidInputError
 from prompts.forward import TaskPrompt
@@ -42,6 +42,7 @@ __all__ = [
     "PTuningEncoder",
     "PromptMethod",
     "SoftPrompt",
+    "check_label_words",
     "label_word_embeddings",
     "label_words",
     "prefix_from_tokens",
@@ -116,12 +117,7 @@ class LabelWords:
         )
 
 
-def label_words(backbone: Backbone, labels: list[str], words: dict[str, list[str]] | None) -> LabelWords:
-    """The verbalizer for ``labels``: ``words[label]`` (default: the label itself), each word one token.
-
-    Raises InvalidInputError on a backbone without a masked-LM head, a label without words, or a word
-    the vocabulary splits into several pieces (one [MASK] predicts one token).
-    """
+def _masked_lm(backbone: Backbone) -> tuple[MaskedLMHead, int]:
     mlm = backbone.mlm
     if mlm is None:
         raise InvalidInputError(
@@ -131,6 +127,28 @@ def label_words(backbone: Backbone, labels: list[str], words: dict[str, list[str
     mask_id = backbone.tokenizer.mask_token_id
     if mask_id is None:
         raise InvalidInputError(f"the tokenizer of {backbone.path} has no [MASK] token")
+    return mlm, int(mask_id)
+
+
+def check_label_words(
+    backbone: Backbone, labels: list[str] | None, words: dict[str, list[str]] | None
+) -> None:
+    """Refuse now what :func:`label_words` would refuse when training starts (a training job is
+    checked when it is submitted, not minutes later on a worker). ``labels`` None: the data is read
+    later, so only the backbone and the words given are checked."""
+    _masked_lm(backbone)
+    named = labels if labels is not None else sorted(words or {})
+    if named:
+        label_words(backbone, named, words)
+
+
+def label_words(backbone: Backbone, labels: list[str], words: dict[str, list[str]] | None) -> LabelWords:
+    """The verbalizer for ``labels``: ``words[label]`` (default: the label itself), each word one token.
+
+    Raises InvalidInputError on a backbone without a masked-LM head, a label without words, or a word
+    the vocabulary splits into several pieces (one [MASK] predicts one token).
+    """
+    mlm, mask_id = _masked_lm(backbone)
     chosen = words or {}
     unknown = sorted(set(chosen) - set(labels))
     if unknown:

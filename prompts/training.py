@@ -131,6 +131,7 @@ def job_train_config(spec: JobSpec) -> TrainConfig:
         head=hp.head,
         max_seconds=hp.max_seconds,
         objective=hp.objective,
+        label_words=hp.label_words,
     )
 
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from prompts.jobs import JobNotFoundError, JobQueue, JobSpec, JobStatus, job_task_data, resolve_data_path
+from prompts.methods import check_label_words
 from prompts.names import tenant_of
 from prompts.training import job_train_config
 from service.auth import principal_of
@@ -99,6 +100,7 @@ def _check(spec: JobSpec, runtime: Runtime, principal: Principal) -> JobSpec:
     task = writable(principal, spec.task)
     data_path = spec.data_path
     root = runtime.settings.data_root
+    labels: list[str] | None = None  # known here for inline data only
     if data_path is not None:
         # The file is read by the worker; here only where it is, so a huge file costs the API nothing.
         if principal.tenant is not None and root is not None:
@@ -108,7 +110,10 @@ def _check(spec: JobSpec, runtime: Runtime, principal: Principal) -> JobSpec:
         else:
             resolve_data_path(root, data_path)
     else:
-        job_task_data(spec, root)
+        labels = job_task_data(spec, root).labels
+    if spec.hyperparameters.head == "verbalizer":
+        # Workers run this server's backbone: its masked-LM head and vocabulary decide the label words.
+        check_label_words(runtime.backbone, labels, spec.hyperparameters.label_words)
     return spec.model_copy(update={"task": task, "data_path": data_path})
 
 

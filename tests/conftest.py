@@ -19,6 +19,7 @@ import torch
 from prompts.backbone import Backbone, load_backbone
 from tests.models import (
     make_tiny_bert,
+    make_tiny_bert_mlm,
     make_tiny_deberta,
     make_tiny_decoder,
     make_tiny_modernbert,
@@ -65,6 +66,17 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def backbone(tiny_bert_dir: Path) -> Backbone:
     return load_backbone(tiny_bert_dir)
+
+
+@pytest.fixture(scope="session")
+def mlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BertForMaskedLM (a backbone the verbalizer head can use)."""
+    return make_tiny_bert_mlm(tmp_path_factory.mktemp("models") / "mlm", initializer_range=0.2)
+
+
+@pytest.fixture(scope="session")
+def mlm_backbone(mlm_dir: Path) -> Backbone:
+    return load_backbone(mlm_dir)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from prompts.artifact import parse_artifact
 from prompts.backbone import Backbone
 from prompts.errors import StoreUnavailableError, TaskNotFoundError
 from prompts.jobs import JobQueue, JobSpec
@@ -121,3 +122,32 @@ def test_progress_is_best_effort_when_the_queue_redis_fails(
     progress.step(0.5)
     assert progress.state["step"] == 1
     down.close()
+
+
+def test_worker_trains_a_verbalizer_job_with_its_label_words(
+    private_redis: RedisServer, mlm_backbone: Backbone, queue: JobQueue
+) -> None:
+    worker = _worker(private_redis, mlm_backbone, queue)
+    hyperparameters = {
+        "epochs": 2,
+        "patience": 2,
+        "batch_size": 8,
+        "prefix_length": 4,
+        "head": "verbalizer",
+        "label_words": {"book": ["book", "movie"]},  # phone and shirt: their own names
+    }
+    spec = JobSpec.model_validate(job_request(epochs=2, method="auto", hyperparameters=hyperparameters))
+    job_id = queue.submit(spec)
+    lease = queue.take(worker.name, block_s=0.1)
+    assert lease is not None
+    assert worker.run_job(lease, threading.Event()) == "succeeded"
+    status = queue.status(job_id)
+    manifest = parse_artifact(worker.store.get("keywords", status.version).data).manifest
+    # Method auto with head verbalizer trains P-tuning with label words ([MASK] in the input prompt).
+    assert manifest.method == "p-tuning" and manifest.labels == ["book", "phone", "shirt"]
+    verbalizer = manifest.head.verbalizer
+    assert verbalizer is not None
+    assert verbalizer.words == [["book", "movie"], ["phone"], ["shirt"]]
+    tokens = [mlm_backbone.tokenizer.convert_ids_to_tokens(ids) for ids in verbalizer.token_ids]
+    assert tokens == verbalizer.words
+    assert verbalizer.mlm_fingerprint == mlm_backbone.spec.mlm_fingerprint

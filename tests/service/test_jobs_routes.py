@@ -146,3 +146,74 @@ def test_data_path_without_a_data_root_is_refused(private_redis: RedisServer, ba
     with TestClient(create_app(settings, backbone=backbone)) as c:
         r = c.post("/v1/training-jobs", json=job(train=None, data_path="keywords"))
         assert_error(r, 422, "invalid_input", "no data root configured")
+
+
+def test_a_verbalizer_job_is_refused_on_a_backbone_without_a_masked_lm_head(client: TestClient) -> None:
+    verbal = {"head": "verbalizer", "label_words": {"phone": "phone"}}
+    r = client.post("/v1/training-jobs", json=job(method="ptuning", hyperparameters=verbal))
+    assert_error(r, 422, "invalid_input", "needs a backbone with a masked-LM head")
+    # Label words say nothing without the verbalizer head: refused rather than ignored.
+    r = client.post("/v1/training-jobs", json=job(hyperparameters={"label_words": {"phone": ["phone"]}}))
+    assert_error(r, 422, "invalid_input", "label words are for head 'verbalizer'")
+
+
+@pytest.fixture
+def mlm_client(private_redis: RedisServer, data_root: Path, mlm_backbone: Backbone) -> Iterator[TestClient]:
+    settings = Settings(store=private_redis.url, data_root=data_root, max_wait_ms=1)
+    with TestClient(create_app(settings, backbone=mlm_backbone)) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "fragment"),
+    [
+        (
+            {"label_words": {"phone": ["smartphones"]}},
+            "invalid_input",
+            "'smartphones' (label 'phone') is not one",
+        ),
+        (
+            {"label_words": {"tablet": ["phone"]}},
+            "invalid_input",
+            "labels the data does not have: ['tablet']",
+        ),
+        ({"label_words": {"phone": [" "]}}, "invalid_request", "label_words['phone'] has no word"),
+        ({"label_words": {"phone": []}}, "invalid_request", "label_words['phone'] has no word"),
+        ({"label_words": ["phone"]}, "invalid_request", "hyperparameters.label_words"),
+    ],
+)
+def test_bad_label_words_are_refused_when_the_job_is_submitted(
+    mlm_client: TestClient, fields: dict[str, Any], code: str, fragment: str
+) -> None:
+    body = job(method="ptuning", hyperparameters={"head": "verbalizer", **fields})
+    assert_error(mlm_client.post("/v1/training-jobs", json=body), 422, code, fragment)
+
+
+def test_a_verbalizer_job_is_queued_with_its_label_words(
+    mlm_client: TestClient, private_redis: RedisServer
+) -> None:
+    words = {"phone": "phone", "book": ["book", "movie"]}  # "shirt": spelled by its own name
+    r = mlm_client.post(
+        "/v1/training-jobs",
+        json=job(method="auto", hyperparameters={"head": "verbalizer", "label_words": words}),
+    )
+    assert r.status_code == 202, r.text
+    queue = JobQueue(private_redis.url)
+    try:
+        lease = queue.take("w", block_s=1.0)
+        assert lease is not None and lease.job_id == r.json()["id"]
+        assert lease.spec.hyperparameters.head == "verbalizer"
+        assert lease.spec.hyperparameters.label_words == {"phone": ["phone"], "book": ["book", "movie"]}
+    finally:
+        queue.close()
+    # Server-side data: its labels are read by the worker, the words are checked against the vocabulary now.
+    bad = {"head": "verbalizer", "label_words": {"phone": ["smartphones"]}}
+    r = mlm_client.post(
+        "/v1/training-jobs", json=job(train=None, data_path="keywords", method="auto", hyperparameters=bad)
+    )
+    assert_error(r, 422, "invalid_input", "is not one token")
+    r = mlm_client.post(
+        "/v1/training-jobs",
+        json=job(train=None, data_path="keywords", method="auto", hyperparameters={"head": "verbalizer"}),
+    )
+    assert r.status_code == 202, r.text

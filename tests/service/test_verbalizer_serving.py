@@ -18,7 +18,6 @@ from service import cli
 from service.app import create_app
 from service.settings import Settings
 from tests.factories import make_verbalizer_artifact, random_artifact
-from tests.models import make_tiny_bert_mlm
 from tests.synthetic import write_data_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -26,23 +25,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 WORDS = {"book": ["book", "movie"], "phone": ["phone"], "shirt": ["shirt", "size"]}
 
 
-@pytest.fixture(scope="module")
-def mlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_bert_mlm(tmp_path_factory.mktemp("models") / "mlm", initializer_range=0.2)
-
-
-@pytest.fixture(scope="module")
-def mlm(mlm_dir: Path) -> Backbone:
-    return load_backbone(mlm_dir)
-
-
 def _client(store: Path, backbone: Backbone) -> TestClient:
     return TestClient(create_app(Settings(store=str(store), max_wait_ms=20), backbone=backbone))
 
 
 @pytest.fixture
-def client(tmp_path: Path, mlm: Backbone) -> Iterator[TestClient]:
-    with _client(tmp_path / "store", mlm) as c:
+def client(tmp_path: Path, mlm_backbone: Backbone) -> Iterator[TestClient]:
+    with _client(tmp_path / "store", mlm_backbone) as c:
         yield c
 
 
@@ -59,9 +48,11 @@ def alone(backbone: Backbone, artifact: PromptArtifact, text: str) -> torch.Tens
         return torch.softmax(prompted_forward(backbone, ids, [task]), -1)[0]
 
 
-def test_verbalizer_and_head_tasks_are_served_side_by_side(client: TestClient, mlm: Backbone) -> None:
-    verbal, _ = make_verbalizer_artifact(mlm, WORDS, ["it", "is", "a"], task="verbal")
-    head = random_artifact(mlm.spec, task="head", num_labels=4, prefix_length=4, seed=3)
+def test_verbalizer_and_head_tasks_are_served_side_by_side(
+    client: TestClient, mlm_backbone: Backbone
+) -> None:
+    verbal, _ = make_verbalizer_artifact(mlm_backbone, WORDS, ["it", "is", "a"], task="verbal")
+    head = random_artifact(mlm_backbone.spec, task="head", num_labels=4, prefix_length=4, seed=3)
     for artifact in (verbal, head):
         assert upload(client, artifact).status_code == 201
     info = client.get("/v1/prompts/verbal").json()
@@ -80,7 +71,7 @@ def test_verbalizer_and_head_tasks_are_served_side_by_side(client: TestClient, m
     for (artifact, text), response in zip(jobs, responses, strict=True):
         assert response.status_code == 200, response.text
         result = response.json()["results"][0]
-        expected = alone(mlm, artifact, text)
+        expected = alone(mlm_backbone, artifact, text)
         labels = artifact.manifest.labels
         got = torch.tensor([result["scores"][label] for label in labels])
         torch.testing.assert_close(got, expected[: len(labels)], rtol=0, atol=1e-5)
@@ -88,15 +79,15 @@ def test_verbalizer_and_head_tasks_are_served_side_by_side(client: TestClient, m
 
 
 def test_a_backbone_without_an_mlm_head_refuses_verbalizer_tasks(
-    tmp_path: Path, mlm: Backbone, backbone: Backbone
+    tmp_path: Path, mlm_backbone: Backbone, backbone: Backbone
 ) -> None:
-    verbal, _ = make_verbalizer_artifact(mlm, WORDS, ["a"], task="verbal")
+    verbal, _ = make_verbalizer_artifact(mlm_backbone, WORDS, ["a"], task="verbal")
     # The same encoder weights without cls.predictions: a plain BertModel directory.
     plain_dir = tmp_path / "plain"
-    mlm.model.save_pretrained(plain_dir)
-    mlm.tokenizer.save_pretrained(plain_dir)
+    mlm_backbone.model.save_pretrained(plain_dir)
+    mlm_backbone.tokenizer.save_pretrained(plain_dir)
     plain = load_backbone(plain_dir)
-    assert plain.spec.fingerprint == mlm.spec.fingerprint and plain.spec.mlm_fingerprint is None
+    assert plain.spec.fingerprint == mlm_backbone.spec.fingerprint and plain.spec.mlm_fingerprint is None
     with _client(tmp_path / "store", plain) as c:
         response = upload(c, verbal)
     assert response.status_code == 422, response.text
