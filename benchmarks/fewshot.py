@@ -269,13 +269,25 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def english_means(rows: Sequence[dict[str, Any]]) -> dict[tuple[int, str], tuple[float, int]]:
-    """(K, method) -> (mean accuracy over the English datasets that method has at K, how many)."""
-    acc: dict[tuple[int, str], list[float]] = defaultdict(list)
-    for row in rows:
-        if row["dataset"] in ENGLISH and "accuracy" in row:
-            acc[(row["k"], row["method"])].append(row["accuracy"])
-    return {key: (statistics.fmean(values), len(values)) for key, values in acc.items()}
+def english_means(
+    rows: Sequence[dict[str, Any]], methods: Sequence[str]
+) -> dict[tuple[int, str], tuple[float, int]]:
+    """(K, method) -> (mean accuracy over the English datasets, how many), over the same datasets for
+    every method compared at that K: those all of ``methods`` that have an English result at K were
+    run on (a method run on fewer sets would otherwise be compared on other data)."""
+    acc: dict[tuple[str, int, str], float] = {
+        (row["dataset"], row["k"], row["method"]): row["accuracy"]
+        for row in rows
+        if row["dataset"] in ENGLISH and "accuracy" in row and row["method"] in methods
+    }
+    means: dict[tuple[int, str], tuple[float, int]] = {}
+    for k in sorted({key[1] for key in acc}):
+        sets = {m: {d for d, kk, mm in acc if kk == k and mm == m} for m in methods}
+        present = [m for m in methods if sets[m]]
+        common = set.intersection(*(sets[m] for m in present))
+        for method in present if common else []:
+            means[(k, method)] = (statistics.fmean(acc[(d, k, method)] for d in common), len(common))
+    return means
 
 
 def markdown(rows: Sequence[dict[str, Any]], methods: Sequence[str], header: str) -> str:
@@ -297,7 +309,7 @@ def markdown(rows: Sequence[dict[str, Any]], methods: Sequence[str], header: str
         "",
     ]
     lines += ["| dataset | K | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(methods)]
-    means = english_means(rows)
+    means = english_means(rows, methods)
     for k in sorted({c[1] for c in cells_seen}):
         for dataset, kk in cells_seen:
             if kk != k:
@@ -308,7 +320,7 @@ def markdown(rows: Sequence[dict[str, Any]], methods: Sequence[str], header: str
             lines.append(f"| {dataset}{note} | {k} | " + " | ".join(acc(r) for r in found) + " |")
         english = [means.get((k, m)) for m in methods]
         lines.append(
-            f"| **mean, English** | {k} | "
+            f"| **mean, English (the same sets)** | {k} | "
             + " | ".join("–" if e is None else f"**{e[0]:.3f}** ({e[1]} sets)" for e in english)
             + " |"
         )

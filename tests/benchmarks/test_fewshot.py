@@ -88,9 +88,33 @@ def test_aggregate_means_over_seeds_and_keeps_what_did_not_run() -> None:
         "seeds": 0,
         "status": "not installed",
     }
-    means = fewshot.english_means(list(rows.values()))
+    means = fewshot.english_means(list(rows.values()), ["default", "probe", "setfit"])
     assert means[(8, "probe")] == (pytest.approx(0.75), 2)  # sst2 and trec; comment_zh is not English
-    assert (8, "setfit") not in means
+    assert (8, "setfit") not in means  # not installed: left out, it does not empty the comparison
+
+
+def test_english_means_compare_every_method_on_the_same_sets() -> None:
+    runs = [
+        *_runs(),
+        {
+            "dataset": "trec",
+            "k": 8,
+            "seed": 0,
+            "method": "setfit",
+            "accuracy": 0.95,
+            "macro_f1": 0.9,
+            "seconds": 1.0,
+        },
+    ]
+    rows = fewshot.aggregate(runs)
+    means = fewshot.english_means(rows, ["default", "probe", "setfit"])
+    # SetFit ran on TREC only: every method's mean is its TREC figure.
+    by = {(r["dataset"], r["method"]): r for r in rows}
+    assert means[(8, "setfit")] == (pytest.approx(0.95), 1)
+    assert means[(8, "default")] == (pytest.approx(by[("trec", "default")]["accuracy"]), 1)
+    assert means[(8, "probe")] == (pytest.approx(by[("trec", "probe")]["accuracy"]), 1)
+    # Without SetFit in the comparison the others are compared on both sets.
+    assert fewshot.english_means(rows, ["default", "probe"])[(8, "probe")] == (pytest.approx(0.75), 2)
 
 
 def test_reports_are_written(tmp_path: Path) -> None:
@@ -101,7 +125,7 @@ def test_reports_are_written(tmp_path: Path) -> None:
     assert len(saved["runs"]) == 18 and len(saved["summary"]) == 9
     md = (tmp_path / "fewshot.md").read_text()
     assert "| sst2 | 8 | 0.700 | 0.650 | not installed |" in md
-    assert "| **mean, English** | 8 | **0.800** (2 sets) | **0.750** (2 sets) | – |" in md
+    assert "| **mean, English (the same sets)** | 8 | **0.800** (2 sets) | **0.750** (2 sets) | – |" in md
     assert "| trec | 8 | 2.5 | 2.5 | – |" in md
     message = fewshot.plot(saved["summary"], methods, tmp_path / "fewshot.png")
     assert message.startswith("plot skipped") or (tmp_path / "fewshot.png").stat().st_size > 0
