@@ -321,7 +321,10 @@ def markdown(rows: Sequence[dict[str, Any]], methods: Sequence[str], header: str
         english = [means.get((k, m)) for m in methods]
         lines.append(
             f"| **mean, English (the same sets)** | {k} | "
-            + " | ".join("–" if e is None else f"**{e[0]:.3f}** ({e[1]} sets)" for e in english)
+            + " | ".join(
+                "–" if e is None else f"**{e[0]:.3f}** ({e[1]} set{'' if e[1] == 1 else 's'})"
+                for e in english
+            )
             + " |"
         )
     lines += ["", "Training seconds per task (mean over seeds; test scoring not included).", ""]
@@ -355,13 +358,25 @@ def plot(rows: Sequence[dict[str, Any]], methods: Sequence[str], path: Path) -> 
                 if r["dataset"] == dataset and r["method"] == method and "accuracy" in r
             )
             if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=LABELS[method])
+                # One colour per method in every panel (the colour cycle would restart per panel and
+                # give a method missing from one panel the next method's colour).
+                ax.plot(
+                    [p[0] for p in points],
+                    [p[1] for p in points],
+                    marker="o",
+                    color=f"C{methods.index(method)}",
+                    label=LABELS[method],
+                )
         ax.set_xscale("log", base=2)
         ax.set_title(dataset)
         ax.set_xlabel("examples per label (K)")
     axes[0][0].set_ylabel("test accuracy")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
+    legend: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=len(legend), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return f"saved {path}"
