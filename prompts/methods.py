@@ -136,10 +136,11 @@ def check_label_words(
     """Refuse now what :func:`label_words` would refuse when training starts (a training job is
     checked when it is submitted, not minutes later on a worker). ``labels`` None: the data is read
     later, so only the backbone and the words given are checked."""
-    _masked_lm(backbone)
     named = labels if labels is not None else sorted(words or {})
     if named:
         label_words(backbone, named, words)
+    else:  # no labels and no words yet: the backbone alone
+        _masked_lm(backbone)
 
 
 def label_words(backbone: Backbone, labels: list[str], words: dict[str, list[str]] | None) -> LabelWords:

@@ -152,6 +152,9 @@ def test_a_verbalizer_job_is_refused_on_a_backbone_without_a_masked_lm_head(clie
     verbal = {"head": "verbalizer", "label_words": {"phone": "phone"}}
     r = client.post("/v1/training-jobs", json=job(method="ptuning", hyperparameters=verbal))
     assert_error(r, 422, "invalid_input", "needs a backbone with a masked-LM head")
+    # Server-side data and no words: nothing to check but the backbone, which is still refused.
+    body = job(train=None, data_path="keywords", method="auto", hyperparameters={"head": "verbalizer"})
+    assert_error(client.post("/v1/training-jobs", json=body), 422, "invalid_input", "masked-LM head")
     # Label words say nothing without the verbalizer head: refused rather than ignored.
     r = client.post("/v1/training-jobs", json=job(hyperparameters={"label_words": {"phone": ["phone"]}}))
     assert_error(r, 422, "invalid_input", "label words are for head 'verbalizer'")
