@@ -270,27 +270,41 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def english_means(
-    rows: Sequence[dict[str, Any]], methods: Sequence[str]
-) -> dict[tuple[int, str], tuple[float, int]]:
-    """(K, method) -> (mean accuracy over the English datasets, how many), over the same datasets for
-    every method compared at that K: those all of ``methods`` that have an English result at K were
-    run on (a method run on fewer sets would otherwise be compared on other data)."""
-    acc: dict[tuple[str, int, str], float] = {
-        (row["dataset"], row["k"], row["method"]): row["accuracy"]
-        for row in rows
-        if row["dataset"] in ENGLISH and "accuracy" in row and row["method"] in methods
+    records: Sequence[dict[str, Any]], methods: Sequence[str]
+) -> dict[tuple[int, str], tuple[float, int, int]]:
+    """(K, method) -> (mean accuracy over the English datasets, how many sets, how many runs each), over
+    the same (dataset, seed) cells for every method compared at that K: the cells all of ``methods``
+    with an English result at K ran (a method run on fewer sets or seeds would otherwise be compared on
+    other samples). Seeds are averaged per dataset first, so each dataset weighs the same."""
+    acc: dict[tuple[str, int, int, str], float] = {
+        run_key(record): float(record["accuracy"])
+        for record in records
+        if record["dataset"] in ENGLISH and record.get("accuracy") is not None and record["method"] in methods
     }
-    means: dict[tuple[int, str], tuple[float, int]] = {}
+    means: dict[tuple[int, str], tuple[float, int, int]] = {}
     for k in sorted({key[1] for key in acc}):
-        sets = {m: {d for d, kk, mm in acc if kk == k and mm == m} for m in methods}
-        present = [m for m in methods if sets[m]]
-        common = set.intersection(*(sets[m] for m in present))
+        ran = {m: {(d, s) for d, kk, s, mm in acc if kk == k and mm == m} for m in methods}
+        present = [m for m in methods if ran[m]]
+        common = set.intersection(*(ran[m] for m in present))
+        datasets = sorted({d for d, _ in common})
         for method in present if common else []:
-            means[(k, method)] = (statistics.fmean(acc[(d, k, method)] for d in common), len(common))
+            per_set = [
+                statistics.fmean(acc[(d, k, s, method)] for dd, s in common if dd == d) for d in datasets
+            ]
+            means[(k, method)] = (statistics.fmean(per_set), len(datasets), len(common))
     return means
 
 
-def markdown(rows: Sequence[dict[str, Any]], methods: Sequence[str], header: str) -> str:
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def markdown(
+    records: Sequence[dict[str, Any]],
+    rows: Sequence[dict[str, Any]],
+    methods: Sequence[str],
+    header: str,
+) -> str:
     by_cell = {(r["dataset"], r["k"], r["method"]): r for r in rows}
     cells_seen = sorted({(r["dataset"], r["k"]) for r in rows}, key=lambda c: (c[1], DATASETS.index(c[0])))
 
@@ -309,7 +323,7 @@ def markdown(rows: Sequence[dict[str, Any]], methods: Sequence[str], header: str
         "",
     ]
     lines += ["| dataset | K | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(methods)]
-    means = english_means(rows, methods)
+    means = english_means(records, methods)
     for k in sorted({c[1] for c in cells_seen}):
         for dataset, kk in cells_seen:
             if kk != k:
@@ -320,9 +334,9 @@ def markdown(rows: Sequence[dict[str, Any]], methods: Sequence[str], header: str
             lines.append(f"| {dataset}{note} | {k} | " + " | ".join(acc(r) for r in found) + " |")
         english = [means.get((k, m)) for m in methods]
         lines.append(
-            f"| **mean, English (the same sets)** | {k} | "
+            f"| **mean, English (the same runs)** | {k} | "
             + " | ".join(
-                "–" if e is None else f"**{e[0]:.3f}** ({e[1]} set{'' if e[1] == 1 else 's'})"
+                "–" if e is None else f"**{e[0]:.3f}** ({_count(e[1], 'set')}, {_count(e[2], 'run')})"
                 for e in english
             )
             + " |"
@@ -392,7 +406,7 @@ def write_outputs(out: Path, payload: dict[str, Any], methods: Sequence[str]) ->
         f"rows per label; test: up to {payload['max_test']} rows per dataset, the same for every run; "
         f"torch threads: {payload['torch_threads']}."
     )
-    (out / "fewshot.md").write_text(markdown(rows, methods, header) + "\n")
+    (out / "fewshot.md").write_text(markdown(payload["runs"], rows, methods, header) + "\n")
     return rows
 
 

@@ -88,33 +88,27 @@ def test_aggregate_means_over_seeds_and_keeps_what_did_not_run() -> None:
         "seeds": 0,
         "status": "not installed",
     }
-    means = fewshot.english_means(list(rows.values()), ["default", "probe", "setfit"])
-    assert means[(8, "probe")] == (pytest.approx(0.75), 2)  # sst2 and trec; comment_zh is not English
+    means = fewshot.english_means(_runs(), ["default", "probe", "setfit"])
+    assert means[(8, "probe")] == (pytest.approx(0.75), 2, 4)  # sst2 and trec; comment_zh is not English
     assert (8, "setfit") not in means  # not installed: left out, it does not empty the comparison
 
 
-def test_english_means_compare_every_method_on_the_same_sets() -> None:
-    runs = [
-        *_runs(),
-        {
-            "dataset": "trec",
-            "k": 8,
-            "seed": 0,
-            "method": "setfit",
-            "accuracy": 0.95,
-            "macro_f1": 0.9,
-            "seconds": 1.0,
-        },
-    ]
-    rows = fewshot.aggregate(runs)
-    means = fewshot.english_means(rows, ["default", "probe", "setfit"])
-    # SetFit ran on TREC only: every method's mean is its TREC figure.
-    by = {(r["dataset"], r["method"]): r for r in rows}
-    assert means[(8, "setfit")] == (pytest.approx(0.95), 1)
-    assert means[(8, "default")] == (pytest.approx(by[("trec", "default")]["accuracy"]), 1)
-    assert means[(8, "probe")] == (pytest.approx(by[("trec", "probe")]["accuracy"]), 1)
-    # Without SetFit in the comparison the others are compared on both sets.
-    assert fewshot.english_means(rows, ["default", "probe"])[(8, "probe")] == (pytest.approx(0.75), 2)
+def test_english_means_compare_every_method_on_the_same_runs() -> None:
+    setfit = {"k": 8, "method": "setfit", "macro_f1": 0.9, "seconds": 1.0}
+    runs = [*_runs(), {**setfit, "dataset": "trec", "seed": 0, "accuracy": 0.95}]
+    by = {fewshot.run_key(r): r["accuracy"] for r in runs if "accuracy" in r}
+    means = fewshot.english_means(runs, ["default", "probe", "setfit"])
+    # SetFit ran TREC seed 0 only: every method's mean is its TREC seed-0 figure.
+    assert means[(8, "setfit")] == (pytest.approx(0.95), 1, 1)
+    assert means[(8, "default")] == (pytest.approx(by[("trec", 8, 0, "default")]), 1, 1)
+    assert means[(8, "probe")] == (pytest.approx(by[("trec", 8, 0, "probe")]), 1, 1)
+    # Without SetFit in the comparison the others are compared on both sets and both seeds.
+    assert fewshot.english_means(runs, ["default", "probe"])[(8, "probe")] == (pytest.approx(0.75), 2, 4)
+    # Seeds are averaged per dataset first: three SST-2 seeds weigh as much as one TREC seed.
+    more = [{**setfit, "dataset": "sst2", "seed": s, "accuracy": 0.5} for s in (0, 1, 2)]
+    more += [{**setfit, "method": "probe", "dataset": "sst2", "seed": 2, "accuracy": 0.5}]
+    mean, sets, cells = fewshot.english_means([*runs, *more], ["probe", "setfit"])[(8, "setfit")]
+    assert (mean, sets, cells) == (pytest.approx((0.5 + 0.95) / 2), 2, 4)
 
 
 def test_reports_are_written(tmp_path: Path) -> None:
@@ -125,7 +119,10 @@ def test_reports_are_written(tmp_path: Path) -> None:
     assert len(saved["runs"]) == 18 and len(saved["summary"]) == 9
     md = (tmp_path / "fewshot.md").read_text()
     assert "| sst2 | 8 | 0.700 | 0.650 | not installed |" in md
-    assert "| **mean, English (the same sets)** | 8 | **0.800** (2 sets) | **0.750** (2 sets) | – |" in md
+    assert (
+        "| **mean, English (the same runs)** | 8 | **0.800** (2 sets, 4 runs) | "
+        "**0.750** (2 sets, 4 runs) | – |" in md
+    )
     assert "| trec | 8 | 2.5 | 2.5 | – |" in md
     message = fewshot.plot(saved["summary"], methods, tmp_path / "fewshot.png")
     assert message.startswith("plot skipped") or (tmp_path / "fewshot.png").stat().st_size > 0
