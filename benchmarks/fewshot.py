@@ -299,12 +299,8 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def markdown(
-    records: Sequence[dict[str, Any]],
-    rows: Sequence[dict[str, Any]],
-    methods: Sequence[str],
-    header: str,
-) -> str:
+def markdown(records: Sequence[dict[str, Any]], methods: Sequence[str], header: str) -> str:
+    rows = aggregate(records)
     by_cell = {(r["dataset"], r["k"], r["method"]): r for r in rows}
     cells_seen = sorted({(r["dataset"], r["k"]) for r in rows}, key=lambda c: (c[1], DATASETS.index(c[0])))
 
@@ -406,7 +402,7 @@ def write_outputs(out: Path, payload: dict[str, Any], methods: Sequence[str]) ->
         f"rows per label; test: up to {payload['max_test']} rows per dataset, the same for every run; "
         f"torch threads: {payload['torch_threads']}."
     )
-    (out / "fewshot.md").write_text(markdown(payload["runs"], rows, methods, header) + "\n")
+    (out / "fewshot.md").write_text(markdown(payload["runs"], methods, header) + "\n")
     return rows
 
 
