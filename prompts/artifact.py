@@ -8,6 +8,9 @@ Tensors (all float32, float16 or bfloat16):
 - ``head.weight`` [num_labels, hidden]                         linear head on the pooled position
 - ``head.bias``   [num_labels]
   (a verbalizer head: each label's mean masked-LM decoder row and bias, see :class:`VerbalizerSpec`)
+- ``scales``      [layers, 2 * kv_heads * head_dim + ffn]          (IA)^3 multipliers of each layer's keys,
+                 values and feed-forward activation, in that order (manifest ``scales: "ia3"``; the
+                 convention is ``prompts.backbones.base.layer_scales``)
 
 The manifest lives under the metadata key ``ptserve.manifest``. Artifacts are data only: no pickle is
 ever read, and every check below fails with a message that says what was expected and what was found.
@@ -148,6 +151,16 @@ class Manifest(BaseModel):
     created_at: str = ""
     metrics: dict[str, Any] | None = None
     training: dict[str, Any] | None = None
+    # "ia3": the artifact holds ``scales``. Absent (None) from every artifact without them, so their
+    # JSON and versions are what they were before scales existed.
+    scales: Literal["ia3"] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_scales(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("scales") is None:
+            data.pop("scales", None)
+        return data
 
     @field_validator("task")
     @classmethod
@@ -222,6 +235,10 @@ def expected_shapes(manifest: Manifest) -> dict[str, tuple[int, ...]]:
         shapes["prefix"] = (b.num_layers, 2, b.prefix_heads, manifest.prefix_length, b.head_dim)
     if manifest.prompt_length:
         shapes["prompt"] = (manifest.prompt_length, b.hidden_size)
+    if manifest.scales is not None:
+        # The FFN width is not in the manifest: -1 takes any width here; check_compatible compares it
+        # with the backbone's exactly.
+        shapes["scales"] = (b.num_layers, -1)
     return shapes
 
 
@@ -241,6 +258,7 @@ def build_artifact(
     metrics: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     verbalizer: VerbalizerSpec | None = None,
+    scales: torch.Tensor | None = None,
 ) -> PromptArtifact:
     """Write an artifact from tensors (shapes as in the module docstring); validated like any upload."""
     tensors: dict[str, torch.Tensor] = {
@@ -251,6 +269,8 @@ def build_artifact(
         tensors["prefix"] = prefix.detach().to("cpu", torch.float32).contiguous()
     if prompt is not None:
         tensors["prompt"] = prompt.detach().to("cpu", torch.float32).contiguous()
+    if scales is not None:
+        tensors["scales"] = scales.detach().to("cpu", torch.float32).contiguous()
     try:
         manifest = Manifest(
             task=task,
@@ -265,6 +285,7 @@ def build_artifact(
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             metrics=metrics,
             training=training,
+            scales="ia3" if scales is not None else None,
         )
     except ValidationError as exc:
         raise ArtifactError(f"invalid manifest: {_pydantic_message(exc)}") from exc
@@ -336,13 +357,16 @@ def parse_artifact(data: bytes, *, max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) 
     if missing or extra:
         raise ArtifactError(
             f"tensor names do not match the manifest (prefix_length={manifest.prefix_length}, "
-            f"prompt_length={manifest.prompt_length}): missing {missing}, unexpected {extra}"
+            f"prompt_length={manifest.prompt_length}, scales={manifest.scales}): missing {missing}, "
+            f"unexpected {extra}"
         )
     for name, shape in expected.items():
         t = tensors[name]
         if t.dtype not in ALLOWED_DTYPES:
             raise ArtifactError(f"tensor {name!r} has dtype {t.dtype}; expected float32, float16 or bfloat16")
-        if tuple(t.shape) != shape:
+        if t.dim() != len(shape) or any(
+            want not in (-1, got) for want, got in zip(shape, t.shape, strict=True)
+        ):
             raise ArtifactError(
                 f"tensor {name!r} has shape {list(t.shape)}; the manifest implies {list(shape)}"
             )
@@ -363,6 +387,14 @@ def parse_artifact(data: bytes, *, max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) 
         )
 
     _check_verbalizer(manifest)
+    if "scales" in tensors:
+        b = manifest.backbone
+        least = 2 * b.prefix_heads * b.head_dim + 1
+        if tensors["scales"].shape[1] < least:
+            raise ArtifactError(
+                f"tensor 'scales' is {tensors['scales'].shape[1]} wide; keys, values and a feed-forward "
+                f"part need at least {least} (2 x {b.prefix_heads} key/value heads x {b.head_dim} + 1)"
+            )
 
     actual = content_version(manifest, tensors)
     if manifest.version != actual:
@@ -458,6 +490,12 @@ def check_compatible(artifact: PromptArtifact, spec: BackboneSpec) -> None:
                 f"task {artifact.task!r} was trained on masked-LM head {verbalizer.mlm_fingerprint}; "
                 f"this backbone's is {spec.mlm_fingerprint}"
             )
+    scales = artifact.tensors.get("scales")
+    if scales is not None and scales.shape[1] != spec.scales_width:
+        raise IncompatibleArtifactError(
+            f"artifact for task {artifact.task!r} has (IA)^3 scales {scales.shape[1]} wide; this "
+            f"backbone's keys, values and feed-forward block need {spec.scales_width}"
+        )
     if max_text_tokens(artifact.manifest, spec) < 2:
         raise IncompatibleArtifactError(
             f"artifact for task {artifact.task!r} uses {artifact.manifest.prefix_length} prefix and "

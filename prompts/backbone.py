@@ -59,10 +59,16 @@ class BackboneSpec:
     # no masked-LM head, so verbalizer tasks cannot run on it. Apart from ``fingerprint`` so that
     # loading the head changed no existing backbone's fingerprint.
     mlm_fingerprint: str | None = None
+    ffn_size: int = 0  # the feed-forward block's inner width; (IA)^3 scales its activation
 
     def __post_init__(self) -> None:
         if not self.num_kv_heads:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
+
+    @property
+    def scales_width(self) -> int:
+        """One layer's (IA)^3 multipliers: keys, values (kv_heads * head_dim each), then the FFN's."""
+        return 2 * self.num_kv_heads * self.head_dim + self.ffn_size
 
     def describe(self) -> str:
         kv = f" ({self.num_kv_heads} key/value)" if self.num_kv_heads != self.num_heads else ""
@@ -486,6 +492,7 @@ def load_backbone(
         family=family_type.name,
         num_kv_heads=shape.num_kv_heads,
         mlm_fingerprint=mlm.fingerprint if mlm is not None else None,
+        ffn_size=shape.ffn_size,
     )
     logger.info("loaded backbone %s from %s on %s/%s", spec.describe(), model_dir, torch_device, dtype)
     return Backbone(model, tokenizer, spec, model_dir, family, pooling=declared_pooling(model_dir), mlm=mlm)

@@ -91,9 +91,10 @@ class ExportedPrompt:
     pooling: Pooling
     pooler: Literal["none", "backbone"]
     verbalizer: VerbalizerSpec | None = None
+    scales: torch.Tensor | None = None  # [layers, 2 * kv_dim + ffn]: (IA)^3 multipliers
 
     def parameter_count(self) -> int:
-        tensors = [self.prefix, self.prompt, self.head_weight, self.head_bias]
+        tensors = [self.prefix, self.prompt, self.head_weight, self.head_bias, self.scales]
         return sum(t.numel() for t in tensors if t is not None)
 
 
@@ -222,6 +223,19 @@ class PromptMethod(nn.Module):
                 self.head.bias.copy_(verbalizer.head_bias)
             self.head.requires_grad_(False)
             self.register_buffer("mask_embedding", verbalizer.mask_embedding.clone())  # [hidden]
+        self.scale_delta: nn.Parameter | None = None
+
+    def add_scales(self) -> None:
+        """Train (IA)^3 multipliers beside the prompt: every layer's keys, values and FFN activation
+        times ``1 + delta``. Delta starts at 0 (the backbone unchanged), so weight decay pulls the
+        multipliers back towards 1, not towards 0 as it would a multiplier trained directly."""
+        s = self.spec
+        self.scale_delta = nn.Parameter(
+            torch.zeros(s.num_layers, s.scales_width, device=self.head.weight.device)
+        )  # [layers, 2 * kv_dim + ffn]
+
+    def scales(self) -> torch.Tensor | None:
+        return None if self.scale_delta is None else 1 + self.scale_delta
 
     @property
     def pooling(self) -> Pooling:
@@ -264,6 +278,7 @@ class PromptMethod(nn.Module):
             use_pooler=self.pooler == "backbone",
             positions_after_prefix=True,
             mask_position=self.mask_position(),
+            scales=self.scales(),
         )
 
     def lengths(self) -> tuple[int, int]:
@@ -302,6 +317,7 @@ class PromptMethod(nn.Module):
             pooling=self.pooling,
             pooler=self.pooler,
             verbalizer=None if self.verbalizer is None else self.verbalizer.spec(self.mask_position()),
+            scales=plain(self.scales()),
         )
 
 
@@ -533,7 +549,11 @@ def prefix_from_tokens(backbone: Backbone, length: int, generator: torch.Generat
     layout = Layout(prefix=0, seq=len(ids), prefix_len=zero, seq_len=zero + len(ids))
     collected: Collected = []
     family.layers(
-        embeds, family.positions(zero, len(ids)), family.masks(layout, backbone.dtype), None, collected
+        embeds,
+        family.positions(zero, len(ids)),
+        family.masks(layout, backbone.dtype),
+        None,
+        collect=collected,
     )
     keys_values = [
         torch.stack([key[0, :, start : start + length], value[0, :, start : start + length]]).float()

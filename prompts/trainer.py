@@ -762,6 +762,7 @@ def _export(
             metrics=metrics,
             training=training,
             verbalizer=exported.verbalizer,
+            scales=exported.scales,
         )
 
     test_report: Report | None = None

@@ -60,6 +60,7 @@ class LoadedTask:
     use_pooler: bool
     max_text_tokens: int
     nbytes: int
+    scaled: bool = False  # the task has (IA)^3 scales
 
     @property
     def labels(self) -> list[str]:
@@ -84,6 +85,7 @@ def prepare_task(
         use_pooler=prompt.use_pooler,
         max_text_tokens=max_text_tokens(artifact.manifest, backbone.spec),
         nbytes=prompt.nbytes(),
+        scaled=prompt.scales is not None,
     )
     weakref.finalize(entry, pool.free, entry.slot)
     return entry

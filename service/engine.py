@@ -67,6 +67,7 @@ class Engine:
             max_labels=max(t.num_labels for t in tasks),
             modes=frozenset(t.pooling for t in tasks),
             any_pooler=any(t.use_pooler for t in tasks),
+            any_scales=any(t.scaled for t in tasks),
         )
 
     def logits(self, rows: list[Row]) -> torch.Tensor:

@@ -3,6 +3,8 @@
 A batch gathers its rows' prefixes, prompts and heads with one ``index_select`` per tensor, so the
 work per batch does not grow with the number of distinct tasks in it. Slots are padded to the
 longest prefix, prompt and label count seen; a batch slices the pool to its own longest first.
+(IA)^3 scales are gathered only for a batch with a scaled task in it; a slot without scales holds
+ones, so its rows pass through a scaled batch unchanged.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class PromptPool:
         self._head_weight = self._zeros(0, 2, spec.hidden_size)
         self._head_bias = self._zeros(0, 2)
         self._meta = torch.zeros((0, 7), dtype=torch.long, device=device)
+        # [slots, layers, 2 * kv_dim + ffn]; allocated with the first scaled task (MiniLM: 13,824 values
+        # a slot, as much as a 16-slot prefix), so services without scaled tasks pay nothing.
+        self._scales: torch.Tensor | None = None
         self._grow_slots(initial_slots)
 
     def _zeros(self, *shape: int) -> torch.Tensor:
@@ -51,8 +56,8 @@ class PromptPool:
 
     @property
     def nbytes(self) -> int:
-        tensors = (self._prefix, self._prompt, self._head_weight, self._head_bias, self._meta)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = (self._prefix, self._prompt, self._head_weight, self._head_bias, self._meta, self._scales)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def add(self, task: TaskPrompt) -> int:
         """Copy ``task``'s tensors into a free slot and return its index."""
@@ -69,6 +74,17 @@ class PromptPool:
                 self._prompt[slot, : task.prompt_length].copy_(task.prompt)
             self._head_weight[slot, : task.num_labels].copy_(task.head_weight)
             self._head_bias[slot, : task.num_labels].copy_(task.head_bias)
+            if task.scales is not None:
+                if self._scales is None:
+                    spec = self._spec
+                    self._scales = torch.ones(
+                        (self._capacity, spec.num_layers, spec.scales_width),
+                        dtype=self._dtype,
+                        device=self._device,
+                    )
+                self._scales[slot].copy_(task.scales)
+            elif self._scales is not None:
+                self._scales[slot].fill_(1.0)  # a slot reused from a scaled task
             meta = [
                 task.prefix_length,
                 task.prompt_length,
@@ -97,6 +113,7 @@ class PromptPool:
         max_labels: int,
         modes: frozenset[str],
         any_pooler: bool,
+        any_scales: bool = False,
     ) -> PromptBatch:
         """The PromptBatch for rows whose tasks sit in ``slots``, sliced to this batch's longest lengths."""
         index = torch.tensor(slots, dtype=torch.long).to(self._device, non_blocking=True)  # [B]
@@ -110,6 +127,10 @@ class PromptPool:
             head_weight = self._head_weight[:, :max_labels].index_select(0, index)  # [B, C, hidden]
             head_bias = self._head_bias[:, :max_labels].index_select(0, index)  # [B, C]
             meta = self._meta.index_select(0, index)  # [B, 7]
+            scales = None
+            if any_scales:
+                assert self._scales is not None
+                scales = self._scales.index_select(0, index)  # [B, layers, 2 * kv_dim + ffn]
         return PromptBatch(
             prefix=prefix,
             prefix_len=meta[:, _PREFIX_LEN],
@@ -125,14 +146,15 @@ class PromptPool:
             prompt_lens=prompt_lens,
             modes=modes,
             any_pooler=any_pooler,
+            scales=scales,
         )
 
     def _grow_slots(self, extra: int) -> None:
         old = self._capacity
         new = old + extra
 
-        def grown(t: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros((new, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        def grown(t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+            out = torch.full((new, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
             out[:old] = t
             return out
 
@@ -142,6 +164,8 @@ class PromptPool:
             grown(self._head_bias),
             grown(self._meta),
         )
+        if self._scales is not None:
+            self._scales = grown(self._scales, 1.0)
         self._free.extend(range(new - 1, old - 1, -1))  # lowest slot first
         self._capacity = new
 

@@ -28,7 +28,9 @@ def random_artifact(
     positions: Literal["after_prefix", "from_zero"] = "after_prefix",
     method: Method | None = None,
     scale: float = 1.0,
+    scales: bool = False,
 ) -> PromptArtifact:
+    """A random task of the given shape; ``scales``: with random (IA)^3 multipliers around 1."""
     g = torch.Generator().manual_seed(seed)
     prefix = None
     if prefix_length:
@@ -50,6 +52,8 @@ def random_artifact(
         pooling=pooling,
         pooler=pooler,
         positions=positions,
+        # [layers, 2 * kv_dim + ffn], drawn after everything else so other tensors stay as they were
+        scales=1 + 0.3 * torch.randn(spec.num_layers, spec.scales_width, generator=g) if scales else None,
     )
 
 

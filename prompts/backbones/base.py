@@ -39,6 +39,17 @@ class Shape:
     hidden_size: int
     max_positions: int  # positions usable by prefix offset + input prompt + text
     position_base: int  # first position id of a sequence (RoBERTa: padding_idx + 1)
+    ffn_size: int  # the feed-forward block's inner width: what its output projection reads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of one layer's key (or value) projection output."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def scales_width(self) -> int:
+        """Width of one layer's (IA)^3 multipliers: ``[keys (kv_dim) | values (kv_dim) | FFN (ffn_size)]``."""
+        return 2 * self.kv_dim + self.ffn_size
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,25 @@ def attend(
         key = key.repeat_interleave(groups, dim=1)  # [B, heads, P + S, head_dim]
         value = value.repeat_interleave(groups, dim=1)
     return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+
+
+def layer_scales(
+    scales: torch.Tensor | None,  # [B, layers, 2 * kv_dim + ffn]
+    index: int,
+    kv_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Layer ``index``'s (IA)^3 multipliers for keys, values and the FFN's inner activation, each
+    ``[B, 1, dim]`` so that they broadcast over positions; None where no row of the batch has any.
+
+    The convention is the same in every family (and PEFT's (IA)^3): keys and values are scaled as the
+    projections return them, before a head split, key norm or rotary embedding; the FFN's inner
+    activation is scaled as its output projection reads it. Prefix keys and values are never scaled:
+    they are the task's own already.
+    """
+    if scales is None:
+        return None
+    row = scales[:, index].unsqueeze(1)  # [B, 1, 2 * kv_dim + ffn]
+    return row[..., :kv_dim], row[..., kv_dim : 2 * kv_dim], row[..., 2 * kv_dim :]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -207,6 +237,7 @@ class BackboneFamily(ABC):
         positions: torch.Tensor,  # [B, S] long
         masks: dict[str, torch.Tensor],  # from masks()
         prefix: torch.Tensor | None,  # [B, layers, 2, kv_heads, P, head_dim]
+        scales: torch.Tensor | None = None,  # [B, layers, 2 * kv_dim + ffn]: (IA)^3, see layer_scales
         collect: Collected | None = None,
     ) -> torch.Tensor:
         """The final hidden states [B, S, hidden]."""

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from prompts.backbones.base import BackboneFamily, Collected, Layout, Shape, attend, key_mask
+from prompts.backbones.base import BackboneFamily, Collected, Layout, Shape, attend, key_mask, layer_scales
 from prompts.errors import BackboneError
 
 # RoBERTa-style embeddings number real positions from padding_idx + 1 (ids 0..padding_idx are unused).
@@ -48,6 +48,7 @@ class BertFamily(BackboneFamily):
             hidden_size=int(config.hidden_size),
             max_positions=int(config.max_position_embeddings) - base,
             position_base=base,
+            ffn_size=int(config.intermediate_size),
         )
 
     @classmethod
@@ -75,6 +76,7 @@ class BertFamily(BackboneFamily):
         positions: torch.Tensor,
         masks: dict[str, torch.Tensor],
         prefix: torch.Tensor | None,
+        scales: torch.Tensor | None = None,
         collect: Collected | None = None,
     ) -> torch.Tensor:
         model = self.model
@@ -86,14 +88,19 @@ class BertFamily(BackboneFamily):
         for index, layer in enumerate(model.encoder.layer):
             attention = layer.attention.self
             split = (rows, seq, attention.num_attention_heads, attention.attention_head_size)
+            ia3 = layer_scales(scales, index, width)
             query = attention.query(hidden).view(split).transpose(1, 2)  # [B, heads, S, head_dim]
-            key = attention.key(hidden).view(split).transpose(1, 2)  # [B, heads, S, head_dim]
-            value = attention.value(hidden).view(split).transpose(1, 2)  # [B, heads, S, head_dim]
+            key, value = attention.key(hidden), attention.value(hidden)  # [B, S, hidden]
+            if ia3 is not None:
+                key, value = key * ia3[0], value * ia3[1]
+            key = key.view(split).transpose(1, 2)  # [B, heads, S, head_dim]
+            value = value.view(split).transpose(1, 2)  # [B, heads, S, head_dim]
             if collect is not None:
                 collect.append((key, value))
             layer_prefix = None if prefix is None else prefix[:, index]  # [B, 2, heads, P, head_dim]
             context = attend(query, key, value, layer_prefix, masks["keys"], attention.scaling)
             context = context.transpose(1, 2).reshape(rows, seq, width)  # [B, S, hidden]
             hidden = layer.attention.output(context, hidden)
-            hidden = layer.output(layer.intermediate(hidden), hidden)
+            inner = layer.intermediate(hidden)  # [B, S, ffn]
+            hidden = layer.output(inner if ia3 is None else inner * ia3[2], hidden)
         return hidden

@@ -19,7 +19,16 @@ from typing import Any, ClassVar
 
 import torch
 
-from prompts.backbones.base import BackboneFamily, Collected, Layout, Shape, attend, rotate, window_mask
+from prompts.backbones.base import (
+    BackboneFamily,
+    Collected,
+    Layout,
+    Shape,
+    attend,
+    layer_scales,
+    rotate,
+    window_mask,
+)
 from prompts.errors import BackboneError
 
 
@@ -58,6 +67,7 @@ class DecoderFamily(BackboneFamily):
             hidden_size=int(config.hidden_size),
             max_positions=int(config.max_position_embeddings),
             position_base=0,
+            ffn_size=int(config.intermediate_size),
         )
 
     @classmethod
@@ -92,6 +102,7 @@ class DecoderFamily(BackboneFamily):
         positions: torch.Tensor,
         masks: dict[str, torch.Tensor],
         prefix: torch.Tensor | None,
+        scales: torch.Tensor | None = None,
         collect: Collected | None = None,
     ) -> torch.Tensor:
         model = self.model
@@ -102,9 +113,13 @@ class DecoderFamily(BackboneFamily):
         for index, layer in enumerate(model.layers):
             attention = layer.self_attn
             x = layer.input_layernorm(hidden)
+            ia3 = layer_scales(scales, index, self.shape.kv_dim)
             query = attention.q_proj(x).view(rows, seq, -1, head_dim)  # [B, S, heads, head_dim]
-            key = attention.k_proj(x).view(rows, seq, -1, head_dim)  # [B, S, kv_heads, head_dim]
-            value = attention.v_proj(x).view(rows, seq, -1, head_dim).transpose(1, 2)  # [B, kv, S, hd]
+            key, value = attention.k_proj(x), attention.v_proj(x)  # [B, S, kv_heads * head_dim]
+            if ia3 is not None:
+                key, value = key * ia3[0], value * ia3[1]
+            key = key.view(rows, seq, -1, head_dim)  # [B, S, kv_heads, head_dim]
+            value = value.view(rows, seq, -1, head_dim).transpose(1, 2)  # [B, kv_heads, S, head_dim]
             if hasattr(attention, "q_norm"):  # Qwen3: RMSNorm over each head, before the rotation
                 query, key = attention.q_norm(query), attention.k_norm(key)
             query = rotate(query.transpose(1, 2), cos, sin)  # [B, heads, S, head_dim]
@@ -117,7 +132,13 @@ class DecoderFamily(BackboneFamily):
             context = attend(query, key, value, layer_prefix, mask, attention.scaling)
             context = context.transpose(1, 2).reshape(rows, seq, -1)  # [B, S, heads * head_dim]
             hidden = hidden + attention.o_proj(context)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            x = layer.post_attention_layernorm(hidden)
+            if ia3 is None:
+                hidden = hidden + layer.mlp(x)
+            else:
+                mlp = layer.mlp  # Llama's gated MLP, its inner activation scaled before down_proj
+                inner = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)  # [B, S, ffn]
+                hidden = hidden + mlp.down_proj(inner * ia3[2])
         normed: torch.Tensor = model.norm(hidden)
         return normed
 

@@ -25,6 +25,7 @@ from prompts.backbones.base import (
     Shape,
     attend,
     key_mask,
+    layer_scales,
     rotate,
     window_mask,
 )
@@ -49,6 +50,7 @@ class ModernBertFamily(BackboneFamily):
             hidden_size=int(config.hidden_size),
             max_positions=int(config.max_position_embeddings),
             position_base=0,
+            ffn_size=int(config.intermediate_size),
         )
 
     @classmethod
@@ -80,6 +82,7 @@ class ModernBertFamily(BackboneFamily):
         positions: torch.Tensor,
         masks: dict[str, torch.Tensor],
         prefix: torch.Tensor | None,
+        scales: torch.Tensor | None = None,
         collect: Collected | None = None,
     ) -> torch.Tensor:
         model = self.model
@@ -89,7 +92,12 @@ class ModernBertFamily(BackboneFamily):
         rotations = {kind: model.rotary_emb(hidden, positions, kind) for kind in set(self.config.layer_types)}
         for index, layer in enumerate(model.layers):
             attention = layer.attn
-            qkv = attention.Wqkv(layer.attn_norm(hidden)).view(rows, seq, 3, s.num_heads, s.head_dim)
+            ia3 = layer_scales(scales, index, s.kv_dim)
+            qkv = attention.Wqkv(layer.attn_norm(hidden))  # [B, S, 3 * hidden]: query | key | value
+            if ia3 is not None:
+                ones = qkv.new_ones(rows, 1, s.kv_dim)  # the query is never scaled
+                qkv = qkv * torch.cat([ones, ia3[0], ia3[1]], dim=-1)
+            qkv = qkv.view(rows, seq, 3, s.num_heads, s.head_dim)
             query, key, value = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # [B, heads, S, head_dim]
             cos, sin = rotations[layer.attention_type]  # [B, S, head_dim]
             query, key = rotate(query, cos, sin), rotate(key, cos, sin)
@@ -100,6 +108,12 @@ class ModernBertFamily(BackboneFamily):
             context = attend(query, key, value, layer_prefix, mask, s.head_dim**-0.5)
             context = context.transpose(1, 2).reshape(rows, seq, -1)  # [B, S, hidden]
             hidden = hidden + attention.out_drop(attention.Wo(context))
-            hidden = hidden + layer.mlp(layer.mlp_norm(hidden))
+            x = layer.mlp_norm(hidden)
+            if ia3 is None:
+                hidden = hidden + layer.mlp(x)
+            else:
+                mlp = layer.mlp  # ModernBERT's GLU, its inner activation scaled before Wo
+                gated, gate = mlp.Wi(x).chunk(2, dim=-1)  # [B, S, ffn] each
+                hidden = hidden + mlp.Wo(mlp.drop(mlp.act(gated) * gate * ia3[2]))
         normed: torch.Tensor = model.final_norm(hidden)
         return normed

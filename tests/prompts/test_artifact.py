@@ -594,3 +594,54 @@ def test_prefix_heads_are_the_backbones_key_value_heads(backbone: Backbone, base
         "tensor 'prefix' has shape [2, 2, 4, 4, 8]",
         "[2, 2, 2, 4, 8]",
     )
+
+
+# --- (IA)^3 scales -----------------------------------------------------------------------------------
+
+
+def test_scales_round_trip_and_leave_unscaled_manifests_as_they_were(
+    backbone: Backbone, base: PromptArtifact
+) -> None:
+    spec = backbone.spec
+    scaled = random_artifact(spec, num_labels=3, prefix_length=4, prompt_length=2, seed=0, scales=True)
+    parsed = parse_artifact(scaled.data)
+    assert parsed.manifest.scales == "ia3"
+    assert parsed.tensors["scales"].shape == (spec.num_layers, spec.scales_width)
+    assert spec.scales_width == 2 * spec.num_kv_heads * spec.head_dim + spec.ffn_size
+    check_compatible(parsed, spec)
+    # The other tensors are the unscaled artifact's (drawn first), yet the version differs.
+    assert torch.equal(parsed.tensors["prefix"], base.tensors["prefix"])
+    assert parsed.version != base.version
+    # An artifact without scales says nothing about them: its JSON is what it was before they existed.
+    assert "scales" not in json.loads(base.manifest_json())
+    assert '"scales"' in scaled.manifest_json()
+
+
+def test_scales_without_the_manifest_saying_so_and_the_reverse_are_refused(backbone: Backbone) -> None:
+    scaled = random_artifact(backbone.spec, seed=0, scales=True)
+    manifest, tensors = _parts(scaled)
+    del manifest["scales"]
+    _expect(ArtifactError, _forge(manifest, tensors), "unexpected ['scales']")
+    manifest, tensors = _parts(scaled)
+    del tensors["scales"]
+    _expect(ArtifactError, _forge(manifest, tensors), "missing ['scales']", "scales=ia3")
+
+
+def test_scales_of_a_wrong_shape_or_value_are_refused(backbone: Backbone) -> None:
+    spec = backbone.spec
+    scaled = random_artifact(spec, seed=0, scales=True)
+    manifest, tensors = _parts(scaled)
+    tensors["scales"] = tensors["scales"][:1]
+    _expect(ArtifactError, _forge(manifest, tensors), "tensor 'scales' has shape", f"[{spec.num_layers}, -1]")
+    manifest, tensors = _parts(scaled)
+    tensors["scales"] = tensors["scales"][:, :10].contiguous()
+    _expect(ArtifactError, _forge(manifest, tensors), "tensor 'scales' is 10 wide")
+    manifest, tensors = _parts(scaled)
+    tensors["scales"][0, 0] = float("nan")
+    _expect(ArtifactError, _forge(manifest, tensors), "'scales' holds 1 non-finite")
+    # Wide enough for keys and values but not this backbone's feed-forward block: parsed, then
+    # refused by the backbone.
+    manifest, tensors = _parts(scaled)
+    tensors["scales"] = torch.ones(spec.num_layers, spec.scales_width + 4)
+    wrong = parse_artifact(_forge(manifest, tensors))
+    _incompatible(wrong, spec, f"(IA)^3 scales {spec.scales_width + 4} wide", f"need {spec.scales_width}")

@@ -101,13 +101,25 @@ def test_mixed_tasks_through_the_padded_encoder(kind: str, kind_backbone: Callab
         task(task="a", num_labels=3, prefix_length=4, seed=1),
         task(task="b", num_labels=5, prefix_length=7, prompt_length=3, pooling="mean", seed=2),
         task(task="c", num_labels=2, prefix_length=0, prompt_length=2, pooling="last", seed=3),
+        task(task="d", num_labels=4, prefix_length=3, seed=4, scales=True),
     ]
     ids = [e.input_ids for e in backbone.encode(TEXTS, 40)]
-    batch = batch_from_tasks([tasks[i % 3] for i in range(len(ids))], backbone.device)
     encoder = GraphedEncoder(backbone.family, max_rows=8, capture=False)
-    padded = run_prompted(backbone, ids, batch, encoder)
-    torch.testing.assert_close(padded, run_prompted(backbone, ids, batch), rtol=0, atol=1e-5)
-    assert encoder.replays == 1
+    # Without a scaled task, then with one: two buckets (a scaled one holds a scales buffer), the
+    # unscaled rows the same in both.
+    plain = batch_from_tasks([tasks[i % 3] for i in range(len(ids))], backbone.device)
+    scaled = batch_from_tasks([tasks[i % 4] for i in range(len(ids))], backbone.device)
+    assert plain.scales is None and scaled.scales is not None
+    for batch in (plain, scaled):
+        padded = run_prompted(backbone, ids, batch, encoder)
+        torch.testing.assert_close(padded, run_prompted(backbone, ids, batch), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        run_prompted(backbone, ids, scaled, encoder)[:3],
+        run_prompted(backbone, ids, plain)[:3],
+        rtol=0,
+        atol=1e-5,
+    )
+    assert encoder.replays == 3 and len({b.scaled for b in encoder._buckets}) == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -81,9 +81,13 @@ def ptserve_hidden(
     captured: list[torch.Tensor] = []
 
     def encoder(
-        embeds: torch.Tensor, positions: torch.Tensor, layout: Layout, prefix: torch.Tensor | None
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        layout: Layout,
+        prefix: torch.Tensor | None,
+        scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden = family.layers(embeds, positions, family.masks(layout, embeds.dtype), prefix)
+        hidden = family.layers(embeds, positions, family.masks(layout, embeds.dtype), prefix, scales)
         captured.append(hidden)
         return hidden
 
