@@ -169,6 +169,12 @@ class Hyperparameters(BaseModel):
         description="what a prefix is trained on: labels (cross-entropy) or pairs (SetFit's sentence pairs, "
         "then a fitted head: label prototypes by default); default labels, auto chooses by the data's size",
     )
+    scales: bool | None = Field(
+        default=None,
+        description="train (IA)^3 scales of every layer's keys, values and feed-forward activation beside "
+        "the prompt (not with the linear probe); default off, auto turns them on for few-shot data of "
+        "fewer than 48 rows per label",
+    )
     head: Literal["cls", "mean", "last", "peft", "verbalizer"] | None = Field(
         default=None,
         description="what the linear head reads (default: decoders the last token; encoders mean for the "

@@ -251,6 +251,11 @@ def export_peft_adapter(
         raise PeftError(
             f"task {m.task!r} has both a deep prefix and an input prompt; a PEFT adapter holds one of them"
         )
+    if m.scales is not None:
+        raise PeftError(
+            f"task {m.task!r} has (IA)^3 scales beside its prompt; a PEFT adapter holds one method "
+            "(train with --no-scales to export to PEFT)"
+        )
     if not m.prefix_length and not m.prompt_length:
         raise PeftError(
             f"task {m.task!r} has neither a prefix nor a prompt (a linear probe): PEFT has no such adapter"

@@ -138,6 +138,15 @@ PAIR_LOSS_REFINED = "in-batch"
 REFINE_EPOCHS = 20
 REFINE_PATIENCE = 5
 REFINE_FROM_ROWS_PER_LABEL = 48
+# Method "auto" trains (IA)^3 scales beside the prefix where the pairs' pass is all there is (below
+# REFINE_FROM_ROWS_PER_LABEL): each layer's keys, values and FFN activation times 1 + delta, delta from 0
+# in the prefix's optimiser (13,824 values a task on MiniLM). The pass alone, test accuracy without ->
+# with (an experiment script over benchmarks/fewshot.py's cells, seeds 0-4): K=16 over 17 cells +0.020
+# (11 won; SST-2 0.668 -> 0.678, TREC 0.830 -> 0.853, emotion 0.458 -> 0.499, AG News seeds 0, 1
+# 0.829 -> 0.817), K=32 over 6 cells +0.012, K=8 over 5 cells +0.007. Smaller steps for the deltas and
+# the FFN vector alone were no better; rank-4 LoRA on queries and values lost. Not measured after the
+# cross-entropy refinement, so the refined plan keeps the prefix alone.
+AUTO_SCALES_BELOW_ROWS_PER_LABEL = REFINE_FROM_ROWS_PER_LABEL
 # method "auto" on few-shot data also fits the linear probe and keeps it only where the dev rows show it
 # better beyond chance: McNemar's z over the rows the two disagree on (probe right and pairs wrong minus
 # the reverse, over the square root of their sum) at least this. banking77 K=32 (604 dev rows): dev
@@ -202,6 +211,9 @@ class TrainConfig:
     # objective "pairs": then at most this many epochs of cross-entropy from the pairs' prefix and head
     # (REFINE_EPOCHS; 0: the pass alone). Method "auto" sets it from REFINE_FROM_ROWS_PER_LABEL up.
     refine_epochs: int = 0
+    # (IA)^3 scales trained beside the prompt (prompts/methods.py PromptMethod.add_scales): the artifact
+    # then holds ``scales``. None: off (method "auto" turns them on for the pairs' pass alone).
+    scales: bool | None = None
     # Filled by plan_for_data for method "auto": what it chose and why (recorded in the manifest).
     plan: dict[str, Any] | None = None
 
@@ -261,6 +273,11 @@ class TrainConfig:
         if self.refine_epochs and not pairs:
             raise ValueError(
                 "refine_epochs continues objective 'pairs' with cross-entropy: set objective 'pairs'"
+            )
+        if self.scales and method == "linear-probe":
+            raise ValueError(
+                "scales change the backbone's features, and the linear probe trains on features pooled "
+                "once: use a prompt method (p-tuning-v2) with scales"
             )
         if self.pair_iterations is not None and self.pair_iterations < 1:
             raise ValueError(f"pair_iterations must be at least 1, got {self.pair_iterations}")
@@ -329,6 +346,8 @@ class TrainConfig:
             }
             if self.refine_epochs:
                 keep.add("refine_epochs")
+        if self.scales:  # recorded only when on, so manifests without scales are unchanged
+            keep.add("scales")
         return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
 
 
@@ -371,6 +390,14 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
     if config.objective != "labels" and config.head in (None, "mean", "cls", "last") and not epoch_settings:
         refine = per_label >= REFINE_FROM_ROWS_PER_LABEL and config.refine_epochs == 0
         refine_epochs = REFINE_EPOCHS if refine else config.refine_epochs
+        scales = (
+            config.scales
+            if config.scales is not None
+            else refine_epochs == 0 and per_label < AUTO_SCALES_BELOW_ROWS_PER_LABEL
+        )
+        with_scales = (
+            "; with (IA)^3 scales of every layer's keys, values and feed-forward activation" if scales else ""
+        )
         then = (
             f"; from {REFINE_FROM_ROWS_PER_LABEL} rows per label, then up to {REFINE_EPOCHS} epochs of "
             "cross-entropy from that prefix and head, the best epoch kept on dev"
@@ -382,17 +409,19 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
             method="p-tuning-v2",
             objective="pairs",
             refine_epochs=refine_epochs,
+            scales=scales,
             plan=facts
             | {
                 "regime": "few-shot",
                 "objective": "pairs",
                 "refine_epochs": refine_epochs,
                 "pair_loss": pair_loss_for(config.pair_loss, refine_epochs),
+                "scales": scales,
                 # The probe pools the mean; a head asked for is not overridden by it.
                 "probe_candidate": config.head is None,
                 "reason": f"fewer than {FEW_SHOT_ROWS_PER_LABEL} train rows per label: P-tuning v2 prefix "
                 "trained on sentence pairs (SetFit's pairs, the backbone frozen), then a "
-                f"head fitted on the train rows (label prototypes){then}",
+                f"head fitted on the train rows (label prototypes){with_scales}{then}",
             },
         )
     why = (
@@ -544,7 +573,10 @@ def build_method(
             module = PTuningEncoder(spec, len(labels), init=init, head=config.head, verbalizer=verbalizer)
     else:
         module = LinearProbe(spec, len(labels), head=config.head)
-    return module.to(backbone.device)
+    module = module.to(backbone.device)
+    if config.scales:
+        module.add_scales()
+    return module
 
 
 def _serving_room(backbone: Backbone, module: PromptMethod) -> int:

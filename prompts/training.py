@@ -41,6 +41,7 @@ def make_train_config(
     max_seconds: float | None = None,
     label_words: dict[str, list[str]] | None = None,
     objective: str | None = None,
+    scales: bool | None = None,
 ) -> TrainConfig:
     """A checked TrainConfig; ``length`` is the prefix length or the number of virtual tokens.
 
@@ -64,6 +65,7 @@ def make_train_config(
         max_seconds=max_seconds,
         label_words=label_words,
         objective=objective,
+        scales=scales,
     )
     if length is not None:
         config = dataclasses.replace(config, prefix_length=length, prompt_length=length)
@@ -132,6 +134,7 @@ def job_train_config(spec: JobSpec) -> TrainConfig:
         max_seconds=hp.max_seconds,
         objective=hp.objective,
         label_words=hp.label_words,
+        scales=hp.scales,
     )
 
 

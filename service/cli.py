@@ -199,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Default: labels; auto chooses by the data's size (see README 'Few-shot data')",
     )
     train.add_argument(
+        "--scales",
+        action=argparse.BooleanOptionalAction,
+        help="train (IA)^3 scales of every layer's keys, values and feed-forward activation beside the "
+        "prompt (not with the probe). Default: off; auto turns them on below 48 train rows per label",
+    )
+    train.add_argument(
         "--patience", type=_positive_int, help="epochs without a better dev accuracy before stopping"
     )
     train.add_argument("--seed", type=int, default=0)
@@ -547,6 +553,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         max_seconds=args.max_seconds,
         label_words=args.label_words,
         objective=args.objective,
+        scales=args.scales,
     )
 
 

@@ -228,6 +228,9 @@ def test_export_refuses_heads_peft_cannot_run(backbone: Backbone, tmp_path: Path
     )
     with pytest.raises(PeftError, match="linear probe"):
         export_peft_adapter(probe, tmp_path / "c")
+    scaled = random_artifact(backbone.spec, prefix_length=3, pooling="first", pooler="backbone", scales=True)
+    with pytest.raises(PeftError, match="scales beside its prompt"):
+        export_peft_adapter(scaled, tmp_path / "d")
 
 
 def _adapter(tmp_path: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:

@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from prompts.backbone import Backbone, load_backbone
 from prompts.data import Example, TaskData
@@ -50,7 +51,11 @@ def test_auto_keeps_todays_defaults_from_the_threshold_up() -> None:
 def test_auto_below_the_threshold_trains_on_pairs() -> None:
     planned = plan_for_data(TrainConfig(method="auto"), _data(FEW_SHOT_ROWS_PER_LABEL - 1, 4))
     assert planned == dataclasses.replace(
-        TrainConfig(method="p-tuning-v2"), objective="pairs", refine_epochs=REFINE_EPOCHS, plan=planned.plan
+        TrainConfig(method="p-tuning-v2"),
+        objective="pairs",
+        refine_epochs=REFINE_EPOCHS,
+        scales=False,
+        plan=planned.plan,
     )
     assert planned.plan is not None and planned.plan["regime"] == "few-shot"
     assert planned.plan["objective"] == "pairs"
@@ -66,6 +71,20 @@ def test_auto_refines_the_pairs_with_cross_entropy_from_enough_rows_per_label() 
     below = plan_for_data(TrainConfig(method="auto"), _data(REFINE_FROM_ROWS_PER_LABEL - 1, 4))
     assert below.refine_epochs == 0 and below.plan is not None and below.plan["refine_epochs"] == 0
     assert "no epoch is chosen" in below.plan["reason"]
+    # The pass alone trains (IA)^3 scales beside the prefix; the refined plan does not (not measured).
+    assert below.scales is True and below.plan["scales"] is True and "(IA)^3" in below.plan["reason"]
+    refined = plan_for_data(TrainConfig(method="auto"), _data(REFINE_FROM_ROWS_PER_LABEL, 4))
+    assert refined.scales is False and refined.plan is not None and refined.plan["scales"] is False
+    asked_off = plan_for_data(TrainConfig(method="auto", scales=False), _data(8))
+    assert (
+        asked_off.scales is False and asked_off.plan is not None and "(IA)^3" not in asked_off.plan["reason"]
+    )
+    asked_on = plan_for_data(TrainConfig(method="auto", scales=True), _data(REFINE_FROM_ROWS_PER_LABEL, 4))
+    assert asked_on.scales is True
+    with pytest.raises(ValueError, match="linear probe trains on features pooled once"):
+        TrainConfig(method="linear-probe", scales=True).resolved()
+    with pytest.raises(InvalidInputError, match="linear probe"):
+        make_train_config("probe", scales=True)
     # The pass alone reads the sampled pairs; a pass the refinement follows, every pair of its rows.
     assert below.plan["pair_loss"] == below.resolved().pair_loss == "sampled"
     for per_label in (REFINE_FROM_ROWS_PER_LABEL, FEW_SHOT_ROWS_PER_LABEL - 1):
@@ -149,6 +168,12 @@ def test_auto_on_few_rows_trains_pairs_and_records_the_plan(learnable: Backbone)
     assert plan["kept"] == ("linear-probe" if plan["mcnemar_z"] >= PROBE_Z else "p-tuning-v2")
     assert training["method"] == result.artifact.manifest.method == plan["kept"] == "p-tuning-v2"
     assert training["hyperparameters"]["objective"] == "pairs" and result.config.plan == plan
+    # With (IA)^3 scales beside the prefix, as the plan says; the artifact holds them.
+    assert plan["scales"] is True and training["hyperparameters"]["scales"] is True
+    assert result.artifact.manifest.scales == "ia3"
+    spec = learnable.spec
+    assert result.artifact.tensors["scales"].shape == (spec.num_layers, spec.scales_width)
+    assert not torch.equal(result.artifact.tensors["scales"], torch.ones(spec.num_layers, spec.scales_width))
     assert training["duration_seconds"] == round(result.seconds, 2)
     assert training["duration_seconds"] == pytest.approx(
         sum(c["seconds"] for c in plan["candidates"].values()), abs=0.02
@@ -161,7 +186,10 @@ def test_auto_on_few_rows_trains_pairs_and_records_the_plan(learnable: Backbone)
     plain = train_task(learnable, "tiny", data, dataclasses.replace(TINY, method="p-tuning-v2", epochs=1))
     plain_training = plain.artifact.manifest.training or {}
     assert "plan" not in plain_training
-    assert not {"selection", "objective", "pair_iterations"} & set(plain_training["hyperparameters"])
+    assert not {"selection", "objective", "pair_iterations", "scales"} & set(
+        plain_training["hyperparameters"]
+    )
+    assert plain.artifact.manifest.scales is None and "scales" not in plain.artifact.tensors
     assert plain_training["hyperparameters"]["prefix_init"] == "tokens"
 
 
