@@ -215,6 +215,7 @@ def _info(record: TaskRecord) -> PromptInfo:
         method=str(m.get("method", "")),
         prefix_length=int(m.get("prefix_length", 0)),
         prompt_length=int(m.get("prompt_length", 0)),
+        scales=m.get("scales"),
         created_at=str(m.get("created_at", "")),
         size_bytes=record.size_bytes,
         versions=list(record.versions),

@@ -77,6 +77,10 @@ class PromptInfo(BaseModel):
     method: str
     prefix_length: int
     prompt_length: int
+    scales: str | None = Field(
+        default=None,
+        description='"ia3": the task scales every layer\'s keys, values and feed-forward activation',
+    )
     created_at: str
     size_bytes: int
     versions: list[str] = Field(description="stored versions, newest first")

@@ -266,6 +266,13 @@ def test_objective_pairs_from_the_command_line(
     assert cli.main([*base, *FAST, "--objective", "labels", "--epochs", "1", "--out", str(out)]) == 0
     hp = (parse_artifact(out.read_bytes()).manifest.training or {})["hyperparameters"]
     assert "objective" not in hp and hp["selection"] == "robust"
+    # Auto's pass alone trains (IA)^3 scales; --no-scales turns them off, --scales on a probe is refused.
+    assert parse_artifact(out.read_bytes()).manifest.scales is None
+    assert cli.main([*base, "--lr", "0.05", "--prefix-length", "4", "--no-scales", "--out", str(out)]) == 0
+    assert parse_artifact(out.read_bytes()).manifest.scales is None
+    assert training["plan"]["scales"] is True and training["hyperparameters"]["scales"] is True
+    assert cli.main([*base, "--method", "probe", "--scales", "--out", str(out)]) == 1
+    assert "linear probe trains on features pooled once" in capsys.readouterr().err
 
 
 def _accuracy(out: str) -> float:
