@@ -11,6 +11,9 @@ architecture's shape (benchmarks/shapes.py; speed only).
 
     .venv/bin/python -m benchmarks.perf_engine --data-root ../shared/data
     .venv/bin/python -m benchmarks.perf_engine --shape qwen3-0.6b --tasks 1,10,100 --batch-size 16
+
+``--scaled`` adds, per task count, a configuration where every other task also has (IA)^3 scales (the
+few-shot default's tasks): what a batch that gathers and applies them costs beside one that does not.
 """
 
 from __future__ import annotations
@@ -60,7 +63,9 @@ def make_tasks(
     prefix_length: int,
     num_labels: int,
     pooling: Pooling = "cls",
+    scaled_every: int = 0,
 ) -> list[LoadedTask]:
+    """``scaled_every`` k > 0: every k-th task has (IA)^3 scales (multipliers near 1)."""
     spec = backbone.spec
     tasks = []
     g = torch.Generator().manual_seed(count)
@@ -76,6 +81,10 @@ def make_tasks(
             head_weight=torch.randn(num_labels, spec.hidden_size, generator=g) * 0.02,
             head_bias=torch.zeros(num_labels),
             pooling=pooling,
+            # [layers, 2 * kv_dim + ffn]
+            scales=1 + 0.1 * torch.randn(spec.num_layers, spec.scales_width, generator=g)
+            if scaled_every and i % scaled_every == 0
+            else None,
         )
         tasks.append(prepare_task(artifact, backbone, pool))
     return tasks
@@ -88,6 +97,7 @@ def mixed_vs_alone_max_diff(
     spec = backbone.spec
     g = torch.Generator().manual_seed(7)
     shapes = [(16, 0, 4), (4, 2, 7), (0, 8, 2), (40, 0, 3), (8, 4, 5)]  # (prefix, prompt, labels)
+    # (IA)^3 scales on the first and the fourth task: the batch mixes rows with and without them.
     served, reference = [], []
     for i, (p, k, c) in enumerate(shapes):
         artifact = build_artifact(
@@ -102,6 +112,9 @@ def mixed_vs_alone_max_diff(
             head_bias=torch.zeros(c),
             method="custom",
             pooling=pooling,
+            scales=1 + 0.1 * torch.randn(spec.num_layers, spec.scales_width, generator=g)
+            if i % 3 == 0
+            else None,
         )
         served.append(prepare_task(artifact, backbone, pool))
         reference.append(TaskPrompt.from_artifact(artifact, backbone.device, backbone.dtype))
@@ -139,6 +152,9 @@ def main() -> None:
         default="auto",
         help="the heads' pooling; auto: what the trainer gives a p-tuning-v2 task on this backbone",
     )
+    parser.add_argument(
+        "--scaled", action="store_true", help="also each task count with (IA)^3 scales on every other task"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/engine"))
     args = parser.parse_args()
 
@@ -153,9 +169,17 @@ def main() -> None:
     batches = [encodings[i : i + args.batch_size] for i in range(0, len(encodings), args.batch_size)]
     counts = [int(x) for x in args.tasks.split(",")]
     pool = PromptPool(backbone.spec, backbone.device, backbone.dtype)
-    task_sets = {n: make_tasks(backbone, pool, n, args.prefix_length, 4, pooling) for n in counts}
+    task_sets = {f"{n} tasks": make_tasks(backbone, pool, n, args.prefix_length, 4, pooling) for n in counts}
+    if args.scaled:
+        for n in counts:
+            task_sets[f"{n} tasks, half scaled"] = make_tasks(
+                backbone, pool, n, args.prefix_length, 4, pooling, scaled_every=2
+            )
     rng = random.Random(0)
-    plans = {n: [[Row(rng.choice(task_sets[n]), ids) for ids in batch] for batch in batches] for n in counts}
+    plans = {
+        name: [[Row(rng.choice(tasks), ids) for ids in batch] for batch in batches]
+        for name, tasks in task_sets.items()
+    }
     engine = Engine(backbone, pool)
     device = backbone.device
     plain = plain_forward_kwargs(backbone)
@@ -174,8 +198,8 @@ def main() -> None:
 
     rows_total = sum(len(b) for b in batches)
     raw_name = "raw backbone (no prompts)"
-    names = [raw_name] + [f"{n} tasks" for n in counts]
-    plan_of = {f"{n} tasks": plans[n] for n in counts}
+    names = [raw_name, *plans]
+    plan_of = plans
 
     def run(name: str, i: int) -> None:
         if name == raw_name:
@@ -248,7 +272,8 @@ def main() -> None:
         f"prefix length {args.prefix_length}, {pooling} pooling, median of "
         f'{args.rounds} rounds interleaved batch by batch; "÷ 1 task" is the median of the '
         f"per-round ratios.\n\n{table}\n\n"
-        f"Mixed batch (5 tasks: prefix 0-40, prompt 0-8, 2-7 labels) vs each row alone: max |Δ logit| "
+        f"Mixed batch (5 tasks: prefix 0-40, prompt 0-8, 2-7 labels, two with (IA)^3 scales) vs each row "
+        f"alone: max |Δ logit| "
         f"= {max_diff:.2e}\n"
     )
     tag = report_tag(backbone, args.shape)
