@@ -192,6 +192,7 @@ def run_ptserve(
         "kept": plan.get("kept") if plan else None,  # auto: pairs or the probe, by McNemar on dev
         "mcnemar_z": plan.get("mcnemar_z") if plan else None,
         "refine_epochs": plan.get("refine_epochs") if plan else None,  # auto: cross-entropy after the pairs
+        "scales": result.artifact.manifest.scales is not None,  # (IA)^3 scales in the artifact
     }
 
 

@@ -172,7 +172,8 @@ def main() -> None:
     task_sets = {f"{n} tasks": make_tasks(backbone, pool, n, args.prefix_length, 4, pooling) for n in counts}
     if args.scaled:
         for n in counts:
-            task_sets[f"{n} tasks, half scaled"] = make_tasks(
+            # Every other task scaled, starting with the first (so "1 tasks" is the scaled one).
+            task_sets[f"{n} tasks, every other scaled"] = make_tasks(
                 backbone, pool, n, args.prefix_length, 4, pooling, scaled_every=2
             )
     rng = random.Random(0)

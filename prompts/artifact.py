@@ -364,11 +364,11 @@ def parse_artifact(data: bytes, *, max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) 
         t = tensors[name]
         if t.dtype not in ALLOWED_DTYPES:
             raise ArtifactError(f"tensor {name!r} has dtype {t.dtype}; expected float32, float16 or bfloat16")
-        if t.dim() != len(shape) or any(
-            want not in (-1, got) for want, got in zip(shape, t.shape, strict=True)
-        ):
+        fits = t.dim() == len(shape) and all(w in (-1, n) for w, n in zip(shape, t.shape, strict=True))
+        if not fits:
+            implied = ", ".join("any width" if n == -1 else str(n) for n in shape)
             raise ArtifactError(
-                f"tensor {name!r} has shape {list(t.shape)}; the manifest implies {list(shape)}"
+                f"tensor {name!r} has shape {list(t.shape)}; the manifest implies [{implied}]"
             )
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())

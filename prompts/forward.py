@@ -16,8 +16,8 @@ Per row ``b`` with task prefix length ``P_b``, input-prompt length ``K_b`` and t
 - attention: the family's (``prompts/backbones``): bidirectional or causal, its own position scheme,
   and the prefix in front of every layer's keys and values;
 - (IA)^3 scales, where a row's task has them: its layers' keys, values and FFN inner activations
-  multiplied by the task's vectors (``layer_scales`` in ``prompts/backbones/base.py``); rows of tasks
-  without them multiply by ones;
+  multiplied by the task's vectors (``layer_scales`` in ``prompts/backbones/base.py``), carried as
+  multipliers minus one; rows of tasks without them carry zeros;
 - pooled vector: the text's first token (index ``K_b``), sequence position 0, the mean of the text
   tokens, the text's last token (index ``K_b + T_b - 1``, decoders), or (a verbalizer) the input
   prompt's ``[MASK]`` row through the masked-LM head's transform, whose head rows are label words';
@@ -54,7 +54,9 @@ class TaskPrompt:
     use_pooler: bool = False
     positions_after_prefix: bool = True
     mask_position: int = 0  # pooling "mask": the input prompt's row that holds the [MASK] embedding
-    scales: torch.Tensor | None = None  # [layers, 2 * kv_dim + ffn]: (IA)^3 multipliers, keys | values | FFN
+    # [layers, 2 * kv_dim + ffn]: (IA)^3 multipliers minus one (the artifact's ``scales`` - 1), keys |
+    # values | FFN; kept as deltas so that half precision does not round the multipliers near 1.
+    scale_delta: torch.Tensor | None = None
 
     @property
     def prefix_length(self) -> int:
@@ -69,7 +71,7 @@ class TaskPrompt:
         return int(self.head_weight.shape[0])
 
     def nbytes(self) -> int:
-        tensors = [self.prefix, self.prompt, self.head_weight, self.head_bias, self.scales]
+        tensors = [self.prefix, self.prompt, self.head_weight, self.head_bias, self.scale_delta]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     @classmethod
@@ -92,7 +94,8 @@ class TaskPrompt:
             use_pooler=m.head.pooler == "backbone",
             positions_after_prefix=m.positions == "after_prefix",
             mask_position=m.head.verbalizer.mask_position if m.head.verbalizer is not None else 0,
-            scales=move(t.get("scales")),
+            # Subtracted in the artifact's float32, then cast: the delta keeps its precision.
+            scale_delta=move(t["scales"].float() - 1) if "scales" in t else None,
         )
 
 
@@ -128,9 +131,9 @@ class PromptBatch:
     prompt_lens: list[int]
     modes: frozenset[str]
     any_pooler: bool
-    # [B, layers, 2 * kv_dim + ffn]: (IA)^3 multipliers (ones for rows whose task has none); None when
-    # no row's task has any, so batches without them do no extra work.
-    scales: torch.Tensor | None = None
+    # [B, layers, 2 * kv_dim + ffn]: (IA)^3 multipliers minus one (zeros for rows whose task has none);
+    # None when no row's task has any, so batches without them do no extra work.
+    scale_delta: torch.Tensor | None = None
 
 
 def batch_from_tasks(rows: Sequence[TaskPrompt], device: torch.device) -> PromptBatch:
@@ -175,12 +178,12 @@ def batch_from_tasks(rows: Sequence[TaskPrompt], device: torch.device) -> Prompt
                 for t in tasks
             ]
         )[row_task]  # [B, K, hidden]
-    scales = None
-    shaped = next((t.scales for t in tasks if t.scales is not None), None)
+    scale_delta = None
+    shaped = next((t.scale_delta for t in tasks if t.scale_delta is not None), None)
     if shaped is not None:
-        scales = torch.stack([t.scales if t.scales is not None else torch.ones_like(shaped) for t in tasks])[
-            row_task
-        ]  # [B, layers, 2 * kv_dim + ffn]
+        scale_delta = torch.stack(
+            [t.scale_delta if t.scale_delta is not None else torch.zeros_like(shaped) for t in tasks]
+        )[row_task]  # [B, layers, 2 * kv_dim + ffn]
     return PromptBatch(
         prefix=prefix,
         prefix_len=per_row([t.prefix_length for t in tasks]),
@@ -198,7 +201,7 @@ def batch_from_tasks(rows: Sequence[TaskPrompt], device: torch.device) -> Prompt
         prompt_lens=[t.prompt_length for t in rows],
         modes=frozenset(t.pooling for t in tasks),
         any_pooler=any(t.use_pooler for t in tasks),
-        scales=scales,
+        scale_delta=scale_delta,
     )
 
 
@@ -225,7 +228,7 @@ class Encoder(Protocol):
         positions: torch.Tensor,
         layout: Layout,
         prefix: torch.Tensor | None,
-        scales: torch.Tensor | None = None,
+        scale_delta: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -275,11 +278,12 @@ def run_prompted(
     positions = family.positions(offsets, seq_len)  # [B, S]
     layout = Layout(prefix=max_prefix, seq=seq_len, prefix_len=prefix_len, seq_len=prompt_len + text_len)
     prefix = None if batch.prefix is None else batch.prefix.to(dtype)  # [B, layers, 2, kv_heads, P, head_dim]
-    scales = None if batch.scales is None else batch.scales.to(dtype)  # [B, layers, 2 * kv_dim + ffn]
+    # [B, layers, 2 * kv_dim + ffn]
+    delta = None if batch.scale_delta is None else batch.scale_delta.to(dtype)
     if encoder is not None:
-        hidden = encoder(inputs_embeds, positions, layout, prefix, scales)  # [B, S, hidden]
+        hidden = encoder(inputs_embeds, positions, layout, prefix, delta)  # [B, S, hidden]
     else:
-        hidden = family.layers(inputs_embeds, positions, family.masks(layout, dtype), prefix, scales)
+        hidden = family.layers(inputs_embeds, positions, family.masks(layout, dtype), prefix, delta)
 
     pooled = _pool(hidden, batch, text_len)  # [B, hidden]
     if batch.any_pooler:

@@ -46,7 +46,7 @@ class Bucket:
     rows: int
     seq: int
     prefix: int
-    scaled: bool = False  # some row's task has (IA)^3 scales: the graph multiplies by a scales buffer
+    scaled: bool = False  # some row's task has (IA)^3 scales: the graph reads a scale-delta buffer
 
 
 def bucket_for(rows: int, seq: int, prefix: int, max_rows: int, scaled: bool = False) -> Bucket | None:
@@ -77,22 +77,24 @@ class _Static:
             # [R, layers, 2, kv_heads, P, head_dim]
             size = (rows, shape.num_layers, 2, shape.num_kv_heads, prefix, shape.head_dim)
             self.prefix = torch.zeros(size, device=device, dtype=dtype)
-        self.scales = None
+        self.scale_delta = None
         if bucket.scaled:
             # [R, layers, 2 * kv_dim + ffn]; padded rows keep whatever an earlier forward left (dropped)
-            self.scales = torch.ones((rows, shape.num_layers, shape.scales_width), device=device, dtype=dtype)
+            self.scale_delta = torch.zeros(
+                (rows, shape.num_layers, shape.scales_width), device=device, dtype=dtype
+            )
         # The family's layout tensors for this bucket, filled per forward (shapes fixed by the bucket).
         self.masks: dict[str, torch.Tensor] = {}
         self.graph: torch.cuda.CUDAGraph | None = None
         self.hidden: torch.Tensor | None = None  # [R, S, hidden]: the graph's output buffer
 
     def nbytes(self) -> int:
-        tensors = [self.embeds, self.positions, self.prefix, self.scales, *self.masks.values()]
+        tensors = [self.embeds, self.positions, self.prefix, self.scale_delta, *self.masks.values()]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def run(self) -> torch.Tensor:
         if self.graph is None:
-            return self.family.layers(self.embeds, self.positions, self.masks, self.prefix, self.scales)
+            return self.family.layers(self.embeds, self.positions, self.masks, self.prefix, self.scale_delta)
         self.graph.replay()
         assert self.hidden is not None
         return self.hidden
@@ -103,7 +105,7 @@ class _Static:
         positions: torch.Tensor,
         layout: Layout,
         prefix: torch.Tensor | None,
-        scales: torch.Tensor | None,
+        scale_delta: torch.Tensor | None,
     ) -> None:
         """Copy one forward's inputs in; whatever lies past them is masked or dropped."""
         rows, seq, _ = embeds.shape
@@ -126,9 +128,9 @@ class _Static:
         if prefix is not None:
             assert self.prefix is not None
             self.prefix[:rows, :, :, :, : prefix.shape[4]].copy_(prefix)
-        if scales is not None:
-            assert self.scales is not None
-            self.scales[:rows].copy_(scales)
+        if scale_delta is not None:
+            assert self.scale_delta is not None
+            self.scale_delta[:rows].copy_(scale_delta)
 
     def capture(self, pool: Any) -> None:
         # Warm-up on a side stream first (cuBLAS and SDPA pick and initialise their kernels), as
@@ -187,25 +189,25 @@ class GraphedEncoder:
         positions: torch.Tensor,
         layout: Layout,
         prefix: torch.Tensor | None,
-        scales: torch.Tensor | None = None,
+        scale_delta: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states ``[B, S, hidden]``, as the family's loop returns them for the same arguments."""
         rows, seq, _ = embeds.shape
-        bucket = bucket_for(rows, seq, layout.prefix, self.max_rows, scaled=scales is not None)
+        bucket = bucket_for(rows, seq, layout.prefix, self.max_rows, scaled=scale_delta is not None)
         if bucket is not None:
             with self._lock:
                 static = self._buckets.get(bucket)
                 fresh = static is None and len(self._buckets) < self.max_graphs
                 if fresh:
                     static = _Static(self.family, bucket, embeds)
-                    static.fill(embeds, positions, layout, prefix, scales)
+                    static.fill(embeds, positions, layout, prefix, scale_delta)
                     if self._bytes + static.nbytes() > self.max_bytes:
                         static = None
                     else:
                         self._bytes += static.nbytes()
                         self._buckets[bucket] = static
                 elif static is not None:
-                    static.fill(embeds, positions, layout, prefix, scales)
+                    static.fill(embeds, positions, layout, prefix, scale_delta)
                 if static is not None:
                     if fresh and self.capture:  # the capture's warm-up runs on the buffers just filled
                         try:
@@ -223,4 +225,4 @@ class GraphedEncoder:
                     return static.run()[:rows, :seq].clone()
         self.eager += 1  # too large for a bucket, or past max_graphs / max_bytes
         family = self.family
-        return family.layers(embeds, positions, family.masks(layout, embeds.dtype), prefix, scales)
+        return family.layers(embeds, positions, family.masks(layout, embeds.dtype), prefix, scale_delta)

@@ -235,6 +235,7 @@ class PromptMethod(nn.Module):
         )  # [layers, 2 * kv_dim + ffn]
 
     def scales(self) -> torch.Tensor | None:
+        """The multipliers, as the artifact stores them."""
         return None if self.scale_delta is None else 1 + self.scale_delta
 
     @property
@@ -278,7 +279,7 @@ class PromptMethod(nn.Module):
             use_pooler=self.pooler == "backbone",
             positions_after_prefix=True,
             mask_position=self.mask_position(),
-            scales=self.scales(),
+            scale_delta=self.scale_delta,
         )
 
     def lengths(self) -> tuple[int, int]:

@@ -279,6 +279,16 @@ class TrainConfig:
                 "scales change the backbone's features, and the linear probe trains on features pooled "
                 "once: use a prompt method (p-tuning-v2) with scales"
             )
+        if self.scales and self.head == "peft":
+            raise ValueError(
+                "head 'peft' is for PEFT export, and a PEFT adapter holds no (IA)^3 scales: drop scales "
+                "or head 'peft'"
+            )
+        if self.scales and self.head == "peft":
+            raise ValueError(
+                "head 'peft' is for PEFT export, and a PEFT adapter holds no (IA)^3 scales: drop scales "
+                "or head 'peft'"
+            )
         if self.pair_iterations is not None and self.pair_iterations < 1:
             raise ValueError(f"pair_iterations must be at least 1, got {self.pair_iterations}")
         prefix_init = self.prefix_init if self.prefix_init is not None else ("random" if pairs else "tokens")
@@ -749,6 +759,8 @@ def _pairs_or_probe(
     plan["mcnemar_z"] = round(z, 3)
     plan["probe_z"] = PROBE_Z
     plan["kept"] = resolve_method(kept.config.method)
+    plan["scales"] = kept.artifact.manifest.scales is not None  # the probe kept: none
+    plan["scales"] = kept.artifact.manifest.scales is not None  # the probe kept: none
     seconds = pairs.seconds + probe.seconds  # the task cost both
     training = dict(kept.artifact.manifest.training or {})
     training |= {"plan": plan, "duration_seconds": round(seconds, 2)}

@@ -85,7 +85,7 @@ def prepare_task(
         use_pooler=prompt.use_pooler,
         max_text_tokens=max_text_tokens(artifact.manifest, backbone.spec),
         nbytes=prompt.nbytes(),
-        scaled=prompt.scales is not None,
+        scaled=prompt.scale_delta is not None,
     )
     weakref.finalize(entry, pool.free, entry.slot)
     return entry

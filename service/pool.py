@@ -3,8 +3,8 @@
 A batch gathers its rows' prefixes, prompts and heads with one ``index_select`` per tensor, so the
 work per batch does not grow with the number of distinct tasks in it. Slots are padded to the
 longest prefix, prompt and label count seen; a batch slices the pool to its own longest first.
-(IA)^3 scales are gathered only for a batch with a scaled task in it; a slot without scales holds
-ones, so its rows pass through a scaled batch unchanged.
+(IA)^3 scales (held as multipliers minus one) are gathered only for a batch with a scaled task in it;
+a slot without scales holds zeros, so its rows pass through a scaled batch unchanged.
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ class PromptPool:
         self._head_weight = self._zeros(0, 2, spec.hidden_size)
         self._head_bias = self._zeros(0, 2)
         self._meta = torch.zeros((0, 7), dtype=torch.long, device=device)
-        # [slots, layers, 2 * kv_dim + ffn]; allocated with the first scaled task (MiniLM: 13,824 values
-        # a slot, as much as a 16-slot prefix), so services without scaled tasks pay nothing.
-        self._scales: torch.Tensor | None = None
+        # [slots, layers, 2 * kv_dim + ffn]: (IA)^3 multipliers minus one, for every slot once the first
+        # scaled task arrives (MiniLM: 13,824 values a slot, as many as a 3-position prefix; Qwen3-0.6B:
+        # 143,360), so services without scaled tasks pay nothing.
+        self._scale_delta: torch.Tensor | None = None
         self._grow_slots(initial_slots)
 
     def _zeros(self, *shape: int) -> torch.Tensor:
@@ -56,7 +57,14 @@ class PromptPool:
 
     @property
     def nbytes(self) -> int:
-        tensors = (self._prefix, self._prompt, self._head_weight, self._head_bias, self._meta, self._scales)
+        tensors = (
+            self._prefix,
+            self._prompt,
+            self._head_weight,
+            self._head_bias,
+            self._meta,
+            self._scale_delta,
+        )
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def add(self, task: TaskPrompt) -> int:
@@ -74,17 +82,17 @@ class PromptPool:
                 self._prompt[slot, : task.prompt_length].copy_(task.prompt)
             self._head_weight[slot, : task.num_labels].copy_(task.head_weight)
             self._head_bias[slot, : task.num_labels].copy_(task.head_bias)
-            if task.scales is not None:
-                if self._scales is None:
+            if task.scale_delta is not None:
+                if self._scale_delta is None:
                     spec = self._spec
-                    self._scales = torch.ones(
+                    self._scale_delta = torch.zeros(
                         (self._capacity, spec.num_layers, spec.scales_width),
                         dtype=self._dtype,
                         device=self._device,
                     )
-                self._scales[slot].copy_(task.scales)
-            elif self._scales is not None:
-                self._scales[slot].fill_(1.0)  # a slot reused from a scaled task
+                self._scale_delta[slot].copy_(task.scale_delta)
+            elif self._scale_delta is not None:
+                self._scale_delta[slot].zero_()  # a slot reused from a scaled task
             meta = [
                 task.prefix_length,
                 task.prompt_length,
@@ -127,10 +135,10 @@ class PromptPool:
             head_weight = self._head_weight[:, :max_labels].index_select(0, index)  # [B, C, hidden]
             head_bias = self._head_bias[:, :max_labels].index_select(0, index)  # [B, C]
             meta = self._meta.index_select(0, index)  # [B, 7]
-            scales = None
+            scale_delta = None
             if any_scales:
-                assert self._scales is not None
-                scales = self._scales.index_select(0, index)  # [B, layers, 2 * kv_dim + ffn]
+                assert self._scale_delta is not None
+                scale_delta = self._scale_delta.index_select(0, index)  # [B, layers, 2 * kv_dim + ffn]
         return PromptBatch(
             prefix=prefix,
             prefix_len=meta[:, _PREFIX_LEN],
@@ -146,15 +154,15 @@ class PromptPool:
             prompt_lens=prompt_lens,
             modes=modes,
             any_pooler=any_pooler,
-            scales=scales,
+            scale_delta=scale_delta,
         )
 
     def _grow_slots(self, extra: int) -> None:
         old = self._capacity
         new = old + extra
 
-        def grown(t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-            out = torch.full((new, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+        def grown(t: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros((new, *t.shape[1:]), dtype=t.dtype, device=t.device)
             out[:old] = t
             return out
 
@@ -164,8 +172,8 @@ class PromptPool:
             grown(self._head_bias),
             grown(self._meta),
         )
-        if self._scales is not None:
-            self._scales = grown(self._scales, 1.0)
+        if self._scale_delta is not None:
+            self._scale_delta = grown(self._scale_delta)
         self._free.extend(range(new - 1, old - 1, -1))  # lowest slot first
         self._capacity = new
 

@@ -130,21 +130,24 @@ def attend(
 
 
 def layer_scales(
-    scales: torch.Tensor | None,  # [B, layers, 2 * kv_dim + ffn]
+    scale_delta: torch.Tensor | None,  # [B, layers, 2 * kv_dim + ffn]
     index: int,
     kv_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Layer ``index``'s (IA)^3 multipliers for keys, values and the FFN's inner activation, each
-    ``[B, 1, dim]`` so that they broadcast over positions; None where no row of the batch has any.
+    """Layer ``index``'s (IA)^3 multipliers minus one for keys, values and the FFN's inner activation,
+    each ``[B, 1, dim]`` so that they broadcast over positions; None where no row of the batch has any.
+    A loop applies them as ``x + x * delta`` (``addcmul``): held as deltas, a multiplier of 1.03 keeps
+    its precision in bfloat16 (whose steps near 1 are 2^-7, near 0.03 about 2^-13), and rows without
+    scales have deltas of exactly 0.
 
     The convention is the same in every family (and PEFT's (IA)^3): keys and values are scaled as the
     projections return them, before a head split, key norm or rotary embedding; the FFN's inner
     activation is scaled as its output projection reads it. Prefix keys and values are never scaled:
     they are the task's own already.
     """
-    if scales is None:
+    if scale_delta is None:
         return None
-    row = scales[:, index].unsqueeze(1)  # [B, 1, 2 * kv_dim + ffn]
+    row = scale_delta[:, index].unsqueeze(1)  # [B, 1, 2 * kv_dim + ffn]
     return row[..., :kv_dim], row[..., kv_dim : 2 * kv_dim], row[..., 2 * kv_dim :]
 
 
@@ -237,7 +240,7 @@ class BackboneFamily(ABC):
         positions: torch.Tensor,  # [B, S] long
         masks: dict[str, torch.Tensor],  # from masks()
         prefix: torch.Tensor | None,  # [B, layers, 2, kv_heads, P, head_dim]
-        scales: torch.Tensor | None = None,  # [B, layers, 2 * kv_dim + ffn]: (IA)^3, see layer_scales
+        scale_delta: torch.Tensor | None = None,  # [B, layers, 2 * kv_dim + ffn]: (IA)^3, see layer_scales
         collect: Collected | None = None,
     ) -> torch.Tensor:
         """The final hidden states [B, S, hidden]."""

@@ -76,7 +76,7 @@ class BertFamily(BackboneFamily):
         positions: torch.Tensor,
         masks: dict[str, torch.Tensor],
         prefix: torch.Tensor | None,
-        scales: torch.Tensor | None = None,
+        scale_delta: torch.Tensor | None = None,
         collect: Collected | None = None,
     ) -> torch.Tensor:
         model = self.model
@@ -88,11 +88,11 @@ class BertFamily(BackboneFamily):
         for index, layer in enumerate(model.encoder.layer):
             attention = layer.attention.self
             split = (rows, seq, attention.num_attention_heads, attention.attention_head_size)
-            ia3 = layer_scales(scales, index, width)
+            ia3 = layer_scales(scale_delta, index, width)
             query = attention.query(hidden).view(split).transpose(1, 2)  # [B, heads, S, head_dim]
             key, value = attention.key(hidden), attention.value(hidden)  # [B, S, hidden]
             if ia3 is not None:
-                key, value = key * ia3[0], value * ia3[1]
+                key, value = key.addcmul(key, ia3[0]), value.addcmul(value, ia3[1])
             key = key.view(split).transpose(1, 2)  # [B, heads, S, head_dim]
             value = value.view(split).transpose(1, 2)  # [B, heads, S, head_dim]
             if collect is not None:
@@ -102,5 +102,5 @@ class BertFamily(BackboneFamily):
             context = context.transpose(1, 2).reshape(rows, seq, width)  # [B, S, hidden]
             hidden = layer.attention.output(context, hidden)
             inner = layer.intermediate(hidden)  # [B, S, ffn]
-            hidden = layer.output(inner if ia3 is None else inner * ia3[2], hidden)
+            hidden = layer.output(inner if ia3 is None else inner.addcmul(inner, ia3[2]), hidden)
         return hidden

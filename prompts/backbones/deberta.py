@@ -90,7 +90,7 @@ class DebertaFamily(BackboneFamily):
         positions: torch.Tensor,
         masks: dict[str, torch.Tensor],
         prefix: torch.Tensor | None,
-        scales: torch.Tensor | None = None,
+        scale_delta: torch.Tensor | None = None,
         collect: Collected | None = None,
     ) -> torch.Tensor:
         model = self.model
@@ -110,12 +110,12 @@ class DebertaFamily(BackboneFamily):
             def split(x: torch.Tensor, heads: int = heads, head_dim: int = head_dim) -> torch.Tensor:
                 return x.view(x.shape[0], -1, heads, head_dim).transpose(1, 2)  # [b, heads, n, head_dim]
 
-            ia3 = layer_scales(scales, index, heads * head_dim)
+            ia3 = layer_scales(scale_delta, index, heads * head_dim)
             query = split(attention.query_proj(hidden))  # [B, heads, S, head_dim]
             key, value = attention.key_proj(hidden), attention.value_proj(hidden)  # [B, S, hidden]
             if ia3 is not None:
                 # The content keys only: the relative-position keys are shared by every row.
-                key, value = key * ia3[0], value * ia3[1]
+                key, value = key.addcmul(key, ia3[0]), value.addcmul(value, ia3[1])
             key, value = split(key), split(value)  # [B, heads, S, head_dim]
             factor = 1 + int(self.c2p) + int(self.p2c)
             scale = math.sqrt(head_dim * factor)
@@ -132,7 +132,7 @@ class DebertaFamily(BackboneFamily):
             context = context.transpose(1, 2).reshape(rows, seq, heads * head_dim)  # [B, S, hidden]
             out = layer.attention.output(context, hidden)
             inner = layer.intermediate(out)  # [B, S, ffn]
-            out = layer.output(inner if ia3 is None else inner * ia3[2], out)
+            out = layer.output(inner if ia3 is None else inner.addcmul(inner, ia3[2]), out)
             if index == 0 and encoder.conv is not None:
                 out = encoder.conv(embedded, out, valid)
             hidden = out

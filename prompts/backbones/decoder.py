@@ -102,7 +102,7 @@ class DecoderFamily(BackboneFamily):
         positions: torch.Tensor,
         masks: dict[str, torch.Tensor],
         prefix: torch.Tensor | None,
-        scales: torch.Tensor | None = None,
+        scale_delta: torch.Tensor | None = None,
         collect: Collected | None = None,
     ) -> torch.Tensor:
         model = self.model
@@ -113,11 +113,11 @@ class DecoderFamily(BackboneFamily):
         for index, layer in enumerate(model.layers):
             attention = layer.self_attn
             x = layer.input_layernorm(hidden)
-            ia3 = layer_scales(scales, index, self.shape.kv_dim)
+            ia3 = layer_scales(scale_delta, index, self.shape.kv_dim)
             query = attention.q_proj(x).view(rows, seq, -1, head_dim)  # [B, S, heads, head_dim]
             key, value = attention.k_proj(x), attention.v_proj(x)  # [B, S, kv_heads * head_dim]
             if ia3 is not None:
-                key, value = key * ia3[0], value * ia3[1]
+                key, value = key.addcmul(key, ia3[0]), value.addcmul(value, ia3[1])
             key = key.view(rows, seq, -1, head_dim)  # [B, S, kv_heads, head_dim]
             value = value.view(rows, seq, -1, head_dim).transpose(1, 2)  # [B, kv_heads, S, head_dim]
             if hasattr(attention, "q_norm"):  # Qwen3: RMSNorm over each head, before the rotation
@@ -138,7 +138,7 @@ class DecoderFamily(BackboneFamily):
             else:
                 mlp = layer.mlp  # Llama's gated MLP, its inner activation scaled before down_proj
                 inner = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)  # [B, S, ffn]
-                hidden = hidden + mlp.down_proj(inner * ia3[2])
+                hidden = hidden + mlp.down_proj(inner.addcmul(inner, ia3[2]))
         normed: torch.Tensor = model.norm(hidden)
         return normed
 

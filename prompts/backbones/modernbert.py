@@ -82,7 +82,7 @@ class ModernBertFamily(BackboneFamily):
         positions: torch.Tensor,
         masks: dict[str, torch.Tensor],
         prefix: torch.Tensor | None,
-        scales: torch.Tensor | None = None,
+        scale_delta: torch.Tensor | None = None,
         collect: Collected | None = None,
     ) -> torch.Tensor:
         model = self.model
@@ -92,11 +92,11 @@ class ModernBertFamily(BackboneFamily):
         rotations = {kind: model.rotary_emb(hidden, positions, kind) for kind in set(self.config.layer_types)}
         for index, layer in enumerate(model.layers):
             attention = layer.attn
-            ia3 = layer_scales(scales, index, s.kv_dim)
+            ia3 = layer_scales(scale_delta, index, s.kv_dim)
             qkv = attention.Wqkv(layer.attn_norm(hidden))  # [B, S, 3 * hidden]: query | key | value
             if ia3 is not None:
-                ones = qkv.new_ones(rows, 1, s.kv_dim)  # the query is never scaled
-                qkv = qkv * torch.cat([ones, ia3[0], ia3[1]], dim=-1)
+                query_part = qkv.new_zeros(rows, 1, s.num_heads * s.head_dim)  # the query is never scaled
+                qkv = qkv.addcmul(qkv, torch.cat([query_part, ia3[0], ia3[1]], dim=-1))
             qkv = qkv.view(rows, seq, 3, s.num_heads, s.head_dim)
             query, key, value = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # [B, heads, S, head_dim]
             cos, sin = rotations[layer.attention_type]  # [B, S, head_dim]
@@ -114,6 +114,7 @@ class ModernBertFamily(BackboneFamily):
             else:
                 mlp = layer.mlp  # ModernBERT's GLU, its inner activation scaled before Wo
                 gated, gate = mlp.Wi(x).chunk(2, dim=-1)  # [B, S, ffn] each
-                hidden = hidden + mlp.Wo(mlp.drop(mlp.act(gated) * gate * ia3[2]))
+                inner = mlp.act(gated) * gate  # [B, S, ffn]
+                hidden = hidden + mlp.Wo(mlp.drop(inner.addcmul(inner, ia3[2])))
         normed: torch.Tensor = model.final_norm(hidden)
         return normed

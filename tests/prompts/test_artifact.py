@@ -632,7 +632,12 @@ def test_scales_of_a_wrong_shape_or_value_are_refused(backbone: Backbone) -> Non
     scaled = random_artifact(spec, seed=0, scales=True)
     manifest, tensors = _parts(scaled)
     tensors["scales"] = tensors["scales"][:1]
-    _expect(ArtifactError, _forge(manifest, tensors), "tensor 'scales' has shape", f"[{spec.num_layers}, -1]")
+    _expect(
+        ArtifactError,
+        _forge(manifest, tensors),
+        "tensor 'scales' has shape",
+        f"[{spec.num_layers}, any width]",
+    )
     manifest, tensors = _parts(scaled)
     tensors["scales"] = tensors["scales"][:, :10].contiguous()
     _expect(ArtifactError, _forge(manifest, tensors), "tensor 'scales' is 10 wide")
@@ -645,3 +650,36 @@ def test_scales_of_a_wrong_shape_or_value_are_refused(backbone: Backbone) -> Non
     tensors["scales"] = torch.ones(spec.num_layers, spec.scales_width + 4)
     wrong = parse_artifact(_forge(manifest, tensors))
     _incompatible(wrong, spec, f"(IA)^3 scales {spec.scales_width + 4} wide", f"need {spec.scales_width}")
+
+
+def test_manifests_without_scales_keep_their_fields(base: PromptArtifact) -> None:
+    """The fields a version hashes are those of artifacts made before scales existed."""
+    fields = set(json.loads(base.manifest_json()))
+    assert fields == {
+        "format",
+        "task",
+        "labels",
+        "method",
+        "prefix_length",
+        "prompt_length",
+        "head",
+        "positions",
+        "backbone",
+        "conventions",
+        "version",
+        "created_at",
+        "metrics",
+        "training",
+    }
+
+
+def test_scales_are_served_as_deltas_that_half_precision_keeps(backbone: Backbone) -> None:
+    from prompts.forward import TaskPrompt
+
+    spec = backbone.spec
+    artifact = random_artifact(spec, seed=0, scales=True)
+    served = TaskPrompt.from_artifact(artifact, backbone.device, torch.bfloat16)
+    assert served.scale_delta is not None and served.scale_delta.dtype == torch.bfloat16
+    want = artifact.tensors["scales"] - 1
+    # bfloat16 keeps 8 significant bits of the delta itself; a multiplier near 1 would keep 2^-8 of 1.
+    torch.testing.assert_close(served.scale_delta.float(), want, rtol=2**-8, atol=0)

@@ -19,7 +19,7 @@ from tests.conftest import KINDS
 from tests.factories import random_artifact
 
 TEXTS = ["this phone is great", "a", "what time is the game tonight in the city", "free offer call now"]
-Inputs = tuple[torch.Tensor, torch.Tensor, Layout, torch.Tensor | None]
+Inputs = tuple[torch.Tensor, torch.Tensor, Layout, torch.Tensor | None, torch.Tensor | None]
 
 
 def test_buckets_round_rows_to_powers_of_two_and_lengths_to_steps() -> None:
@@ -31,8 +31,11 @@ def test_buckets_round_rows_to_powers_of_two_and_lengths_to_steps() -> None:
     assert bucket_for(64, 64, 72, max_rows=64) is None  # the prefix counts towards them, and is capped
 
 
-def _inputs(backbone: Backbone, rows: int, seq: int, prefix: int, seed: int, device: str = "cpu") -> Inputs:
-    """Random loop inputs whose rows end at different lengths, as run_prompted builds them."""
+def _inputs(
+    backbone: Backbone, rows: int, seq: int, prefix: int, seed: int, device: str = "cpu", scaled: bool = False
+) -> Inputs:
+    """Random loop inputs whose rows end at different lengths, as run_prompted builds them; ``scaled``:
+    with (IA)^3 scale deltas, zero for the last row (a task without scales beside scaled ones)."""
     gen = torch.Generator().manual_seed(seed)
     spec = backbone.spec
     embeds = torch.randn((rows, seq, spec.hidden_size), generator=gen)  # [B, S, hidden]
@@ -43,13 +46,20 @@ def _inputs(backbone: Backbone, rows: int, seq: int, prefix: int, seed: int, dev
     prefix_kv = torch.randn(shape, generator=gen) if prefix else None  # [B, layers, 2, kv_heads, P, head_dim]
     layout = Layout(prefix=prefix, seq=seq, prefix_len=plens.to(device), seq_len=lengths.to(device))
     moved = None if prefix_kv is None else prefix_kv.to(device)
-    return embeds.to(device), positions.to(device), layout, moved
+    delta = None
+    if scaled:
+        delta = 0.3 * torch.randn(
+            (rows, spec.num_layers, spec.scales_width), generator=gen
+        )  # [B, layers, width]
+        delta[-1] = 0
+        delta = delta.to(device)
+    return embeds.to(device), positions.to(device), layout, moved, delta
 
 
 def _eager(backbone: Backbone, inputs: Inputs) -> torch.Tensor:
-    embeds, positions, layout, prefix = inputs
+    embeds, positions, layout, prefix, delta = inputs
     family = backbone.family
-    return family.layers(embeds, positions, family.masks(layout, embeds.dtype), prefix)
+    return family.layers(embeds, positions, family.masks(layout, embeds.dtype), prefix, delta)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -60,16 +70,19 @@ def test_padded_forward_gives_real_rows_their_unpadded_states(
     backbone = kind_backbone(kind)
     encoder = GraphedEncoder(backbone.family, max_rows=8, capture=False)
     # The second shape shares the first one's bucket (4 rows, 32 tokens, prefix 16), so it also
-    # proves that what an earlier, larger forward left in the buffers does not leak.
-    for seed, (rows, seq, prefix) in enumerate([(4, 30, 12), (3, 17, 9), (2, 20, 16), (5, 7, 0), (1, 3, 5)]):
-        inputs = _inputs(backbone, rows, seq, prefix, seed)
+    # proves that what an earlier, larger forward left in the buffers does not leak; the last two do
+    # the same in a bucket with (IA)^3 scales.
+    shapes = [(4, 30, 12, False), (3, 17, 9, False), (2, 20, 16, False), (5, 7, 0, False), (1, 3, 5, False)]
+    shapes += [(4, 30, 12, True), (3, 17, 9, True)]
+    for seed, (rows, seq, prefix, scaled) in enumerate(shapes):
+        inputs = _inputs(backbone, rows, seq, prefix, seed, scaled=scaled)
         want = _eager(backbone, inputs)
         got = encoder(*inputs)
         assert got.shape == want.shape
         lengths = inputs[2].seq_len
         for b in range(rows):  # positions past a row's length are padding either way
             torch.testing.assert_close(got[b, : lengths[b]], want[b, : lengths[b]], rtol=0, atol=1e-5)
-    assert encoder.replays == 5 and encoder.eager == 0
+    assert encoder.replays == 7 and encoder.eager == 0
 
 
 @torch.inference_mode()
@@ -109,7 +122,7 @@ def test_mixed_tasks_through_the_padded_encoder(kind: str, kind_backbone: Callab
     # unscaled rows the same in both.
     plain = batch_from_tasks([tasks[i % 3] for i in range(len(ids))], backbone.device)
     scaled = batch_from_tasks([tasks[i % 4] for i in range(len(ids))], backbone.device)
-    assert plain.scales is None and scaled.scales is not None
+    assert plain.scale_delta is None and scaled.scale_delta is not None
     for batch in (plain, scaled):
         padded = run_prompted(backbone, ids, batch, encoder)
         torch.testing.assert_close(padded, run_prompted(backbone, ids, batch), rtol=0, atol=1e-5)
@@ -128,11 +141,13 @@ def test_mixed_tasks_through_the_padded_encoder(kind: str, kind_backbone: Callab
 def test_captured_graphs_match_the_eager_encoder(kind: str, kind_dir: Callable[[str], Path]) -> None:
     backbone = load_backbone(kind_dir(kind), device="cuda", dtype="float32")
     encoder = GraphedEncoder(backbone.family, max_rows=8, capture=True)
-    for seed, (rows, seq, prefix) in enumerate([(4, 30, 12), (3, 17, 9), (8, 5, 0)]):
-        inputs = _inputs(backbone, rows, seq, prefix, seed, device="cuda")
+    shapes = [(4, 30, 12, False), (3, 17, 9, False), (8, 5, 0, False), (3, 17, 9, True), (2, 10, 4, True)]
+    for seed, (rows, seq, prefix, scaled) in enumerate(shapes):
+        inputs = _inputs(backbone, rows, seq, prefix, seed, device="cuda", scaled=scaled)
         want = _eager(backbone, inputs)
         got = encoder(*inputs)
         lengths = inputs[2].seq_len
         for b in range(rows):
             torch.testing.assert_close(got[b, : lengths[b]], want[b, : lengths[b]], rtol=0, atol=1e-4)
-    assert encoder.graphs == 2  # two buckets: (4, 32, 16) twice, then (8, 16, 0)
+    # Four buckets: (4, 32, 16) twice, (8, 16, 0), and the scaled (4, 32, 16) and (2, 16, 8).
+    assert encoder.graphs == 4

@@ -85,6 +85,8 @@ def test_auto_refines_the_pairs_with_cross_entropy_from_enough_rows_per_label() 
         TrainConfig(method="linear-probe", scales=True).resolved()
     with pytest.raises(InvalidInputError, match="linear probe"):
         make_train_config("probe", scales=True)
+    with pytest.raises(InvalidInputError, match="PEFT adapter holds no"):
+        make_train_config("prefix", scales=True, head="peft")
     # The pass alone reads the sampled pairs; a pass the refinement follows, every pair of its rows.
     assert below.plan["pair_loss"] == below.resolved().pair_loss == "sampled"
     for per_label in (REFINE_FROM_ROWS_PER_LABEL, FEW_SHOT_ROWS_PER_LABEL - 1):

@@ -268,6 +268,9 @@ def test_objective_pairs_from_the_command_line(
     assert "objective" not in hp and hp["selection"] == "robust"
     # Auto's pass alone trains (IA)^3 scales; --no-scales turns them off, --scales on a probe is refused.
     assert parse_artifact(out.read_bytes()).manifest.scales is None
+    assert plan["kept"] == "p-tuning-v2"  # so the default's artifact held its scales:
+    assert cli.main([*base, "--lr", "0.05", "--prefix-length", "4", "--out", str(out)]) == 0
+    assert parse_artifact(out.read_bytes()).manifest.scales == "ia3"
     assert cli.main([*base, "--lr", "0.05", "--prefix-length", "4", "--no-scales", "--out", str(out)]) == 0
     assert parse_artifact(out.read_bytes()).manifest.scales is None
     assert training["plan"]["scales"] is True and training["hyperparameters"]["scales"] is True

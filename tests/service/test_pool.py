@@ -73,13 +73,13 @@ def test_a_slot_is_reused_only_after_its_task_is_gone(backbone: Backbone) -> Non
 def test_scaled_and_unscaled_tasks_share_the_pool_and_a_batch(backbone: Backbone) -> None:
     pool = PromptPool(backbone.spec, backbone.device, backbone.dtype, initial_slots=2)
     plain, plain_ref = _pair(backbone, pool, 1)
-    assert pool._scales is None  # nothing allocated before the first scaled task
+    assert pool._scale_delta is None  # nothing allocated before the first scaled task
     before = pool.nbytes
     scaled, scaled_ref = _pair(backbone, pool, 2, scales=True)
     spec = backbone.spec
     assert scaled.scaled and not plain.scaled
     assert pool.nbytes - before == 2 * spec.num_layers * spec.scales_width * 4  # two slots of float32
-    # A third task grows the pool past its two slots: the scales grow with it, the new slots ones.
+    # A third task grows the pool past its two slots: the scales grow with it, the new slots zeros.
     other, other_ref = _pair(backbone, pool, 3, prefix_length=6, scales=True)
     engine = Engine(backbone, pool)
     _assert_served_equals_alone(
@@ -87,19 +87,19 @@ def test_scaled_and_unscaled_tasks_share_the_pool_and_a_batch(backbone: Backbone
     )
     # A batch of unscaled tasks gathers no scales at all.
     ids = backbone.encode(TEXTS, 40)[0].input_ids
-    assert engine.gather([Row(plain, ids)]).scales is None
-    assert engine.gather([Row(plain, ids), Row(scaled, ids)]).scales is not None
+    assert engine.gather([Row(plain, ids)]).scale_delta is None
+    assert engine.gather([Row(plain, ids), Row(scaled, ids)]).scale_delta is not None
 
 
-def test_a_slot_reused_after_a_scaled_task_holds_ones_again(backbone: Backbone) -> None:
+def test_a_slot_reused_after_a_scaled_task_holds_zeros_again(backbone: Backbone) -> None:
     pool = PromptPool(backbone.spec, backbone.device, backbone.dtype, initial_slots=2)
     keep, keep_ref = _pair(backbone, pool, 1, scales=True)
     gone, _ = _pair(backbone, pool, 2, scales=True)
     gone_slot = gone.slot
     del gone
     gc.collect()
-    newcomer, newcomer_ref = _pair(backbone, pool, 3)  # no scales: its slot must not keep the old ones
-    assert newcomer.slot == gone_slot and newcomer_ref.scales is None
+    newcomer, newcomer_ref = _pair(backbone, pool, 3)  # no scales: its slot must not keep the old deltas
+    assert newcomer.slot == gone_slot and newcomer_ref.scale_delta is None
     _assert_served_equals_alone(
         backbone, Engine(backbone, pool), [(keep, keep_ref), (newcomer, newcomer_ref)]
     )

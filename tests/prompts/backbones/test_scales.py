@@ -27,20 +27,31 @@ TEXTS = ["this phone is great", "terrible battery and a broken screen", "a", "wh
 def _identity(backbone: Backbone, scales: torch.Tensor | None, pooling: str) -> TaskPrompt:
     """A task whose logits are its pooled vector: no prefix, no prompt, an identity head."""
     hidden = backbone.spec.hidden_size
-    return TaskPrompt(None, None, torch.eye(hidden), torch.zeros(hidden), pooling=pooling, scales=scales)
+    delta = None if scales is None else scales - 1
+    return TaskPrompt(None, None, torch.eye(hidden), torch.zeros(hidden), pooling=pooling, scale_delta=delta)
 
 
-def _hooks(backbone: Backbone, scales: torch.Tensor, seq: int) -> list[Any]:
+def _hooks(backbone: Backbone, scales: torch.Tensor) -> list[Any]:
     """Forward hooks that apply ``scales`` [layers, 2 * kv + ffn] to Hugging Face's own modules, the
     way PEFT's (IA)^3 does: outputs of the key and value projections, input of the FFN's output one."""
     spec, model = backbone.spec, backbone.model
     kv = spec.num_kv_heads * spec.head_dim
     handles = []
+    # DeBERTa projects its relative-position embeddings with the same key projection; those keys are
+    # shared by every row and never scaled. The content keys are the projection of the attention
+    # module's own input, recognised by identity.
+    attention_input: dict[int, torch.Tensor] = {}
 
-    def times(vector: torch.Tensor, content_only: bool = False) -> Callable[..., torch.Tensor]:
+    def remember(index: int) -> Callable[..., None]:
+        def hook(module: Any, args: Any, kwargs: Any) -> None:
+            attention_input[index] = kwargs.get("hidden_states", args[0] if args else None)
+
+        return hook
+
+    def times(vector: torch.Tensor, index: int) -> Callable[..., torch.Tensor | None]:
         def hook(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor | None:
-            if content_only and output.shape[-2] != seq:
-                return None  # DeBERTa's relative-position keys come from the same projection: never scaled
+            if spec.family == "deberta-v2" and args[0] is not attention_input[index]:
+                return None
             return output * vector
 
         return hook
@@ -57,6 +68,7 @@ def _hooks(backbone: Backbone, scales: torch.Tensor, seq: int) -> list[Any]:
         elif spec.family == "deberta-v2":
             layer = model.encoder.layer[index]
             pairs = [(layer.attention.self.key_proj, k), (layer.attention.self.value_proj, v)]
+            handles.append(layer.attention.self.register_forward_pre_hook(remember(index), with_kwargs=True))
             ffn = layer.output.dense
         elif spec.family == "decoder":
             layer = model.layers[index]
@@ -67,7 +79,7 @@ def _hooks(backbone: Backbone, scales: torch.Tensor, seq: int) -> list[Any]:
             pairs = [(layer.attn.Wqkv, torch.cat([torch.ones_like(k), k, v]))]
             ffn = layer.mlp.Wo
         for module, vector in pairs:
-            handles.append(module.register_forward_hook(times(vector, content_only=True)))
+            handles.append(module.register_forward_hook(times(vector, index)))
         handles.append(ffn.register_forward_pre_hook(times_input(f)))
     return handles
 
@@ -88,7 +100,7 @@ def test_scales_equal_hugging_faces_model_with_the_same_multipliers(
     scales = _random_scales(backbone, seed=1)
     for row in text_ids(backbone, TEXTS):
         ours = prompted_forward(backbone, [row], [_identity(backbone, scales, pooling)])[0]  # [hidden]
-        handles = _hooks(backbone, scales, len(row))
+        handles = _hooks(backbone, scales)
         try:
             theirs = backbone.model(input_ids=torch.tensor([row])).last_hidden_state[0]  # [S, hidden]
         finally:
@@ -153,7 +165,7 @@ def test_a_scaled_task_gives_the_same_logits_alone_and_mixed(
         make_task(backbone, task="alone", num_labels=2, prefix_length=0, pooling="mean", seed=3, scales=True),
         make_task(backbone, task="prompt", prefix_length=2, prompt_length=3, pooling=pooled, seed=4),
     ]
-    assert [t.scales is not None for t in tasks] == [True, False, True, False]
+    assert [t.scale_delta is not None for t in tasks] == [True, False, True, False]
     ids = text_ids(backbone, TEXTS)
     rows = [tasks[i % len(tasks)] for i in range(8)]
     row_ids = [ids[(i * 3) % len(ids)] for i in range(8)]
@@ -169,28 +181,28 @@ def test_a_scaled_task_gives_the_same_logits_alone_and_mixed(
     only_plain = prompted_forward(backbone, row_ids[:2], [plain, plain])
     beside = prompted_forward(backbone, row_ids[:2], [plain, tasks[0]])
     torch.testing.assert_close(beside[0], only_plain[0], rtol=0, atol=1e-5)
-    assert plain.scales is None
+    assert plain.scale_delta is None
     ones = TaskPrompt(
         plain.prefix,
         plain.prompt,
         plain.head_weight,
         plain.head_bias,
         pooling=plain.pooling,
-        scales=torch.ones(backbone.spec.num_layers, backbone.spec.scales_width),
+        scale_delta=torch.zeros(backbone.spec.num_layers, backbone.spec.scales_width),
     )
     torch.testing.assert_close(
         prompted_forward(backbone, row_ids[:1], [ones])[0], only_plain[0], rtol=0, atol=1e-5
     )
     # And the scales are read: other multipliers, other logits.
     scaled = tasks[0]
-    assert scaled.scales is not None
+    assert scaled.scale_delta is not None
     other = TaskPrompt(
         scaled.prefix,
         scaled.prompt,
         scaled.head_weight,
         scaled.head_bias,
         pooling=scaled.pooling,
-        scales=scaled.scales.flip(0),
+        scale_delta=scaled.scale_delta.flip(0),
     )
     a = prompted_forward(backbone, row_ids[:1], [scaled])[0]
     b = prompted_forward(backbone, row_ids[:1], [other])[0]
@@ -201,12 +213,12 @@ def test_a_scaled_task_gives_the_same_logits_alone_and_mixed(
 def test_gradients_reach_the_scales(kind: str, kind_backbone: Callable[[str], Backbone]) -> None:
     backbone = kind_backbone(kind)
     task = make_task(backbone, prefix_length=3, seed=3, scales=True)
-    assert task.scales is not None
-    task.scales.requires_grad_(True)
+    assert task.scale_delta is not None
+    task.scale_delta.requires_grad_(True)
     ids = text_ids(backbone, TEXTS)
     logits = prompted_forward(backbone, ids, [task] * len(ids))
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0])).backward()
-    grad = task.scales.grad
+    grad = task.scale_delta.grad
     assert grad is not None
     kv = backbone.spec.num_kv_heads * backbone.spec.head_dim
     # keys, values and FFN parts all receive gradient
