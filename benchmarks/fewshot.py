@@ -5,6 +5,7 @@ rows per label from dev for early stopping (seeded), and test accuracy on up to 
 (a stratified sample fixed per dataset: the same rows for every K, seed and method). Methods:
 
 - ``default``: what ``ptserve train`` does without ``--method`` (method "auto", chosen from the data);
+  ``default_noscales`` the same without (IA)^3 scales (``--no-scales``: the default until session 16);
 - ``prefix``, ``ptuning``, ``prompt``, ``probe``: each ptserve method with its defaults (``prefix`` is
   the default before "auto"; ``probe`` is the linear probe on the mean of the frozen backbone's tokens);
 - ``pairs``: P-tuning v2 with objective "pairs" (prompts/pairs.py: SetFit's sentence pairs train the
@@ -58,6 +59,7 @@ SEEDS = [0, 1, 2, 3, 4]
 # Benchmark name -> ptserve method (None: not trained by ptserve).
 METHODS: dict[str, str | None] = {
     "default": "auto",
+    "default_noscales": "auto",  # with scales=False
     "prefix": "p-tuning-v2",
     "pairs": "p-tuning-v2",  # objective "pairs" (PAIRS below)
     "pairs_lr": "p-tuning-v2",
@@ -71,6 +73,7 @@ METHODS: dict[str, str | None] = {
 }
 LABELS = {
     "default": "ptserve default (auto)",
+    "default_noscales": "default, no (IA)³ scales",
     "prefix": "P-tuning v2 (old default)",
     "pairs": "P-tuning v2 on pairs",
     "pairs_lr": "pairs, logistic head",
@@ -161,11 +164,13 @@ def run_ptserve(
     method: str,
     seed: int,
     pairs: tuple[str, int | None, str] | None = None,
+    scales: bool | None = None,
 ) -> dict[str, Any]:
-    """``pairs`` set: objective "pairs" with that (head, prefix length, pair loss)."""
+    """``pairs`` set: objective "pairs" with that (head, prefix length, pair loss); ``scales``: the
+    TrainConfig's (None: the method's own choice)."""
     from prompts.trainer import TrainConfig, train_task
 
-    config = TrainConfig(method=method, seed=seed)
+    config = TrainConfig(method=method, seed=seed, scales=scales)
     if pairs is not None:
         pair_head, length, loss = pairs
         config = TrainConfig(
@@ -492,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 ptserve_method = METHODS[method]
                 if ptserve_method is not None:
-                    record |= run_ptserve(backbone, data, ptserve_method, seed, PAIRS.get(method))
+                    scales = False if method == "default_noscales" else None
+                    record |= run_ptserve(backbone, data, ptserve_method, seed, PAIRS.get(method), scales)
                 elif method == "finetune":
                     record |= run_finetune(backbone, data, seed)
                 elif have_setfit:
