@@ -121,12 +121,15 @@ class EngineEndpoint:
         outbox, self._outbox = self._outbox, {}
         for identity, replies in outbox.items():
             message = replies[0] if len(replies) == 1 else Replies(replies)
+            # Counted before the send: zmq.asyncio sends at once when it can, so a front end (or a test
+            # reading the counter) may hold the reply before a line after the send runs.
+            self.replies_sent += 1
             try:
                 sent = asyncio.ensure_future(self._socket.send_multipart([identity, ENCODER.encode(message)]))
             except zmq.ZMQError:  # the socket is closing: nobody waits for these
+                self.replies_sent -= 1
                 continue
             sent.add_done_callback(_retrieve)  # a front end that is gone: nobody waits for these
-            self.replies_sent += 1
 
     async def _classify(self, call: Call) -> Reply:
         runtime = self.runtime
