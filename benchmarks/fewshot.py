@@ -5,7 +5,8 @@ rows per label from dev for early stopping (seeded), and test accuracy on up to 
 (a stratified sample fixed per dataset: the same rows for every K, seed and method). Methods:
 
 - ``default``: what ``ptserve train`` does without ``--method`` (method "auto", chosen from the data);
-  ``default_noscales`` the same without (IA)^3 scales (``--no-scales``: the default until session 16);
+  ``default_noscales`` the same without (IA)^3 scales (``--no-scales``: the default until session 16),
+  ``default_scales`` with them at any size (``--scales``: also under the refinement from 48 per label);
 - ``prefix``, ``ptuning``, ``prompt``, ``probe``: each ptserve method with its defaults (``prefix`` is
   the default before "auto"; ``probe`` is the linear probe on the mean of the frozen backbone's tokens);
 - ``pairs``: P-tuning v2 with objective "pairs" (prompts/pairs.py: SetFit's sentence pairs train the
@@ -60,6 +61,7 @@ SEEDS = [0, 1, 2, 3, 4]
 METHODS: dict[str, str | None] = {
     "default": "auto",
     "default_noscales": "auto",  # with scales=False
+    "default_scales": "auto",  # with scales=True
     "prefix": "p-tuning-v2",
     "pairs": "p-tuning-v2",  # objective "pairs" (PAIRS below)
     "pairs_lr": "p-tuning-v2",
@@ -74,6 +76,7 @@ METHODS: dict[str, str | None] = {
 LABELS = {
     "default": "ptserve default (auto)",
     "default_noscales": "default, no (IA)³ scales",
+    "default_scales": "default, (IA)³ scales at every K",
     "prefix": "P-tuning v2 (old default)",
     "pairs": "P-tuning v2 on pairs",
     "pairs_lr": "pairs, logistic head",
@@ -497,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 ptserve_method = METHODS[method]
                 if ptserve_method is not None:
-                    scales = False if method == "default_noscales" else None
+                    scales = {"default_noscales": False, "default_scales": True}.get(method)
                     record |= run_ptserve(backbone, data, ptserve_method, seed, PAIRS.get(method), scales)
                 elif method == "finetune":
                     record |= run_finetune(backbone, data, seed)

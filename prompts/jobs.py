@@ -173,7 +173,7 @@ class Hyperparameters(BaseModel):
         default=None,
         description="train (IA)^3 scales of every layer's keys, values and feed-forward activation beside "
         "the prompt (not with the linear probe); default off, auto turns them on for few-shot data of "
-        "fewer than 48 rows per label",
+        "fewer than 100 rows per label",
     )
     head: Literal["cls", "mean", "last", "peft", "verbalizer"] | None = Field(
         default=None,

@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scales",
         action=argparse.BooleanOptionalAction,
         help="train (IA)^3 scales of every layer's keys, values and feed-forward activation beside the "
-        "prompt (not with the probe). Default: off; auto turns them on below 48 train rows per label",
+        "prompt (not with the probe). Default: off; auto turns them on below 100 train rows per label",
     )
     train.add_argument(
         "--patience", type=_positive_int, help="epochs without a better dev accuracy before stopping"

@@ -54,7 +54,7 @@ def test_auto_below_the_threshold_trains_on_pairs() -> None:
         TrainConfig(method="p-tuning-v2"),
         objective="pairs",
         refine_epochs=REFINE_EPOCHS,
-        scales=False,
+        scales=True,
         plan=planned.plan,
     )
     assert planned.plan is not None and planned.plan["regime"] == "few-shot"
@@ -71,16 +71,18 @@ def test_auto_refines_the_pairs_with_cross_entropy_from_enough_rows_per_label() 
     below = plan_for_data(TrainConfig(method="auto"), _data(REFINE_FROM_ROWS_PER_LABEL - 1, 4))
     assert below.refine_epochs == 0 and below.plan is not None and below.plan["refine_epochs"] == 0
     assert "no epoch is chosen" in below.plan["reason"]
-    # The pass alone trains (IA)^3 scales beside the prefix; the refined plan does not (not measured).
+    # Every few-shot pairs plan trains (IA)^3 scales beside the prefix, refined or not; full data does not.
     assert below.scales is True and below.plan["scales"] is True and "(IA)^3" in below.plan["reason"]
     refined = plan_for_data(TrainConfig(method="auto"), _data(REFINE_FROM_ROWS_PER_LABEL, 4))
-    assert refined.scales is False and refined.plan is not None and refined.plan["scales"] is False
+    assert refined.scales is True and refined.plan is not None and refined.plan["scales"] is True
+    full = plan_for_data(TrainConfig(method="auto"), _data(FEW_SHOT_ROWS_PER_LABEL, 4))
+    assert full.scales is None and full.plan is not None and "scales" not in full.plan
     asked_off = plan_for_data(TrainConfig(method="auto", scales=False), _data(8))
     assert (
         asked_off.scales is False and asked_off.plan is not None and "(IA)^3" not in asked_off.plan["reason"]
     )
-    asked_on = plan_for_data(TrainConfig(method="auto", scales=True), _data(REFINE_FROM_ROWS_PER_LABEL, 4))
-    assert asked_on.scales is True
+    asked_off = plan_for_data(TrainConfig(method="auto", scales=False), _data(REFINE_FROM_ROWS_PER_LABEL, 4))
+    assert asked_off.scales is False
     with pytest.raises(ValueError, match="linear probe trains on features pooled once"):
         TrainConfig(method="linear-probe", scales=True).resolved()
     with pytest.raises(InvalidInputError, match="linear probe"):
