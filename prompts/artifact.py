@@ -55,6 +55,14 @@ Method = Literal["p-tuning-v2", "p-tuning", "prompt-tuning", "linear-probe", "cu
 Pooling = Literal["cls", "first", "mean", "last", "mask"]
 
 
+def _without_none(data: dict[str, Any], field: str) -> dict[str, Any]:
+    """``data`` without ``field`` where it is None: a field added after the first release then changes
+    neither the JSON nor the content version of artifacts that do not use it."""
+    if data.get(field) is None:
+        data.pop(field, None)
+    return data
+
+
 class VerbalizerSpec(BaseModel):
     """Label words predicted at a ``[MASK]`` of the template by the backbone's masked-LM head.
 
@@ -98,10 +106,7 @@ class HeadSpec(BaseModel):
     @model_serializer(mode="wrap")
     def _omit_absent_verbalizer(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # Head-based manifests serialise exactly as before verbalizers existed (same JSON, same hash).
-        data: dict[str, Any] = handler(self)
-        if data.get("verbalizer") is None:
-            data.pop("verbalizer", None)
-        return data
+        return _without_none(handler(self), "verbalizer")
 
 
 class BackboneRef(BaseModel):
@@ -157,10 +162,7 @@ class Manifest(BaseModel):
 
     @model_serializer(mode="wrap")
     def _omit_absent_scales(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        if data.get("scales") is None:
-            data.pop("scales", None)
-        return data
+        return _without_none(handler(self), "scales")
 
     @field_validator("task")
     @classmethod

@@ -213,7 +213,8 @@ class TrainConfig:
     # (REFINE_EPOCHS; 0: the pass alone). Method "auto" sets it from REFINE_FROM_ROWS_PER_LABEL up.
     refine_epochs: int = 0
     # (IA)^3 scales trained beside the prompt (prompts/methods.py PromptMethod.add_scales): the artifact
-    # then holds ``scales``. None: off (method "auto" turns them on for the pairs' pass alone).
+    # then holds ``scales``. None: off (method "auto" turns them on for few-shot data:
+    # AUTO_SCALES_BELOW_ROWS_PER_LABEL).
     scales: bool | None = None
     # Filled by plan_for_data for method "auto": what it chose and why (recorded in the manifest).
     plan: dict[str, Any] | None = None
@@ -279,11 +280,6 @@ class TrainConfig:
             raise ValueError(
                 "scales change the backbone's features, and the linear probe trains on features pooled "
                 "once: use a prompt method (p-tuning-v2) with scales"
-            )
-        if self.scales and self.head == "peft":
-            raise ValueError(
-                "head 'peft' is for PEFT export, and a PEFT adapter holds no (IA)^3 scales: drop scales "
-                "or head 'peft'"
             )
         if self.scales and self.head == "peft":
             raise ValueError(
@@ -756,7 +752,6 @@ def _pairs_or_probe(
     plan["mcnemar_z"] = round(z, 3)
     plan["probe_z"] = PROBE_Z
     plan["kept"] = resolve_method(kept.config.method)
-    plan["scales"] = kept.artifact.manifest.scales is not None  # the probe kept: none
     plan["scales"] = kept.artifact.manifest.scales is not None  # the probe kept: none
     seconds = pairs.seconds + probe.seconds  # the task cost both
     training = dict(kept.artifact.manifest.training or {})

@@ -184,6 +184,14 @@ def test_concurrent_requests_of_many_tasks_share_batches(client: TestClient, bac
     ]
     for a in artifacts:
         assert upload(client, a).status_code == 201
+    assert_served_concurrently_as_alone(client, backbone, artifacts)
+
+
+def assert_served_concurrently_as_alone(
+    client: TestClient, backbone: Backbone, artifacts: list[PromptArtifact]
+) -> None:
+    """Single-text requests of every uploaded task at once, from 16 threads: each gets its task's
+    probabilities alone, and mixed batches happened (fewer forwards than requests)."""
     runtime: Runtime = client.app.state.runtime  # type: ignore[attr-defined]
     batches_before = runtime.engine.batches
     texts = ["great phone", "bad shirt", "what is the price of this laptop", "free offer"]
@@ -200,7 +208,6 @@ def test_concurrent_requests_of_many_tasks_share_batches(client: TestClient, bac
         got = r.json()["results"][0]["scores"]
         for j in range(len(artifact.manifest.labels)):
             assert got[f"label_{j}"] == pytest.approx(float(expected[j]), abs=1e-5)
-    # Mixed batching happened: fewer forwards than requests.
     assert runtime.engine.batches - batches_before < len(jobs)
 
 

@@ -5,7 +5,6 @@ backbone is refused with the reason."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,9 @@ from fastapi.testclient import TestClient
 
 from prompts.backbone import Backbone
 from service.app import create_app
-from service.runtime import Runtime
 from service.settings import Settings
 from tests.factories import forge_artifact, random_artifact
-from tests.service.test_api import assert_error, expected_probs, upload
+from tests.service.test_api import assert_error, assert_served_concurrently_as_alone, upload
 
 
 @pytest.fixture
@@ -49,23 +47,7 @@ def test_scaled_and_unscaled_tasks_are_served_together(client: TestClient, backb
         "t3": None,
     }
 
-    runtime: Runtime = client.app.state.runtime  # type: ignore[attr-defined]
-    batches_before = runtime.engine.batches
-    texts = ["great phone", "bad shirt", "what is the price of this laptop", "free offer"]
-    jobs = [(a, t) for a in artifacts for t in texts]
-    with ThreadPoolExecutor(16) as pool:
-        responses = list(
-            pool.map(
-                lambda job: client.post("/v1/classify", json={"task": job[0].task, "text": job[1]}), jobs
-            )
-        )
-    for (artifact, text), r in zip(jobs, responses, strict=True):
-        assert r.status_code == 200, r.text
-        expected = expected_probs(backbone, artifact, [text])[0]
-        got = r.json()["results"][0]["scores"]
-        for j in range(len(artifact.manifest.labels)):
-            assert got[f"label_{j}"] == pytest.approx(float(expected[j]), abs=1e-5)
-    assert runtime.engine.batches - batches_before < len(jobs)  # mixed batches happened
+    assert_served_concurrently_as_alone(client, backbone, artifacts)
 
 
 def test_scales_that_do_not_fit_the_backbone_are_refused(client: TestClient, backbone: Backbone) -> None:
