@@ -126,3 +126,21 @@ def test_reports_are_written(tmp_path: Path) -> None:
     assert "| trec | 8 | 2.5 | 2.5 | – |" in md
     message = fewshot.plot(saved["summary"], methods, tmp_path / "fewshot.png")
     assert message.startswith("plot skipped") or (tmp_path / "fewshot.png").stat().st_size > 0
+
+
+def test_default_against_setfit_row_uses_every_run_both_have(tmp_path: Path) -> None:
+    """A third method run on fewer seeds shrinks the all-methods mean; the default-vs-SetFit row keeps
+    every run those two share, and is left out when it would repeat the all-methods row."""
+    setfit = {"k": 8, "method": "setfit", "macro_f1": 0.9, "seconds": 1.0}
+    runs = [r for r in _runs() if r["method"] != "setfit"]
+    runs = [r for r in runs if not (r["method"] == "probe" and r["seed"] == 1)]
+    runs += [{**setfit, "dataset": d, "seed": s, "accuracy": 0.9} for d in ("sst2", "trec") for s in (0, 1)]
+    md = fewshot.markdown(runs, ["default", "probe", "setfit"], "# t")
+    # default: sst2 0.65 / 0.75, trec 0.85 / 0.95 -> seed 0 only 0.75, both seeds 0.80
+    assert "| **mean, English (the same runs)** | 8 | **0.750** (2 sets, 2 runs) | " in md
+    assert (
+        "| **mean, English: default against SetFit (the runs both have)** | 8 | **0.800** (2 sets, 4 runs) | "
+        "– | **0.900** (2 sets, 4 runs) |" in md
+    )
+    full = [*runs, *({**r, "seed": 1, "accuracy": 0.5} for r in runs if r["method"] == "probe")]
+    assert "default against SetFit" not in fewshot.markdown(full, ["default", "probe", "setfit"], "# t")
