@@ -128,7 +128,7 @@ def test_reports_are_written(tmp_path: Path) -> None:
     assert message.startswith("plot skipped") or (tmp_path / "fewshot.png").stat().st_size > 0
 
 
-def test_default_against_setfit_row_uses_every_run_both_have(tmp_path: Path) -> None:
+def test_default_against_setfit_row_uses_every_run_both_have() -> None:
     """A third method run on fewer seeds shrinks the all-methods mean; the default-vs-SetFit row keeps
     every run those two share, and is left out when it would repeat the all-methods row."""
     setfit = {"k": 8, "method": "setfit", "macro_f1": 0.9, "seconds": 1.0}
