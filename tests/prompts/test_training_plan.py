@@ -283,7 +283,7 @@ WRECKED = dataclasses.replace(TINY_AUTO, lr=100.0, pair_iterations=1)
 
 
 def test_auto_keeps_the_probe_where_many_dev_rows_show_it_is_better(learnable: Backbone) -> None:
-    data = make_task_data(train=12, dev=90, test=30)
+    data = make_task_data(train=12, dev=240, test=30)
     result = train_task(learnable, "tiny", data, WRECKED)
     plan = (result.artifact.manifest.training or {})["plan"]
     candidates = plan["candidates"]
@@ -295,7 +295,7 @@ def test_auto_keeps_the_probe_where_many_dev_rows_show_it_is_better(learnable: B
 
 
 def test_auto_keeps_the_pairs_where_a_few_dev_rows_cannot_tell(learnable: Backbone) -> None:
-    """Three dev rows: even if the probe gets all three right and the pairs none, z = sqrt(3) < 2."""
+    """Three dev rows: even if the probe gets all three right and the pairs none, z = sqrt(3) < 3."""
     data = make_task_data(train=12, dev=3, test=30)
     result = train_task(learnable, "tiny", data, WRECKED)
     plan = (result.artifact.manifest.training or {})["plan"]
