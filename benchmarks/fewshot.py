@@ -351,9 +351,9 @@ def markdown(records: Sequence[dict[str, Any]], methods: Sequence[str], header: 
             lines.append(f"| {dataset}{note} | {k} | " + " | ".join(acc(r) for r in found) + " |")
         english = [means.get((k, m)) for m in methods]
         lines.append(_mean_row("mean, English (the same runs)", k, english))
-        pair = [duel_means.get((k, m)) if m in duel else None for m in methods]
-        shared = duel and all((k, m) in duel_means for m in duel)
+        shared = all((k, m) in duel_means for m in duel)
         if shared and any(duel_means[(k, m)] != means.get((k, m)) for m in duel):
+            pair = [duel_means[(k, m)] if m in duel else None for m in methods]
             lines.append(_mean_row("mean, English: default against SetFit (the runs both have)", k, pair))
     lines += ["", "Training seconds per task (mean over seeds; test scoring not included).", ""]
     lines += ["| dataset | K | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(methods)]
