@@ -5,8 +5,9 @@ rows per label from dev for early stopping (seeded), and test accuracy on up to 
 (a stratified sample fixed per dataset: the same rows for every K, seed and method). Methods:
 
 - ``default``: what ``ptserve train`` does without ``--method`` (method "auto", chosen from the data);
-  ``default_noscales`` the same without (IA)^3 scales (``--no-scales``: the default until session 16),
-  ``default_scales`` with them at any size (``--scales``: also under the refinement from 48 per label);
+  ``default_nolora`` the same without LoRA (``--lora-rank 0``: the default until session 20),
+  ``default_noscales`` without (IA)^3 scales or LoRA (``--no-scales --lora-rank 0``: the default until
+  session 16), ``default_scales`` with scales at any size (``--scales``);
 - ``prefix``, ``ptuning``, ``prompt``, ``probe``: each ptserve method with its defaults (``prefix`` is
   the default before "auto"; ``probe`` is the linear probe on the mean of the frozen backbone's tokens);
 - ``pairs``: P-tuning v2 with objective "pairs" (prompts/pairs.py: SetFit's sentence pairs train the
@@ -60,7 +61,8 @@ SEEDS = [0, 1, 2, 3, 4]
 # Benchmark name -> ptserve method (None: not trained by ptserve).
 METHODS: dict[str, str | None] = {
     "default": "auto",
-    "default_noscales": "auto",  # with scales=False
+    "default_nolora": "auto",  # with lora_rank=0
+    "default_noscales": "auto",  # with scales=False, lora_rank=0
     "default_scales": "auto",  # with scales=True
     "prefix": "p-tuning-v2",
     "pairs": "p-tuning-v2",  # objective "pairs" (PAIRS below)
@@ -75,7 +77,8 @@ METHODS: dict[str, str | None] = {
 }
 LABELS = {
     "default": "ptserve default (auto)",
-    "default_noscales": "default, no (IA)³ scales",
+    "default_nolora": "default, no LoRA",
+    "default_noscales": "default, no (IA)³ scales or LoRA",
     "default_scales": "default, (IA)³ scales at every K",
     "prefix": "P-tuning v2 (old default)",
     "pairs": "P-tuning v2 on pairs",
@@ -168,12 +171,13 @@ def run_ptserve(
     seed: int,
     pairs: tuple[str, int | None, str] | None = None,
     scales: bool | None = None,
+    lora_rank: int | None = None,
 ) -> dict[str, Any]:
-    """``pairs`` set: objective "pairs" with that (head, prefix length, pair loss); ``scales``: the
-    TrainConfig's (None: the method's own choice)."""
+    """``pairs`` set: objective "pairs" with that (head, prefix length, pair loss); ``scales`` and
+    ``lora_rank``: the TrainConfig's (None: the method's own choice)."""
     from prompts.trainer import TrainConfig, train_task
 
-    config = TrainConfig(method=method, seed=seed, scales=scales)
+    config = TrainConfig(method=method, seed=seed, scales=scales, lora_rank=lora_rank)
     if pairs is not None:
         pair_head, length, loss = pairs
         config = TrainConfig(
@@ -201,6 +205,7 @@ def run_ptserve(
         "mcnemar_z": plan.get("mcnemar_z") if plan else None,
         "refine_epochs": plan.get("refine_epochs") if plan else None,  # auto: cross-entropy after the pairs
         "scales": result.artifact.manifest.scales is not None,  # (IA)^3 scales in the artifact
+        "lora_rank": 0 if result.artifact.manifest.lora is None else result.artifact.manifest.lora.rank,
     }
 
 
@@ -510,7 +515,10 @@ def main(argv: list[str] | None = None) -> int:
                 ptserve_method = METHODS[method]
                 if ptserve_method is not None:
                     scales = {"default_noscales": False, "default_scales": True}.get(method)
-                    record |= run_ptserve(backbone, data, ptserve_method, seed, PAIRS.get(method), scales)
+                    lora_rank = 0 if method in ("default_noscales", "default_nolora") else None
+                    record |= run_ptserve(
+                        backbone, data, ptserve_method, seed, PAIRS.get(method), scales, lora_rank
+                    )
                 elif method == "finetune":
                     record |= run_finetune(backbone, data, seed)
                 elif have_setfit:

@@ -11,6 +11,9 @@ Tensors (all float32, float16 or bfloat16):
 - ``scales``      [layers, 2 * kv_heads * head_dim + ffn]          (IA)^3 multipliers of each layer's keys,
                  values and feed-forward activation, in that order (manifest ``scales: "ia3"``; the
                  convention is ``prompts.backbones.base.layer_scales``)
+- ``lora.<target>.down`` [layers, in, rank], ``lora.<target>.up`` [layers, rank, out]
+                 LoRA of each projection the backbone family adapts (its ``lora_targets``, named in
+                 the manifest's ``lora``): ``linear(x) + x @ down @ up``, alpha / rank already in ``up``
 
 The manifest lives under the metadata key ``ptserve.manifest``. Artifacts are data only: no pickle is
 ever read, and every check below fails with a message that says what was expected and what was found.
@@ -61,6 +64,15 @@ def _without_none(data: dict[str, Any], field: str) -> dict[str, Any]:
     if data.get(field) is None:
         data.pop(field, None)
     return data
+
+
+class LoRASpec(BaseModel):
+    """LoRA beside the prompt: its rank and the projections it adapts (the family's target names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(ge=1, le=256)
+    targets: list[str] = Field(min_length=1, max_length=16)
 
 
 class VerbalizerSpec(BaseModel):
@@ -159,10 +171,12 @@ class Manifest(BaseModel):
     # "ia3": the artifact holds ``scales``. Absent (None) from every artifact without them, so their
     # JSON and versions are what they were before scales existed.
     scales: Literal["ia3"] | None = None
+    # Set where the artifact holds LoRA tensors; absent otherwise, as ``scales``.
+    lora: LoRASpec | None = None
 
     @model_serializer(mode="wrap")
-    def _omit_absent_scales(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return _without_none(handler(self), "scales")
+    def _omit_absent_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without_none(_without_none(handler(self), "scales"), "lora")
 
     @field_validator("task")
     @classmethod
@@ -241,6 +255,11 @@ def expected_shapes(manifest: Manifest) -> dict[str, tuple[int, ...]]:
         # The FFN width is not in the manifest: -1 takes any width here; check_compatible compares it
         # with the backbone's exactly.
         shapes["scales"] = (b.num_layers, -1)
+    if manifest.lora is not None:
+        # Widths depend on the family's projections: check_compatible compares them exactly.
+        for target in manifest.lora.targets:
+            shapes[f"lora.{target}.down"] = (b.num_layers, -1, manifest.lora.rank)
+            shapes[f"lora.{target}.up"] = (b.num_layers, manifest.lora.rank, -1)
     return shapes
 
 
@@ -261,8 +280,10 @@ def build_artifact(
     training: dict[str, Any] | None = None,
     verbalizer: VerbalizerSpec | None = None,
     scales: torch.Tensor | None = None,
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> PromptArtifact:
-    """Write an artifact from tensors (shapes as in the module docstring); validated like any upload."""
+    """Write an artifact from tensors (shapes as in the module docstring); validated like any upload.
+    ``lora``: target -> (down [layers, in, rank], up [layers, rank, out])."""
     tensors: dict[str, torch.Tensor] = {
         "head.weight": head_weight.detach().to("cpu", torch.float32).contiguous(),
         "head.bias": head_bias.detach().to("cpu", torch.float32).contiguous(),
@@ -273,6 +294,12 @@ def build_artifact(
         tensors["prompt"] = prompt.detach().to("cpu", torch.float32).contiguous()
     if scales is not None:
         tensors["scales"] = scales.detach().to("cpu", torch.float32).contiguous()
+    lora_spec = None
+    if lora:
+        for target, (down, up) in lora.items():
+            tensors[f"lora.{target}.down"] = down.detach().to("cpu", torch.float32).contiguous()
+            tensors[f"lora.{target}.up"] = up.detach().to("cpu", torch.float32).contiguous()
+        lora_spec = LoRASpec(rank=int(next(iter(lora.values()))[0].shape[-1]), targets=list(lora))
     try:
         manifest = Manifest(
             task=task,
@@ -288,6 +315,7 @@ def build_artifact(
             metrics=metrics,
             training=training,
             scales="ia3" if scales is not None else None,
+            lora=lora_spec,
         )
     except ValidationError as exc:
         raise ArtifactError(f"invalid manifest: {_pydantic_message(exc)}") from exc
@@ -359,7 +387,8 @@ def parse_artifact(data: bytes, *, max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) 
     if missing or extra:
         raise ArtifactError(
             f"tensor names do not match the manifest (prefix_length={manifest.prefix_length}, "
-            f"prompt_length={manifest.prompt_length}, scales={manifest.scales}): missing {missing}, "
+            f"prompt_length={manifest.prompt_length}, scales={manifest.scales}, "
+            f"lora={None if manifest.lora is None else manifest.lora.targets}): missing {missing}, "
             f"unexpected {extra}"
         )
     for name, shape in expected.items():
@@ -498,12 +527,35 @@ def check_compatible(artifact: PromptArtifact, spec: BackboneSpec) -> None:
             f"artifact for task {artifact.task!r} has (IA)^3 scales {scales.shape[1]} wide; this "
             f"backbone's keys, values and feed-forward block need {spec.scales_width}"
         )
+    if artifact.manifest.lora is not None:
+        _check_lora(artifact, spec)
     if max_text_tokens(artifact.manifest, spec) < 2:
         raise IncompatibleArtifactError(
             f"artifact for task {artifact.task!r} uses {artifact.manifest.prefix_length} prefix and "
             f"{artifact.manifest.prompt_length} prompt positions, leaving no room for text within "
             f"the backbone's {spec.max_positions} positions"
         )
+
+
+def _check_lora(artifact: PromptArtifact, spec: BackboneSpec) -> None:
+    lora = artifact.manifest.lora
+    assert lora is not None
+    family = family_by_name(spec.family)
+    assert family is not None
+    targets = family.lora_targets(spec.shape())
+    if lora.targets != list(targets):
+        raise IncompatibleArtifactError(
+            f"artifact for task {artifact.task!r} has LoRA on {lora.targets}; this {spec.family} "
+            f"backbone's LoRA targets are {list(targets)}"
+        )
+    for target, (width_in, width_out) in targets.items():
+        down = artifact.tensors[f"lora.{target}.down"]
+        up = artifact.tensors[f"lora.{target}.up"]
+        if down.shape[1] != width_in or up.shape[2] != width_out:
+            raise IncompatibleArtifactError(
+                f"artifact for task {artifact.task!r} has LoRA {target!r} from {down.shape[1]} to "
+                f"{up.shape[2]} wide; this backbone's projection is {width_in} to {width_out}"
+            )
 
 
 def max_text_tokens(manifest: Manifest, spec: BackboneSpec) -> int:

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from prompts.backbones import SUPPORTED_MODEL_TYPES, BackboneFamily, family_for
+from prompts.backbones import SUPPORTED_MODEL_TYPES, BackboneFamily, Shape, family_for
 from prompts.errors import BackboneError
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,19 @@ class BackboneSpec:
     def scales_width(self) -> int:
         """One layer's (IA)^3 multipliers: keys, values (kv_heads * head_dim each), then the FFN's."""
         return 2 * self.num_kv_heads * self.head_dim + self.ffn_size
+
+    def shape(self) -> Shape:
+        """The family's view of these sizes (what ``lora_targets`` reads)."""
+        return Shape(
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            hidden_size=self.hidden_size,
+            max_positions=self.max_positions,
+            position_base=self.position_base,
+            ffn_size=self.ffn_size,
+        )
 
     def describe(self) -> str:
         kv = f" ({self.num_kv_heads} key/value)" if self.num_kv_heads != self.num_heads else ""

@@ -18,6 +18,9 @@ Per row ``b`` with task prefix length ``P_b``, input-prompt length ``K_b`` and t
 - (IA)^3 scales, where a row's task has them: its layers' keys, values and FFN inner activations
   multiplied by the task's vectors (``layer_scales`` in ``prompts/backbones/base.py``), carried as
   multipliers minus one; rows of tasks without them carry zeros;
+- LoRA, where a row's task has it: each adapted projection adds ``x @ down @ up`` with the task's own
+  low-rank matrices (``low_rank``), padded to the batch's largest rank with zeros; rows of tasks
+  without LoRA carry zeros;
 - pooled vector: the text's first token (index ``K_b``), sequence position 0, the mean of the text
   tokens, the text's last token (index ``K_b + T_b - 1``, decoders), or (a verbalizer) the input
   prompt's ``[MASK]`` row through the masked-LM head's transform, whose head rows are label words';
@@ -26,7 +29,7 @@ Per row ``b`` with task prefix length ``P_b``, input-prompt length ``K_b`` and t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,7 +37,7 @@ import torch
 
 from prompts.artifact import PromptArtifact
 from prompts.backbone import Backbone
-from prompts.backbones import Layout
+from prompts.backbones import Layout, LowRank
 
 POOLING_MODES = ("cls", "first", "mean", "last", "mask")
 
@@ -57,6 +60,13 @@ class TaskPrompt:
     # [layers, 2 * kv_dim + ffn]: (IA)^3 multipliers minus one (the artifact's ``scales`` - 1), keys |
     # values | FFN; kept as deltas so that half precision does not round the multipliers near 1.
     scale_delta: torch.Tensor | None = None
+    # LoRA by target (the family's ``lora_targets``): (down [layers, in, r], up [layers, r, out]), LoRA's
+    # alpha / r already in ``up``.
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def lora_rank(self) -> int:
+        return 0 if self.lora is None else int(next(iter(self.lora.values()))[0].shape[-1])
 
     @property
     def prefix_length(self) -> int:
@@ -72,6 +82,7 @@ class TaskPrompt:
 
     def nbytes(self) -> int:
         tensors = [self.prefix, self.prompt, self.head_weight, self.head_bias, self.scale_delta]
+        tensors += [t for pair in (self.lora or {}).values() for t in pair]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     @classmethod
@@ -96,7 +107,25 @@ class TaskPrompt:
             mask_position=m.head.verbalizer.mask_position if m.head.verbalizer is not None else 0,
             # Subtracted in the artifact's float32, then cast: the delta keeps its precision.
             scale_delta=move(t["scales"].float() - 1) if "scales" in t else None,
+            lora=_lora_from(t, move),
         )
+
+
+def _lora_from(
+    tensors: dict[str, torch.Tensor], move: Callable[[torch.Tensor | None], torch.Tensor | None]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """An artifact's ``lora.<target>.down`` / ``.up`` tensors as TaskPrompt holds them."""
+    names = [
+        k[len("lora.") : -len(".down")] for k in tensors if k.startswith("lora.") and k.endswith(".down")
+    ]
+    if not names:
+        return None
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in names:
+        down, up = move(tensors[f"lora.{name}.down"]), move(tensors[f"lora.{name}.up"])
+        assert down is not None and up is not None
+        lora[name] = (down, up)
+    return lora
 
 
 def _pad_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -134,6 +163,9 @@ class PromptBatch:
     # [B, layers, 2 * kv_dim + ffn]: (IA)^3 multipliers minus one (zeros for rows whose task has none);
     # None when no row's task has any, so batches without them do no extra work.
     scale_delta: torch.Tensor | None = None
+    # Per target (down [B, layers, in, r], up [B, layers, r, out]), r = the largest rank in the batch,
+    # zeros for rows whose task has no LoRA; None when no row's task has any.
+    lora: LowRank | None = None
 
 
 def batch_from_tasks(rows: Sequence[TaskPrompt], device: torch.device) -> PromptBatch:
@@ -184,6 +216,23 @@ def batch_from_tasks(rows: Sequence[TaskPrompt], device: torch.device) -> Prompt
         scale_delta = torch.stack(
             [t.scale_delta if t.scale_delta is not None else torch.zeros_like(shaped) for t in tasks]
         )[row_task]  # [B, layers, 2 * kv_dim + ffn]
+    lora: LowRank | None = None
+    rank = max(t.lora_rank for t in tasks)
+    if rank:
+        shaped_lora = next(t.lora for t in tasks if t.lora is not None)
+        lora = {}
+        for name, (down0, up0) in shaped_lora.items():
+            downs, ups = [], []
+            for t in tasks:
+                if t.lora is None:
+                    downs.append(down0.new_zeros(*down0.shape[:-1], rank))
+                    ups.append(up0.new_zeros(up0.shape[0], rank, up0.shape[2]))
+                else:
+                    down, up = t.lora[name]
+                    downs.append(_pad_dim(down, 2, rank))
+                    ups.append(_pad_dim(up, 1, rank))
+            # [B, layers, in, r], [B, layers, r, out]
+            lora[name] = (torch.stack(downs)[row_task], torch.stack(ups)[row_task])
     return PromptBatch(
         prefix=prefix,
         prefix_len=per_row([t.prefix_length for t in tasks]),
@@ -202,6 +251,7 @@ def batch_from_tasks(rows: Sequence[TaskPrompt], device: torch.device) -> Prompt
         modes=frozenset(t.pooling for t in tasks),
         any_pooler=any(t.use_pooler for t in tasks),
         scale_delta=scale_delta,
+        lora=lora,
     )
 
 
@@ -229,6 +279,7 @@ class Encoder(Protocol):
         layout: Layout,
         prefix: torch.Tensor | None,
         scale_delta: torch.Tensor | None = None,
+        lora: LowRank | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -280,10 +331,12 @@ def run_prompted(
     prefix = None if batch.prefix is None else batch.prefix.to(dtype)  # [B, layers, 2, kv_heads, P, head_dim]
     # [B, layers, 2 * kv_dim + ffn]
     delta = None if batch.scale_delta is None else batch.scale_delta.to(dtype)
+    lora = None if batch.lora is None else {k: (d.to(dtype), u.to(dtype)) for k, (d, u) in batch.lora.items()}
     if encoder is not None:
-        hidden = encoder(inputs_embeds, positions, layout, prefix, delta)  # [B, S, hidden]
+        hidden = encoder(inputs_embeds, positions, layout, prefix, delta, lora)  # [B, S, hidden]
     else:
-        hidden = family.layers(inputs_embeds, positions, family.masks(layout, dtype), prefix, delta)
+        masks = family.masks(layout, dtype)
+        hidden = family.layers(inputs_embeds, positions, masks, prefix, delta, lora=lora)
 
     pooled = _pool(hidden, batch, text_len)  # [B, hidden]
     if batch.any_pooler:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from prompts.backbones import BackboneFamily, Layout
+from prompts.backbones import BackboneFamily, Layout, LowRank
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +47,14 @@ class Bucket:
     seq: int
     prefix: int
     scaled: bool = False  # some row's task has (IA)^3 scales: the graph reads a scale-delta buffer
+    # The batch's LoRA rank (0: none). Exact, not padded: padding columns would have to be zeroed on
+    # every fill, and a platform trains its tasks at one or two ranks.
+    lora_rank: int = 0
 
 
-def bucket_for(rows: int, seq: int, prefix: int, max_rows: int, scaled: bool = False) -> Bucket | None:
+def bucket_for(
+    rows: int, seq: int, prefix: int, max_rows: int, scaled: bool = False, lora_rank: int = 0
+) -> Bucket | None:
     """The padded shape a forward of this size replays, or None when it is larger than any bucket."""
     padded_rows = 1 << max(0, rows - 1).bit_length()  # [1, 2, 4, 8, ...]
     padded_seq = -(-seq // SEQ_STEP) * SEQ_STEP
@@ -58,7 +63,7 @@ def bucket_for(rows: int, seq: int, prefix: int, max_rows: int, scaled: bool = F
         return None
     if padded_rows * (padded_seq + padded_prefix) > MAX_BUCKET_TOKENS:
         return None
-    return Bucket(padded_rows, padded_seq, padded_prefix, scaled)
+    return Bucket(padded_rows, padded_seq, padded_prefix, scaled, lora_rank)
 
 
 class _Static:
@@ -83,6 +88,17 @@ class _Static:
             self.scale_delta = torch.zeros(
                 (rows, shape.num_layers, shape.scales_width), device=device, dtype=dtype
             )
+        self.lora: LowRank | None = None
+        if bucket.lora_rank:
+            r = bucket.lora_rank
+            # Per target [R, layers, in, r] and [R, layers, r, out]; padded rows keep stale values.
+            self.lora = {
+                name: (
+                    torch.zeros((rows, shape.num_layers, width_in, r), device=device, dtype=dtype),
+                    torch.zeros((rows, shape.num_layers, r, width_out), device=device, dtype=dtype),
+                )
+                for name, (width_in, width_out) in family.lora_targets(shape).items()
+            }
         # The family's layout tensors for this bucket, filled per forward (shapes fixed by the bucket).
         self.masks: dict[str, torch.Tensor] = {}
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -90,11 +106,14 @@ class _Static:
 
     def nbytes(self) -> int:
         tensors = [self.embeds, self.positions, self.prefix, self.scale_delta, *self.masks.values()]
+        tensors += [t for pair in (self.lora or {}).values() for t in pair]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def run(self) -> torch.Tensor:
         if self.graph is None:
-            return self.family.layers(self.embeds, self.positions, self.masks, self.prefix, self.scale_delta)
+            return self.family.layers(
+                self.embeds, self.positions, self.masks, self.prefix, self.scale_delta, lora=self.lora
+            )
         self.graph.replay()
         assert self.hidden is not None
         return self.hidden
@@ -106,6 +125,7 @@ class _Static:
         layout: Layout,
         prefix: torch.Tensor | None,
         scale_delta: torch.Tensor | None,
+        lora: LowRank | None,
     ) -> None:
         """Copy one forward's inputs in; whatever lies past them is masked or dropped."""
         rows, seq, _ = embeds.shape
@@ -131,6 +151,11 @@ class _Static:
         if scale_delta is not None:
             assert self.scale_delta is not None
             self.scale_delta[:rows].copy_(scale_delta)
+        if lora is not None:
+            assert self.lora is not None
+            for name, (down, up) in lora.items():
+                self.lora[name][0][:rows].copy_(down)
+                self.lora[name][1][:rows].copy_(up)
 
     def capture(self, pool: Any) -> None:
         # Warm-up on a side stream first (cuBLAS and SDPA pick and initialise their kernels), as
@@ -190,24 +215,28 @@ class GraphedEncoder:
         layout: Layout,
         prefix: torch.Tensor | None,
         scale_delta: torch.Tensor | None = None,
+        lora: LowRank | None = None,
     ) -> torch.Tensor:
         """Hidden states ``[B, S, hidden]``, as the family's loop returns them for the same arguments."""
         rows, seq, _ = embeds.shape
-        bucket = bucket_for(rows, seq, layout.prefix, self.max_rows, scaled=scale_delta is not None)
+        rank = 0 if lora is None else int(next(iter(lora.values()))[0].shape[-1])
+        bucket = bucket_for(
+            rows, seq, layout.prefix, self.max_rows, scaled=scale_delta is not None, lora_rank=rank
+        )
         if bucket is not None:
             with self._lock:
                 static = self._buckets.get(bucket)
                 fresh = static is None and len(self._buckets) < self.max_graphs
                 if fresh:
                     static = _Static(self.family, bucket, embeds)
-                    static.fill(embeds, positions, layout, prefix, scale_delta)
+                    static.fill(embeds, positions, layout, prefix, scale_delta, lora)
                     if self._bytes + static.nbytes() > self.max_bytes:
                         static = None
                     else:
                         self._bytes += static.nbytes()
                         self._buckets[bucket] = static
                 elif static is not None:
-                    static.fill(embeds, positions, layout, prefix, scale_delta)
+                    static.fill(embeds, positions, layout, prefix, scale_delta, lora)
                 if static is not None:
                     if fresh and self.capture:  # the capture's warm-up runs on the buffers just filled
                         try:
@@ -225,4 +254,5 @@ class GraphedEncoder:
                     return static.run()[:rows, :seq].clone()
         self.eager += 1  # too large for a bucket, or past max_graphs / max_bytes
         family = self.family
-        return family.layers(embeds, positions, family.masks(layout, embeds.dtype), prefix, scale_delta)
+        masks = family.masks(layout, embeds.dtype)
+        return family.layers(embeds, positions, masks, prefix, scale_delta, lora=lora)

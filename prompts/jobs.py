@@ -175,6 +175,14 @@ class Hyperparameters(BaseModel):
         "the prompt (not with the linear probe); default off, auto turns them on for few-shot data of "
         "fewer than 100 rows per label",
     )
+    lora_rank: int | None = Field(
+        default=None,
+        ge=0,
+        le=256,
+        description="train LoRA of this rank on every layer's attention and feed-forward projections "
+        "beside the prompt (0: none; not with the linear probe); default none, auto trains rank 8 for "
+        "few-shot data",
+    )
     head: Literal["cls", "mean", "last", "peft", "verbalizer"] | None = Field(
         default=None,
         description="what the linear head reads (default: decoders the last token; encoders mean for the "

@@ -26,7 +26,7 @@ from torch import nn
 
 from prompts.artifact import Method, VerbalizerSpec
 from prompts.backbone import Backbone, BackboneSpec, MaskedLMHead
-from prompts.backbones import Collected, Layout
+from prompts.backbones import Collected, Layout, family_by_name
 from prompts.errors import InvalidInputError
 from prompts.forward import TaskPrompt
 
@@ -70,6 +70,9 @@ METHOD_ALIASES: dict[str, MethodName] = {
 HeadStyle = Literal["cls", "peft", "mean", "last", "verbalizer"]
 Pooling = Literal["cls", "first", "mean", "last", "mask"]
 PEFT_HEAD_FAMILIES = ("bert", "decoder")
+# LoRA's alpha (Hu et al. 2021): the update is scaled by alpha / rank, so a rank change keeps the
+# size of the first steps. 2 x the default rank 8, as in the experiment that measured it.
+LORA_ALPHA = 16.0
 
 
 def resolve_method(name: str) -> MethodName:
@@ -92,9 +95,12 @@ class ExportedPrompt:
     pooler: Literal["none", "backbone"]
     verbalizer: VerbalizerSpec | None = None
     scales: torch.Tensor | None = None  # [layers, 2 * kv_dim + ffn]: (IA)^3 multipliers
+    # target -> (down [layers, in, r], up [layers, r, out]), alpha / r already in ``up``
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def parameter_count(self) -> int:
         tensors = [self.prefix, self.prompt, self.head_weight, self.head_bias, self.scales]
+        tensors += [t for pair in (self.lora or {}).values() for t in pair]
         return sum(t.numel() for t in tensors if t is not None)
 
 
@@ -224,6 +230,36 @@ class PromptMethod(nn.Module):
             self.head.requires_grad_(False)
             self.register_buffer("mask_embedding", verbalizer.mask_embedding.clone())  # [hidden]
         self.scale_delta: nn.Parameter | None = None
+        self.lora_down: nn.ParameterDict | None = None
+        self.lora_up: nn.ParameterDict | None = None
+
+    def add_lora(self, rank: int, generator: torch.Generator) -> None:
+        """Train LoRA of ``rank`` on every projection the family adapts (its ``lora_targets``) beside
+        the prompt. ``up`` starts at zero (the backbone unchanged), ``down`` at random (LoRA's start);
+        the update is ``x @ down @ up * LORA_ALPHA / rank``."""
+        s = self.spec
+        family = family_by_name(s.family)
+        assert family is not None
+        device = self.head.weight.device
+        self.lora_down, self.lora_up = nn.ParameterDict(), nn.ParameterDict()
+        for name, (width_in, width_out) in family.lora_targets(s.shape()).items():
+            down = torch.randn(s.num_layers, width_in, rank, generator=generator) / width_in**0.5
+            self.lora_down[name] = nn.Parameter(down.to(device))  # [layers, in, r]
+            self.lora_up[name] = nn.Parameter(torch.zeros(s.num_layers, rank, width_out, device=device))
+
+    def lora(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """The LoRA matrices as a forward reads them: alpha / rank folded into ``up``."""
+        if self.lora_down is None or self.lora_up is None:
+            return None
+        return {
+            name: (down, self.lora_up[name] * (LORA_ALPHA / down.shape[-1]))
+            for name, down in self.lora_down.items()
+        }
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        if self.lora_down is None or self.lora_up is None:
+            return []
+        return [*self.lora_down.values(), *self.lora_up.values()]
 
     def add_scales(self) -> None:
         """Train (IA)^3 multipliers beside the prompt: every layer's keys, values and FFN activation
@@ -280,6 +316,7 @@ class PromptMethod(nn.Module):
             positions_after_prefix=True,
             mask_position=self.mask_position(),
             scale_delta=self.scale_delta,
+            lora=self.lora(),
         )
 
     def lengths(self) -> tuple[int, int]:
@@ -300,12 +337,12 @@ class PromptMethod(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            prefix, prompt = self.prefix(), self.prompt()
+            prefix, prompt, lora = self.prefix(), self.prompt(), self.lora()
         finally:
             self.train(was_training)
 
         def plain(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x.detach().to("cpu", torch.float32).clone().contiguous()
+            return None if x is None else _plain(x)
 
         weight, bias = plain(self.head.weight), plain(self.head.bias)
         assert weight is not None and bias is not None
@@ -319,6 +356,7 @@ class PromptMethod(nn.Module):
             pooler=self.pooler,
             verbalizer=None if self.verbalizer is None else self.verbalizer.spec(self.mask_position()),
             scales=plain(self.scales()),
+            lora=None if lora is None else {n: (_plain(d), _plain(u)) for n, (d, u) in lora.items()},
         )
 
 
@@ -561,3 +599,8 @@ def prefix_from_tokens(backbone: Backbone, length: int, generator: torch.Generat
         for key, value in collected
     ]  # per layer [2, kv_heads, P, head_dim]
     return torch.stack(keys_values).cpu()  # [layers, 2, kv_heads, P, head_dim]
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    """A detached float32 CPU copy: what an artifact is built from."""
+    return x.detach().to("cpu", torch.float32).clone().contiguous()

@@ -256,6 +256,11 @@ def export_peft_adapter(
             f"task {m.task!r} has (IA)^3 scales beside its prompt; a PEFT adapter holds one method "
             "(train with --no-scales to export to PEFT)"
         )
+    if m.lora is not None:
+        raise PeftError(
+            f"task {m.task!r} has LoRA beside its prompt; a PEFT adapter holds one method "
+            "(train with --lora-rank 0 to export to PEFT)"
+        )
     if not m.prefix_length and not m.prompt_length:
         raise PeftError(
             f"task {m.task!r} has neither a prefix nor a prompt (a linear probe): PEFT has no such adapter"

@@ -157,6 +157,13 @@ AUTO_SCALES_BELOW_ROWS_PER_LABEL = FEW_SHOT_ROWS_PER_LABEL
 # probe 0.820, pairs 0.839; emotion K=8 seed 4, 48 rows, z 2.18: 0.328, 0.355), while banking77's z is
 # above 8; over the many tasks a platform trains, z >= 2 (one-sided p 0.023) fires by chance.
 PROBE_Z = 3.0
+# Method "auto" trains LoRA of this rank beside the prefix and scales on few-shot data (every pairs
+# plan): every layer's query, key, value, attention-output and feed-forward projections (the family's
+# ``lora_targets``; 331,776 values a task on MiniLM, 2.25 x the 32-position prefix), at LORA_LR without
+# weight decay. Measured before it was built (session 20, an experiment script over the benchmark's
+# cells, `auto`'s pairs plan with LoRA added): see README "Few-shot data".
+AUTO_LORA_RANK = 8
+LORA_LR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -219,6 +226,11 @@ class TrainConfig:
     # then holds ``scales``. None: off (method "auto" turns them on for few-shot data:
     # AUTO_SCALES_BELOW_ROWS_PER_LABEL).
     scales: bool | None = None
+    # LoRA of this rank on every projection the backbone family adapts, trained beside the prompt
+    # (prompts/methods.py PromptMethod.add_lora): the artifact then holds ``lora.*``. None: off (method
+    # "auto" sets AUTO_LORA_RANK for few-shot data); 0: off.
+    lora_rank: int | None = None
+    lora_lr: float | None = None  # None: LORA_LR (no weight decay on LoRA: its "up" starts at zero)
     # Filled by plan_for_data for method "auto": what it chose and why (recorded in the manifest).
     plan: dict[str, Any] | None = None
 
@@ -289,14 +301,30 @@ class TrainConfig:
                 "head 'peft' is for PEFT export, and a PEFT adapter holds no (IA)^3 scales: drop scales "
                 "or head 'peft'"
             )
+        if self.lora_rank is not None and not 0 <= self.lora_rank <= 256:
+            raise ValueError(f"lora_rank must be 0 (none) to 256, got {self.lora_rank}")
+        if self.lora_lr is not None and self.lora_lr < 0:
+            raise ValueError(f"lora_lr must be >= 0, got {self.lora_lr}")
+        if self.lora_rank and method == "linear-probe":
+            raise ValueError(
+                "LoRA changes the backbone's features, and the linear probe trains on features pooled "
+                "once: use a prompt method (p-tuning-v2) with LoRA"
+            )
+        if self.lora_rank and self.head == "peft":
+            raise ValueError(
+                "head 'peft' is for PEFT export, and a PEFT prompt adapter holds no LoRA: set lora_rank 0 "
+                "or drop head 'peft'"
+            )
         if self.pair_iterations is not None and self.pair_iterations < 1:
             raise ValueError(f"pair_iterations must be at least 1, got {self.pair_iterations}")
         prefix_init = self.prefix_init if self.prefix_init is not None else ("random" if pairs else "tokens")
         if prefix_init not in ("tokens", "random"):
             raise ValueError(f"prefix_init must be 'tokens' or 'random', got {prefix_init!r}")
+        lora_lr = (self.lora_lr if self.lora_lr is not None else LORA_LR) if self.lora_rank else None
         if pairs:
             return dataclasses.replace(
                 self,
+                lora_lr=lora_lr,
                 method=method,
                 objective=objective,
                 prefix_init=prefix_init,
@@ -310,6 +338,7 @@ class TrainConfig:
             )
         return dataclasses.replace(
             self,
+            lora_lr=lora_lr,
             method=method,
             objective=objective,
             prefix_init=prefix_init,
@@ -358,6 +387,8 @@ class TrainConfig:
                 keep.add("refine_epochs")
         if self.scales:  # recorded only when on, so manifests without scales are unchanged
             keep.add("scales")
+        if self.lora_rank:
+            keep |= {"lora_rank", "lora_lr"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
 
 
@@ -401,9 +432,12 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
         refine = per_label >= REFINE_FROM_ROWS_PER_LABEL and config.refine_epochs == 0
         refine_epochs = REFINE_EPOCHS if refine else config.refine_epochs
         scales = config.scales if config.scales is not None else per_label < AUTO_SCALES_BELOW_ROWS_PER_LABEL
+        lora_rank = config.lora_rank if config.lora_rank is not None else AUTO_LORA_RANK
         with_scales = (
             "; with (IA)^3 scales of every layer's keys, values and feed-forward activation" if scales else ""
         )
+        if lora_rank:
+            with_scales += f"{' and' if scales else '; with'} rank-{lora_rank} LoRA of its projections"
         then = (
             f"; from {REFINE_FROM_ROWS_PER_LABEL} rows per label, then up to {REFINE_EPOCHS} epochs of "
             "cross-entropy from that prefix and head, the best epoch kept on dev"
@@ -416,6 +450,7 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
             objective="pairs",
             refine_epochs=refine_epochs,
             scales=scales,
+            lora_rank=lora_rank,
             plan=facts
             | {
                 "regime": "few-shot",
@@ -423,6 +458,7 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
                 "refine_epochs": refine_epochs,
                 "pair_loss": pair_loss_for(config.pair_loss, refine_epochs),
                 "scales": scales,
+                "lora_rank": lora_rank,
                 # The probe pools the mean; a head asked for is not overridden by it.
                 "probe_candidate": config.head is None,
                 "reason": f"fewer than {FEW_SHOT_ROWS_PER_LABEL} train rows per label: P-tuning v2 prefix "
@@ -582,6 +618,9 @@ def build_method(
     module = module.to(backbone.device)
     if config.scales:
         module.add_scales()
+    if config.lora_rank:
+        # A generator of its own: the prefix, the pairs and the batches draw what they drew without LoRA.
+        module.add_lora(config.lora_rank, torch.Generator().manual_seed(config.seed))
     return module
 
 
@@ -756,6 +795,8 @@ def _pairs_or_probe(
     plan["probe_z"] = PROBE_Z
     plan["kept"] = resolve_method(kept.config.method)
     plan["scales"] = kept.artifact.manifest.scales is not None  # the probe kept: none
+    kept_lora = kept.artifact.manifest.lora
+    plan["lora_rank"] = 0 if kept_lora is None else kept_lora.rank
     seconds = pairs.seconds + probe.seconds  # the task cost both
     training = dict(kept.artifact.manifest.training or {})
     training |= {"plan": plan, "duration_seconds": round(seconds, 2)}
@@ -802,6 +843,7 @@ def _export(
             training=training,
             verbalizer=exported.verbalizer,
             scales=exported.scales,
+            lora=exported.lora,
         )
 
     test_report: Report | None = None
@@ -971,11 +1013,8 @@ def _fit_labels(
     y = torch.tensor(y_train, device=backbone.device)
     weights = _class_weights(y_train, len(labels), backbone.device) if cfg.class_balanced else None
 
-    head_params = list(module.head.parameters())
-    prompt_params = module.prompt_parameters()
-    groups: list[dict[str, Any]] = [{"params": head_params, "lr": cfg.head_lr}]
-    if prompt_params:
-        groups.append({"params": prompt_params, "lr": cfg.lr})
+    groups: list[dict[str, Any]] = [{"params": list(module.head.parameters()), "lr": cfg.head_lr}]
+    groups += _prompt_groups(module, cfg)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_ids) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
@@ -1079,6 +1118,18 @@ def _fit_labels(
     return history, best_epoch, seconds, out_of_time
 
 
+def _prompt_groups(module: PromptMethod, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The optimiser's groups for everything but the head: the prompt (and scales) at ``cfg.lr``, LoRA
+    at ``cfg.lora_lr`` without weight decay."""
+    lora = module.lora_parameters()
+    ids = {id(p) for p in lora}
+    prompt = [p for p in module.prompt_parameters() if id(p) not in ids]
+    groups: list[dict[str, Any]] = [{"params": prompt, "lr": cfg.lr}] if prompt else []
+    if lora:
+        groups.append({"params": lora, "lr": cfg.lora_lr, "weight_decay": 0.0})
+    return groups
+
+
 def pair_loss_for(asked: str | None, refine_epochs: int) -> str:
     """The pairs' loss: the one asked for, else :data:`PAIR_LOSS_REFINED` where cross-entropy follows
     the pass and :data:`PAIR_LOSS_ALONE` where it does not."""
@@ -1111,7 +1162,7 @@ def _fit_pairs(
     try:
         module.train()  # the prefix's dropout; the backbone is not a submodule
         parameters = module.prompt_parameters()
-        optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(_prompt_groups(module, cfg), weight_decay=cfg.weight_decay)
         scheduler = _schedule(optimizer, math.ceil(len(pairs) / per_step), cfg.warmup_ratio)
         losses, out_of_time = train_on_pairs(
             backbone,

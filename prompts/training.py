@@ -42,6 +42,7 @@ def make_train_config(
     label_words: dict[str, list[str]] | None = None,
     objective: str | None = None,
     scales: bool | None = None,
+    lora_rank: int | None = None,
 ) -> TrainConfig:
     """A checked TrainConfig; ``length`` is the prefix length or the number of virtual tokens.
 
@@ -66,6 +67,7 @@ def make_train_config(
         label_words=label_words,
         objective=objective,
         scales=scales,
+        lora_rank=lora_rank,
     )
     if length is not None:
         config = dataclasses.replace(config, prefix_length=length, prompt_length=length)
@@ -135,6 +137,7 @@ def job_train_config(spec: JobSpec) -> TrainConfig:
         objective=hp.objective,
         label_words=hp.label_words,
         scales=hp.scales,
+        lora_rank=hp.lora_rank,
     )
 
 

@@ -61,6 +61,7 @@ class LoadedTask:
     max_text_tokens: int
     nbytes: int
     scaled: bool = False  # the task has (IA)^3 scales
+    lora_rank: int = 0  # the rank of the task's LoRA (0: none)
 
     @property
     def labels(self) -> list[str]:
@@ -86,6 +87,7 @@ def prepare_task(
         max_text_tokens=max_text_tokens(artifact.manifest, backbone.spec),
         nbytes=prompt.nbytes(),
         scaled=prompt.scale_delta is not None,
+        lora_rank=prompt.lora_rank,
     )
     weakref.finalize(entry, pool.free, entry.slot)
     return entry

@@ -205,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
         "prompt (not with the probe). Default: off; auto turns them on below 100 train rows per label",
     )
     train.add_argument(
+        "--lora-rank",
+        type=int,
+        help="train LoRA of this rank on every layer's attention and feed-forward projections beside the "
+        "prompt (0: none; not with the probe). Default: none; auto trains rank 8 below 100 train rows "
+        "per label",
+    )
+    train.add_argument(
         "--patience", type=_positive_int, help="epochs without a better dev accuracy before stopping"
     )
     train.add_argument("--seed", type=int, default=0)
@@ -554,6 +561,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         label_words=args.label_words,
         objective=args.objective,
         scales=args.scales,
+        lora_rank=args.lora_rank,
     )
 
 

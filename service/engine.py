@@ -68,6 +68,7 @@ class Engine:
             modes=frozenset(t.pooling for t in tasks),
             any_pooler=any(t.use_pooler for t in tasks),
             any_scales=any(t.scaled for t in tasks),
+            lora_rank=max(t.lora_rank for t in tasks),
         )
 
     def logits(self, rows: list[Row]) -> torch.Tensor:

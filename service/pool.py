@@ -4,7 +4,10 @@ A batch gathers its rows' prefixes, prompts and heads with one ``index_select`` 
 work per batch does not grow with the number of distinct tasks in it. Slots are padded to the
 longest prefix, prompt and label count seen; a batch slices the pool to its own longest first.
 (IA)^3 scales (held as multipliers minus one) are gathered only for a batch with a scaled task in it;
-a slot without scales holds zeros, so its rows pass through a scaled batch unchanged.
+a slot without scales holds zeros, so its rows pass through a scaled batch unchanged. LoRA likewise:
+per target, down [slots, layers, in, R] and up [slots, layers, R, out] once the first LoRA task
+arrives, R the largest rank seen; a slot's columns past its own rank (all of them, without LoRA) are
+zeros, and a batch slices the pool to its own largest rank.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class PromptPool:
         # scaled task arrives (MiniLM: 13,824 values a slot, as many as a 3-position prefix; Qwen3-0.6B:
         # 143,360), so services without scaled tasks pay nothing.
         self._scale_delta: torch.Tensor | None = None
+        self._lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._rank_cap = 0
         self._grow_slots(initial_slots)
 
     def _zeros(self, *shape: int) -> torch.Tensor:
@@ -64,6 +69,7 @@ class PromptPool:
             self._head_bias,
             self._meta,
             self._scale_delta,
+            *(t for pair in (self._lora or {}).values() for t in pair),
         )
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -93,6 +99,7 @@ class PromptPool:
                 self._scale_delta[slot].copy_(task.scale_delta)
             elif self._scale_delta is not None:
                 self._scale_delta[slot].zero_()  # a slot reused from a scaled task
+            self._put_lora(slot, task)
             meta = [
                 task.prefix_length,
                 task.prompt_length,
@@ -104,6 +111,33 @@ class PromptPool:
             ]
             self._meta[slot] = torch.tensor(meta, dtype=torch.long)
             return slot
+
+    def _put_lora(self, slot: int, task: TaskPrompt) -> None:
+        if task.lora is not None and task.lora_rank > self._rank_cap:
+            if self._lora is None:
+                layers = self._spec.num_layers
+                self._lora = {
+                    name: (
+                        self._zeros(self._capacity, layers, down.shape[1], 0),
+                        self._zeros(self._capacity, layers, 0, up.shape[2]),
+                    )
+                    for name, (down, up) in task.lora.items()
+                }
+            self._lora = {
+                name: (_pad_to(down, 3, task.lora_rank), _pad_to(up, 2, task.lora_rank))
+                for name, (down, up) in self._lora.items()
+            }
+            self._rank_cap = task.lora_rank
+        if self._lora is None:
+            return
+        rank = task.lora_rank
+        for name, (down, up) in self._lora.items():
+            # Columns past the task's rank must be zeros: a batch of a higher rank reads them.
+            down[slot].zero_()
+            up[slot].zero_()
+            if task.lora is not None:
+                down[slot, :, :, :rank].copy_(task.lora[name][0])
+                up[slot, :, :rank].copy_(task.lora[name][1])
 
     def free(self, slot: int) -> None:
         """Give a slot back; called once nothing (cache or admitted request) uses its task any more."""
@@ -122,6 +156,7 @@ class PromptPool:
         modes: frozenset[str],
         any_pooler: bool,
         any_scales: bool = False,
+        lora_rank: int = 0,
     ) -> PromptBatch:
         """The PromptBatch for rows whose tasks sit in ``slots``, sliced to this batch's longest lengths."""
         index = torch.tensor(slots, dtype=torch.long).to(self._device, non_blocking=True)  # [B]
@@ -139,6 +174,16 @@ class PromptPool:
             if any_scales:
                 assert self._scale_delta is not None
                 scale_delta = self._scale_delta.index_select(0, index)  # [B, layers, 2 * kv_dim + ffn]
+            lora = None
+            if lora_rank:
+                assert self._lora is not None
+                lora = {
+                    name: (
+                        down[..., :lora_rank].index_select(0, index),  # [B, layers, in, r]
+                        up[:, :, :lora_rank].index_select(0, index),  # [B, layers, r, out]
+                    )
+                    for name, (down, up) in self._lora.items()
+                }
         return PromptBatch(
             prefix=prefix,
             prefix_len=meta[:, _PREFIX_LEN],
@@ -155,6 +200,7 @@ class PromptPool:
             modes=modes,
             any_pooler=any_pooler,
             scale_delta=scale_delta,
+            lora=lora,
         )
 
     def _grow_slots(self, extra: int) -> None:
@@ -174,6 +220,8 @@ class PromptPool:
         )
         if self._scale_delta is not None:
             self._scale_delta = grown(self._scale_delta)
+        if self._lora is not None:
+            self._lora = {name: (grown(down), grown(up)) for name, (down, up) in self._lora.items()}
         self._free.extend(range(new - 1, old - 1, -1))  # lowest slot first
         self._capacity = new
 

@@ -216,6 +216,7 @@ def _info(record: TaskRecord) -> PromptInfo:
         prefix_length=int(m.get("prefix_length", 0)),
         prompt_length=int(m.get("prompt_length", 0)),
         scales=m.get("scales"),
+        lora=m.get("lora"),
         created_at=str(m.get("created_at", "")),
         size_bytes=record.size_bytes,
         versions=list(record.versions),

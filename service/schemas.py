@@ -81,6 +81,10 @@ class PromptInfo(BaseModel):
         default=None,
         description='"ia3": the task scales every layer\'s keys, values and feed-forward activation',
     )
+    lora: dict[str, Any] | None = Field(
+        default=None,
+        description='{"rank": r, "targets": [...]}: LoRA on those projections of every layer',
+    )
     created_at: str
     size_bytes: int
     versions: list[str] = Field(description="stored versions, newest first")

@@ -12,6 +12,7 @@ from safetensors.torch import save as st_save
 
 from prompts.artifact import MANIFEST_KEY, Manifest, Method, PromptArtifact, build_artifact, content_version
 from prompts.backbone import Backbone, BackboneSpec
+from prompts.backbones import family_by_name
 from prompts.methods import label_words
 
 
@@ -29,8 +30,10 @@ def random_artifact(
     method: Method | None = None,
     scale: float = 1.0,
     scales: bool = False,
+    lora_rank: int = 0,
 ) -> PromptArtifact:
-    """A random task of the given shape; ``scales``: with random (IA)^3 multipliers around 1."""
+    """A random task of the given shape; ``scales``: with random (IA)^3 multipliers around 1;
+    ``lora_rank``: with random LoRA of that rank on the family's targets."""
     g = torch.Generator().manual_seed(seed)
     prefix = None
     if prefix_length:
@@ -54,7 +57,22 @@ def random_artifact(
         positions=positions,
         # [layers, 2 * kv_dim + ffn], drawn after everything else so other tensors stay as they were
         scales=1 + 0.3 * torch.randn(spec.num_layers, spec.scales_width, generator=g) if scales else None,
+        lora=random_lora(spec, lora_rank, g) if lora_rank else None,
     )
+
+
+def random_lora(
+    spec: BackboneSpec, rank: int, g: torch.Generator
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Random LoRA on every target of ``spec``'s family: updates about a fifth of a projection's size."""
+    family = family_by_name(spec.family)
+    assert family is not None
+    lora = {}
+    for name, (width_in, width_out) in family.lora_targets(spec.shape()).items():
+        down = torch.randn(spec.num_layers, width_in, rank, generator=g) / width_in**0.5  # [layers, in, r]
+        up = 0.2 * torch.randn(spec.num_layers, rank, width_out, generator=g) / rank**0.5  # [layers, r, out]
+        lora[name] = (down, up)
+    return lora
 
 
 def forge_artifact(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prompts.backbones.base import BackboneFamily, Collected, Layout, Shape
+from prompts.backbones.base import BackboneFamily, Collected, Layout, LowRank, Shape
 from prompts.backbones.bert import BertFamily
 from prompts.backbones.deberta import DebertaFamily
 from prompts.backbones.decoder import DecoderFamily
@@ -21,6 +21,7 @@ __all__ = [
     "BackboneFamily",
     "Collected",
     "Layout",
+    "LowRank",
     "Shape",
     "family_by_name",
     "family_for",

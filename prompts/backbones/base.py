@@ -18,6 +18,7 @@ never -inf, and every query row keeps at least one visible key, so no softmax ro
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,6 +27,12 @@ import torch
 # Per-layer keys and values the loop computed for the sequence, as attention used them:
 # a list of ([B, kv_heads, S, head_dim], [B, kv_heads, S, head_dim]), one pair per layer.
 Collected = list[tuple[torch.Tensor, torch.Tensor]]
+
+# Per-row low-rank (LoRA) updates of a layer's projections, by target name (a family's
+# ``lora_targets``): (down [B, layers, in, r], up [B, layers, r, out]). A projection of x [B, S, in]
+# becomes ``linear(x) + x @ down @ up``; LoRA's alpha / r is already in ``up``. Rows of tasks without
+# LoRA (or of a lower rank) carry zeros, which add exactly nothing.
+LowRank = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,41 @@ def layer_scales(
     return row[..., :kv_dim], row[..., kv_dim : 2 * kv_dim], row[..., 2 * kv_dim :]
 
 
+def low_rank(x: torch.Tensor, lora: LowRank | None, name: str, index: int) -> torch.Tensor | None:
+    """Layer ``index``'s LoRA update of projection ``name`` for input ``x`` [B, S, in]: [B, S, out],
+    or None where the batch has none. Two batched products through the rank: each row its own task's
+    matrices, never a [in, out] matrix per row."""
+    if lora is None:
+        return None
+    down, up = lora[name]
+    return torch.bmm(torch.bmm(x, down[:, index]), up[:, index])  # [B, S, r] then [B, S, out]
+
+
+def project(
+    linear: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    lora: LowRank | None,
+    name: str,
+    index: int,
+) -> torch.Tensor:
+    """``linear(x)`` plus its LoRA update where the batch has one."""
+    y = linear(x)
+    update = low_rank(x, lora, name, index)
+    return y if update is None else y + update
+
+
+def dense_norm(
+    block: Any, x: torch.Tensor, residual: torch.Tensor, update: torch.Tensor | None
+) -> torch.Tensor:
+    """A BERT-style output block (dense, dropout, LayerNorm of the sum with the residual: Hugging Face's
+    BertSelfOutput, BertOutput and DeBERTa-v2's) with a LoRA update added to the dense output."""
+    if update is None:
+        out: torch.Tensor = block(x, residual)
+        return out
+    normed: torch.Tensor = block.LayerNorm(block.dropout(block.dense(x) + update) + residual)
+    return normed
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary position embedding (the half-split form Llama, Qwen and ModernBERT use).
 
@@ -228,6 +270,13 @@ class BackboneFamily(ABC):
         positions = s.position_base + offsets.unsqueeze(1) + arange
         return positions.clamp(max=s.position_base + s.max_positions - 1)
 
+    @classmethod
+    @abstractmethod
+    def lora_targets(cls, shape: Shape) -> dict[str, tuple[int, int]]:
+        """The projections LoRA adapts in every layer, in the order artifacts list them: name -> (in,
+        out) widths. Only projections of the rows' own hidden states (never shared tables such as
+        DeBERTa's relative-position embeddings, which every row reads)."""
+
     @abstractmethod
     def masks(self, layout: Layout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Every tensor the layer loop needs that depends on the layout only (attention masks, and
@@ -242,5 +291,6 @@ class BackboneFamily(ABC):
         prefix: torch.Tensor | None,  # [B, layers, 2, kv_heads, P, head_dim]
         scale_delta: torch.Tensor | None = None,  # [B, layers, 2 * kv_dim + ffn]: (IA)^3, see layer_scales
         collect: Collected | None = None,
+        lora: LowRank | None = None,  # per-row LoRA updates, see low_rank
     ) -> torch.Tensor:
         """The final hidden states [B, S, hidden]."""

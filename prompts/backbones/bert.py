@@ -13,7 +13,19 @@ from typing import Any, ClassVar
 
 import torch
 
-from prompts.backbones.base import BackboneFamily, Collected, Layout, Shape, attend, key_mask, layer_scales
+from prompts.backbones.base import (
+    BackboneFamily,
+    Collected,
+    Layout,
+    LowRank,
+    Shape,
+    attend,
+    dense_norm,
+    key_mask,
+    layer_scales,
+    low_rank,
+    project,
+)
 from prompts.errors import BackboneError
 
 # RoBERTa-style embeddings number real positions from padding_idx + 1 (ids 0..padding_idx are unused).
@@ -67,6 +79,18 @@ class BertFamily(BackboneFamily):
             "position_encoding": "absolute",
         }
 
+    @classmethod
+    def lora_targets(cls, shape: Shape) -> dict[str, tuple[int, int]]:
+        h, f = shape.hidden_size, shape.ffn_size
+        return {
+            "query": (h, h),
+            "key": (h, h),
+            "value": (h, h),
+            "attention_output": (h, h),
+            "ffn_in": (h, f),
+            "ffn_out": (f, h),
+        }
+
     def masks(self, layout: Layout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return {"keys": key_mask(layout, dtype)}  # [B, 1, 1, P + S]
 
@@ -78,6 +102,7 @@ class BertFamily(BackboneFamily):
         prefix: torch.Tensor | None,
         scale_delta: torch.Tensor | None = None,
         collect: Collected | None = None,
+        lora: LowRank | None = None,
     ) -> torch.Tensor:
         model = self.model
         rows, seq, width = embeds.shape
@@ -89,8 +114,10 @@ class BertFamily(BackboneFamily):
             attention = layer.attention.self
             split = (rows, seq, attention.num_attention_heads, attention.attention_head_size)
             ia3 = layer_scales(scale_delta, index, width)
-            query = attention.query(hidden).view(split).transpose(1, 2)  # [B, heads, S, head_dim]
-            key, value = attention.key(hidden), attention.value(hidden)  # [B, S, hidden]
+            query = project(attention.query, hidden, lora, "query", index)  # [B, S, hidden]
+            query = query.view(split).transpose(1, 2)  # [B, heads, S, head_dim]
+            key = project(attention.key, hidden, lora, "key", index)  # [B, S, hidden]
+            value = project(attention.value, hidden, lora, "value", index)
             if ia3 is not None:
                 key, value = key.addcmul(key, ia3[0]), value.addcmul(value, ia3[1])
             key = key.view(split).transpose(1, 2)  # [B, heads, S, head_dim]
@@ -100,7 +127,14 @@ class BertFamily(BackboneFamily):
             layer_prefix = None if prefix is None else prefix[:, index]  # [B, 2, heads, P, head_dim]
             context = attend(query, key, value, layer_prefix, masks["keys"], attention.scaling)
             context = context.transpose(1, 2).reshape(rows, seq, width)  # [B, S, hidden]
-            hidden = layer.attention.output(context, hidden)
-            inner = layer.intermediate(hidden)  # [B, S, ffn]
-            hidden = layer.output(inner if ia3 is None else inner.addcmul(inner, ia3[2]), hidden)
+            hidden = dense_norm(
+                layer.attention.output, context, hidden, low_rank(context, lora, "attention_output", index)
+            )
+            intermediate = layer.intermediate
+            inner = intermediate.intermediate_act_fn(
+                project(intermediate.dense, hidden, lora, "ffn_in", index)
+            )  # [B, S, ffn]
+            if ia3 is not None:
+                inner = inner.addcmul(inner, ia3[2])
+            hidden = dense_norm(layer.output, inner, hidden, low_rank(inner, lora, "ffn_out", index))
         return hidden

@@ -23,7 +23,19 @@ from typing import Any, ClassVar
 
 import torch
 
-from prompts.backbones.base import BackboneFamily, Collected, Layout, Shape, attend, key_mask, layer_scales
+from prompts.backbones.base import (
+    BackboneFamily,
+    Collected,
+    Layout,
+    LowRank,
+    Shape,
+    attend,
+    dense_norm,
+    key_mask,
+    layer_scales,
+    low_rank,
+    project,
+)
 from prompts.errors import BackboneError
 
 
@@ -73,6 +85,20 @@ class DebertaFamily(BackboneFamily):
             "prefix_scores": "content_to_content",  # zero position bias for prefix slots
         }
 
+    @classmethod
+    def lora_targets(cls, shape: Shape) -> dict[str, tuple[int, int]]:
+        h, a, f = shape.hidden_size, shape.num_heads * shape.head_dim, shape.ffn_size
+        # The content projections only: with share_att_key the same query/key projections also map
+        # the relative-position embeddings, which every row shares; those stay the backbone's.
+        return {
+            "query": (h, a),
+            "key": (h, a),
+            "value": (h, a),
+            "attention_output": (a, h),
+            "ffn_in": (h, f),
+            "ffn_out": (f, h),
+        }
+
     def masks(self, layout: Layout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         masks = {
             "keys": key_mask(layout, dtype),  # [B, 1, 1, P + S]
@@ -92,6 +118,7 @@ class DebertaFamily(BackboneFamily):
         prefix: torch.Tensor | None,
         scale_delta: torch.Tensor | None = None,
         collect: Collected | None = None,
+        lora: LowRank | None = None,
     ) -> torch.Tensor:
         model = self.model
         encoder = model.encoder
@@ -111,8 +138,11 @@ class DebertaFamily(BackboneFamily):
                 return x.view(x.shape[0], -1, heads, head_dim).transpose(1, 2)  # [b, heads, n, head_dim]
 
             ia3 = layer_scales(scale_delta, index, heads * head_dim)
-            query = split(attention.query_proj(hidden))  # [B, heads, S, head_dim]
-            key, value = attention.key_proj(hidden), attention.value_proj(hidden)  # [B, S, hidden]
+            query = split(
+                project(attention.query_proj, hidden, lora, "query", index)
+            )  # [B, heads, S, head_dim]
+            key = project(attention.key_proj, hidden, lora, "key", index)  # [B, S, hidden]
+            value = project(attention.value_proj, hidden, lora, "value", index)
             if ia3 is not None:
                 # The content keys only: the relative-position keys are shared by every row.
                 key, value = key.addcmul(key, ia3[0]), value.addcmul(value, ia3[1])
@@ -130,9 +160,16 @@ class DebertaFamily(BackboneFamily):
             layer_prefix = None if prefix is None else prefix[:, index]  # [B, 2, heads, P, head_dim]
             context = attend(query, key, value, layer_prefix, mask, 1.0 / scale)
             context = context.transpose(1, 2).reshape(rows, seq, heads * head_dim)  # [B, S, hidden]
-            out = layer.attention.output(context, hidden)
-            inner = layer.intermediate(out)  # [B, S, ffn]
-            out = layer.output(inner if ia3 is None else inner.addcmul(inner, ia3[2]), out)
+            out = dense_norm(
+                layer.attention.output, context, hidden, low_rank(context, lora, "attention_output", index)
+            )
+            intermediate = layer.intermediate
+            inner = intermediate.intermediate_act_fn(
+                project(intermediate.dense, out, lora, "ffn_in", index)
+            )  # [B, S, ffn]
+            if ia3 is not None:
+                inner = inner.addcmul(inner, ia3[2])
+            out = dense_norm(layer.output, inner, out, low_rank(inner, lora, "ffn_out", index))
             if index == 0 and encoder.conv is not None:
                 out = encoder.conv(embedded, out, valid)
             hidden = out

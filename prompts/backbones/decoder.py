@@ -23,9 +23,11 @@ from prompts.backbones.base import (
     BackboneFamily,
     Collected,
     Layout,
+    LowRank,
     Shape,
     attend,
     layer_scales,
+    project,
     rotate,
     window_mask,
 )
@@ -79,6 +81,19 @@ class DecoderFamily(BackboneFamily):
             "sliding_window": "prefix_by_cache_index",  # slot p visible while p > query index - window
         }
 
+    @classmethod
+    def lora_targets(cls, shape: Shape) -> dict[str, tuple[int, int]]:
+        h, q, kv, f = shape.hidden_size, shape.num_heads * shape.head_dim, shape.kv_dim, shape.ffn_size
+        return {
+            "query": (h, q),
+            "key": (h, kv),
+            "value": (h, kv),
+            "attention_output": (q, h),
+            "ffn_gate": (h, f),
+            "ffn_up": (h, f),
+            "ffn_out": (f, h),
+        }
+
     def masks(self, layout: Layout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         device = layout.prefix_len.device
         i = torch.arange(layout.seq, device=device)
@@ -104,6 +119,7 @@ class DecoderFamily(BackboneFamily):
         prefix: torch.Tensor | None,
         scale_delta: torch.Tensor | None = None,
         collect: Collected | None = None,
+        lora: LowRank | None = None,
     ) -> torch.Tensor:
         model = self.model
         rows, seq, _ = embeds.shape
@@ -114,8 +130,10 @@ class DecoderFamily(BackboneFamily):
             attention = layer.self_attn
             x = layer.input_layernorm(hidden)
             ia3 = layer_scales(scale_delta, index, self.shape.kv_dim)
-            query = attention.q_proj(x).view(rows, seq, -1, head_dim)  # [B, S, heads, head_dim]
-            key, value = attention.k_proj(x), attention.v_proj(x)  # [B, S, kv_heads * head_dim]
+            query = project(attention.q_proj, x, lora, "query", index)
+            query = query.view(rows, seq, -1, head_dim)  # [B, S, heads, head_dim]
+            key = project(attention.k_proj, x, lora, "key", index)  # [B, S, kv_heads * head_dim]
+            value = project(attention.v_proj, x, lora, "value", index)
             if ia3 is not None:
                 key, value = key.addcmul(key, ia3[0]), value.addcmul(value, ia3[1])
             key = key.view(rows, seq, -1, head_dim)  # [B, S, kv_heads, head_dim]
@@ -131,14 +149,17 @@ class DecoderFamily(BackboneFamily):
             layer_prefix = None if prefix is None else prefix[:, index]  # [B, 2, kv_heads, P, head_dim]
             context = attend(query, key, value, layer_prefix, mask, attention.scaling)
             context = context.transpose(1, 2).reshape(rows, seq, -1)  # [B, S, heads * head_dim]
-            hidden = hidden + attention.o_proj(context)
+            hidden = hidden + project(attention.o_proj, context, lora, "attention_output", index)
             x = layer.post_attention_layernorm(hidden)
-            if ia3 is None:
+            if ia3 is None and lora is None:
                 hidden = hidden + layer.mlp(x)
             else:
                 mlp = layer.mlp  # Llama's gated MLP, its inner activation scaled before down_proj
-                inner = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)  # [B, S, ffn]
-                hidden = hidden + mlp.down_proj(inner.addcmul(inner, ia3[2]))
+                gate = project(mlp.gate_proj, x, lora, "ffn_gate", index)  # [B, S, ffn]
+                inner = mlp.act_fn(gate) * project(mlp.up_proj, x, lora, "ffn_up", index)  # [B, S, ffn]
+                if ia3 is not None:
+                    inner = inner.addcmul(inner, ia3[2])
+                hidden = hidden + project(mlp.down_proj, inner, lora, "ffn_out", index)
         normed: torch.Tensor = model.norm(hidden)
         return normed
 

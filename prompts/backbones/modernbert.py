@@ -22,10 +22,12 @@ from prompts.backbones.base import (
     BackboneFamily,
     Collected,
     Layout,
+    LowRank,
     Shape,
     attend,
     key_mask,
     layer_scales,
+    project,
     rotate,
     window_mask,
 )
@@ -65,6 +67,12 @@ class ModernBertFamily(BackboneFamily):
     def pooling(self) -> str:
         return "mean" if getattr(self.config, "classifier_pooling", "cls") == "mean" else "cls"
 
+    @classmethod
+    def lora_targets(cls, shape: Shape) -> dict[str, tuple[int, int]]:
+        h, f = shape.hidden_size, shape.ffn_size
+        # ModernBERT fuses query, key and value into one projection, and its GLU's two inputs into Wi.
+        return {"qkv": (h, 3 * h), "attention_output": (h, h), "ffn_in": (h, 2 * f), "ffn_out": (f, h)}
+
     def masks(self, layout: Layout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         masks = {"full": key_mask(layout, dtype)}  # [B, 1, 1, P + S]
         if "sliding_attention" in self.config.layer_types:
@@ -84,6 +92,7 @@ class ModernBertFamily(BackboneFamily):
         prefix: torch.Tensor | None,
         scale_delta: torch.Tensor | None = None,
         collect: Collected | None = None,
+        lora: LowRank | None = None,
     ) -> torch.Tensor:
         model = self.model
         rows, seq, _ = embeds.shape
@@ -93,7 +102,7 @@ class ModernBertFamily(BackboneFamily):
         for index, layer in enumerate(model.layers):
             attention = layer.attn
             ia3 = layer_scales(scale_delta, index, s.kv_dim)
-            qkv = attention.Wqkv(layer.attn_norm(hidden))  # [B, S, 3 * hidden]: query | key | value
+            qkv = project(attention.Wqkv, layer.attn_norm(hidden), lora, "qkv", index)  # [B, S, 3 * hidden]
             if ia3 is not None:
                 query_part = qkv.new_zeros(rows, 1, s.num_heads * s.head_dim)  # the query is never scaled
                 qkv = qkv.addcmul(qkv, torch.cat([query_part, ia3[0], ia3[1]], dim=-1))
@@ -107,14 +116,18 @@ class ModernBertFamily(BackboneFamily):
             layer_prefix = None if prefix is None else prefix[:, index]  # [B, 2, heads, P, head_dim]
             context = attend(query, key, value, layer_prefix, mask, s.head_dim**-0.5)
             context = context.transpose(1, 2).reshape(rows, seq, -1)  # [B, S, hidden]
-            hidden = hidden + attention.out_drop(attention.Wo(context))
+            hidden = hidden + attention.out_drop(
+                project(attention.Wo, context, lora, "attention_output", index)
+            )
             x = layer.mlp_norm(hidden)
-            if ia3 is None:
+            if ia3 is None and lora is None:
                 hidden = hidden + layer.mlp(x)
             else:
                 mlp = layer.mlp  # ModernBERT's GLU, its inner activation scaled before Wo
-                gated, gate = mlp.Wi(x).chunk(2, dim=-1)  # [B, S, ffn] each
+                gated, gate = project(mlp.Wi, x, lora, "ffn_in", index).chunk(2, dim=-1)  # [B, S, ffn] each
                 inner = mlp.act(gated) * gate  # [B, S, ffn]
-                hidden = hidden + mlp.Wo(mlp.drop(inner.addcmul(inner, ia3[2])))
+                if ia3 is not None:
+                    inner = inner.addcmul(inner, ia3[2])
+                hidden = hidden + project(mlp.Wo, mlp.drop(inner), lora, "ffn_out", index)
         normed: torch.Tensor = model.final_norm(hidden)
         return normed

@@ -652,6 +652,70 @@ def test_scales_of_a_wrong_shape_or_value_are_refused(backbone: Backbone) -> Non
     _incompatible(wrong, spec, f"(IA)^3 scales {spec.scales_width + 4} wide", f"need {spec.scales_width}")
 
 
+# --- LoRA --------------------------------------------------------------------------------------------
+
+
+def test_lora_round_trips_with_the_familys_targets(backbone: Backbone, base: PromptArtifact) -> None:
+    spec = backbone.spec
+    adapted = random_artifact(spec, num_labels=3, prefix_length=4, prompt_length=2, seed=0, lora_rank=3)
+    parsed = parse_artifact(adapted.data)
+    assert parsed.manifest.lora is not None and parsed.manifest.lora.rank == 3
+    targets = backbone.family.lora_targets(spec.shape())
+    assert (
+        parsed.manifest.lora.targets
+        == list(targets)
+        == [
+            "query",
+            "key",
+            "value",
+            "attention_output",
+            "ffn_in",
+            "ffn_out",
+        ]
+    )
+    for name, (width_in, width_out) in targets.items():
+        assert parsed.tensors[f"lora.{name}.down"].shape == (spec.num_layers, width_in, 3)
+        assert parsed.tensors[f"lora.{name}.up"].shape == (spec.num_layers, 3, width_out)
+    check_compatible(parsed, spec)
+    assert torch.equal(parsed.tensors["prefix"], base.tensors["prefix"])
+    assert parsed.version != base.version
+    assert "lora" not in json.loads(base.manifest_json())
+    assert json.loads(adapted.manifest_json())["lora"] == {"rank": 3, "targets": list(targets)}
+
+
+def test_lora_tensors_must_match_the_manifest_and_the_backbone(backbone: Backbone) -> None:
+    spec = backbone.spec
+    adapted = random_artifact(spec, seed=0, lora_rank=2)
+    manifest, tensors = _parts(adapted)
+    del manifest["lora"]
+    _expect(ArtifactError, _forge(manifest, tensors), "unexpected ['lora.attention_output.down'")
+    manifest, tensors = _parts(adapted)
+    del tensors["lora.key.up"]
+    _expect(ArtifactError, _forge(manifest, tensors), "missing ['lora.key.up']", "lora=['query'")
+    manifest, tensors = _parts(adapted)
+    tensors["lora.query.down"] = tensors["lora.query.down"][..., :1].contiguous()  # rank 1, manifest 2
+    _expect(ArtifactError, _forge(manifest, tensors), "tensor 'lora.query.down' has shape", ", any width, 2]")
+    manifest, tensors = _parts(adapted)
+    tensors["lora.value.up"][0, 0, 0] = float("inf")
+    _expect(ArtifactError, _forge(manifest, tensors), "'lora.value.up' holds 1 non-finite")
+    manifest, tensors = _parts(adapted)
+    manifest["lora"]["rank"] = 0
+    _expect(ArtifactError, _forge(manifest, tensors), "lora.rank")
+    # Parsed, then refused by the backbone: a target this family does not have, a wrong width.
+    manifest, tensors = _parts(adapted)
+    manifest["lora"]["targets"] = ["query", "key"]
+    for name in ("value", "attention_output", "ffn_in", "ffn_out"):
+        del tensors[f"lora.{name}.down"], tensors[f"lora.{name}.up"]
+    _incompatible(parse_artifact(_forge(manifest, tensors)), spec, "LoRA on ['query', 'key']", "targets are")
+    manifest, tensors = _parts(adapted)
+    tensors["lora.ffn_out.down"] = torch.zeros(spec.num_layers, spec.ffn_size + 1, 2)
+    _incompatible(
+        parse_artifact(_forge(manifest, tensors)),
+        spec,
+        f"LoRA 'ffn_out' from {spec.ffn_size + 1} to {spec.hidden_size}",
+    )
+
+
 def test_manifests_without_scales_keep_their_fields(base: PromptArtifact) -> None:
     """The fields a version hashes are those of artifacts made before scales existed."""
     fields = set(json.loads(base.manifest_json()))

@@ -231,6 +231,9 @@ def test_export_refuses_heads_peft_cannot_run(backbone: Backbone, tmp_path: Path
     scaled = random_artifact(backbone.spec, prefix_length=3, pooling="first", pooler="backbone", scales=True)
     with pytest.raises(PeftError, match="scales beside its prompt"):
         export_peft_adapter(scaled, tmp_path / "d")
+    adapted = random_artifact(backbone.spec, prefix_length=3, pooling="first", pooler="backbone", lora_rank=2)
+    with pytest.raises(PeftError, match="LoRA beside its prompt"):
+        export_peft_adapter(adapted, tmp_path / "e")
 
 
 def _adapter(tmp_path: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:

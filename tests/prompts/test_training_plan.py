@@ -15,7 +15,9 @@ from prompts.data import Example, TaskData
 from prompts.errors import InvalidInputError
 from prompts.jobs import JobSpec
 from prompts.trainer import (
+    AUTO_LORA_RANK,
     FEW_SHOT_ROWS_PER_LABEL,
+    LORA_LR,
     PROBE_Z,
     REFINE_EPOCHS,
     REFINE_FROM_ROWS_PER_LABEL,
@@ -55,6 +57,7 @@ def test_auto_below_the_threshold_trains_on_pairs() -> None:
         objective="pairs",
         refine_epochs=REFINE_EPOCHS,
         scales=True,
+        lora_rank=AUTO_LORA_RANK,
         plan=planned.plan,
     )
     assert planned.plan is not None and planned.plan["regime"] == "few-shot"
@@ -104,6 +107,32 @@ def test_auto_refines_the_pairs_with_cross_entropy_from_enough_rows_per_label() 
         TrainConfig(method="p-tuning-v2", refine_epochs=3).resolved()
     with pytest.raises(ValueError, match="refine_epochs must be >= 0"):
         TrainConfig(method="p-tuning-v2", objective="pairs", refine_epochs=-1).resolved()
+
+
+def test_auto_trains_lora_on_few_shot_data_unless_asked_not_to() -> None:
+    for per_label in (8, REFINE_FROM_ROWS_PER_LABEL):
+        planned = plan_for_data(TrainConfig(method="auto"), _data(per_label, 4))
+        assert planned.lora_rank == AUTO_LORA_RANK == 8 and planned.plan is not None
+        assert planned.plan["lora_rank"] == 8 and "rank-8 LoRA" in planned.plan["reason"]
+        assert planned.resolved().lora_lr == LORA_LR
+    full = plan_for_data(TrainConfig(method="auto"), _data(FEW_SHOT_ROWS_PER_LABEL, 4))
+    assert full.lora_rank is None and full.plan is not None and "lora_rank" not in full.plan
+    assert full.resolved().lora_lr is None
+    off = plan_for_data(TrainConfig(method="auto", lora_rank=0), _data(8))
+    assert off.lora_rank == 0 and off.plan is not None and "LoRA" not in off.plan["reason"]
+    other = plan_for_data(TrainConfig(method="auto", lora_rank=4, lora_lr=3e-3), _data(8))
+    assert (other.lora_rank, other.resolved().lora_lr) == (4, 3e-3)
+    # Labels asked for: cross-entropy with the robust epoch and no LoRA unless asked.
+    assert plan_for_data(TrainConfig(method="auto", objective="labels"), _data(8)).lora_rank is None
+    with pytest.raises(ValueError, match="linear probe trains on features pooled once"):
+        TrainConfig(method="linear-probe", lora_rank=4).resolved()
+    with pytest.raises(InvalidInputError, match="PEFT prompt adapter holds no LoRA"):
+        make_train_config("prefix", lora_rank=4, head="peft")
+    with pytest.raises(InvalidInputError, match="lora_rank must be 0"):
+        make_train_config("prefix", lora_rank=-1)
+    job = {"task": "t", "train": [{"text": "a", "label": "x"}], "hyperparameters": {"lora_rank": 2}}
+    spec = JobSpec.model_validate(job)
+    assert job_train_config(spec).lora_rank == 2
 
 
 @pytest.mark.parametrize(
@@ -178,6 +207,14 @@ def test_auto_on_few_rows_trains_pairs_and_records_the_plan(learnable: Backbone)
     spec = learnable.spec
     assert result.artifact.tensors["scales"].shape == (spec.num_layers, spec.scales_width)
     assert not torch.equal(result.artifact.tensors["scales"], torch.ones(spec.num_layers, spec.scales_width))
+    # And LoRA of rank 8 on every target, trained (its "up" matrices start at zero).
+    assert plan["lora_rank"] == 8 and training["hyperparameters"]["lora_rank"] == 8
+    assert training["hyperparameters"]["lora_lr"] == LORA_LR
+    lora = result.artifact.manifest.lora
+    assert lora is not None and lora.rank == 8
+    assert lora.targets == list(learnable.family.lora_targets(spec.shape()))
+    for target in lora.targets:
+        assert result.artifact.tensors[f"lora.{target}.up"].abs().max() > 0
     assert training["duration_seconds"] == round(result.seconds, 2)
     assert training["duration_seconds"] == pytest.approx(
         sum(c["seconds"] for c in plan["candidates"].values()), abs=0.02
@@ -190,10 +227,11 @@ def test_auto_on_few_rows_trains_pairs_and_records_the_plan(learnable: Backbone)
     plain = train_task(learnable, "tiny", data, dataclasses.replace(TINY, method="p-tuning-v2", epochs=1))
     plain_training = plain.artifact.manifest.training or {}
     assert "plan" not in plain_training
-    assert not {"selection", "objective", "pair_iterations", "scales"} & set(
+    assert not {"selection", "objective", "pair_iterations", "scales", "lora_rank", "lora_lr"} & set(
         plain_training["hyperparameters"]
     )
     assert plain.artifact.manifest.scales is None and "scales" not in plain.artifact.tensors
+    assert plain.artifact.manifest.lora is None
     assert plain_training["hyperparameters"]["prefix_init"] == "tokens"
 
 

@@ -103,3 +103,29 @@ def test_a_slot_reused_after_a_scaled_task_holds_zeros_again(backbone: Backbone)
     _assert_served_equals_alone(
         backbone, Engine(backbone, pool), [(keep, keep_ref), (newcomer, newcomer_ref)]
     )
+
+
+def test_lora_tasks_of_two_ranks_and_plain_tasks_share_the_pool_and_a_batch(backbone: Backbone) -> None:
+    pool = PromptPool(backbone.spec, backbone.device, backbone.dtype, initial_slots=2)
+    plain, plain_ref = _pair(backbone, pool, 1)
+    assert pool._lora is None  # nothing allocated before the first LoRA task
+    low, low_ref = _pair(backbone, pool, 2, lora_rank=2)
+    assert low.lora_rank == 2 and plain.lora_rank == 0
+    # A higher rank widens every slot (the rank-2 task's extra columns zeros), and a third task grows
+    # the pool past its two slots.
+    high, high_ref = _pair(backbone, pool, 3, prefix_length=6, lora_rank=4, scales=True)
+    assert pool._rank_cap == 4
+    engine = Engine(backbone, pool)
+    _assert_served_equals_alone(backbone, engine, [(plain, plain_ref), (low, low_ref), (high, high_ref)])
+    ids = backbone.encode(TEXTS, 40)[0].input_ids
+    assert engine.gather([Row(plain, ids)]).lora is None
+    gathered = engine.gather([Row(plain, ids), Row(low, ids)]).lora
+    assert gathered is not None and next(iter(gathered.values()))[0].shape[-1] == 2  # the batch's rank
+    # A slot reused after a LoRA task holds zeros again.
+    high_slot = high.slot
+    del high, high_ref
+    gc.collect()
+    newcomer, newcomer_ref = _pair(backbone, pool, 4)
+    assert newcomer.slot == high_slot
+    _assert_served_equals_alone(backbone, engine, [(newcomer, newcomer_ref), (low, low_ref)])
+    assert engine.gather([Row(newcomer, ids), Row(low, ids)]).lora is not None

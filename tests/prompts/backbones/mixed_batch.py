@@ -14,14 +14,14 @@ patched attention and the rules it applies) stay in each test module.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from prompts.backbone import Backbone
-from prompts.backbones import Layout
-from prompts.forward import PromptBatch, TaskPrompt, batch_from_tasks, run_prompted
+from prompts.backbones import Layout, LowRank
+from prompts.forward import PromptBatch, TaskPrompt, batch_from_tasks, prompted_forward, run_prompted
 from tests.factories import random_artifact
 
 # 6, 21, 3, 9, 10 and 8 tokens with [CLS]/[SEP] on the tiny encoders: rows longer and shorter than
@@ -86,8 +86,11 @@ def ptserve_hidden(
         layout: Layout,
         prefix: torch.Tensor | None,
         scales: torch.Tensor | None = None,
+        lora: LowRank | None = None,
     ) -> torch.Tensor:
-        hidden = family.layers(embeds, positions, family.masks(layout, embeds.dtype), prefix, scales)
+        hidden = family.layers(
+            embeds, positions, family.masks(layout, embeds.dtype), prefix, scales, lora=lora
+        )
         captured.append(hidden)
         return hidden
 
@@ -162,3 +165,65 @@ def assert_fully_masked_prefix_is_no_prefix(backbone: Backbone) -> None:
     without = ptserve_hidden(backbone, ids, [plain, other])
     rows = plain.prompt_length + len(ids[0])
     torch.testing.assert_close(with_prefix[0, :rows], without[0, :rows], atol=1e-6, rtol=0)
+
+
+def assert_hooked_model_agrees(
+    backbone: Backbone,
+    task: TaskPrompt,
+    hooks: Callable[[], list[Any]],
+    texts: Sequence[str],
+    *,
+    atol: float = 1e-5,
+) -> None:
+    """``task`` (an identity head: its logits are its pooled vector, "cls" or, on decoders, "last")
+    gives what Hugging Face's own model gives with ``hooks()`` installed, for every one of ``texts``; and
+    not what the model gives without them (a loop that ignored the task's tensors would agree only by
+    chance)."""
+    last = task.pooling == "last"
+    for row in text_ids(backbone, texts):
+        ours = prompted_forward(backbone, [row], [task])[0]  # [hidden]
+        handles = hooks()
+        try:
+            theirs = backbone.model(input_ids=torch.tensor([row])).last_hidden_state[0]  # [S, hidden]
+        finally:
+            for handle in handles:
+                handle.remove()
+        plain = backbone.model(input_ids=torch.tensor([row])).last_hidden_state[0]
+        torch.testing.assert_close(ours, theirs[-1] if last else theirs[0], rtol=0, atol=atol)
+        assert (ours - (plain[-1] if last else plain[0])).abs().max() > 1e-3
+
+
+def remember_attention_inputs(backbone: Backbone) -> tuple[dict[int, torch.Tensor], list[Any]]:
+    """DeBERTa projects its relative-position embeddings with the same query/key projections as the
+    content: hooks tell the content calls apart by identity with the attention module's own input,
+    which these pre-hooks record per layer (empty for other families). Returns the record and handles."""
+    seen: dict[int, torch.Tensor] = {}
+    handles: list[Any] = []
+    if backbone.spec.family != "deberta-v2":
+        return seen, handles
+
+    def remember(index: int) -> Callable[..., None]:
+        def hook(module: Any, args: Any, kwargs: Any) -> None:
+            seen[index] = kwargs.get("hidden_states", args[0] if args else None)
+
+        return hook
+
+    for index, layer in enumerate(backbone.model.encoder.layer):
+        handles.append(layer.attention.self.register_forward_pre_hook(remember(index), with_kwargs=True))
+    return seen, handles
+
+
+def assert_mixed_equals_alone(
+    backbone: Backbone, tasks: Sequence[TaskPrompt], texts: Sequence[str]
+) -> list[list[int]]:
+    """Eight rows cycling through ``tasks`` and ``texts`` in one batch: each row's logits are what its
+    task gives its text alone. Returns the rows' token ids."""
+    ids = text_ids(backbone, texts)
+    rows = [tasks[i % len(tasks)] for i in range(8)]
+    row_ids = [ids[(i * 3) % len(ids)] for i in range(8)]
+    mixed = prompted_forward(backbone, row_ids, rows)
+    for r, (task, text) in enumerate(zip(rows, row_ids, strict=True)):
+        alone = prompted_forward(backbone, [text], [task])[0]
+        c = task.num_labels
+        torch.testing.assert_close(mixed[r, :c], alone[:c], rtol=0, atol=1e-5)
+    return row_ids

@@ -19,7 +19,13 @@ import torch
 from prompts.backbone import Backbone
 from prompts.forward import TaskPrompt, prompted_forward
 from tests.conftest import KINDS
-from tests.prompts.backbones.mixed_batch import make_task, text_ids
+from tests.prompts.backbones.mixed_batch import (
+    assert_hooked_model_agrees,
+    assert_mixed_equals_alone,
+    make_task,
+    remember_attention_inputs,
+    text_ids,
+)
 
 TEXTS = ["this phone is great", "terrible battery and a broken screen", "a", "what time is the game"]
 
@@ -36,17 +42,9 @@ def _hooks(backbone: Backbone, scales: torch.Tensor) -> list[Any]:
     way PEFT's (IA)^3 does: outputs of the key and value projections, input of the FFN's output one."""
     spec, model = backbone.spec, backbone.model
     kv = spec.num_kv_heads * spec.head_dim
-    handles = []
-    # DeBERTa projects its relative-position embeddings with the same key projection; those keys are
-    # shared by every row and never scaled. The content keys are the projection of the attention
-    # module's own input, recognised by identity.
-    attention_input: dict[int, torch.Tensor] = {}
-
-    def remember(index: int) -> Callable[..., None]:
-        def hook(module: Any, args: Any, kwargs: Any) -> None:
-            attention_input[index] = kwargs.get("hidden_states", args[0] if args else None)
-
-        return hook
+    # DeBERTa's relative-position keys are shared by every row and never scaled (see
+    # remember_attention_inputs).
+    attention_input, handles = remember_attention_inputs(backbone)
 
     def times(vector: torch.Tensor, index: int) -> Callable[..., torch.Tensor | None]:
         def hook(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor | None:
@@ -68,7 +66,6 @@ def _hooks(backbone: Backbone, scales: torch.Tensor) -> list[Any]:
         elif spec.family == "deberta-v2":
             layer = model.encoder.layer[index]
             pairs = [(layer.attention.self.key_proj, k), (layer.attention.self.value_proj, v)]
-            handles.append(layer.attention.self.register_forward_pre_hook(remember(index), with_kwargs=True))
             ffn = layer.output.dense
         elif spec.family == "decoder":
             layer = model.layers[index]
@@ -98,20 +95,8 @@ def test_scales_equal_hugging_faces_model_with_the_same_multipliers(
     backbone = kind_backbone(kind)
     pooling = "last" if backbone.spec.family == "decoder" else "cls"
     scales = _random_scales(backbone, seed=1)
-    for row in text_ids(backbone, TEXTS):
-        ours = prompted_forward(backbone, [row], [_identity(backbone, scales, pooling)])[0]  # [hidden]
-        handles = _hooks(backbone, scales)
-        try:
-            theirs = backbone.model(input_ids=torch.tensor([row])).last_hidden_state[0]  # [S, hidden]
-        finally:
-            for handle in handles:
-                handle.remove()
-        plain = backbone.model(input_ids=torch.tensor([row])).last_hidden_state[0]
-        want = theirs[-1] if pooling == "last" else theirs[0]
-        torch.testing.assert_close(ours, want, rtol=0, atol=1e-5)
-        # The multipliers matter (a loop that ignored them would fail above only by chance).
-        unscaled = plain[-1] if pooling == "last" else plain[0]
-        assert (ours - unscaled).abs().max() > 1e-3
+    task = _identity(backbone, scales, pooling)
+    assert_hooked_model_agrees(backbone, task, lambda: _hooks(backbone, scales), TEXTS)
 
 
 @torch.inference_mode()
@@ -166,14 +151,7 @@ def test_a_scaled_task_gives_the_same_logits_alone_and_mixed(
         make_task(backbone, task="prompt", prefix_length=2, prompt_length=3, pooling=pooled, seed=4),
     ]
     assert [t.scale_delta is not None for t in tasks] == [True, False, True, False]
-    ids = text_ids(backbone, TEXTS)
-    rows = [tasks[i % len(tasks)] for i in range(8)]
-    row_ids = [ids[(i * 3) % len(ids)] for i in range(8)]
-    mixed = prompted_forward(backbone, row_ids, rows)
-    for r, (task, text) in enumerate(zip(rows, row_ids, strict=True)):
-        alone = prompted_forward(backbone, [text], [task])[0]
-        c = task.num_labels
-        torch.testing.assert_close(mixed[r, :c], alone[:c], rtol=0, atol=1e-5)
+    row_ids = assert_mixed_equals_alone(backbone, tasks, TEXTS)
 
     # An unscaled task's rows are the same with or without a scaled task beside them, and a task
     # with multipliers of ones is the task without scales.
