@@ -13,7 +13,9 @@ architecture's shape (benchmarks/shapes.py; speed only).
     .venv/bin/python -m benchmarks.perf_engine --shape qwen3-0.6b --tasks 1,10,100 --batch-size 16
 
 ``--scaled`` adds, per task count, a configuration where every other task also has (IA)^3 scales (the
-few-shot default's tasks): what a batch that gathers and applies them costs beside one that does not.
+few-shot default's tasks until session 20): what a batch that gathers and applies them costs beside one
+that does not. ``--lora R`` adds one where every other task has scales and rank-R LoRA on every
+projection (the few-shot default's tasks since session 20, R = 8).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from benchmarks.shapes import (
 )
 from prompts.artifact import Pooling, build_artifact
 from prompts.backbone import Backbone, load_backbone
+from prompts.backbones import family_by_name
 from prompts.forward import TaskPrompt, prompted_forward
 from service.cache import LoadedTask, prepare_task
 from service.engine import Engine, Row
@@ -64,8 +67,10 @@ def make_tasks(
     num_labels: int,
     pooling: Pooling = "cls",
     scaled_every: int = 0,
+    lora_rank: int = 0,
 ) -> list[LoadedTask]:
-    """``scaled_every`` k > 0: every k-th task has (IA)^3 scales (multipliers near 1)."""
+    """``scaled_every`` k > 0: every k-th task has (IA)^3 scales (multipliers near 1), and LoRA of
+    ``lora_rank`` where that is > 0."""
     spec = backbone.spec
     tasks = []
     g = torch.Generator().manual_seed(count)
@@ -85,9 +90,23 @@ def make_tasks(
             scales=1 + 0.1 * torch.randn(spec.num_layers, spec.scales_width, generator=g)
             if scaled_every and i % scaled_every == 0
             else None,
+            lora=random_lora(spec, lora_rank, g) if lora_rank and i % scaled_every == 0 else None,
         )
         tasks.append(prepare_task(artifact, backbone, pool))
     return tasks
+
+
+def random_lora(spec: Any, rank: int, g: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Small random LoRA on every target of the backbone's family (speed and the mixed-batch check)."""
+    family = family_by_name(spec.family)
+    assert family is not None
+    return {
+        name: (
+            torch.randn(spec.num_layers, width_in, rank, generator=g) / width_in**0.5,  # [layers, in, r]
+            0.05 * torch.randn(spec.num_layers, rank, width_out, generator=g),  # [layers, r, out]
+        )
+        for name, (width_in, width_out) in family.lora_targets(spec.shape()).items()
+    }
 
 
 def mixed_vs_alone_max_diff(
@@ -97,7 +116,8 @@ def mixed_vs_alone_max_diff(
     spec = backbone.spec
     g = torch.Generator().manual_seed(7)
     shapes = [(16, 0, 4), (4, 2, 7), (0, 8, 2), (40, 0, 3), (8, 4, 5)]  # (prefix, prompt, labels)
-    # (IA)^3 scales on the first and the fourth task: the batch mixes rows with and without them.
+    # (IA)^3 scales on the first and the fourth task, LoRA on the second and the fourth: the batch mixes
+    # rows with and without either.
     served, reference = [], []
     for i, (p, k, c) in enumerate(shapes):
         artifact = build_artifact(
@@ -115,6 +135,7 @@ def mixed_vs_alone_max_diff(
             scales=1 + 0.1 * torch.randn(spec.num_layers, spec.scales_width, generator=g)
             if i % 3 == 0
             else None,
+            lora=random_lora(spec, 4, g) if i in (1, 3) else None,
         )
         served.append(prepare_task(artifact, backbone, pool))
         reference.append(TaskPrompt.from_artifact(artifact, backbone.device, backbone.dtype))
@@ -155,6 +176,13 @@ def main() -> None:
     parser.add_argument(
         "--scaled", action="store_true", help="also each task count with (IA)^3 scales on every other task"
     )
+    parser.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        metavar="RANK",
+        help="also each task count with scales and LoRA of this rank on every other task",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/engine"))
     args = parser.parse_args()
 
@@ -175,6 +203,11 @@ def main() -> None:
             # Every other task scaled, starting with the first (so "1 tasks" is the scaled one).
             task_sets[f"{n} tasks, every other scaled"] = make_tasks(
                 backbone, pool, n, args.prefix_length, 4, pooling, scaled_every=2
+            )
+    if args.lora:
+        for n in counts:
+            task_sets[f"{n} tasks, every other scales + LoRA r{args.lora}"] = make_tasks(
+                backbone, pool, n, args.prefix_length, 4, pooling, scaled_every=2, lora_rank=args.lora
             )
     rng = random.Random(0)
     plans = {
@@ -273,8 +306,8 @@ def main() -> None:
         f"prefix length {args.prefix_length}, {pooling} pooling, median of "
         f'{args.rounds} rounds interleaved batch by batch; "÷ 1 task" is the median of the '
         f"per-round ratios.\n\n{table}\n\n"
-        f"Mixed batch (5 tasks: prefix 0-40, prompt 0-8, 2-7 labels, two with (IA)^3 scales) vs each row "
-        f"alone: max |Δ logit| "
+        f"Mixed batch (5 tasks: prefix 0-40, prompt 0-8, 2-7 labels, two with (IA)^3 scales, two with "
+        f"LoRA) vs each row alone: max |Δ logit| "
         f"= {max_diff:.2e}\n"
     )
     tag = report_tag(backbone, args.shape)
