@@ -4,10 +4,11 @@ A batch gathers its rows' prefixes, prompts and heads with one ``index_select`` 
 work per batch does not grow with the number of distinct tasks in it. Slots are padded to the
 longest prefix, prompt and label count seen; a batch slices the pool to its own longest first.
 (IA)^3 scales (held as multipliers minus one) are gathered only for a batch with a scaled task in it;
-a slot without scales holds zeros, so its rows pass through a scaled batch unchanged. LoRA likewise:
-per target, down [slots, layers, in, R] and up [slots, layers, R, out] once the first LoRA task
-arrives, R the largest rank seen; a slot's columns past its own rank (all of them, without LoRA) are
-zeros, and a batch slices the pool to its own largest rank.
+a slot without scales holds zeros, so its rows pass through a scaled batch unchanged. LoRA, many times
+larger (MiniLM at rank 8: 1.3 MB a task in float32; Qwen3-0.6B: about 10 MB in bfloat16), has slots of
+its own, one per LoRA task only: per target, down [lora slots, layers, in, R] and up [lora slots,
+layers, R, out], R the largest rank seen. Lora slot 0 stays zeros and is what rows of tasks without
+LoRA gather; a task's columns past its own rank are zeros, and a batch slices to its largest rank.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from prompts.backbone import BackboneSpec
 from prompts.forward import POOLING_MODES, PromptBatch, TaskPrompt
 
 # Per-slot metadata columns of PromptPool._meta.
-_PREFIX_LEN, _PROMPT_LEN, _NUM_LABELS, _POOLING, _POOLER, _AFTER_PREFIX, _MASK_POS = range(7)
+_PREFIX_LEN, _PROMPT_LEN, _NUM_LABELS, _POOLING, _POOLER, _AFTER_PREFIX, _MASK_POS, _LORA_SLOT = range(8)
 
 
 class PromptPool:
@@ -44,13 +45,16 @@ class PromptPool:
         self._prompt = self._zeros(0, 0, spec.hidden_size)
         self._head_weight = self._zeros(0, 2, spec.hidden_size)
         self._head_bias = self._zeros(0, 2)
-        self._meta = torch.zeros((0, 7), dtype=torch.long, device=device)
+        self._meta = torch.zeros((0, 8), dtype=torch.long, device=device)
         # [slots, layers, 2 * kv_dim + ffn]: (IA)^3 multipliers minus one, for every slot once the first
         # scaled task arrives (MiniLM: 13,824 values a slot, as many as a 3-position prefix; Qwen3-0.6B:
         # 143,360), so services without scaled tasks pay nothing.
         self._scale_delta: torch.Tensor | None = None
         self._lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._rank_cap = 0
+        self._lora_capacity = 0
+        self._lora_free: list[int] = []
+        self._lora_of: dict[int, int] = {}  # slot -> its task's LoRA slot (tasks with LoRA only)
         self._grow_slots(initial_slots)
 
     def _zeros(self, *shape: int) -> torch.Tensor:
@@ -99,7 +103,7 @@ class PromptPool:
                 self._scale_delta[slot].copy_(task.scale_delta)
             elif self._scale_delta is not None:
                 self._scale_delta[slot].zero_()  # a slot reused from a scaled task
-            self._put_lora(slot, task)
+            lora_slot = self._put_lora(slot, task)
             meta = [
                 task.prefix_length,
                 task.prompt_length,
@@ -108,42 +112,63 @@ class PromptPool:
                 int(task.use_pooler),
                 int(task.positions_after_prefix),
                 task.mask_position,
+                lora_slot,
             ]
             self._meta[slot] = torch.tensor(meta, dtype=torch.long)
             return slot
 
-    def _put_lora(self, slot: int, task: TaskPrompt) -> None:
-        if task.lora is not None and task.lora_rank > self._rank_cap:
-            if self._lora is None:
-                layers = self._spec.num_layers
-                self._lora = {
-                    name: (
-                        self._zeros(self._capacity, layers, down.shape[1], 0),
-                        self._zeros(self._capacity, layers, 0, up.shape[2]),
-                    )
-                    for name, (down, up) in task.lora.items()
-                }
+    def _put_lora(self, slot: int, task: TaskPrompt) -> int:
+        """Copy ``task``'s LoRA into a LoRA slot of its own and return it (0: the task has none)."""
+        if task.lora is None:
+            return 0
+        rank = task.lora_rank
+        if self._lora is None:
+            layers = self._spec.num_layers
             self._lora = {
-                name: (_pad_to(down, 3, task.lora_rank), _pad_to(up, 2, task.lora_rank))
+                name: (self._zeros(0, layers, down.shape[1], 0), self._zeros(0, layers, 0, up.shape[2]))
+                for name, (down, up) in task.lora.items()
+            }
+            self._grow_lora(1)  # slot 0: the zeros that rows without LoRA gather
+            self._lora_free.remove(0)
+        if rank > self._rank_cap:
+            self._lora = {
+                name: (_pad_to(down, 3, rank), _pad_to(up, 2, rank))
                 for name, (down, up) in self._lora.items()
             }
-            self._rank_cap = task.lora_rank
-        if self._lora is None:
-            return
-        rank = task.lora_rank
+            self._rank_cap = rank
+        if not self._lora_free:
+            self._grow_lora(max(4, self._lora_capacity))
+        lora_slot = self._lora_free.pop()
         for name, (down, up) in self._lora.items():
             # Columns past the task's rank must be zeros: a batch of a higher rank reads them.
-            down[slot].zero_()
-            up[slot].zero_()
-            if task.lora is not None:
-                down[slot, :, :, :rank].copy_(task.lora[name][0])
-                up[slot, :, :rank].copy_(task.lora[name][1])
+            down[lora_slot].zero_()
+            up[lora_slot].zero_()
+            down[lora_slot, :, :, :rank].copy_(task.lora[name][0])
+            up[lora_slot, :, :rank].copy_(task.lora[name][1])
+        self._lora_of[slot] = lora_slot
+        return lora_slot
+
+    def _grow_lora(self, extra: int) -> None:
+        assert self._lora is not None
+        old, new = self._lora_capacity, self._lora_capacity + extra
+
+        def grown(t: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros((new, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            out[:old] = t
+            return out
+
+        self._lora = {name: (grown(down), grown(up)) for name, (down, up) in self._lora.items()}
+        self._lora_free.extend(range(new - 1, old - 1, -1))
+        self._lora_capacity = new
 
     def free(self, slot: int) -> None:
         """Give a slot back; called once nothing (cache or admitted request) uses its task any more."""
         with self._lock:
             self._free.append(slot)
             self._used -= 1
+            lora_slot = self._lora_of.pop(slot, None)
+            if lora_slot is not None:
+                self._lora_free.append(lora_slot)
 
     def gather(
         self,
@@ -169,7 +194,7 @@ class PromptPool:
             )  # [B, K, hidden]
             head_weight = self._head_weight[:, :max_labels].index_select(0, index)  # [B, C, hidden]
             head_bias = self._head_bias[:, :max_labels].index_select(0, index)  # [B, C]
-            meta = self._meta.index_select(0, index)  # [B, 7]
+            meta = self._meta.index_select(0, index)  # [B, 8]
             scale_delta = None
             if any_scales:
                 assert self._scale_delta is not None
@@ -177,10 +202,11 @@ class PromptPool:
             lora = None
             if lora_rank:
                 assert self._lora is not None
+                lora_index = meta[:, _LORA_SLOT]  # [B]: 0 for rows without LoRA
                 lora = {
                     name: (
-                        down[..., :lora_rank].index_select(0, index),  # [B, layers, in, r]
-                        up[:, :, :lora_rank].index_select(0, index),  # [B, layers, r, out]
+                        down[..., :lora_rank].index_select(0, lora_index),  # [B, layers, in, r]
+                        up[:, :, :lora_rank].index_select(0, lora_index),  # [B, layers, r, out]
                     )
                     for name, (down, up) in self._lora.items()
                 }
@@ -220,8 +246,6 @@ class PromptPool:
         )
         if self._scale_delta is not None:
             self._scale_delta = grown(self._scale_delta)
-        if self._lora is not None:
-            self._lora = {name: (grown(down), grown(up)) for name, (down, up) in self._lora.items()}
         self._free.extend(range(new - 1, old - 1, -1))  # lowest slot first
         self._capacity = new
 

@@ -115,6 +115,17 @@ def test_lora_tasks_of_two_ranks_and_plain_tasks_share_the_pool_and_a_batch(back
     # the pool past its two slots.
     high, high_ref = _pair(backbone, pool, 3, prefix_length=6, lora_rank=4, scales=True)
     assert pool._rank_cap == 4
+    # LoRA slots are for LoRA tasks only (slot 0 holds the zeros plain rows gather): plain tasks,
+    # however many, add none.
+    def lora_bytes() -> int:
+        assert pool._lora is not None
+        return sum(t.numel() * t.element_size() for pair in pool._lora.values() for t in pair)
+
+    before, slots = lora_bytes(), pool._capacity
+    more_plain = [_pair(backbone, pool, 10 + i) for i in range(16)]
+    assert pool.slots_in_use == 19 and pool._capacity > slots and len(pool._lora_of) == 2
+    assert lora_bytes() == before and pool._lora_capacity == 5
+    del more_plain
     engine = Engine(backbone, pool)
     _assert_served_equals_alone(backbone, engine, [(plain, plain_ref), (low, low_ref), (high, high_ref)])
     ids = backbone.encode(TEXTS, 40)[0].input_ids
