@@ -115,6 +115,7 @@ def test_lora_tasks_of_two_ranks_and_plain_tasks_share_the_pool_and_a_batch(back
     # the pool past its two slots.
     high, high_ref = _pair(backbone, pool, 3, prefix_length=6, lora_rank=4, scales=True)
     assert pool._rank_cap == 4
+
     # LoRA slots are for LoRA tasks only (slot 0 holds the zeros plain rows gather): plain tasks,
     # however many, add none.
     def lora_bytes() -> int:
