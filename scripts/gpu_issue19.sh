@@ -3,7 +3,8 @@
 #   bash scripts/gpu_issue19.sh
 # after `bash scripts/gpu_prepare.sh` here. Installs the carried wheels, gives the MiniLM shape random
 # weights (speed does not depend on their values), runs the CUDA-graph tests (tests/prompts/test_graphs.py,
-# skipped without a GPU), benchmarks/perf_engine.py --scaled (tasks with (IA)^3 scales beside plain ones),
+# skipped without a GPU), benchmarks/perf_engine.py --scaled --lora 8 (tasks with (IA)^3 scales, and with
+# scales and rank-8 LoRA, beside plain ones),
 # then benchmarks/perf_http.py on cuda in float16 (as benchmarks/RESULTS.md's H100
 # run) with 1, 2, 4 and 8 front-end processes and 4 load-generator processes: single-text and 32-text
 # throughput against the raw forward pass, p50/p99, CPU per process and per engine thread, and a py-spy
@@ -48,9 +49,9 @@ if [ -z "${SKIP_TESTS:-}" ]; then  # every family's captured graphs against the 
   timeout 240 "$PYTHON" -m pytest -q -p no:cacheprovider tests/prompts/test_graphs.py 2>&1 \
     | tail -n 30 | tee "$OUT/graph_tests.log"
 fi
-if [ -z "${SKIP_ENGINE:-}" ]; then  # (IA)^3-scaled tasks beside plain ones: the engine alone, no HTTP
-  timeout 120 "$PYTHON" -m benchmarks.perf_engine --device "$DEVICE" --dtype "$DTYPE" --model /tmp/minilm-random \
-    --data-root .gpu/data --dataset sst2 --tasks 1,100 --scaled --rounds 5 --batches 8 --batch-size 64 \
+if [ -z "${SKIP_ENGINE:-}" ]; then  # scaled and LoRA tasks beside plain ones: the engine alone, no HTTP
+  timeout 180 "$PYTHON" -m benchmarks.perf_engine --device "$DEVICE" --dtype "$DTYPE" --model /tmp/minilm-random \
+    --data-root .gpu/data --dataset sst2 --tasks 1,100 --scaled --lora 8 --rounds 5 --batches 8 --batch-size 64 \
     --out "$OUT/perf_engine" 2>&1 | tail -n 20 | tee "$OUT/perf_engine.log"
 fi
 "$PYTHON" -m benchmarks.perf_http --device "$DEVICE" --dtype "$DTYPE" --model /tmp/minilm-random \
