@@ -6,6 +6,7 @@ rows per label from dev for early stopping (seeded), and test accuracy on up to 
 
 - ``default``: what ``ptserve train`` does without ``--method`` (method "auto", chosen from the data);
   ``default_nolora`` the same without LoRA (``--lora-rank 0``: the default until session 20),
+  ``default_lora`` with rank-8 LoRA at any size (``--lora-rank 8``: also below 32 per label),
   ``default_noscales`` without (IA)^3 scales or LoRA (``--no-scales --lora-rank 0``: the default until
   session 16), ``default_scales`` with scales at any size (``--scales``);
 - ``prefix``, ``ptuning``, ``prompt``, ``probe``: each ptserve method with its defaults (``prefix`` is
@@ -62,6 +63,7 @@ SEEDS = [0, 1, 2, 3, 4]
 METHODS: dict[str, str | None] = {
     "default": "auto",
     "default_nolora": "auto",  # with lora_rank=0
+    "default_lora": "auto",  # with lora_rank=8
     "default_noscales": "auto",  # with scales=False, lora_rank=0
     "default_scales": "auto",  # with scales=True
     "prefix": "p-tuning-v2",
@@ -78,6 +80,7 @@ METHODS: dict[str, str | None] = {
 LABELS = {
     "default": "ptserve default (auto)",
     "default_nolora": "default, no LoRA",
+    "default_lora": "default, LoRA at every K",
     "default_noscales": "default, no (IA)³ scales or LoRA",
     "default_scales": "default, (IA)³ scales at every K",
     "prefix": "P-tuning v2 (old default)",
@@ -515,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                 ptserve_method = METHODS[method]
                 if ptserve_method is not None:
                     scales = {"default_noscales": False, "default_scales": True}.get(method)
-                    lora_rank = 0 if method in ("default_noscales", "default_nolora") else None
+                    lora_rank = {"default_noscales": 0, "default_nolora": 0, "default_lora": 8}.get(method)
                     record |= run_ptserve(
                         backbone, data, ptserve_method, seed, PAIRS.get(method), scales, lora_rank
                     )

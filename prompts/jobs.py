@@ -180,8 +180,8 @@ class Hyperparameters(BaseModel):
         ge=0,
         le=256,
         description="train LoRA of this rank on every layer's attention and feed-forward projections "
-        "beside the prompt (0: none; not with the linear probe); default none, auto trains rank 8 for "
-        "few-shot data",
+        "beside the prompt (0: none; not with the linear probe); default none, auto trains rank 8 from "
+        "32 to 100 train rows per label",
     )
     head: Literal["cls", "mean", "last", "peft", "verbalizer"] | None = Field(
         default=None,

@@ -15,6 +15,7 @@ from prompts.data import Example, TaskData
 from prompts.errors import InvalidInputError
 from prompts.jobs import JobSpec
 from prompts.trainer import (
+    AUTO_LORA_FROM_ROWS_PER_LABEL,
     AUTO_LORA_RANK,
     FEW_SHOT_ROWS_PER_LABEL,
     LORA_LR,
@@ -109,16 +110,23 @@ def test_auto_refines_the_pairs_with_cross_entropy_from_enough_rows_per_label() 
         TrainConfig(method="p-tuning-v2", objective="pairs", refine_epochs=-1).resolved()
 
 
-def test_auto_trains_lora_on_few_shot_data_unless_asked_not_to() -> None:
-    for per_label in (8, REFINE_FROM_ROWS_PER_LABEL):
+def test_auto_trains_lora_from_its_threshold_to_full_data_unless_asked_not_to() -> None:
+    assert AUTO_LORA_FROM_ROWS_PER_LABEL == 32
+    for per_label in (32, REFINE_FROM_ROWS_PER_LABEL, FEW_SHOT_ROWS_PER_LABEL - 1):
         planned = plan_for_data(TrainConfig(method="auto"), _data(per_label, 4))
         assert planned.lora_rank == AUTO_LORA_RANK == 8 and planned.plan is not None
         assert planned.plan["lora_rank"] == 8 and "rank-8 LoRA" in planned.plan["reason"]
         assert planned.resolved().lora_lr == LORA_LR
+    for per_label in (8, 31):
+        below = plan_for_data(TrainConfig(method="auto"), _data(per_label, 4))
+        assert below.lora_rank == 0 and below.plan is not None and below.plan["lora_rank"] == 0
+        assert "LoRA" not in below.plan["reason"] and below.resolved().lora_lr is None
+    asked = plan_for_data(TrainConfig(method="auto", lora_rank=8), _data(8))
+    assert asked.lora_rank == 8 and asked.plan is not None and "rank-8 LoRA" in asked.plan["reason"]
     full = plan_for_data(TrainConfig(method="auto"), _data(FEW_SHOT_ROWS_PER_LABEL, 4))
     assert full.lora_rank is None and full.plan is not None and "lora_rank" not in full.plan
     assert full.resolved().lora_lr is None
-    off = plan_for_data(TrainConfig(method="auto", lora_rank=0), _data(8))
+    off = plan_for_data(TrainConfig(method="auto", lora_rank=0), _data(32))
     assert off.lora_rank == 0 and off.plan is not None and "LoRA" not in off.plan["reason"]
     other = plan_for_data(TrainConfig(method="auto", lora_rank=4, lora_lr=3e-3), _data(8))
     assert (other.lora_rank, other.resolved().lora_lr) == (4, 3e-3)
@@ -207,14 +215,9 @@ def test_auto_on_few_rows_trains_pairs_and_records_the_plan(learnable: Backbone)
     spec = learnable.spec
     assert result.artifact.tensors["scales"].shape == (spec.num_layers, spec.scales_width)
     assert not torch.equal(result.artifact.tensors["scales"], torch.ones(spec.num_layers, spec.scales_width))
-    # And LoRA of rank 8 on every target, trained (its "up" matrices start at zero).
-    assert plan["lora_rank"] == 8 and training["hyperparameters"]["lora_rank"] == 8
-    assert training["hyperparameters"]["lora_lr"] == LORA_LR
-    lora = result.artifact.manifest.lora
-    assert lora is not None and lora.rank == 8
-    assert lora.targets == list(learnable.family.lora_targets(spec.shape()))
-    for target in lora.targets:
-        assert result.artifact.tensors[f"lora.{target}.up"].abs().max() > 0
+    # No LoRA at 4 rows per label (below AUTO_LORA_FROM_ROWS_PER_LABEL).
+    assert plan["lora_rank"] == 0 and "lora_rank" not in training["hyperparameters"]
+    assert result.artifact.manifest.lora is None
     assert training["duration_seconds"] == round(result.seconds, 2)
     assert training["duration_seconds"] == pytest.approx(
         sum(c["seconds"] for c in plan["candidates"].values()), abs=0.02
@@ -233,6 +236,24 @@ def test_auto_on_few_rows_trains_pairs_and_records_the_plan(learnable: Backbone)
     assert plain.artifact.manifest.scales is None and "scales" not in plain.artifact.tensors
     assert plain.artifact.manifest.lora is None
     assert plain_training["hyperparameters"]["prefix_init"] == "tokens"
+
+
+def test_lora_is_trained_and_recorded_where_asked(learnable: Backbone) -> None:
+    data = make_task_data(train=12, dev=6, test=6)
+    result = train_task(learnable, "tiny", data, dataclasses.replace(TINY_AUTO, lora_rank=8))
+    training = result.artifact.manifest.training or {}
+    assert training["plan"]["lora_rank"] == 8 and training["hyperparameters"]["lora_rank"] == 8
+    assert training["hyperparameters"]["lora_lr"] == LORA_LR
+    lora = result.artifact.manifest.lora
+    assert lora is not None and lora.rank == 8
+    assert lora.targets == list(learnable.family.lora_targets(learnable.spec.shape()))
+    # Trained: every target's "up" moved from its zero start.
+    for target in lora.targets:
+        assert result.artifact.tensors[f"lora.{target}.up"].abs().max() > 0
+    # Scored on test through the artifact's own tensors, LoRA included.
+    metrics = result.artifact.manifest.metrics
+    assert result.test is not None and metrics is not None
+    assert metrics["test"]["accuracy"] == pytest.approx(result.test.accuracy)
 
 
 def test_auto_on_enough_rows_trains_prefix_only(learnable: Backbone) -> None:
