@@ -158,11 +158,13 @@ AUTO_SCALES_BELOW_ROWS_PER_LABEL = FEW_SHOT_ROWS_PER_LABEL
 # above 8; over the many tasks a platform trains, z >= 2 (one-sided p 0.023) fires by chance.
 PROBE_Z = 3.0
 # Method "auto" trains LoRA of AUTO_LORA_RANK beside the prefix and scales on few-shot data from
-# AUTO_LORA_FROM_ROWS_PER_LABEL train rows per label: every layer's query, key, value, attention-output
-# and feed-forward projections (the family's ``lora_targets``; 331,776 values a task on MiniLM, 2.25 x
-# the 32-position prefix), at LORA_LR without weight decay. benchmarks/fewshot.py, five seeds, four
-# English sets, without -> with: K=32 0.746 -> 0.757 (TREC +0.025, emotion +0.055, AG News -0.005,
-# SST-2 -0.032), K=16 0.713 -> 0.712 (SST-2 -0.039): hence the threshold between K=16 and K=32.
+# AUTO_LORA_FROM_ROWS_PER_LABEL train rows per label where the pairs' pass is not refined by
+# cross-entropy (below REFINE_FROM_ROWS_PER_LABEL): every layer's query, key, value, attention-output and
+# feed-forward projections (the family's ``lora_targets``; 331,776 values a task on MiniLM, 2.25 x the
+# 32-position prefix), at LORA_LR without weight decay. benchmarks/fewshot.py, five seeds, four English
+# sets, without -> with: K=32 0.746 -> 0.757 (TREC +0.025, emotion +0.055, AG News -0.005, SST-2
+# -0.032), K=16 0.713 -> 0.712 (SST-2 -0.039); under the refinement at K=64 it lost (AG News seeds 0 / 1
+# 0.854 / 0.854 -> 0.823 / 0.832, TREC over five seeds 0.887 -> 0.880).
 AUTO_LORA_RANK = 8
 AUTO_LORA_FROM_ROWS_PER_LABEL = 32
 LORA_LR = 1e-3
@@ -230,7 +232,8 @@ class TrainConfig:
     scales: bool | None = None
     # LoRA of this rank on every projection the backbone family adapts, trained beside the prompt
     # (prompts/methods.py PromptMethod.add_lora): the artifact then holds ``lora.*``. None: off (method
-    # "auto" sets AUTO_LORA_RANK from AUTO_LORA_FROM_ROWS_PER_LABEL rows per label); 0: off.
+    # "auto" sets AUTO_LORA_RANK from AUTO_LORA_FROM_ROWS_PER_LABEL rows per label to the refinement's
+    # threshold); 0: off.
     lora_rank: int | None = None
     lora_lr: float | None = None  # None: LORA_LR (no weight decay on LoRA: its "up" starts at zero)
     # Filled by plan_for_data for method "auto": what it chose and why (recorded in the manifest).
@@ -436,7 +439,8 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
         scales = config.scales if config.scales is not None else per_label < AUTO_SCALES_BELOW_ROWS_PER_LABEL
         lora_rank = config.lora_rank
         if lora_rank is None:
-            lora_rank = AUTO_LORA_RANK if per_label >= AUTO_LORA_FROM_ROWS_PER_LABEL else 0
+            lora_band = per_label >= AUTO_LORA_FROM_ROWS_PER_LABEL and not refine_epochs
+            lora_rank = AUTO_LORA_RANK if lora_band else 0
         with_scales = (
             "; with (IA)^3 scales of every layer's keys, values and feed-forward activation" if scales else ""
         )

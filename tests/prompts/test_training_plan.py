@@ -58,7 +58,7 @@ def test_auto_below_the_threshold_trains_on_pairs() -> None:
         objective="pairs",
         refine_epochs=REFINE_EPOCHS,
         scales=True,
-        lora_rank=AUTO_LORA_RANK,
+        lora_rank=0,  # not under the refinement
         plan=planned.plan,
     )
     assert planned.plan is not None and planned.plan["regime"] == "few-shot"
@@ -110,14 +110,14 @@ def test_auto_refines_the_pairs_with_cross_entropy_from_enough_rows_per_label() 
         TrainConfig(method="p-tuning-v2", objective="pairs", refine_epochs=-1).resolved()
 
 
-def test_auto_trains_lora_from_its_threshold_to_full_data_unless_asked_not_to() -> None:
-    assert AUTO_LORA_FROM_ROWS_PER_LABEL == 32
-    for per_label in (32, REFINE_FROM_ROWS_PER_LABEL, FEW_SHOT_ROWS_PER_LABEL - 1):
+def test_auto_trains_lora_where_the_pairs_pass_is_not_refined_from_its_threshold() -> None:
+    assert AUTO_LORA_FROM_ROWS_PER_LABEL == 32 < REFINE_FROM_ROWS_PER_LABEL
+    for per_label in (32, REFINE_FROM_ROWS_PER_LABEL - 1):
         planned = plan_for_data(TrainConfig(method="auto"), _data(per_label, 4))
         assert planned.lora_rank == AUTO_LORA_RANK == 8 and planned.plan is not None
         assert planned.plan["lora_rank"] == 8 and "rank-8 LoRA" in planned.plan["reason"]
         assert planned.resolved().lora_lr == LORA_LR
-    for per_label in (8, 31):
+    for per_label in (8, 31, REFINE_FROM_ROWS_PER_LABEL, FEW_SHOT_ROWS_PER_LABEL - 1):
         below = plan_for_data(TrainConfig(method="auto"), _data(per_label, 4))
         assert below.lora_rank == 0 and below.plan is not None and below.plan["lora_rank"] == 0
         assert "LoRA" not in below.plan["reason"] and below.resolved().lora_lr is None
@@ -130,6 +130,8 @@ def test_auto_trains_lora_from_its_threshold_to_full_data_unless_asked_not_to() 
     assert off.lora_rank == 0 and off.plan is not None and "LoRA" not in off.plan["reason"]
     other = plan_for_data(TrainConfig(method="auto", lora_rank=4, lora_lr=3e-3), _data(8))
     assert (other.lora_rank, other.resolved().lora_lr) == (4, 3e-3)
+    refined = plan_for_data(TrainConfig(method="auto", lora_rank=8), _data(REFINE_FROM_ROWS_PER_LABEL, 4))
+    assert refined.lora_rank == 8 and refined.refine_epochs == REFINE_EPOCHS  # asked for: kept
     # Labels asked for: cross-entropy with the robust epoch and no LoRA unless asked.
     assert plan_for_data(TrainConfig(method="auto", objective="labels"), _data(8)).lora_rank is None
     with pytest.raises(ValueError, match="linear probe trains on features pooled once"):
