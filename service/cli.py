@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora-rank",
         type=int,
         help="train LoRA of this rank on every layer's attention and feed-forward projections beside the "
-        "prompt (0: none; not with the probe). Default: none; auto trains rank 8 from 32 to 48 train rows "
+        "prompt (0: none; not with the probe). Default: none; auto trains rank 8 from 24 to 48 train rows "
         "per label (where no cross-entropy follows the pairs)",
     )
     train.add_argument(

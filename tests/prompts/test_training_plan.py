@@ -111,13 +111,13 @@ def test_auto_refines_the_pairs_with_cross_entropy_from_enough_rows_per_label() 
 
 
 def test_auto_trains_lora_where_the_pairs_pass_is_not_refined_from_its_threshold() -> None:
-    assert AUTO_LORA_FROM_ROWS_PER_LABEL == 32 < REFINE_FROM_ROWS_PER_LABEL
-    for per_label in (32, REFINE_FROM_ROWS_PER_LABEL - 1):
+    assert AUTO_LORA_FROM_ROWS_PER_LABEL == 24 < REFINE_FROM_ROWS_PER_LABEL
+    for per_label in (24, 32, REFINE_FROM_ROWS_PER_LABEL - 1):
         planned = plan_for_data(TrainConfig(method="auto"), _data(per_label, 4))
         assert planned.lora_rank == AUTO_LORA_RANK == 8 and planned.plan is not None
         assert planned.plan["lora_rank"] == 8 and "rank-8 LoRA" in planned.plan["reason"]
         assert planned.resolved().lora_lr == LORA_LR
-    for per_label in (8, 31, REFINE_FROM_ROWS_PER_LABEL, FEW_SHOT_ROWS_PER_LABEL - 1):
+    for per_label in (8, 16, 23, REFINE_FROM_ROWS_PER_LABEL, FEW_SHOT_ROWS_PER_LABEL - 1):
         below = plan_for_data(TrainConfig(method="auto"), _data(per_label, 4))
         assert below.lora_rank == 0 and below.plan is not None and below.plan["lora_rank"] == 0
         assert "LoRA" not in below.plan["reason"] and below.resolved().lora_lr is None
