@@ -151,13 +151,7 @@ class PromptPool:
     def _grow_lora(self, extra: int) -> None:
         assert self._lora is not None
         old, new = self._lora_capacity, self._lora_capacity + extra
-
-        def grown(t: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros((new, *t.shape[1:]), dtype=t.dtype, device=t.device)
-            out[:old] = t
-            return out
-
-        self._lora = {name: (grown(down), grown(up)) for name, (down, up) in self._lora.items()}
+        self._lora = {name: (_grown(down, new), _grown(up, new)) for name, (down, up) in self._lora.items()}
         self._lora_free.extend(range(new - 1, old - 1, -1))
         self._lora_capacity = new
 
@@ -232,20 +226,14 @@ class PromptPool:
     def _grow_slots(self, extra: int) -> None:
         old = self._capacity
         new = old + extra
-
-        def grown(t: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros((new, *t.shape[1:]), dtype=t.dtype, device=t.device)
-            out[:old] = t
-            return out
-
-        self._prefix, self._prompt = grown(self._prefix), grown(self._prompt)
+        self._prefix, self._prompt = _grown(self._prefix, new), _grown(self._prompt, new)
         self._head_weight, self._head_bias, self._meta = (
-            grown(self._head_weight),
-            grown(self._head_bias),
-            grown(self._meta),
+            _grown(self._head_weight, new),
+            _grown(self._head_bias, new),
+            _grown(self._meta, new),
         )
         if self._scale_delta is not None:
-            self._scale_delta = grown(self._scale_delta)
+            self._scale_delta = _grown(self._scale_delta, new)
         self._free.extend(range(new - 1, old - 1, -1))  # lowest slot first
         self._capacity = new
 
@@ -261,6 +249,13 @@ class PromptPool:
             self._head_weight = _pad_to(self._head_weight, 1, num_labels)
             self._head_bias = _pad_to(self._head_bias, 1, num_labels)
             self._label_cap = num_labels
+
+
+def _grown(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` with zero rows appended along dim 0 up to ``rows``."""
+    out = torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    out[: t.shape[0]] = t
+    return out
 
 
 def _pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
