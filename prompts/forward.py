@@ -19,8 +19,8 @@ Per row ``b`` with task prefix length ``P_b``, input-prompt length ``K_b`` and t
   multiplied by the task's vectors (``layer_scales`` in ``prompts/backbones/base.py``), carried as
   multipliers minus one; rows of tasks without them carry zeros;
 - LoRA, where a row's task has it: each adapted projection adds ``x @ down @ up`` with the task's own
-  low-rank matrices (``low_rank``), padded to the batch's largest rank with zeros; rows of tasks
-  without LoRA carry zeros;
+  low-rank matrices (``project`` in ``prompts/backbones/base.py``), padded to the batch's largest rank
+  with zeros; rows of tasks without LoRA carry zeros;
 - pooled vector: the text's first token (index ``K_b``), sequence position 0, the mean of the text
   tokens, the text's last token (index ``K_b + T_b - 1``, decoders), or (a verbalizer) the input
   prompt's ``[MASK]`` row through the masked-LM head's transform, whose head rows are label words';

@@ -158,16 +158,6 @@ def layer_scales(
     return row[..., :kv_dim], row[..., kv_dim : 2 * kv_dim], row[..., 2 * kv_dim :]
 
 
-def low_rank(x: torch.Tensor, lora: LowRank | None, name: str, index: int) -> torch.Tensor | None:
-    """Layer ``index``'s LoRA update of projection ``name`` for input ``x`` [B, S, in]: [B, S, out],
-    or None where the batch has none. Two batched products through the rank: each row its own task's
-    matrices, never a [in, out] matrix per row."""
-    if lora is None:
-        return None
-    down, up = lora[name]
-    return torch.bmm(torch.bmm(x, down[:, index]), up[:, index])  # [B, S, r] then [B, S, out]
-
-
 def project(
     linear: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -175,21 +165,27 @@ def project(
     name: str,
     index: int,
 ) -> torch.Tensor:
-    """``linear(x)`` plus its LoRA update where the batch has one."""
+    """``linear(x)`` plus layer ``index``'s LoRA update of projection ``name`` where the batch has LoRA:
+    two batched products through the rank, each row its own task's matrices (never an [in, out]
+    matrix per row), the second one adding onto the projection's output in place of a separate add."""
     y = linear(x)
-    update = low_rank(x, lora, name, index)
-    return y if update is None else y + update
+    if lora is None:
+        return y
+    down, up = lora[name]
+    return torch.baddbmm(y, torch.bmm(x, down[:, index]), up[:, index])  # [B, S, r] then [B, S, out]
 
 
 def dense_norm(
-    block: Any, x: torch.Tensor, residual: torch.Tensor, update: torch.Tensor | None
+    block: Any, x: torch.Tensor, residual: torch.Tensor, lora: LowRank | None, name: str, index: int
 ) -> torch.Tensor:
     """A BERT-style output block (dense, dropout, LayerNorm of the sum with the residual: Hugging Face's
-    BertSelfOutput, BertOutput and DeBERTa-v2's) with a LoRA update added to the dense output."""
-    if update is None:
+    BertSelfOutput, BertOutput and DeBERTa-v2's) with the dense projection's LoRA update."""
+    if lora is None:
         out: torch.Tensor = block(x, residual)
         return out
-    normed: torch.Tensor = block.LayerNorm(block.dropout(block.dense(x) + update) + residual)
+    normed: torch.Tensor = block.LayerNorm(
+        block.dropout(project(block.dense, x, lora, name, index)) + residual
+    )
     return normed
 
 
@@ -291,6 +287,6 @@ class BackboneFamily(ABC):
         prefix: torch.Tensor | None,  # [B, layers, 2, kv_heads, P, head_dim]
         scale_delta: torch.Tensor | None = None,  # [B, layers, 2 * kv_dim + ffn]: (IA)^3, see layer_scales
         collect: Collected | None = None,
-        lora: LowRank | None = None,  # per-row LoRA updates, see low_rank
+        lora: LowRank | None = None,  # per-row LoRA updates, see project
     ) -> torch.Tensor:
         """The final hidden states [B, S, hidden]."""

@@ -23,7 +23,6 @@ from prompts.backbones.base import (
     dense_norm,
     key_mask,
     layer_scales,
-    low_rank,
     project,
 )
 from prompts.errors import BackboneError
@@ -127,14 +126,12 @@ class BertFamily(BackboneFamily):
             layer_prefix = None if prefix is None else prefix[:, index]  # [B, 2, heads, P, head_dim]
             context = attend(query, key, value, layer_prefix, masks["keys"], attention.scaling)
             context = context.transpose(1, 2).reshape(rows, seq, width)  # [B, S, hidden]
-            hidden = dense_norm(
-                layer.attention.output, context, hidden, low_rank(context, lora, "attention_output", index)
-            )
+            hidden = dense_norm(layer.attention.output, context, hidden, lora, "attention_output", index)
             intermediate = layer.intermediate
             inner = intermediate.intermediate_act_fn(
                 project(intermediate.dense, hidden, lora, "ffn_in", index)
             )  # [B, S, ffn]
             if ia3 is not None:
                 inner = inner.addcmul(inner, ia3[2])
-            hidden = dense_norm(layer.output, inner, hidden, low_rank(inner, lora, "ffn_out", index))
+            hidden = dense_norm(layer.output, inner, hidden, lora, "ffn_out", index)
         return hidden

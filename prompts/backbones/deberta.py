@@ -33,7 +33,6 @@ from prompts.backbones.base import (
     dense_norm,
     key_mask,
     layer_scales,
-    low_rank,
     project,
 )
 from prompts.errors import BackboneError
@@ -160,16 +159,14 @@ class DebertaFamily(BackboneFamily):
             layer_prefix = None if prefix is None else prefix[:, index]  # [B, 2, heads, P, head_dim]
             context = attend(query, key, value, layer_prefix, mask, 1.0 / scale)
             context = context.transpose(1, 2).reshape(rows, seq, heads * head_dim)  # [B, S, hidden]
-            out = dense_norm(
-                layer.attention.output, context, hidden, low_rank(context, lora, "attention_output", index)
-            )
+            out = dense_norm(layer.attention.output, context, hidden, lora, "attention_output", index)
             intermediate = layer.intermediate
             inner = intermediate.intermediate_act_fn(
                 project(intermediate.dense, out, lora, "ffn_in", index)
             )  # [B, S, ffn]
             if ia3 is not None:
                 inner = inner.addcmul(inner, ia3[2])
-            out = dense_norm(layer.output, inner, out, low_rank(inner, lora, "ffn_out", index))
+            out = dense_norm(layer.output, inner, out, lora, "ffn_out", index)
             if index == 0 and encoder.conv is not None:
                 out = encoder.conv(embedded, out, valid)
             hidden = out
