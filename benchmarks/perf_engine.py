@@ -49,11 +49,11 @@ from benchmarks.shapes import (
 )
 from prompts.artifact import Pooling, build_artifact
 from prompts.backbone import Backbone, load_backbone
-from prompts.backbones import family_by_name
 from prompts.forward import TaskPrompt, prompted_forward
 from service.cache import LoadedTask, prepare_task
 from service.engine import Engine, Row
 from service.pool import PromptPool
+from tests.factories import random_lora  # random LoRA on every target of the family (speed, mixed check)
 
 # Head poolings a random task can use ("mask" needs a masked-LM head and label words).
 POOLINGS = tuple(p for p in get_args(Pooling) if p != "mask")  # "cls", "first", "mean", "last"
@@ -94,19 +94,6 @@ def make_tasks(
         )
         tasks.append(prepare_task(artifact, backbone, pool))
     return tasks
-
-
-def random_lora(spec: Any, rank: int, g: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Small random LoRA on every target of the backbone's family (speed and the mixed-batch check)."""
-    family = family_by_name(spec.family)
-    assert family is not None
-    return {
-        name: (
-            torch.randn(spec.num_layers, width_in, rank, generator=g) / width_in**0.5,  # [layers, in, r]
-            0.05 * torch.randn(spec.num_layers, rank, width_out, generator=g),  # [layers, r, out]
-        )
-        for name, (width_in, width_out) in family.lora_targets(spec.shape()).items()
-    }
 
 
 def mixed_vs_alone_max_diff(

@@ -140,11 +140,11 @@ class PromptPool:
             self._grow_lora(max(4, self._lora_capacity))
         lora_slot = self._lora_free.pop()
         for name, (down, up) in self._lora.items():
-            # Columns past the task's rank must be zeros: a batch of a higher rank reads them.
-            down[lora_slot].zero_()
-            up[lora_slot].zero_()
             down[lora_slot, :, :, :rank].copy_(task.lora[name][0])
             up[lora_slot, :, :rank].copy_(task.lora[name][1])
+            # Columns past the task's rank must be zeros: a batch of a higher rank reads them.
+            down[lora_slot, :, :, rank:].zero_()
+            up[lora_slot, :, rank:].zero_()
         self._lora_of[slot] = lora_slot
         return lora_slot
 

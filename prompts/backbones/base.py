@@ -175,6 +175,20 @@ def project(
     return torch.baddbmm(y, torch.bmm(x, down[:, index]), up[:, index])  # [B, S, r] then [B, S, out]
 
 
+def encoder_lora_targets(shape: Shape) -> dict[str, tuple[int, int]]:
+    """LoRA targets of a BERT-style layer (BERT, DeBERTa-v2): separate query, key and value
+    projections, the attention output, and the feed-forward block's input and output."""
+    h, a, f = shape.hidden_size, shape.num_heads * shape.head_dim, shape.ffn_size
+    return {
+        "query": (h, a),
+        "key": (h, a),
+        "value": (h, a),
+        "attention_output": (a, h),
+        "ffn_in": (h, f),
+        "ffn_out": (f, h),
+    }
+
+
 def dense_norm(
     block: Any, x: torch.Tensor, residual: torch.Tensor, lora: LowRank | None, name: str, index: int
 ) -> torch.Tensor:

@@ -21,6 +21,7 @@ from prompts.backbones.base import (
     Shape,
     attend,
     dense_norm,
+    encoder_lora_targets,
     key_mask,
     layer_scales,
     project,
@@ -80,15 +81,7 @@ class BertFamily(BackboneFamily):
 
     @classmethod
     def lora_targets(cls, shape: Shape) -> dict[str, tuple[int, int]]:
-        h, f = shape.hidden_size, shape.ffn_size
-        return {
-            "query": (h, h),
-            "key": (h, h),
-            "value": (h, h),
-            "attention_output": (h, h),
-            "ffn_in": (h, f),
-            "ffn_out": (f, h),
-        }
+        return encoder_lora_targets(shape)
 
     def masks(self, layout: Layout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return {"keys": key_mask(layout, dtype)}  # [B, 1, 1, P + S]

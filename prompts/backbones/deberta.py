@@ -31,6 +31,7 @@ from prompts.backbones.base import (
     Shape,
     attend,
     dense_norm,
+    encoder_lora_targets,
     key_mask,
     layer_scales,
     project,
@@ -86,17 +87,9 @@ class DebertaFamily(BackboneFamily):
 
     @classmethod
     def lora_targets(cls, shape: Shape) -> dict[str, tuple[int, int]]:
-        h, a, f = shape.hidden_size, shape.num_heads * shape.head_dim, shape.ffn_size
         # The content projections only: with share_att_key the same query/key projections also map
         # the relative-position embeddings, which every row shares; those stay the backbone's.
-        return {
-            "query": (h, a),
-            "key": (h, a),
-            "value": (h, a),
-            "attention_output": (a, h),
-            "ffn_in": (h, f),
-            "ffn_out": (f, h),
-        }
+        return encoder_lora_targets(shape)
 
     def masks(self, layout: Layout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         masks = {
