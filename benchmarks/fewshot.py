@@ -345,10 +345,14 @@ def markdown(records: Sequence[dict[str, Any]], methods: Sequence[str], header: 
     ]
     lines += ["| dataset | K | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(methods)]
     means = english_means(records, methods)
-    # The target compares ptserve's default with SetFit: on every run those two share, not only on the
-    # runs every column has (a method run on fewer seeds would shrink that comparison).
-    duel = ["default", "setfit"] if {"default", "setfit"} <= set(methods) else []
-    duel_means = english_means(records, duel) if duel else {}
+    # Each column against the default on every run the two share: the row above shrinks to the cells
+    # every column ran (a method run on a few cells would shrink it to those), and the target compares
+    # the default with SetFit on all of theirs.
+    versus = (
+        {m: english_means(records, ["default", m]) for m in methods if m != "default"}
+        if "default" in methods
+        else {}
+    )
     for k in sorted({c[1] for c in cells_seen}):
         for dataset, kk in cells_seen:
             if kk != k:
@@ -359,10 +363,21 @@ def markdown(records: Sequence[dict[str, Any]], methods: Sequence[str], header: 
             lines.append(f"| {dataset}{note} | {k} | " + " | ".join(acc(r) for r in found) + " |")
         english = [means.get((k, m)) for m in methods]
         lines.append(_mean_row("mean, English (the same runs)", k, english))
-        shared = all((k, m) in duel_means for m in duel)
-        if shared and any(duel_means[(k, m)] != means.get((k, m)) for m in duel):
-            pair = [duel_means[(k, m)] if m in duel else None for m in methods]
-            lines.append(_mean_row("mean, English: default against SetFit (the runs both have)", k, pair))
+        pairs = {m: (v[(k, m)], v[(k, "default")]) for m, v in versus.items() if (k, m) in v}
+        shrunk = any(pairs[m] != (means.get((k, m)), means.get((k, "default"))) for m in pairs)
+        if shrunk:
+            cells = (
+                "–"
+                if m not in pairs
+                else f"**{pairs[m][0][0]:.3f}** / {pairs[m][1][0]:.3f} "
+                f"({_count(pairs[m][0][1], 'set')}, {_count(pairs[m][0][2], 'run')})"
+                for m in methods
+            )
+            lines.append(
+                f"| **mean, English: each column / default (the runs the two have)** | {k} | "
+                + " | ".join(cells)
+                + " |"
+            )
     lines += ["", "Training seconds per task (mean over seeds; test scoring not included).", ""]
     lines += ["| dataset | K | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(methods)]
     for dataset, k in cells_seen:

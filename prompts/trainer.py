@@ -157,18 +157,22 @@ AUTO_SCALES_BELOW_ROWS_PER_LABEL = FEW_SHOT_ROWS_PER_LABEL
 # probe 0.820, pairs 0.839; emotion K=8 seed 4, 48 rows, z 2.18: 0.328, 0.355), while banking77's z is
 # above 8; over the many tasks a platform trains, z >= 2 (one-sided p 0.023) fires by chance.
 PROBE_Z = 3.0
-# Method "auto" trains LoRA of AUTO_LORA_RANK beside the prefix and scales on few-shot data from
-# AUTO_LORA_FROM_ROWS_PER_LABEL train rows per label where the pairs' pass is not refined by
-# cross-entropy (below REFINE_FROM_ROWS_PER_LABEL): every layer's query, key, value, attention-output and
-# feed-forward projections (the family's ``lora_targets``; 331,776 values a task on MiniLM, 2.25 x the
-# 32-position prefix), at LORA_LR without weight decay. benchmarks/fewshot.py, five seeds, four English
-# sets, without -> with: K=32 0.746 -> 0.757 (TREC +0.025, emotion +0.055, AG News -0.005, SST-2
-# -0.032), K=16 0.713 -> 0.712 (SST-2 -0.039); under the refinement at K=64 it lost (AG News seeds 0 / 1
-# 0.854 / 0.854 -> 0.823 / 0.832, TREC over five seeds 0.887 -> 0.880). The threshold sits between K=16
-# and K=32, as the refinement's between K=32 and K=64, so that a K=32 sample of a set with a few smaller
-# labels (banking77's averages 31.99 rows per label) is inside it.
+# Method "auto" trains LoRA of AUTO_LORA_RANK beside the prefix and scales on few-shot data where the
+# pairs' pass is not refined by cross-entropy (below REFINE_FROM_ROWS_PER_LABEL) and the task has at least
+# AUTO_LORA_FROM_TRAIN_ROWS train rows and AUTO_LORA_FROM_ROWS_PER_LABEL per label: every layer's query,
+# key, value, attention-output and feed-forward projections (the family's ``lora_targets``; 331,776
+# values a task on MiniLM, 2.25 x the 32-position prefix), at LORA_LR without weight decay.
+# benchmarks/fewshot.py, five seeds, LoRA's gain by the task's train rows: 32 (SST-2 K=16)
+# -0.039, 64 (SST-2 K=32 -0.032, AG News K=16 -0.004), 96 (TREC K=16 +0.007, emotion K=16 +0.031),
+# 128 (AG News K=32 -0.005), 192 (TREC K=32 +0.025, emotion K=32 +0.055): what it adapts needs rows to
+# learn from, whatever the labels. A lower LoRA lr did not move the line (3e-4: SST-2 K=32 0.737 against
+# 0.715 at 1e-3 and 0.747 without, TREC K=32 0.867 against 0.887). The row threshold sits between 64
+# and 96; the per-label one between K=8 (nothing measured with LoRA) and K=16. Under the refinement
+# at K=64 it lost (AG News seeds 0 / 1 0.854 / 0.854 -> 0.823 / 0.832, TREC over five seeds 0.887 ->
+# 0.880), and the pass alone with LoRA was worse still (TREC seeds 0 / 1 0.848 / 0.832).
 AUTO_LORA_RANK = 8
-AUTO_LORA_FROM_ROWS_PER_LABEL = 24
+AUTO_LORA_FROM_TRAIN_ROWS = 80
+AUTO_LORA_FROM_ROWS_PER_LABEL = 12
 LORA_LR = 1e-3
 
 
@@ -234,8 +238,8 @@ class TrainConfig:
     scales: bool | None = None
     # LoRA of this rank on every projection the backbone family adapts, trained beside the prompt
     # (prompts/methods.py PromptMethod.add_lora): the artifact then holds ``lora.*``. None: off (method
-    # "auto" sets AUTO_LORA_RANK from AUTO_LORA_FROM_ROWS_PER_LABEL rows per label to the refinement's
-    # threshold); 0: off.
+    # "auto" sets AUTO_LORA_RANK from AUTO_LORA_FROM_TRAIN_ROWS train rows and AUTO_LORA_FROM_ROWS_PER_LABEL
+    # rows per label, below the refinement's threshold); 0: off.
     lora_rank: int | None = None
     lora_lr: float | None = None  # None: LORA_LR (no weight decay on LoRA: its "up" starts at zero)
     # Filled by plan_for_data for method "auto": what it chose and why (recorded in the manifest).
@@ -413,6 +417,7 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
     labels = max(1, len(data.labels))
     per_label = len(data.train) / labels
     facts: dict[str, Any] = {
+        "train_rows": len(data.train),
         "train_rows_per_label": round(per_label, 1),
         "dev_rows": len(data.dev),
         "few_shot_below_rows_per_label": FEW_SHOT_ROWS_PER_LABEL,
@@ -441,7 +446,11 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
         scales = config.scales if config.scales is not None else per_label < AUTO_SCALES_BELOW_ROWS_PER_LABEL
         lora_rank = config.lora_rank
         if lora_rank is None:
-            lora_band = per_label >= AUTO_LORA_FROM_ROWS_PER_LABEL and not refine_epochs
+            lora_band = (
+                not refine_epochs
+                and len(data.train) >= AUTO_LORA_FROM_TRAIN_ROWS
+                and per_label >= AUTO_LORA_FROM_ROWS_PER_LABEL
+            )
             lora_rank = AUTO_LORA_RANK if lora_band else 0
         with_scales = (
             "; with (IA)^3 scales of every layer's keys, values and feed-forward activation" if scales else ""

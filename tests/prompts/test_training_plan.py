@@ -16,6 +16,7 @@ from prompts.errors import InvalidInputError
 from prompts.jobs import JobSpec
 from prompts.trainer import (
     AUTO_LORA_FROM_ROWS_PER_LABEL,
+    AUTO_LORA_FROM_TRAIN_ROWS,
     AUTO_LORA_RANK,
     FEW_SHOT_ROWS_PER_LABEL,
     LORA_LR,
@@ -110,15 +111,36 @@ def test_auto_refines_the_pairs_with_cross_entropy_from_enough_rows_per_label() 
         TrainConfig(method="p-tuning-v2", objective="pairs", refine_epochs=-1).resolved()
 
 
-def test_auto_trains_lora_where_the_pairs_pass_is_not_refined_from_its_threshold() -> None:
-    assert AUTO_LORA_FROM_ROWS_PER_LABEL == 24 < REFINE_FROM_ROWS_PER_LABEL
-    for per_label in (24, 32, REFINE_FROM_ROWS_PER_LABEL - 1):
-        planned = plan_for_data(TrainConfig(method="auto"), _data(per_label, 4))
+def test_auto_trains_lora_where_the_pairs_pass_is_not_refined_and_has_rows_to_learn_from() -> None:
+    assert AUTO_LORA_FROM_ROWS_PER_LABEL == 12 and AUTO_LORA_FROM_TRAIN_ROWS == 80
+    # (rows per label, labels): K=16 of 6 labels, K=32 of 4 and 6, just inside each threshold, and the
+    # last few-shot size before the refinement.
+    for per_label, labels in (
+        (16, 6),
+        (32, 4),
+        (32, 6),
+        (12, 7),
+        (20, 4),
+        (REFINE_FROM_ROWS_PER_LABEL - 1, 2),
+    ):
+        planned = plan_for_data(TrainConfig(method="auto"), _data(per_label, labels))
         assert planned.lora_rank == AUTO_LORA_RANK == 8 and planned.plan is not None
+        assert planned.plan["train_rows"] == per_label * labels
         assert planned.plan["lora_rank"] == 8 and "rank-8 LoRA" in planned.plan["reason"]
         assert planned.resolved().lora_lr == LORA_LR
-    for per_label in (8, 16, 23, REFINE_FROM_ROWS_PER_LABEL, FEW_SHOT_ROWS_PER_LABEL - 1):
-        below = plan_for_data(TrainConfig(method="auto"), _data(per_label, 4))
+    # Too few rows (K=32 and K=16 of 2 labels, K=16 of 4, 78 rows), too few per label (K=8 of 12 labels,
+    # 11 of 8), refined (K=48 of 4 up), and the last few-shot size.
+    for per_label, labels in (
+        (32, 2),
+        (16, 2),
+        (16, 4),
+        (39, 2),
+        (8, 12),
+        (11, 8),
+        (REFINE_FROM_ROWS_PER_LABEL, 4),
+        (FEW_SHOT_ROWS_PER_LABEL - 1, 4),
+    ):
+        below = plan_for_data(TrainConfig(method="auto"), _data(per_label, labels))
         assert below.lora_rank == 0 and below.plan is not None and below.plan["lora_rank"] == 0
         assert "LoRA" not in below.plan["reason"] and below.resolved().lora_lr is None
     asked = plan_for_data(TrainConfig(method="auto", lora_rank=8), _data(8))
