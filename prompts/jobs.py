@@ -181,7 +181,7 @@ class Hyperparameters(BaseModel):
         le=256,
         description="train LoRA of this rank on every layer's attention and feed-forward projections "
         "beside the prompt (0: none; not with the linear probe); default none, auto trains rank 8 on "
-        "few-shot data of at least 80 train rows and 12 to 48 rows per label (where no cross-entropy "
+        "few-shot data of at least 5 labels and 12 to 48 train rows per label (where no cross-entropy "
         "follows the pairs)",
     )
     head: Literal["cls", "mean", "last", "peft", "verbalizer"] | None = Field(

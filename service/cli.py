@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="train LoRA of this rank on every layer's attention and feed-forward projections beside the "
         "prompt (0: none; not with the probe). Default: none; auto trains rank 8 on few-shot data of at "
-        "least 80 train rows and 12 to 48 rows per label (where no cross-entropy follows the pairs)",
+        "least 5 labels and 12 to 48 train rows per label (where no cross-entropy follows the pairs)",
     )
     train.add_argument(
         "--patience", type=_positive_int, help="epochs without a better dev accuracy before stopping"

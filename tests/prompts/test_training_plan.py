@@ -15,8 +15,8 @@ from prompts.data import Example, TaskData
 from prompts.errors import InvalidInputError
 from prompts.jobs import JobSpec
 from prompts.trainer import (
+    AUTO_LORA_FROM_LABELS,
     AUTO_LORA_FROM_ROWS_PER_LABEL,
-    AUTO_LORA_FROM_TRAIN_ROWS,
     AUTO_LORA_RANK,
     FEW_SHOT_ROWS_PER_LABEL,
     LORA_LR,
@@ -111,34 +111,27 @@ def test_auto_refines_the_pairs_with_cross_entropy_from_enough_rows_per_label() 
         TrainConfig(method="p-tuning-v2", objective="pairs", refine_epochs=-1).resolved()
 
 
-def test_auto_trains_lora_where_the_pairs_pass_is_not_refined_and_has_rows_to_learn_from() -> None:
-    assert AUTO_LORA_FROM_ROWS_PER_LABEL == 12 and AUTO_LORA_FROM_TRAIN_ROWS == 80
-    # (rows per label, labels): K=16 of 6 labels, K=32 of 4 and 6, just inside each threshold, and the
-    # last few-shot size before the refinement.
-    for per_label, labels in (
-        (16, 6),
-        (32, 4),
-        (32, 6),
-        (12, 7),
-        (20, 4),
-        (REFINE_FROM_ROWS_PER_LABEL - 1, 2),
-    ):
+def test_auto_trains_lora_on_few_shot_tasks_of_enough_labels_where_the_pass_is_not_refined() -> None:
+    assert (AUTO_LORA_FROM_LABELS, AUTO_LORA_FROM_ROWS_PER_LABEL) == (5, 12)
+    # (rows per label, labels): K=16 and 32 of 6 labels (TREC, emotion), each threshold itself, many
+    # labels, and the last size before the refinement.
+    for per_label, labels in ((16, 6), (32, 6), (12, 5), (32, 77), (REFINE_FROM_ROWS_PER_LABEL - 1, 5)):
         planned = plan_for_data(TrainConfig(method="auto"), _data(per_label, labels))
         assert planned.lora_rank == AUTO_LORA_RANK == 8 and planned.plan is not None
         assert planned.plan["train_rows"] == per_label * labels
         assert planned.plan["lora_rank"] == 8 and "rank-8 LoRA" in planned.plan["reason"]
         assert planned.resolved().lora_lr == LORA_LR
-    # Too few rows (K=32 and K=16 of 2 labels, K=16 of 4, 78 rows), too few per label (K=8 of 12 labels,
-    # 11 of 8), refined (K=48 of 4 up), and the last few-shot size.
+    # Too few labels (SST-2's 2, AG News's 4, at any few-shot size), too few rows per label (K=8 of 6
+    # labels, 11 of 77), refined (48 rows per label up), and the last few-shot size.
     for per_label, labels in (
         (32, 2),
-        (16, 2),
         (16, 4),
-        (39, 2),
-        (8, 12),
-        (11, 8),
-        (REFINE_FROM_ROWS_PER_LABEL, 4),
-        (FEW_SHOT_ROWS_PER_LABEL - 1, 4),
+        (32, 4),
+        (REFINE_FROM_ROWS_PER_LABEL - 1, 4),
+        (8, 6),
+        (11, 77),
+        (REFINE_FROM_ROWS_PER_LABEL, 6),
+        (FEW_SHOT_ROWS_PER_LABEL - 1, 6),
     ):
         below = plan_for_data(TrainConfig(method="auto"), _data(per_label, labels))
         assert below.lora_rank == 0 and below.plan is not None and below.plan["lora_rank"] == 0
@@ -239,7 +232,7 @@ def test_auto_on_few_rows_trains_pairs_and_records_the_plan(learnable: Backbone)
     spec = learnable.spec
     assert result.artifact.tensors["scales"].shape == (spec.num_layers, spec.scales_width)
     assert not torch.equal(result.artifact.tensors["scales"], torch.ones(spec.num_layers, spec.scales_width))
-    # No LoRA at 4 rows per label (below AUTO_LORA_FROM_ROWS_PER_LABEL).
+    # No LoRA with three labels (below AUTO_LORA_FROM_LABELS).
     assert plan["lora_rank"] == 0 and "lora_rank" not in training["hyperparameters"]
     assert result.artifact.manifest.lora is None
     assert training["duration_seconds"] == round(result.seconds, 2)
