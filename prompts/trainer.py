@@ -163,8 +163,8 @@ PROBE_Z = 3.0
 # value, attention-output and feed-forward projections (the family's ``lora_targets``; 331,776 values a
 # task on MiniLM, 2.25 x the 32-position prefix), at LORA_LR without weight decay. benchmarks/fewshot.py
 # and an experiment script over its cells, five seeds, LoRA's gain by data set at K=8 / 16 / 32: TREC
-# (6 labels) +0.023 / +0.007 / +0.025, emotion (6) +0.011 / +0.031 / +0.055, AG News (4) K=16 -0.004,
-# K=32 -0.005, SST-2 (2) -0.039 / -0.039 / -0.032. Neither the rows per label nor the task's rows draw
+# (6 labels) +0.023 / +0.007 / +0.025, emotion (6) +0.011 / +0.031 / +0.055, AG News (4) -0.005 / -0.004 /
+# -0.005, SST-2 (2) -0.039 / -0.039 / -0.032. Neither the rows per label nor the task's rows draw
 # that line (TREC K=8, 48 rows, gains; AG News K=32, 128 rows, does not); the labels do. A reading, not
 # measured: the pairs of L labels ask the embedding for L separated groups; with two, one direction
 # separates the train rows and the LoRA finds one that need not be the task's. The label threshold sits
