@@ -324,6 +324,11 @@ def _mean_row(label: str, k: int, entries: Sequence[tuple[float, int, int] | Non
     return f"| **{label}** | {k} | " + " | ".join(cells) + " |"
 
 
+def _versus_cell(column: tuple[float, int, int], default: tuple[float, int, int]) -> str:
+    """A column's mean against the default's on the same runs: "**column** / default (sets, runs)"."""
+    return f"**{column[0]:.3f}** / {default[0]:.3f} ({_count(column[1], 'set')}, {_count(column[2], 'run')})"
+
+
 def markdown(records: Sequence[dict[str, Any]], methods: Sequence[str], header: str) -> str:
     rows = aggregate(records)
     by_cell = {(r["dataset"], r["k"], r["method"]): r for r in rows}
@@ -366,13 +371,7 @@ def markdown(records: Sequence[dict[str, Any]], methods: Sequence[str], header: 
         pairs = {m: (v[(k, m)], v[(k, "default")]) for m, v in versus.items() if (k, m) in v}
         shrunk = any(pairs[m] != (means.get((k, m)), means.get((k, "default"))) for m in pairs)
         if shrunk:
-            cells = (
-                "–"
-                if m not in pairs
-                else f"**{pairs[m][0][0]:.3f}** / {pairs[m][1][0]:.3f} "
-                f"({_count(pairs[m][0][1], 'set')}, {_count(pairs[m][0][2], 'run')})"
-                for m in methods
-            )
+            cells = (_versus_cell(*pairs[m]) if m in pairs else "–" for m in methods)
             lines.append(
                 f"| **mean, English: each column / default (the runs the two have)** | {k} | "
                 + " | ".join(cells)

@@ -452,7 +452,7 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
         if lora_rank is None:
             lora_band = (
                 not refine_epochs
-                and len(data.labels) >= AUTO_LORA_FROM_LABELS
+                and labels >= AUTO_LORA_FROM_LABELS
                 and per_label >= AUTO_LORA_FROM_ROWS_PER_LABEL
             )
             lora_rank = AUTO_LORA_RANK if lora_band else 0
