@@ -232,7 +232,8 @@ def test_auto_on_few_rows_trains_pairs_and_records_the_plan(learnable: Backbone)
     spec = learnable.spec
     assert result.artifact.tensors["scales"].shape == (spec.num_layers, spec.scales_width)
     assert not torch.equal(result.artifact.tensors["scales"], torch.ones(spec.num_layers, spec.scales_width))
-    # No LoRA with three labels (below AUTO_LORA_FROM_LABELS).
+    # No LoRA: three labels and 4 rows per label are below both AUTO_LORA_FROM_LABELS and
+    # AUTO_LORA_FROM_ROWS_PER_LABEL.
     assert plan["lora_rank"] == 0 and "lora_rank" not in training["hyperparameters"]
     assert result.artifact.manifest.lora is None
     assert training["duration_seconds"] == round(result.seconds, 2)
