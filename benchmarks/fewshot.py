@@ -5,8 +5,11 @@ rows per label from dev for early stopping (seeded), and test accuracy on up to 
 (a stratified sample fixed per dataset: the same rows for every K, seed and method). Methods:
 
 - ``default``: what ``ptserve train`` does without ``--method`` (method "auto", chosen from the data);
-  ``default_nolora`` the same without LoRA (``--lora-rank 0``: the default until session 20),
-  ``default_lora`` with rank-8 LoRA at any size (``--lora-rank 8``: also below 32 per label),
+  ``default_nolora`` the same without LoRA (``--lora-rank 0``: the default until session 20, and until
+  session 23 on tasks of 5 labels or more from 48 rows per label), ``default_lora`` with rank-8 LoRA at
+  any size (``--lora-rank 8``), ``default_lora_refined`` with rank-8 LoRA and the cross-entropy refinement
+  (what ``default_lora`` trained at K=64 until session 23), ``default_r8`` with rank-8 LoRA on SetFit's
+  sampled pairs (the default until session 23 on tasks of 5 labels or more from 24 rows per label),
   ``default_noscales`` without (IA)^3 scales or LoRA (``--no-scales --lora-rank 0``: the default until
   session 16), ``default_scales`` with scales at any size (``--scales``);
 - ``prefix``, ``ptuning``, ``prompt``, ``probe``: each ptserve method with its defaults (``prefix`` is
@@ -62,10 +65,12 @@ SEEDS = [0, 1, 2, 3, 4]
 # Benchmark name -> ptserve method (None: not trained by ptserve).
 METHODS: dict[str, str | None] = {
     "default": "auto",
-    "default_nolora": "auto",  # with lora_rank=0
-    "default_lora": "auto",  # with lora_rank=8
-    "default_noscales": "auto",  # with scales=False, lora_rank=0
-    "default_scales": "auto",  # with scales=True
+    "default_nolora": "auto",  # the TrainConfig settings of DEFAULT_VARIANTS below
+    "default_lora": "auto",
+    "default_lora_refined": "auto",
+    "default_r8": "auto",
+    "default_noscales": "auto",
+    "default_scales": "auto",
     "prefix": "p-tuning-v2",
     "pairs": "p-tuning-v2",  # objective "pairs" (PAIRS below)
     "pairs_lr": "p-tuning-v2",
@@ -81,6 +86,8 @@ LABELS = {
     "default": "ptserve default (auto)",
     "default_nolora": "default, no LoRA",
     "default_lora": "default, LoRA at every K",
+    "default_lora_refined": "default, rank-8 LoRA, refined",
+    "default_r8": "default, rank-8 LoRA on sampled pairs",
     "default_noscales": "default, no (IA)³ scales or LoRA",
     "default_scales": "default, (IA)³ scales at every K",
     "prefix": "P-tuning v2 (old default)",
@@ -95,6 +102,15 @@ LABELS = {
     "finetune": "full fine-tuning",
 }
 NOT_INSTALLED = "not installed"
+# ``auto`` with TrainConfig settings, each what an earlier default trained where it differs from today's.
+DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
+    "default_nolora": {"lora_rank": 0},
+    "default_lora": {"lora_rank": 8},
+    "default_lora_refined": {"lora_rank": 8, "refine_epochs": 20},
+    "default_r8": {"lora_rank": 8, "pair_loss": "sampled"},
+    "default_noscales": {"scales": False, "lora_rank": 0},
+    "default_scales": {"scales": True},
+}
 # Benchmark methods trained with the pairs objective (prompts/pairs.py): prefix on SetFit's pairs, then
 # the head fitted on the prefixed vectors (its pair_head), the prefix length (None: the trainer's) and
 # the pair_loss.
@@ -173,14 +189,13 @@ def run_ptserve(
     method: str,
     seed: int,
     pairs: tuple[str, int | None, str] | None = None,
-    scales: bool | None = None,
-    lora_rank: int | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``pairs`` set: objective "pairs" with that (head, prefix length, pair loss); ``scales`` and
-    ``lora_rank``: the TrainConfig's (None: the method's own choice)."""
+    """``pairs`` set: objective "pairs" with that (head, prefix length, pair loss); ``settings``: other
+    TrainConfig fields (those not given: the method's own choice)."""
     from prompts.trainer import TrainConfig, train_task
 
-    config = TrainConfig(method=method, seed=seed, scales=scales, lora_rank=lora_rank)
+    config = TrainConfig(method=method, seed=seed, **(settings or {}))
     if pairs is not None:
         pair_head, length, loss = pairs
         config = TrainConfig(
@@ -531,10 +546,8 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 ptserve_method = METHODS[method]
                 if ptserve_method is not None:
-                    scales = {"default_noscales": False, "default_scales": True}.get(method)
-                    lora_rank = {"default_noscales": 0, "default_nolora": 0, "default_lora": 8}.get(method)
                     record |= run_ptserve(
-                        backbone, data, ptserve_method, seed, PAIRS.get(method), scales, lora_rank
+                        backbone, data, ptserve_method, seed, PAIRS.get(method), DEFAULT_VARIANTS.get(method)
                     )
                 elif method == "finetune":
                     record |= run_finetune(backbone, data, seed)

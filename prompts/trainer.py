@@ -127,14 +127,14 @@ PAIR_LOSS_ALONE = "sampled"
 PAIR_LOSS_REFINED = "in-batch"
 # Objective "pairs" followed by cross-entropy: after the pass, up to REFINE_EPOCHS epochs of objective
 # "labels" (the pairs' lr, P-tuning v2's head lr, REFINE_PATIENCE) start from the pairs' prefix and prototype
-# head, the best epoch kept on dev. Method "auto" plans it from REFINE_FROM_ROWS_PER_LABEL train rows
-# per label. Test accuracy, pairs -> pairs then cross-entropy (an experiment script, the cells of
-# benchmarks/fewshot.py, seeds 0 / 1): K=64 TREC 0.844 / 0.760 -> 0.858 / 0.774, emotion 0.572 / 0.513
-# -> 0.586 / 0.622, AG News 0.839 / 0.865 -> 0.853 / 0.853, SST-2 0.765 / 0.771 -> 0.764 / 0.773
-# (mean +0.019); K=32 mean +0.006 over six cells (TREC +0.056 and -0.022); K=16 worse in all six
-# cells (mean -0.023: 8 dev rows per label choose the epoch badly). The threshold sits between K=32
-# and K=64, so that a K=64 sample of a set with a few smaller labels (banking77's averages 62.9 rows
-# per label) is refined too.
+# head, the best epoch kept on dev. Method "auto" plans it from REFINE_FROM_ROWS_PER_LABEL train rows per
+# label where it trains no LoRA of AUTO_LORA_WIDE_RANK (tasks of fewer than AUTO_LORA_FROM_LABELS). Test
+# accuracy, pairs -> pairs then cross-entropy (an experiment script, the cells of benchmarks/fewshot.py, seeds
+# 0 / 1): K=64 TREC 0.844 / 0.760 -> 0.858 / 0.774, emotion 0.572 / 0.513 -> 0.586 / 0.622, AG News 0.839 /
+# 0.865 -> 0.853 / 0.853, SST-2 0.765 / 0.771 -> 0.764 / 0.773 (mean +0.019); K=32 mean +0.006 over six cells
+# (TREC +0.056 and -0.022); K=16 worse in all six cells (mean -0.023: 8 dev rows per label choose the epoch
+# badly). The threshold sits between K=32 and K=64, so that a K=64 sample of a set with a few smaller labels
+# (banking77's averages 62.9 rows per label) is refined too.
 REFINE_EPOCHS = 20
 REFINE_PATIENCE = 5
 REFINE_FROM_ROWS_PER_LABEL = 48
@@ -158,25 +158,35 @@ AUTO_SCALES_BELOW_ROWS_PER_LABEL = FEW_SHOT_ROWS_PER_LABEL
 # above 8; over the many tasks a platform trains, z >= 2 (one-sided p 0.023) fires by chance.
 PROBE_Z = 3.0
 # Method "auto" trains LoRA of AUTO_LORA_RANK beside the prefix and scales on few-shot data of at least
-# AUTO_LORA_FROM_LABELS labels and AUTO_LORA_FROM_ROWS_PER_LABEL train rows per label, where the pairs'
-# pass is not refined by cross-entropy (below REFINE_FROM_ROWS_PER_LABEL): every layer's query, key,
-# value, attention-output and feed-forward projections (the family's ``lora_targets``; 331,776 values a
-# task on MiniLM, 2.25 x the 32-position prefix), at LORA_LR without weight decay. benchmarks/fewshot.py
-# and an experiment script over its cells, five seeds, LoRA's gain by data set at K=8 / 16 / 32: TREC
-# (6 labels) +0.023 / +0.007 / +0.025, emotion (6) +0.011 / +0.031 / +0.055, AG News (4) -0.005 / -0.004 /
-# -0.005, SST-2 (2) -0.039 / -0.039 / -0.032. Neither the rows per label nor the task's rows draw
-# that line (TREC K=8, 48 rows, gains; AG News K=32, 128 rows, does not); the labels do. A reading, not
-# measured: the pairs of L labels ask the embedding for L separated groups; with two, one direction
-# separates the train rows and the LoRA finds one that need not be the task's. The label threshold sits
-# between 4 and 6. The per-label one keeps K=8 as it was: the gain there is small and comment_zh (8
-# labels, 5.4 rows per label in its K=8 samples) lost with LoRA (seeds 0-2 0.284 against 0.306, below
-# the probe's 0.306). A lower LoRA lr did not spare SST-2 (3e-4: K=32 0.737 against 0.715 at 1e-3 and 0.747
-# without; TREC 0.867 against 0.887). Under the refinement at K=64 it lost (AG News seeds 0 / 1 0.854 /
-# 0.854 -> 0.823 / 0.832, TREC over five seeds 0.887 -> 0.880), and the pass alone with LoRA was worse
-# still (TREC seeds 0 / 1 0.848 / 0.832).
+# AUTO_LORA_FROM_LABELS labels and AUTO_LORA_FROM_ROWS_PER_LABEL train rows per label (of AUTO_LORA_WIDE_RANK,
+# unrefined, from AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL): every layer's query, key, value, attention-output and
+# feed-forward projections (the family's ``lora_targets``; 331,776 values a task on MiniLM, 2.25 x the
+# 32-position prefix), at LORA_LR without weight decay. benchmarks/fewshot.py and an experiment script over
+# its cells, five seeds, LoRA's gain by data set at K=8 / 16 / 32: TREC (6 labels) +0.023 / +0.007 / +0.025,
+# emotion (6) +0.011 / +0.031 / +0.055, AG News (4) -0.005 / -0.004 / -0.005, SST-2 (2) -0.039 / -0.039 /
+# -0.032. Neither the rows per label nor the task's rows draw that line (TREC K=8, 48 rows, gains; AG News
+# K=32, 128 rows, does not); the labels do. A reading, not measured: the pairs of L labels ask the embedding
+# for L separated groups; with two, one direction separates the train rows and the LoRA finds one that need
+# not be the task's. The label threshold sits between 4 and 6. The per-label one keeps K=8 as it was: the gain
+# there is small and comment_zh (8 labels, 5.4 rows per label in its K=8 samples) lost with LoRA (seeds 0-2
+# 0.284 against 0.306, below the probe's 0.306). A lower LoRA lr did not spare SST-2 (3e-4: K=32 0.737 against
+# 0.715 at 1e-3 and 0.747 without; TREC 0.867 against 0.887). Under the refinement at K=64 it lost (AG News
+# seeds 0 / 1 0.854 / 0.854 -> 0.823 / 0.832, TREC over five seeds 0.887 -> 0.880), and the pass alone with
+# rank-8 LoRA on sampled pairs was worse still (TREC seeds 0 / 1 0.848 / 0.832); the wide LoRA below is what
+# won there.
 AUTO_LORA_RANK = 8
 AUTO_LORA_FROM_LABELS = 5
 AUTO_LORA_FROM_ROWS_PER_LABEL = 12
+# From AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL rows per label (to the end of few-shot) the LoRA "auto" trains is of
+# AUTO_LORA_WIDE_RANK, its pass reads every pair of a step's rows (in-batch) and no cross-entropy refinement
+# follows it, at K=64 too. An experiment script over benchmarks/fewshot.py's cells, five seeds: K=32, sampled
+# rank 8 -> in-batch rank 8 -> in-batch rank 16, TREC 0.887 -> 0.891 -> 0.890, emotion 0.589 -> 0.613 ->
+# 0.622; K=64, in-batch pairs without LoRA then the refinement -> in-batch rank 16 alone, TREC and emotion in
+# README "Few-shot" (table "Session 23"); K=16 in-batch rank 8 lost (TREC 0.860 -> 0.832, emotion 0.530 ->
+# 0.535: the mean fell), hence the floor. Rank 16 holds 663,552 values a task on MiniLM (4.5 x the 32-position
+# prefix).
+AUTO_LORA_WIDE_RANK = 16
+AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL = 24
 LORA_LR = 1e-3
 
 
@@ -231,10 +241,12 @@ class TrainConfig:
     pair_head: str = "prototype"
     # objective "pairs": which pairs of a step's rows the loss reads. "sampled": SetFit's sampled pairs
     # only; "in-batch": every pair of distinct rows (same-label and different-label pairs weighted
-    # equally). None: PAIR_LOSS_REFINED when refine_epochs follow the pass, else PAIR_LOSS_ALONE.
+    # equally). None: PAIR_LOSS_REFINED when refine_epochs follow the pass, else PAIR_LOSS_ALONE ("auto"
+    # also reads every pair where it trains LoRA of AUTO_LORA_WIDE_RANK).
     pair_loss: str | None = None
     # objective "pairs": then at most this many epochs of cross-entropy from the pairs' prefix and head
-    # (REFINE_EPOCHS; 0: the pass alone). Method "auto" sets it from REFINE_FROM_ROWS_PER_LABEL up.
+    # (REFINE_EPOCHS; 0: the pass alone). Method "auto" sets it from REFINE_FROM_ROWS_PER_LABEL up, except
+    # where it trains LoRA of AUTO_LORA_WIDE_RANK.
     refine_epochs: int = 0
     # (IA)^3 scales trained beside the prompt (prompts/methods.py PromptMethod.add_scales): the artifact
     # then holds ``scales``. None: off (method "auto" turns them on for few-shot data:
@@ -445,17 +457,23 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
     # cross-entropy has) keep cross-entropy with the robust choice of epoch.
     epoch_settings = (config.epochs, config.patience, config.head_lr) != (None, None, None)
     if config.objective != "labels" and config.head in (None, "mean", "cls", "last") and not epoch_settings:
-        refine = per_label >= REFINE_FROM_ROWS_PER_LABEL and config.refine_epochs == 0
+        lora_band = (
+            config.refine_epochs == 0
+            and config.lora_rank != 0
+            and labels >= AUTO_LORA_FROM_LABELS
+            and per_label >= AUTO_LORA_FROM_ROWS_PER_LABEL
+        )
+        # The wide LoRA's pass is not refined: at K=64 it beat the refinement on both six-label sets.
+        wide = lora_band and per_label >= AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL
+        refine = per_label >= REFINE_FROM_ROWS_PER_LABEL and config.refine_epochs == 0 and not wide
         refine_epochs = REFINE_EPOCHS if refine else config.refine_epochs
         scales = config.scales if config.scales is not None else per_label < AUTO_SCALES_BELOW_ROWS_PER_LABEL
         lora_rank = config.lora_rank
         if lora_rank is None:
-            lora_band = (
-                not refine_epochs
-                and labels >= AUTO_LORA_FROM_LABELS
-                and per_label >= AUTO_LORA_FROM_ROWS_PER_LABEL
-            )
-            lora_rank = AUTO_LORA_RANK if lora_band else 0
+            lora_rank = (AUTO_LORA_WIDE_RANK if wide else AUTO_LORA_RANK) if lora_band else 0
+        # In-batch pairs without a refinement only beside the wide LoRA: without one they lost on TREC.
+        pair_loss = config.pair_loss or ("in-batch" if wide else pair_loss_for(None, refine_epochs))
+        pairs_read = "every pair of each step's rows" if pair_loss == "in-batch" else "SetFit's pairs"
         with_scales = (
             "; with (IA)^3 scales of every layer's keys, values and feed-forward activation" if scales else ""
         )
@@ -474,18 +492,19 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
             refine_epochs=refine_epochs,
             scales=scales,
             lora_rank=lora_rank,
+            pair_loss=pair_loss,
             plan=facts
             | {
                 "regime": "few-shot",
                 "objective": "pairs",
                 "refine_epochs": refine_epochs,
-                "pair_loss": pair_loss_for(config.pair_loss, refine_epochs),
+                "pair_loss": pair_loss,
                 "scales": scales,
                 "lora_rank": lora_rank,
                 # The probe pools the mean; a head asked for is not overridden by it.
                 "probe_candidate": config.head is None,
                 "reason": f"fewer than {FEW_SHOT_ROWS_PER_LABEL} train rows per label: P-tuning v2 prefix "
-                "trained on sentence pairs (SetFit's pairs, the backbone frozen), then a "
+                f"trained on sentence pairs ({pairs_read}, the backbone frozen), then a "
                 f"head fitted on the train rows (label prototypes){with_scales}{then}",
             },
         )

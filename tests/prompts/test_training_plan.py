@@ -18,6 +18,8 @@ from prompts.trainer import (
     AUTO_LORA_FROM_LABELS,
     AUTO_LORA_FROM_ROWS_PER_LABEL,
     AUTO_LORA_RANK,
+    AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL,
+    AUTO_LORA_WIDE_RANK,
     FEW_SHOT_ROWS_PER_LABEL,
     LORA_LR,
     PROBE_Z,
@@ -60,6 +62,7 @@ def test_auto_below_the_threshold_trains_on_pairs() -> None:
         refine_epochs=REFINE_EPOCHS,
         scales=True,
         lora_rank=0,  # not under the refinement
+        pair_loss="in-batch",  # the refinement follows the pass
         plan=planned.plan,
     )
     assert planned.plan is not None and planned.plan["regime"] == "few-shot"
@@ -111,31 +114,71 @@ def test_auto_refines_the_pairs_with_cross_entropy_from_enough_rows_per_label() 
         TrainConfig(method="p-tuning-v2", objective="pairs", refine_epochs=-1).resolved()
 
 
-def test_auto_trains_lora_on_few_shot_tasks_of_enough_labels_where_the_pass_is_not_refined() -> None:
+def test_auto_trains_lora_on_few_shot_tasks_of_enough_labels() -> None:
     assert (AUTO_LORA_FROM_LABELS, AUTO_LORA_FROM_ROWS_PER_LABEL) == (5, 12)
-    # (rows per label, labels): K=16 and 32 of 6 labels (TREC, emotion), each threshold itself, many
-    # labels, and the last size before the refinement.
-    for per_label, labels in ((16, 6), (32, 6), (12, 5), (32, 77), (REFINE_FROM_ROWS_PER_LABEL - 1, 5)):
+    assert (AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL, AUTO_LORA_WIDE_RANK) == (24, 16)
+    # (rows per label, labels, rank, pair loss): K=16, 32 and 64 of 6 labels (TREC, emotion), each
+    # threshold itself and the size below it, many labels, and the refinement's sizes, where the wide
+    # LoRA's pass is not refined.
+    for per_label, labels, rank, loss in (
+        (16, 6, AUTO_LORA_RANK, "sampled"),
+        (12, 5, AUTO_LORA_RANK, "sampled"),
+        (AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL - 1, 5, AUTO_LORA_RANK, "sampled"),
+        (AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL, 5, 16, "in-batch"),
+        (32, 6, 16, "in-batch"),
+        (32, 77, 16, "in-batch"),
+        (REFINE_FROM_ROWS_PER_LABEL, 5, 16, "in-batch"),
+        (64, 6, 16, "in-batch"),
+        (FEW_SHOT_ROWS_PER_LABEL - 1, 6, 16, "in-batch"),
+    ):
         planned = plan_for_data(TrainConfig(method="auto"), _data(per_label, labels))
-        assert planned.lora_rank == AUTO_LORA_RANK == 8 and planned.plan is not None
+        assert planned.lora_rank == rank and planned.plan is not None
         assert planned.plan["train_rows"] == per_label * labels
-        assert planned.plan["lora_rank"] == 8 and "rank-8 LoRA" in planned.plan["reason"]
+        assert planned.plan["lora_rank"] == rank and f"rank-{rank} LoRA" in planned.plan["reason"]
+        assert planned.refine_epochs == planned.plan["refine_epochs"] == 0
+        assert "no epoch is chosen" in planned.plan["reason"]
         assert planned.resolved().lora_lr == LORA_LR
-    # Too few labels (SST-2's 2, AG News's 4, at any few-shot size), too few rows per label (K=8 of 6
-    # labels, 11 of 77), refined (48 rows per label up), and the last few-shot size.
+        assert planned.plan["pair_loss"] == planned.resolved().pair_loss == loss
+        assert ("every pair of each step's rows" in planned.plan["reason"]) == (loss == "in-batch")
+    # A pair loss or rank asked for is kept; without LoRA, or with a refinement asked for, the wide
+    # band trains what a task of fewer labels would (the sampled pairs below 48 rows per label, the
+    # refinement from there).
+    asked_loss = plan_for_data(TrainConfig(method="auto", pair_loss="sampled"), _data(32, 6))
+    assert (asked_loss.lora_rank, asked_loss.resolved().pair_loss) == (16, "sampled")
+    asked_rank = plan_for_data(TrainConfig(method="auto", lora_rank=4), _data(64, 6))
+    assert (asked_rank.lora_rank, asked_rank.refine_epochs, asked_rank.resolved().pair_loss) == (
+        4,
+        0,
+        "in-batch",
+    )
+    no_lora = plan_for_data(TrainConfig(method="auto", lora_rank=0), _data(32, 6))
+    assert (no_lora.lora_rank, no_lora.refine_epochs, no_lora.resolved().pair_loss) == (0, 0, "sampled")
+    no_lora = plan_for_data(TrainConfig(method="auto", lora_rank=0), _data(64, 6))
+    assert (no_lora.lora_rank, no_lora.refine_epochs, no_lora.resolved().pair_loss) == (
+        0,
+        REFINE_EPOCHS,
+        "in-batch",
+    )
+    refined = plan_for_data(TrainConfig(method="auto", refine_epochs=3), _data(32, 6))
+    assert (refined.lora_rank, refined.refine_epochs, refined.resolved().pair_loss) == (0, 3, "in-batch")
+    # Too few labels (SST-2's 2, AG News's 4, at any few-shot size) and too few rows per label (K=8 of
+    # 6 labels, 11 of 77): no LoRA, and the refinement from 48 rows per label.
     for per_label, labels in (
         (32, 2),
         (16, 4),
         (32, 4),
         (REFINE_FROM_ROWS_PER_LABEL - 1, 4),
+        (REFINE_FROM_ROWS_PER_LABEL, 4),
+        (FEW_SHOT_ROWS_PER_LABEL - 1, 2),
         (8, 6),
         (11, 77),
-        (REFINE_FROM_ROWS_PER_LABEL, 6),
-        (FEW_SHOT_ROWS_PER_LABEL - 1, 6),
     ):
         below = plan_for_data(TrainConfig(method="auto"), _data(per_label, labels))
         assert below.lora_rank == 0 and below.plan is not None and below.plan["lora_rank"] == 0
         assert "LoRA" not in below.plan["reason"] and below.resolved().lora_lr is None
+        refine = per_label >= REFINE_FROM_ROWS_PER_LABEL
+        assert below.refine_epochs == (REFINE_EPOCHS if refine else 0)
+        assert below.resolved().pair_loss == ("in-batch" if refine else "sampled")
     asked = plan_for_data(TrainConfig(method="auto", lora_rank=8), _data(8))
     assert asked.lora_rank == 8 and asked.plan is not None and "rank-8 LoRA" in asked.plan["reason"]
     full = plan_for_data(TrainConfig(method="auto"), _data(FEW_SHOT_ROWS_PER_LABEL, 4))
