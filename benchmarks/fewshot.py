@@ -106,7 +106,7 @@ NOT_INSTALLED = "not installed"
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "default_nolora": {"lora_rank": 0},
     "default_lora": {"lora_rank": 8},
-    "default_lora_refined": {"lora_rank": 8, "refine_epochs": 20},
+    "default_lora_refined": {"lora_rank": 8, "refine_epochs": 20},  # prompts.trainer.REFINE_EPOCHS
     "default_r8": {"lora_rank": 8, "pair_loss": "sampled"},
     "default_noscales": {"scales": False, "lora_rank": 0},
     "default_scales": {"scales": True},
