@@ -68,8 +68,10 @@ METHODS: dict[str, str | None] = {
     "default_nolora": "auto",  # the TrainConfig settings of DEFAULT_VARIANTS below
     "default_lora": "auto",
     "default_lora_refined": "auto",
+    "default_refined": "auto",
     "default_r8": "auto",
     "default_noscales": "auto",
+    "default_noscales_refined": "auto",
     "default_scales": "auto",
     "prefix": "p-tuning-v2",
     "pairs": "p-tuning-v2",  # objective "pairs" (PAIRS below)
@@ -87,8 +89,10 @@ LABELS = {
     "default_nolora": "default, no LoRA",
     "default_lora": "default, LoRA at every K",
     "default_lora_refined": "default, rank-8 LoRA, refined",
+    "default_refined": "default, refined from 48 rows per label",
     "default_r8": "default, rank-8 LoRA on sampled pairs",
     "default_noscales": "default, no (IA)³ scales or LoRA",
+    "default_noscales_refined": "default, no scales or LoRA, refined",
     "default_scales": "default, (IA)³ scales at every K",
     "prefix": "P-tuning v2 (old default)",
     "pairs": "P-tuning v2 on pairs",
@@ -107,8 +111,10 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "default_nolora": {"lora_rank": 0},
     "default_lora": {"lora_rank": 8},
     "default_lora_refined": {"lora_rank": 8, "refine_epochs": 20},  # prompts.trainer.REFINE_EPOCHS
+    "default_refined": {"refine_epochs": 20},  # what auto trained on < 5 labels at K=64 before session 24
     "default_r8": {"lora_rank": 8, "pair_loss": "sampled"},
     "default_noscales": {"scales": False, "lora_rank": 0},
+    "default_noscales_refined": {"scales": False, "lora_rank": 0, "refine_epochs": 20},
     "default_scales": {"scales": True},
 }
 # Benchmark methods trained with the pairs objective (prompts/pairs.py): prefix on SetFit's pairs, then

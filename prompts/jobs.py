@@ -180,9 +180,8 @@ class Hyperparameters(BaseModel):
         ge=0,
         le=256,
         description="train LoRA of this rank on every layer's attention and feed-forward projections "
-        "beside the prompt (0: none; not with the linear probe); default none, auto trains rank 8 on "
-        "few-shot data of at least 5 labels and 12 to 48 train rows per label (where no cross-entropy "
-        "follows the pairs)",
+        "beside the prompt (0: none; not with the linear probe); default none, auto trains it on "
+        "few-shot data of at least 5 labels: rank 8 from 12 train rows per label, rank 16 from 24",
     )
     head: Literal["cls", "mean", "last", "peft", "verbalizer"] | None = Field(
         default=None,

@@ -208,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora-rank",
         type=int,
         help="train LoRA of this rank on every layer's attention and feed-forward projections beside the "
-        "prompt (0: none; not with the probe). Default: none; auto trains rank 8 on few-shot data of at "
-        "least 5 labels and 12 to 48 train rows per label (where no cross-entropy follows the pairs)",
+        "prompt (0: none; not with the probe). Default: none; auto trains it on few-shot data of at "
+        "least 5 labels: rank 8 from 12 train rows per label, rank 16 from 24",
     )
     train.add_argument(
         "--patience", type=_positive_int, help="epochs without a better dev accuracy before stopping"

@@ -59,10 +59,10 @@ def test_auto_below_the_threshold_trains_on_pairs() -> None:
     assert planned == dataclasses.replace(
         TrainConfig(method="p-tuning-v2"),
         objective="pairs",
-        refine_epochs=REFINE_EPOCHS,
+        refine_epochs=0,  # 4 labels: the pass alone, at any few-shot size
         scales=True,
-        lora_rank=0,  # not under the refinement
-        pair_loss="in-batch",  # the refinement follows the pass
+        lora_rank=0,  # fewer than 5 labels
+        pair_loss="sampled",  # no refinement follows the pass
         plan=planned.plan,
     )
     assert planned.plan is not None and planned.plan["regime"] == "few-shot"
@@ -75,7 +75,7 @@ def test_auto_below_the_threshold_trains_on_pairs() -> None:
     assert plan_for_data(TrainConfig(method="auto", head="cls"), _data(8)).objective == "pairs"
 
 
-def test_auto_refines_the_pairs_with_cross_entropy_from_enough_rows_per_label() -> None:
+def test_auto_refines_the_pairs_only_on_many_labels_without_lora() -> None:
     below = plan_for_data(TrainConfig(method="auto"), _data(REFINE_FROM_ROWS_PER_LABEL - 1, 4))
     assert below.refine_epochs == 0 and below.plan is not None and below.plan["refine_epochs"] == 0
     assert "no epoch is chosen" in below.plan["reason"]
@@ -98,16 +98,33 @@ def test_auto_refines_the_pairs_with_cross_entropy_from_enough_rows_per_label() 
     with pytest.raises(InvalidInputError, match="PEFT adapter holds no"):
         make_train_config("prefix", scales=True, head="peft")
     # The pass alone reads the sampled pairs; a pass the refinement follows, every pair of its rows.
+    # Refined: from 48 rows per label, tasks of 5 labels or more whose LoRA is turned off. Not refined:
+    # fewer labels (SST-2's 2, AG News's 4) at any size, fewer rows per label, or the LoRA left on.
     assert below.plan["pair_loss"] == below.resolved().pair_loss == "sampled"
-    for per_label in (REFINE_FROM_ROWS_PER_LABEL, FEW_SHOT_ROWS_PER_LABEL - 1):
-        planned = plan_for_data(TrainConfig(method="auto"), _data(per_label, 4))
-        assert (planned.objective, planned.refine_epochs) == ("pairs", REFINE_EPOCHS)
-        assert planned.plan is not None and planned.plan["refine_epochs"] == REFINE_EPOCHS
-        assert "cross-entropy" in planned.plan["reason"]
-        assert planned.plan["pair_loss"] == planned.resolved().pair_loss == "in-batch"
-    enough = _data(REFINE_FROM_ROWS_PER_LABEL, 4)
-    asked = plan_for_data(TrainConfig(method="auto", pair_loss="sampled"), enough)
-    assert asked.plan is not None and asked.plan["pair_loss"] == asked.resolved().pair_loss == "sampled"
+    for per_label, labels, lora_rank, refined_expected in (
+        (REFINE_FROM_ROWS_PER_LABEL, 5, 0, True),
+        (FEW_SHOT_ROWS_PER_LABEL - 1, 77, 0, True),
+        (REFINE_FROM_ROWS_PER_LABEL - 1, 5, 0, False),
+        (REFINE_FROM_ROWS_PER_LABEL, 4, 0, False),
+        (FEW_SHOT_ROWS_PER_LABEL - 1, 2, 0, False),
+        (FEW_SHOT_ROWS_PER_LABEL - 1, 4, None, False),
+        (REFINE_FROM_ROWS_PER_LABEL, 6, None, False),
+    ):
+        planned = plan_for_data(TrainConfig(method="auto", lora_rank=lora_rank), _data(per_label, labels))
+        epochs = REFINE_EPOCHS if refined_expected else 0
+        assert (planned.objective, planned.refine_epochs) == ("pairs", epochs)
+        assert planned.plan is not None and planned.plan["refine_epochs"] == epochs
+        assert ("cross-entropy" in planned.plan["reason"]) == refined_expected
+        assert ("no epoch is chosen" in planned.plan["reason"]) == (not refined_expected)
+        loss = "in-batch" if refined_expected or planned.lora_rank == AUTO_LORA_WIDE_RANK else "sampled"
+        assert planned.plan["pair_loss"] == planned.resolved().pair_loss == loss
+    enough = _data(REFINE_FROM_ROWS_PER_LABEL, 6)
+    asked = plan_for_data(TrainConfig(method="auto", lora_rank=0, pair_loss="sampled"), enough)
+    assert asked.refine_epochs == REFINE_EPOCHS and asked.plan is not None
+    assert asked.plan["pair_loss"] == asked.resolved().pair_loss == "sampled"
+    # A refinement asked for is kept on any task.
+    asked = plan_for_data(TrainConfig(method="auto", refine_epochs=3), _data(REFINE_FROM_ROWS_PER_LABEL, 2))
+    assert asked.refine_epochs == 3 and asked.resolved().pair_loss == "in-batch"
     with pytest.raises(ValueError, match="refine_epochs continues objective 'pairs'"):
         TrainConfig(method="p-tuning-v2", refine_epochs=3).resolved()
     with pytest.raises(ValueError, match="refine_epochs must be >= 0"):
@@ -141,7 +158,7 @@ def test_auto_trains_lora_on_few_shot_tasks_of_enough_labels() -> None:
         assert planned.plan["pair_loss"] == planned.resolved().pair_loss == loss
         assert ("every pair of each step's rows" in planned.plan["reason"]) == (loss == "in-batch")
     # A pair loss or rank asked for is kept; without LoRA, or with a refinement asked for, the wide
-    # band trains what a task of fewer labels would (the sampled pairs below 48 rows per label, the
+    # band trains the prefix and scales alone (the sampled pairs below 48 rows per label, the
     # refinement from there).
     asked_loss = plan_for_data(TrainConfig(method="auto", pair_loss="sampled"), _data(32, 6))
     assert (asked_loss.lora_rank, asked_loss.resolved().pair_loss) == (16, "sampled")
@@ -162,7 +179,7 @@ def test_auto_trains_lora_on_few_shot_tasks_of_enough_labels() -> None:
     refined = plan_for_data(TrainConfig(method="auto", refine_epochs=3), _data(32, 6))
     assert (refined.lora_rank, refined.refine_epochs, refined.resolved().pair_loss) == (0, 3, "in-batch")
     # Too few labels (SST-2's 2, AG News's 4, at any few-shot size) and too few rows per label (K=8 of
-    # 6 labels, 11 of 77): no LoRA, and the refinement from 48 rows per label.
+    # 6 labels, 11 of 77): no LoRA, and no refinement: the pass alone on the sampled pairs.
     for per_label, labels in (
         (32, 2),
         (16, 4),
@@ -176,9 +193,8 @@ def test_auto_trains_lora_on_few_shot_tasks_of_enough_labels() -> None:
         below = plan_for_data(TrainConfig(method="auto"), _data(per_label, labels))
         assert below.lora_rank == 0 and below.plan is not None and below.plan["lora_rank"] == 0
         assert "LoRA" not in below.plan["reason"] and below.resolved().lora_lr is None
-        refine = per_label >= REFINE_FROM_ROWS_PER_LABEL
-        assert below.refine_epochs == (REFINE_EPOCHS if refine else 0)
-        assert below.resolved().pair_loss == ("in-batch" if refine else "sampled")
+        assert below.refine_epochs == below.plan["refine_epochs"] == 0
+        assert below.resolved().pair_loss == "sampled"
     asked = plan_for_data(TrainConfig(method="auto", lora_rank=8), _data(8))
     assert asked.lora_rank == 8 and asked.plan is not None and "rank-8 LoRA" in asked.plan["reason"]
     full = plan_for_data(TrainConfig(method="auto"), _data(FEW_SHOT_ROWS_PER_LABEL, 4))
@@ -188,8 +204,8 @@ def test_auto_trains_lora_on_few_shot_tasks_of_enough_labels() -> None:
     assert off.lora_rank == 0 and off.plan is not None and "LoRA" not in off.plan["reason"]
     other = plan_for_data(TrainConfig(method="auto", lora_rank=4, lora_lr=3e-3), _data(8))
     assert (other.lora_rank, other.resolved().lora_lr) == (4, 3e-3)
-    refined = plan_for_data(TrainConfig(method="auto", lora_rank=8), _data(REFINE_FROM_ROWS_PER_LABEL, 4))
-    assert refined.lora_rank == 8 and refined.refine_epochs == REFINE_EPOCHS  # asked for: kept
+    asked = plan_for_data(TrainConfig(method="auto", lora_rank=8), _data(REFINE_FROM_ROWS_PER_LABEL, 4))
+    assert asked.lora_rank == 8 and asked.refine_epochs == 0  # the rank asked for is kept, unrefined
     # Labels asked for: cross-entropy with the robust epoch and no LoRA unless asked.
     assert plan_for_data(TrainConfig(method="auto", objective="labels"), _data(8)).lora_rank is None
     with pytest.raises(ValueError, match="linear probe trains on features pooled once"):
