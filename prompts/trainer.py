@@ -475,7 +475,7 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
             per_label >= REFINE_FROM_ROWS_PER_LABEL
             and labels >= AUTO_LORA_FROM_LABELS
             and config.refine_epochs == 0
-            and not wide
+            and config.lora_rank == 0
         )
         refine_epochs = REFINE_EPOCHS if refine else config.refine_epochs
         scales = config.scales if config.scales is not None else per_label < AUTO_SCALES_BELOW_ROWS_PER_LABEL
