@@ -46,6 +46,7 @@ from prompts.pairs import (
     encoder_prompt,
     fit_logistic_head,
     fit_prototype_head,
+    fit_standardized_head,
     sentence_pairs,
     train_on_pairs,
 )
@@ -106,6 +107,13 @@ FEW_SHOT_ROWS_PER_LABEL = 100
 CHANCE_LOSS_SHARE = 0.9
 # objective "pairs": the logistic-regression head's inverse L2 strength (scikit-learn's default C).
 HEAD_C = 1.0
+PAIR_HEADS = ("prototype", "logistic", "standardized")
+# objective "pairs": the head a pass fits unless one is asked for or "auto" chooses the standardised
+# logistic head (prompts/pairs.py fit_standardized_head; README "Few-shot data", step 10), which it does
+# on a pass alone from AUTO_STANDARDIZED_FROM_ROWS_PER_LABEL train rows per label; its inverse L2 strength.
+PAIR_HEAD = "prototype"
+AUTO_STANDARDIZED_FROM_ROWS_PER_LABEL = 48
+STANDARDIZED_HEAD_C = 0.01
 # objective "pairs": SetFit's num_iterations, capped so that a pass stays near PAIR_BUDGET pairs (8 rows
 # per label of 4 labels: 1,280 pairs; 64 of 6 labels: 4 iterations, 3,072 pairs).
 PAIR_ITERATIONS = 20
@@ -240,8 +248,10 @@ class TrainConfig:
     # would pass PAIR_BUDGET pairs (a pass costs one forward and backward per pair's rows).
     pair_iterations: int | None = None
     # objective "pairs": the head fitted on the prefixed vectors. "prototype": each label's mean
-    # direction (cosine), "logistic": logistic regression as SetFit's (prompts/pairs.py).
-    pair_head: str = "prototype"
+    # direction (cosine), "logistic": logistic regression as SetFit's, "standardized": logistic
+    # regression with an intercept on standardised vectors (prompts/pairs.py). None: PAIR_HEAD ("auto"
+    # plans "standardized" for a pass alone from AUTO_STANDARDIZED_FROM_ROWS_PER_LABEL rows per label).
+    pair_head: str | None = None
     # objective "pairs": which pairs of a step's rows the loss reads. "sampled": SetFit's sampled pairs
     # only; "in-batch": every pair of distinct rows (same-label and different-label pairs weighted
     # equally). None: PAIR_LOSS_REFINED when refine_epochs follow the pass, else PAIR_LOSS_ALONE ("auto"
@@ -312,8 +322,10 @@ class TrainConfig:
                 "objective 'pairs' trains one pass over its pairs and fits its head: it takes no epochs, "
                 "patience or head learning rate (pair_iterations sets how many pairs)"
             )
-        if self.pair_head not in ("prototype", "logistic"):
-            raise ValueError(f"pair_head must be 'prototype' or 'logistic', got {self.pair_head!r}")
+        if self.pair_head not in (None, *PAIR_HEADS):
+            raise ValueError(
+                f"pair_head must be one of {', '.join(map(repr, PAIR_HEADS))}, got {self.pair_head!r}"
+            )
         if self.pair_loss not in (None, "in-batch", "sampled"):
             raise ValueError(f"pair_loss must be 'in-batch' or 'sampled', got {self.pair_loss!r}")
         if self.refine_epochs < 0:
@@ -361,6 +373,7 @@ class TrainConfig:
                 prefix_init=prefix_init,
                 prefix_length=self.prefix_length if self.prefix_length is not None else PAIRS_PREFIX_LENGTH,
                 pair_loss=pair_loss_for(self.pair_loss, self.refine_epochs),
+                pair_head=self.pair_head if self.pair_head is not None else PAIR_HEAD,
                 epochs=1,
                 patience=1,
                 head_lr=0.0,
@@ -485,6 +498,15 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
         # In-batch pairs without a refinement only beside the wide LoRA: without one they lost on TREC.
         pair_loss = config.pair_loss or ("in-batch" if wide else pair_loss_for(None, refine_epochs))
         pairs_read = "every pair of each step's rows" if pair_loss == "in-batch" else "SetFit's pairs"
+        # A pass alone with enough rows per label fits the standardised head; a refinement starts from
+        # the prototypes, as measured.
+        standardized = not refine_epochs and per_label >= AUTO_STANDARDIZED_FROM_ROWS_PER_LABEL
+        pair_head = config.pair_head or ("standardized" if standardized else PAIR_HEAD)
+        head_words = {
+            "prototype": "label prototypes",
+            "logistic": "SetFit's logistic regression",
+            "standardized": "logistic regression on standardised vectors",
+        }[pair_head]
         with_scales = (
             "; with (IA)^3 scales of every layer's keys, values and feed-forward activation" if scales else ""
         )
@@ -504,19 +526,21 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
             scales=scales,
             lora_rank=lora_rank,
             pair_loss=pair_loss,
+            pair_head=pair_head,
             plan=facts
             | {
                 "regime": "few-shot",
                 "objective": "pairs",
                 "refine_epochs": refine_epochs,
                 "pair_loss": pair_loss,
+                "pair_head": pair_head,
                 "scales": scales,
                 "lora_rank": lora_rank,
                 # The probe pools the mean; a head asked for is not overridden by it.
                 "probe_candidate": config.head is None,
                 "reason": f"fewer than {FEW_SHOT_ROWS_PER_LABEL} train rows per label: P-tuning v2 prefix "
                 f"trained on sentence pairs ({pairs_read}, the backbone frozen), then a "
-                f"head fitted on the train rows (label prototypes){with_scales}{then}",
+                f"head fitted on the train rows ({head_words}){with_scales}{then}",
             },
         )
     why = (
@@ -1239,7 +1263,12 @@ def _fit_pairs(
                 _features(backbone, module, rows.dev_ids, cfg.eval_batch_size) if rows.dev_ids else None
             )
             calibration = (dev_features, rows.y_dev) if dev_features is not None else None
-            weight, bias = fit_prototype_head(features, rows.y_train, len(rows.labels), calibration)
+            if cfg.pair_head == "standardized":
+                weight, bias = fit_standardized_head(
+                    features, rows.y_train, len(rows.labels), STANDARDIZED_HEAD_C, calibration
+                )
+            else:
+                weight, bias = fit_prototype_head(features, rows.y_train, len(rows.labels), calibration)
         with torch.no_grad():
             module.head.weight.copy_(weight)
             module.head.bias.copy_(bias)

@@ -17,12 +17,15 @@ from prompts.pairs import (
     encoder_prompt,
     fit_logistic_head,
     fit_prototype_head,
+    fit_standardized_head,
     in_batch_loss,
     sentence_pairs,
+    standardized_logistic,
 )
 from prompts.trainer import (
     PAIR_BUDGET,
     PAIR_ITERATIONS,
+    STANDARDIZED_HEAD_C,
     TrainConfig,
     pair_iterations_for,
     predict,
@@ -120,6 +123,57 @@ def test_prototype_head_is_each_labels_mean_direction() -> None:
         raw, y.tolist(), 3, calibration=(raw, y[torch.randperm(18, generator=g)].tolist())
     )
     assert float(clean.norm()) > 2 * float(noisy.norm())
+
+
+def test_standardized_head_is_logistic_regression_on_z_scores_folded_into_a_linear_head() -> None:
+    g = torch.Generator().manual_seed(2)
+    centres = torch.randn(3, 4, generator=g) * 2
+    y = torch.arange(3).repeat_interleave(12)  # [36]
+
+    def rows() -> torch.Tensor:
+        # Pooled vectors' dimensions differ in scale and offset: here the labels live in four small
+        # dimensions, and four large ones (offset, 1000x the spread) carry only noise.
+        signal = (centres[y] + 0.3 * torch.randn(36, 4, generator=g)) * 0.01  # [36, 4]
+        noise = torch.randn(36, 4, generator=g) * 10 + torch.linspace(-50, 50, 4)  # [36, 4]
+        return torch.cat([signal, noise], dim=1)  # [36, 8]
+
+    raw, test = rows(), rows()
+    weight, bias = standardized_logistic(raw, y.tolist(), 3, c=0.01)
+    assert weight.shape == (3, 8) and bias.shape == (3,)
+    # The served logits W x + b are the penalised logistic model's on the train z-scores, at its optimum.
+    mean, std = raw.mean(0), raw.std(0)
+    w_z = (weight * std).requires_grad_(True)  # [3, 8] the weight in z units
+    b_z = (bias + weight @ mean).requires_grad_(True)
+    z = (raw - mean) / std
+    torch.testing.assert_close(z @ w_z.T + b_z, raw @ weight.T + bias, atol=1e-3, rtol=1e-4)
+    objective = F.cross_entropy(z @ w_z.T + b_z, y, reduction="sum") + 0.5 / 0.01 * (w_z**2).sum()
+    objective.backward()
+    assert w_z.grad is not None and b_z.grad is not None
+    start = torch.zeros(3, 8, requires_grad=True)  # the gradient where the fit starts, for scale
+    F.cross_entropy(z @ start.T, y, reduction="sum").backward()
+    assert start.grad is not None and float(start.grad.abs().max()) > 1.0
+    assert float(w_z.grad.abs().max()) < 1e-2 and float(b_z.grad.abs().max()) < 1e-2
+    # Blind to each dimension's units: rescaled and shifted features give the same labels on rescaled
+    # test rows. The prototypes' cosine is not, and reads the large dimensions' noise here.
+    a, shift = torch.rand(8, generator=g) * 10 + 0.1, torch.randn(8, generator=g) * 100
+    w2, b2 = standardized_logistic(raw * a + shift, y.tolist(), 3, c=0.01)
+    assert torch.equal(((test * a + shift) @ w2.T + b2).argmax(-1), (test @ weight.T + bias).argmax(-1))
+    assert float((test @ weight.T + bias).argmax(-1).eq(y).float().mean()) >= 0.9
+    prototypes, _ = fit_prototype_head(raw, y.tolist(), 3)
+    assert float((test @ prototypes.T).argmax(-1).eq(y).float().mean()) < 0.6
+    # Stronger regularisation (smaller c) gives a smaller weight.
+    small, _ = standardized_logistic(raw, y.tolist(), 3, c=0.001)
+    assert float(small.norm()) < float(weight.norm())
+    # The head is that fit times one temperature from the calibration rows: confident on clean ones,
+    # soft on shuffled labels; the labels it gives are the same.
+    clean_w, clean_b = fit_standardized_head(raw, y.tolist(), 3, c=0.01, calibration=(raw, y.tolist()))
+    ratio = clean_w / weight
+    torch.testing.assert_close(ratio, ratio[:1, :1].expand(3, 8), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(clean_b / bias, ratio[0, :1].expand(3), atol=1e-4, rtol=1e-4)
+    noisy_w, _ = fit_standardized_head(
+        raw, y.tolist(), 3, c=0.01, calibration=(raw, y[torch.randperm(36, generator=g)].tolist())
+    )
+    assert float(clean_w.norm()) > 2 * float(noisy_w.norm())
 
 
 @pytest.fixture(scope="module")
@@ -251,3 +305,32 @@ def test_pairs_with_the_logistic_head(learnable: Backbone) -> None:
     weight, _ = fit_logistic_head(features, data.label_ids(data.train), len(data.labels))
     torch.testing.assert_close(result.module.head.weight.detach(), weight, atol=1e-4, rtol=1e-3)
     assert result.test is not None and result.test.accuracy >= 0.8
+
+
+def test_pairs_with_the_standardized_head(learnable: Backbone) -> None:
+    data = make_task_data(train=24, dev=12, test=12)
+    config = dataclasses.replace(PAIRS, pair_iterations=4, pair_head="standardized")
+    result = train_task(learnable, "pairs", data, config)
+    assert (result.artifact.manifest.training or {})["hyperparameters"]["pair_head"] == "standardized"
+    room = learnable.spec.max_positions - 4
+    task = result.module.task_prompt()
+    features = {}
+    for split in ("train", "dev", "test"):
+        ids = [e.input_ids for e in learnable.encode([e.text for e in getattr(data, split)], room)]
+        with torch.inference_mode():
+            features[split] = predict(learnable, encoder_prompt(task), ids, 64)  # [N, hidden]
+    weight, bias = fit_standardized_head(
+        features["train"],
+        data.label_ids(data.train),
+        len(data.labels),
+        STANDARDIZED_HEAD_C,
+        (features["dev"], data.label_ids(data.dev)),
+    )
+    torch.testing.assert_close(result.module.head.weight.detach(), weight, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(result.module.head.bias.detach(), bias, atol=1e-4, rtol=1e-3)
+    assert float(bias.abs().max()) > 0  # an intercept, unlike the other two heads
+    # The artifact as served scores the test rows by that affine head on their pooled vectors.
+    predicted = (features["test"] @ weight.T + bias).argmax(-1)
+    expected = sum(int(p == t) for p, t in zip(predicted.tolist(), data.label_ids(data.test), strict=True))
+    assert result.test is not None and result.test.accuracy == pytest.approx(expected / len(data.test))
+    assert result.test.accuracy >= 0.8

@@ -20,6 +20,7 @@ from prompts.trainer import (
     AUTO_LORA_RANK,
     AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL,
     AUTO_LORA_WIDE_RANK,
+    AUTO_STANDARDIZED_FROM_ROWS_PER_LABEL,
     FEW_SHOT_ROWS_PER_LABEL,
     LORA_LR,
     PROBE_Z,
@@ -63,6 +64,7 @@ def test_auto_below_the_threshold_trains_on_pairs() -> None:
         scales=True,
         lora_rank=0,  # fewer than 5 labels
         pair_loss="sampled",  # no refinement follows the pass
+        pair_head="standardized",  # a pass alone from 48 rows per label
         plan=planned.plan,
     )
     assert planned.plan is not None and planned.plan["regime"] == "few-shot"
@@ -73,6 +75,40 @@ def test_auto_below_the_threshold_trains_on_pairs() -> None:
     assert (resolved.epochs, resolved.prefix_init, resolved.objective) == (1, "random", "pairs")
     # A head the pairs can give is kept.
     assert plan_for_data(TrainConfig(method="auto", head="cls"), _data(8)).objective == "pairs"
+
+
+@pytest.mark.parametrize(
+    ("per_label", "labels", "lora_rank", "head"),
+    [
+        (AUTO_STANDARDIZED_FROM_ROWS_PER_LABEL - 1, 2, None, "prototype"),
+        (AUTO_STANDARDIZED_FROM_ROWS_PER_LABEL, 2, None, "standardized"),
+        (AUTO_STANDARDIZED_FROM_ROWS_PER_LABEL, 6, None, "standardized"),  # rank-16 LoRA, a pass alone
+        (AUTO_STANDARDIZED_FROM_ROWS_PER_LABEL, 6, 0, "prototype"),  # refined: starts from the prototypes
+        (FEW_SHOT_ROWS_PER_LABEL - 1, 4, None, "standardized"),
+    ],
+)
+def test_auto_fits_the_standardized_head_on_a_pass_alone_with_enough_rows(
+    per_label: int, labels: int, lora_rank: int | None, head: str
+) -> None:
+    planned = plan_for_data(TrainConfig(method="auto", lora_rank=lora_rank), _data(per_label, labels))
+    assert planned.pair_head == head and planned.plan is not None and planned.plan["pair_head"] == head
+    assert (planned.refine_epochs > 0) == (lora_rank == 0)
+    words = "logistic regression on standardised vectors" if head == "standardized" else "label prototypes"
+    assert words in planned.plan["reason"]
+    assert planned.resolved().pair_head == head
+
+
+def test_a_pair_head_asked_for_is_kept() -> None:
+    for head in ("prototype", "logistic", "standardized"):
+        for per_label in (8, AUTO_STANDARDIZED_FROM_ROWS_PER_LABEL):
+            planned = plan_for_data(TrainConfig(method="auto", pair_head=head), _data(per_label, 3))
+            assert (
+                planned.pair_head == head and planned.plan is not None and planned.plan["pair_head"] == head
+            )
+    # Outside "auto" a pass fits the prototypes unless told otherwise.
+    assert TrainConfig(method="p-tuning-v2", objective="pairs").resolved().pair_head == "prototype"
+    with pytest.raises(ValueError, match="pair_head must be one of 'prototype', 'logistic', 'standardized'"):
+        TrainConfig(method="p-tuning-v2", objective="pairs", pair_head="svm").resolved()
 
 
 def test_auto_refines_the_pairs_only_on_many_labels_without_lora() -> None:
