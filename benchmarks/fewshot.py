@@ -70,6 +70,7 @@ METHODS: dict[str, str | None] = {
     "default_lora_refined": "auto",
     "default_refined": "auto",
     "default_prototype": "auto",
+    "default_standardized": "auto",
     "default_r8": "auto",
     "default_noscales": "auto",
     "default_noscales_refined": "auto",
@@ -92,6 +93,7 @@ LABELS = {
     "default_lora_refined": "default, rank-8 LoRA, refined",
     "default_refined": "default, refined from 48 rows per label",
     "default_prototype": "default, prototype head",
+    "default_standardized": "default, standardised head",
     "default_r8": "default, rank-8 LoRA on sampled pairs",
     "default_noscales": "default, no (IA)³ scales or LoRA",
     "default_noscales_refined": "default, no scales or LoRA, refined",
@@ -114,7 +116,8 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "default_lora": {"lora_rank": 8},
     "default_lora_refined": {"lora_rank": 8, "refine_epochs": 20},  # prompts.trainer.REFINE_EPOCHS
     "default_refined": {"refine_epochs": 20},  # what auto trained on < 5 labels at K=64 before session 24
-    "default_prototype": {"pair_head": "prototype"},  # auto's head on a pass alone at K=64 before session 25
+    "default_prototype": {"pair_head": "prototype"},  # auto's head beside the wide LoRA before session 25
+    "default_standardized": {"pair_head": "standardized"},
     "default_r8": {"lora_rank": 8, "pair_loss": "sampled"},
     "default_noscales": {"scales": False, "lora_rank": 0},
     "default_noscales_refined": {"scales": False, "lora_rank": 0, "refine_epochs": 20},

@@ -108,11 +108,10 @@ CHANCE_LOSS_SHARE = 0.9
 # objective "pairs": the logistic-regression head's inverse L2 strength (scikit-learn's default C).
 HEAD_C = 1.0
 PAIR_HEADS = ("prototype", "logistic", "standardized")
-# objective "pairs": the head a pass fits unless one is asked for or "auto" chooses the standardised
+# objective "pairs": the head a pass fits unless one is asked for or "auto" plans the standardised
 # logistic head (prompts/pairs.py fit_standardized_head; README "Few-shot data", step 10), which it does
-# on a pass alone from AUTO_STANDARDIZED_FROM_ROWS_PER_LABEL train rows per label; its inverse L2 strength.
+# beside the wide LoRA (AUTO_LORA_WIDE_*); its inverse L2 strength.
 PAIR_HEAD = "prototype"
-AUTO_STANDARDIZED_FROM_ROWS_PER_LABEL = 48
 STANDARDIZED_HEAD_C = 0.01
 # objective "pairs": SetFit's num_iterations, capped so that a pass stays near PAIR_BUDGET pairs (8 rows
 # per label of 4 labels: 1,280 pairs; 64 of 6 labels: 4 iterations, 3,072 pairs).
@@ -250,7 +249,7 @@ class TrainConfig:
     # objective "pairs": the head fitted on the prefixed vectors. "prototype": each label's mean
     # direction (cosine), "logistic": logistic regression as SetFit's, "standardized": logistic
     # regression with an intercept on standardised vectors (prompts/pairs.py). None: PAIR_HEAD ("auto"
-    # plans "standardized" for a pass alone from AUTO_STANDARDIZED_FROM_ROWS_PER_LABEL rows per label).
+    # plans "standardized" beside the wide LoRA).
     pair_head: str | None = None
     # objective "pairs": which pairs of a step's rows the loss reads. "sampled": SetFit's sampled pairs
     # only; "in-batch": every pair of distinct rows (same-label and different-label pairs weighted
@@ -498,10 +497,9 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
         # In-batch pairs without a refinement only beside the wide LoRA: without one they lost on TREC.
         pair_loss = config.pair_loss or ("in-batch" if wide else pair_loss_for(None, refine_epochs))
         pairs_read = "every pair of each step's rows" if pair_loss == "in-batch" else "SetFit's pairs"
-        # A pass alone with enough rows per label fits the standardised head; a refinement starts from
-        # the prototypes, as measured.
-        standardized = not refine_epochs and per_label >= AUTO_STANDARDIZED_FROM_ROWS_PER_LABEL
-        pair_head = config.pair_head or ("standardized" if standardized else PAIR_HEAD)
+        # The standardised head beside the wide LoRA: it gained on both six-label sets at K=32 and K=64
+        # and lost or did nothing on the sets of 2 and 4 labels, whose pass trains no LoRA.
+        pair_head = config.pair_head or ("standardized" if wide else PAIR_HEAD)
         head_words = {
             "prototype": "label prototypes",
             "logistic": "SetFit's logistic regression",

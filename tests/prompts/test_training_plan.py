@@ -20,7 +20,6 @@ from prompts.trainer import (
     AUTO_LORA_RANK,
     AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL,
     AUTO_LORA_WIDE_RANK,
-    AUTO_STANDARDIZED_FROM_ROWS_PER_LABEL,
     FEW_SHOT_ROWS_PER_LABEL,
     LORA_LR,
     PROBE_Z,
@@ -64,7 +63,7 @@ def test_auto_below_the_threshold_trains_on_pairs() -> None:
         scales=True,
         lora_rank=0,  # fewer than 5 labels
         pair_loss="sampled",  # no refinement follows the pass
-        pair_head="standardized",  # a pass alone from 48 rows per label
+        pair_head="prototype",  # 4 labels: no wide LoRA beside it
         plan=planned.plan,
     )
     assert planned.plan is not None and planned.plan["regime"] == "few-shot"
@@ -80,19 +79,22 @@ def test_auto_below_the_threshold_trains_on_pairs() -> None:
 @pytest.mark.parametrize(
     ("per_label", "labels", "lora_rank", "head"),
     [
-        (AUTO_STANDARDIZED_FROM_ROWS_PER_LABEL - 1, 2, None, "prototype"),
-        (AUTO_STANDARDIZED_FROM_ROWS_PER_LABEL, 2, None, "standardized"),
-        (AUTO_STANDARDIZED_FROM_ROWS_PER_LABEL, 6, None, "standardized"),  # rank-16 LoRA, a pass alone
-        (AUTO_STANDARDIZED_FROM_ROWS_PER_LABEL, 6, 0, "prototype"),  # refined: starts from the prototypes
-        (FEW_SHOT_ROWS_PER_LABEL - 1, 4, None, "standardized"),
+        (AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL - 1, 6, None, "prototype"),  # rank-8 LoRA, sampled pairs
+        (AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL, 6, None, "standardized"),  # the wide LoRA
+        (REFINE_FROM_ROWS_PER_LABEL, 6, None, "standardized"),
+        (AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL, 6, 4, "standardized"),  # a rank asked for is still wide
+        (REFINE_FROM_ROWS_PER_LABEL, 6, 0, "prototype"),  # refined: starts from the prototypes
+        (AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL, 6, 0, "prototype"),  # no LoRA, no refinement below 48
+        (FEW_SHOT_ROWS_PER_LABEL - 1, AUTO_LORA_FROM_LABELS - 1, None, "prototype"),
+        (FEW_SHOT_ROWS_PER_LABEL - 1, 2, None, "prototype"),
     ],
 )
-def test_auto_fits_the_standardized_head_on_a_pass_alone_with_enough_rows(
+def test_auto_fits_the_standardized_head_beside_the_wide_lora(
     per_label: int, labels: int, lora_rank: int | None, head: str
 ) -> None:
     planned = plan_for_data(TrainConfig(method="auto", lora_rank=lora_rank), _data(per_label, labels))
     assert planned.pair_head == head and planned.plan is not None and planned.plan["pair_head"] == head
-    assert (planned.refine_epochs > 0) == (lora_rank == 0)
+    assert (head == "standardized") == (planned.pair_loss == "in-batch" and planned.refine_epochs == 0)
     words = "logistic regression on standardised vectors" if head == "standardized" else "label prototypes"
     assert words in planned.plan["reason"]
     assert planned.resolved().pair_head == head
@@ -100,8 +102,8 @@ def test_auto_fits_the_standardized_head_on_a_pass_alone_with_enough_rows(
 
 def test_a_pair_head_asked_for_is_kept() -> None:
     for head in ("prototype", "logistic", "standardized"):
-        for per_label in (8, AUTO_STANDARDIZED_FROM_ROWS_PER_LABEL):
-            planned = plan_for_data(TrainConfig(method="auto", pair_head=head), _data(per_label, 3))
+        for per_label, labels in ((8, 3), (AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL, 6)):
+            planned = plan_for_data(TrainConfig(method="auto", pair_head=head), _data(per_label, labels))
             assert (
                 planned.pair_head == head and planned.plan is not None and planned.plan["pair_head"] == head
             )
