@@ -107,12 +107,12 @@ FEW_SHOT_ROWS_PER_LABEL = 100
 CHANCE_LOSS_SHARE = 0.9
 # objective "pairs": the logistic-regression head's inverse L2 strength (scikit-learn's default C).
 HEAD_C = 1.0
-PAIR_HEADS = ("prototype", "logistic", "standardized")
 # objective "pairs": the head a pass fits unless one is asked for or "auto" plans the standardised
 # logistic head (prompts/pairs.py fit_standardized_head; README "Few-shot data", step 10), which it does
 # beside the wide LoRA (AUTO_LORA_WIDE_*); its inverse L2 strength.
 PAIR_HEAD = "prototype"
 STANDARDIZED_HEAD_C = 0.01
+PAIR_HEADS = ("prototype", "logistic", "standardized")
 # objective "pairs": SetFit's num_iterations, capped so that a pass stays near PAIR_BUDGET pairs (8 rows
 # per label of 4 labels: 1,280 pairs; 64 of 6 labels: 4 iterations, 3,072 pairs).
 PAIR_ITERATIONS = 20
