@@ -12,6 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from prompts.backbone import Backbone, load_backbone
+from prompts.data import Example
 from prompts.forward import TaskPrompt
 from prompts.pairs import (
     encoder_prompt,
@@ -27,6 +28,7 @@ from prompts.trainer import (
     PAIR_ITERATIONS,
     STANDARDIZED_HEAD_C,
     TrainConfig,
+    TrainResult,
     pair_iterations_for,
     predict,
     train_task,
@@ -184,6 +186,14 @@ def learnable(tmp_path_factory: pytest.TempPathFactory) -> Backbone:
 PAIRS = TrainConfig(method="p-tuning-v2", objective="pairs", batch_size=16, lr=0.05, prefix_length=4)
 
 
+def _pooled(backbone: Backbone, result: TrainResult, examples: list[Example]) -> torch.Tensor:
+    """The trained prefix's served pooled vectors ``[N, hidden]`` of ``examples``, as the head saw them."""
+    room = backbone.spec.max_positions - 4  # PAIRS' prefix
+    ids = [e.input_ids for e in backbone.encode([e.text for e in examples], room)]
+    with torch.inference_mode():
+        return predict(backbone, encoder_prompt(result.module.task_prompt()), ids, 64)
+
+
 def test_pairs_train_the_prefix_and_fit_the_head(learnable: Backbone) -> None:
     data = make_task_data(train=24, dev=12, test=12)
     result = train_task(learnable, "pairs", data, dataclasses.replace(PAIRS, pair_iterations=4))
@@ -197,13 +207,7 @@ def test_pairs_train_the_prefix_and_fit_the_head(learnable: Backbone) -> None:
     assert result.epochs_run == result.best_epoch == 1 and len(result.history) == 1
     # The head is the logistic regression on the served pooled vectors of the train rows.
     module = result.module
-    room = learnable.spec.max_positions - 4
-    train_ids = [e.input_ids for e in learnable.encode([e.text for e in data.train], room)]
-    with torch.inference_mode():
-        features = predict(learnable, encoder_prompt(module.task_prompt()), train_ids, 64)
-    dev_ids = [e.input_ids for e in learnable.encode([e.text for e in data.dev], room)]
-    with torch.inference_mode():
-        dev_features = predict(learnable, encoder_prompt(module.task_prompt()), dev_ids, 64)
+    features, dev_features = _pooled(learnable, result, data.train), _pooled(learnable, result, data.dev)
     weight, bias = fit_prototype_head(
         features, data.label_ids(data.train), len(data.labels), (dev_features, data.label_ids(data.dev))
     )
@@ -298,10 +302,7 @@ def test_pairs_with_the_logistic_head(learnable: Backbone) -> None:
     config = dataclasses.replace(PAIRS, pair_iterations=4, pair_head="logistic")
     result = train_task(learnable, "pairs", data, config)
     assert (result.artifact.manifest.training or {})["hyperparameters"]["pair_head"] == "logistic"
-    room = learnable.spec.max_positions - 4
-    train_ids = [e.input_ids for e in learnable.encode([e.text for e in data.train], room)]
-    with torch.inference_mode():
-        features = predict(learnable, encoder_prompt(result.module.task_prompt()), train_ids, 64)
+    features = _pooled(learnable, result, data.train)
     weight, _ = fit_logistic_head(features, data.label_ids(data.train), len(data.labels))
     torch.testing.assert_close(result.module.head.weight.detach(), weight, atol=1e-4, rtol=1e-3)
     assert result.test is not None and result.test.accuracy >= 0.8
@@ -312,13 +313,7 @@ def test_pairs_with_the_standardized_head(learnable: Backbone) -> None:
     config = dataclasses.replace(PAIRS, pair_iterations=4, pair_head="standardized")
     result = train_task(learnable, "pairs", data, config)
     assert (result.artifact.manifest.training or {})["hyperparameters"]["pair_head"] == "standardized"
-    room = learnable.spec.max_positions - 4
-    task = result.module.task_prompt()
-    features = {}
-    for split in ("train", "dev", "test"):
-        ids = [e.input_ids for e in learnable.encode([e.text for e in getattr(data, split)], room)]
-        with torch.inference_mode():
-            features[split] = predict(learnable, encoder_prompt(task), ids, 64)  # [N, hidden]
+    features = {split: _pooled(learnable, result, getattr(data, split)) for split in ("train", "dev", "test")}
     weight, bias = fit_standardized_head(
         features["train"],
         data.label_ids(data.train),
