@@ -109,7 +109,7 @@ CHANCE_LOSS_SHARE = 0.9
 HEAD_C = 1.0
 # objective "pairs": the head a pass fits unless one is asked for or "auto" plans the standardised
 # logistic head (prompts/pairs.py fit_standardized_head; README "Few-shot data", step 10), which it does
-# beside the wide LoRA (AUTO_LORA_WIDE_*); its inverse L2 strength.
+# beside any LoRA it trains (AUTO_LORA_*); its inverse L2 strength.
 PAIR_HEAD = "prototype"
 STANDARDIZED_HEAD_C = 0.01
 PAIR_HEADS = ("prototype", "logistic", "standardized")
@@ -249,7 +249,7 @@ class TrainConfig:
     # objective "pairs": the head fitted on the prefixed vectors. "prototype": each label's mean
     # direction (cosine), "logistic": logistic regression as SetFit's, "standardized": logistic
     # regression with an intercept on standardised vectors (prompts/pairs.py). None: PAIR_HEAD ("auto"
-    # plans "standardized" beside the wide LoRA).
+    # plans "standardized" beside any LoRA it trains).
     pair_head: str | None = None
     # objective "pairs": which pairs of a step's rows the loss reads. "sampled": SetFit's sampled pairs
     # only; "in-batch": every pair of distinct rows (same-label and different-label pairs weighted
@@ -497,9 +497,9 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
         # In-batch pairs without a refinement only beside the wide LoRA: without one they lost on TREC.
         pair_loss = config.pair_loss or ("in-batch" if wide else pair_loss_for(None, refine_epochs))
         pairs_read = "every pair of each step's rows" if pair_loss == "in-batch" else "SetFit's pairs"
-        # The standardised head beside the wide LoRA: it gained on both six-label sets at K=32 and K=64
-        # and lost or did nothing on the sets of 2 and 4 labels, whose pass trains no LoRA.
-        pair_head = config.pair_head or ("standardized" if wide else PAIR_HEAD)
+        # The standardised head beside any LoRA: it gained on both six-label sets at K=16, 32 and 64 and
+        # lost or did nothing on the sets of 2 and 4 labels, whose pass trains no LoRA.
+        pair_head = config.pair_head or ("standardized" if lora_band else PAIR_HEAD)
         head_words = {
             "prototype": "label prototypes",
             "logistic": "SetFit's logistic regression",

@@ -79,7 +79,8 @@ def test_auto_below_the_threshold_trains_on_pairs() -> None:
 @pytest.mark.parametrize(
     ("per_label", "labels", "lora_rank", "head"),
     [
-        (AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL - 1, 6, None, "prototype"),  # rank-8 LoRA, sampled pairs
+        (AUTO_LORA_FROM_ROWS_PER_LABEL - 1, 6, None, "prototype"),  # no LoRA below 12 rows per label
+        (AUTO_LORA_FROM_ROWS_PER_LABEL, 6, None, "standardized"),  # rank-8 LoRA, sampled pairs
         (AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL, 6, None, "standardized"),  # the wide LoRA
         (REFINE_FROM_ROWS_PER_LABEL, 6, None, "standardized"),
         (AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL, 6, 4, "standardized"),  # a rank asked for is still wide
@@ -89,12 +90,13 @@ def test_auto_below_the_threshold_trains_on_pairs() -> None:
         (FEW_SHOT_ROWS_PER_LABEL - 1, 2, None, "prototype"),
     ],
 )
-def test_auto_fits_the_standardized_head_beside_the_wide_lora(
+def test_auto_fits_the_standardized_head_beside_lora(
     per_label: int, labels: int, lora_rank: int | None, head: str
 ) -> None:
     planned = plan_for_data(TrainConfig(method="auto", lora_rank=lora_rank), _data(per_label, labels))
     assert planned.pair_head == head and planned.plan is not None and planned.plan["pair_head"] == head
-    assert (head == "standardized") == (planned.pair_loss == "in-batch" and planned.refine_epochs == 0)
+    assert planned.lora_rank is not None
+    assert (head == "standardized") == (planned.lora_rank > 0 and planned.refine_epochs == 0)
     words = "logistic regression on standardised vectors" if head == "standardized" else "label prototypes"
     assert words in planned.plan["reason"]
     assert planned.resolved().pair_head == head
