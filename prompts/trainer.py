@@ -109,7 +109,11 @@ CHANCE_LOSS_SHARE = 0.9
 HEAD_C = 1.0
 # objective "pairs": the head a pass fits unless one is asked for or "auto" plans the standardised
 # logistic head (prompts/pairs.py fit_standardized_head; README "Few-shot data", step 10), which it does
-# beside any LoRA it trains (AUTO_LORA_*); its inverse L2 strength.
+# on unrefined passes over tasks of STANDARDIZED_HEAD_FROM_LABELS labels or more; its inverse L2 strength.
+# The threshold is LoRA's (AUTO_LORA_FROM_LABELS): prototypes -> this head on auto's own prefixes, five
+# seeds, gained on both six-label sets at every K (TREC 0.741 / 0.860 / 0.890 / 0.906 -> 0.756 / 0.863 /
+# 0.896 / 0.914 at K=8 / 16 / 32 / 64, emotion 0.396 / 0.530 / 0.622 / 0.709 -> 0.411 / 0.545 / 0.642 /
+# 0.720; K=8 trains no LoRA) and lost or did nothing on SST-2 and AG News (2 and 4 labels).
 PAIR_HEAD = "prototype"
 STANDARDIZED_HEAD_C = 0.01
 PAIR_HEADS = ("prototype", "logistic", "standardized")
@@ -187,6 +191,7 @@ PROBE_Z = 3.0
 AUTO_LORA_RANK = 8
 AUTO_LORA_FROM_LABELS = 5
 AUTO_LORA_FROM_ROWS_PER_LABEL = 12
+STANDARDIZED_HEAD_FROM_LABELS = AUTO_LORA_FROM_LABELS
 # From AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL rows per label (to the end of few-shot) the LoRA "auto" trains is of
 # AUTO_LORA_WIDE_RANK, its pass reads every pair of a step's rows (in-batch) and no cross-entropy refinement
 # follows it, at K=64 too. An experiment script over benchmarks/fewshot.py's cells, five seeds: K=32, sampled
@@ -249,7 +254,7 @@ class TrainConfig:
     # objective "pairs": the head fitted on the prefixed vectors. "prototype": each label's mean
     # direction (cosine), "logistic": logistic regression as SetFit's, "standardized": logistic
     # regression with an intercept on standardised vectors (prompts/pairs.py). None: PAIR_HEAD ("auto"
-    # plans "standardized" beside any LoRA it trains).
+    # plans "standardized" on tasks of 5 labels or more).
     pair_head: str | None = None
     # objective "pairs": which pairs of a step's rows the loss reads. "sampled": SetFit's sampled pairs
     # only; "in-batch": every pair of distinct rows (same-label and different-label pairs weighted
@@ -497,9 +502,9 @@ def plan_for_data(config: TrainConfig, data: TaskData) -> TrainConfig:
         # In-batch pairs without a refinement only beside the wide LoRA: without one they lost on TREC.
         pair_loss = config.pair_loss or ("in-batch" if wide else pair_loss_for(None, refine_epochs))
         pairs_read = "every pair of each step's rows" if pair_loss == "in-batch" else "SetFit's pairs"
-        # The standardised head beside any LoRA: it gained on both six-label sets at K=16, 32 and 64 and
-        # lost or did nothing on the sets of 2 and 4 labels, whose pass trains no LoRA.
-        pair_head = config.pair_head or ("standardized" if lora_band else PAIR_HEAD)
+        # A refinement starts from the prototypes (what it was measured with).
+        standardized = labels >= STANDARDIZED_HEAD_FROM_LABELS and refine_epochs == 0
+        pair_head = config.pair_head or ("standardized" if standardized else PAIR_HEAD)
         head_words = {
             "prototype": "label prototypes",
             "logistic": "SetFit's logistic regression",

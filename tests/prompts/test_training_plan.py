@@ -25,6 +25,7 @@ from prompts.trainer import (
     PROBE_Z,
     REFINE_EPOCHS,
     REFINE_FROM_ROWS_PER_LABEL,
+    STANDARDIZED_HEAD_FROM_LABELS,
     EpochStats,
     NullProgress,
     TrainConfig,
@@ -79,24 +80,25 @@ def test_auto_below_the_threshold_trains_on_pairs() -> None:
 @pytest.mark.parametrize(
     ("per_label", "labels", "lora_rank", "head"),
     [
-        (AUTO_LORA_FROM_ROWS_PER_LABEL - 1, 6, None, "prototype"),  # no LoRA below 12 rows per label
+        (8, STANDARDIZED_HEAD_FROM_LABELS, None, "standardized"),  # no LoRA below 12 rows per label
+        (8, STANDARDIZED_HEAD_FROM_LABELS - 1, None, "prototype"),
         (AUTO_LORA_FROM_ROWS_PER_LABEL, 6, None, "standardized"),  # rank-8 LoRA, sampled pairs
         (AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL, 6, None, "standardized"),  # the wide LoRA
         (REFINE_FROM_ROWS_PER_LABEL, 6, None, "standardized"),
-        (AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL, 6, 4, "standardized"),  # a rank asked for is still wide
+        (AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL, 6, 4, "standardized"),
         (REFINE_FROM_ROWS_PER_LABEL, 6, 0, "prototype"),  # refined: starts from the prototypes
-        (AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL, 6, 0, "prototype"),  # no LoRA, no refinement below 48
-        (FEW_SHOT_ROWS_PER_LABEL - 1, AUTO_LORA_FROM_LABELS - 1, None, "prototype"),
+        (AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL, 6, 0, "standardized"),  # no LoRA, no refinement below 48
+        (FEW_SHOT_ROWS_PER_LABEL - 1, STANDARDIZED_HEAD_FROM_LABELS - 1, None, "prototype"),
         (FEW_SHOT_ROWS_PER_LABEL - 1, 2, None, "prototype"),
     ],
 )
-def test_auto_fits_the_standardized_head_beside_lora(
+def test_auto_fits_the_standardized_head_on_many_labels_unrefined(
     per_label: int, labels: int, lora_rank: int | None, head: str
 ) -> None:
     planned = plan_for_data(TrainConfig(method="auto", lora_rank=lora_rank), _data(per_label, labels))
     assert planned.pair_head == head and planned.plan is not None and planned.plan["pair_head"] == head
-    assert planned.lora_rank is not None
-    assert (head == "standardized") == (planned.lora_rank > 0 and planned.refine_epochs == 0)
+    standardized = labels >= STANDARDIZED_HEAD_FROM_LABELS and planned.refine_epochs == 0
+    assert (head == "standardized") == standardized
     words = "logistic regression on standardised vectors" if head == "standardized" else "label prototypes"
     assert words in planned.plan["reason"]
     assert planned.resolved().pair_head == head
