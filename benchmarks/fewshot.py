@@ -116,7 +116,7 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "default_lora": {"lora_rank": 8},
     "default_lora_refined": {"lora_rank": 8, "refine_epochs": 20},  # prompts.trainer.REFINE_EPOCHS
     "default_refined": {"refine_epochs": 20},  # what auto trained on < 5 labels at K=64 before session 24
-    "default_prototype": {"pair_head": "prototype"},  # auto's head beside LoRA before session 25 (26 at K=16)
+    "default_prototype": {"pair_head": "prototype"},  # auto on 5+ labels before session 25 (26 at K=8, 16)
     "default_standardized": {"pair_head": "standardized"},
     "default_r8": {"lora_rank": 8, "pair_loss": "sampled"},
     "default_noscales": {"scales": False, "lora_rank": 0},

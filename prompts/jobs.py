@@ -167,7 +167,7 @@ class Hyperparameters(BaseModel):
     objective: Literal["labels", "pairs"] | None = Field(
         default=None,
         description="what a prefix is trained on: labels (cross-entropy) or pairs (SetFit's sentence pairs, "
-        "then a fitted head: label prototypes, or with auto beside LoRA logistic regression on "
+        "then a fitted head: label prototypes, or (auto, 5 labels or more) logistic regression on "
         "standardised vectors); default labels, auto chooses by the data's size",
     )
     scales: bool | None = Field(

@@ -194,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--objective",
         choices=["labels", "pairs"],
         help="what a prefix is trained on: labels (cross-entropy through the head, early stopping on "
-        "dev) or pairs (SetFit's sentence pairs, then a fitted head: label prototypes, or with auto "
-        "beside LoRA logistic regression on standardised vectors; p-tuning-v2 only). "
+        "dev) or pairs (SetFit's sentence pairs, then a fitted head: label prototypes, or (auto, 5 "
+        "labels or more) logistic regression on standardised vectors; p-tuning-v2 only). "
         "Default: labels; auto chooses by the data's size (see README 'Few-shot data')",
     )
     train.add_argument(
