@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from prompts.artifact import max_text_tokens
 from prompts.backbone import Backbone, load_backbone
 from prompts.data import Example
 from prompts.forward import TaskPrompt
@@ -188,7 +189,7 @@ PAIRS = TrainConfig(method="p-tuning-v2", objective="pairs", batch_size=16, lr=0
 
 def _pooled(backbone: Backbone, result: TrainResult, examples: list[Example]) -> torch.Tensor:
     """The trained prefix's served pooled vectors ``[N, hidden]`` of ``examples``, as the head saw them."""
-    room = backbone.spec.max_positions - 4  # PAIRS' prefix
+    room = max_text_tokens(result.artifact.manifest, backbone.spec)
     ids = [e.input_ids for e in backbone.encode([e.text for e in examples], room)]
     with torch.inference_mode():
         return predict(backbone, encoder_prompt(result.module.task_prompt()), ids, 64)
