@@ -394,7 +394,8 @@ def markdown(records: Sequence[dict[str, Any]], methods: Sequence[str], header: 
             note = f" ({'/'.join(str(s) for s in sorted(seeds))} seeds)" if len(seeds) > 1 else ""
             lines.append(f"| {dataset}{note} | {k} | " + " | ".join(acc(r) for r in found) + " |")
         english = [means.get((k, m)) for m in methods]
-        lines.append(_mean_row("mean, English (the same runs)", k, english))
+        if any(e is not None for e in english):  # no cell that every column ran: nothing to compare
+            lines.append(_mean_row("mean, English (the same runs)", k, english))
         pairs = {m: (v[(k, m)], v[(k, "default")]) for m, v in versus.items() if (k, m) in v}
         shrunk = any(pairs[m] != (means.get((k, m)), means.get((k, "default"))) for m in pairs)
         if shrunk:

@@ -145,3 +145,20 @@ def test_each_column_against_default_row_uses_every_run_the_two_have() -> None:
     )
     full = [*runs, *({**r, "seed": 1, "accuracy": 0.5} for r in runs if r["method"] == "probe")]
     assert "each column / default" not in fewshot.markdown(full, ["default", "probe", "setfit"], "# t")
+
+
+def test_same_runs_row_is_left_out_when_no_cell_has_every_column() -> None:
+    """SetFit on SST-2 only and the probe on TREC only share no cell: the all-methods row would be
+    dashes; the row of each column against the default still compares each on its own runs."""
+    setfit = {"k": 8, "method": "setfit", "macro_f1": 0.9, "seconds": 1.0}
+    runs = [
+        r for r in _runs() if r["method"] == "default" or (r["method"] == "probe" and r["dataset"] == "trec")
+    ]
+    runs += [{**setfit, "dataset": "sst2", "seed": s, "accuracy": 0.9} for s in (0, 1)]
+    md = fewshot.markdown(runs, ["default", "probe", "setfit"], "# t")
+    assert "mean, English (the same runs)" not in md
+    # default: sst2 0.65 / 0.75, trec 0.85 / 0.95; probe trec 0.80 / 0.90
+    assert (
+        "| **mean, English: each column / default (the runs the two have)** | 8 | – | "
+        "**0.850** / 0.900 (1 set, 2 runs) | **0.900** / 0.700 (1 set, 2 runs) |" in md
+    )
