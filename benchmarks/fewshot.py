@@ -75,6 +75,7 @@ METHODS: dict[str, str | None] = {
     "default_noscales": "auto",
     "default_noscales_refined": "auto",
     "default_scales": "auto",
+    "default_trainedprobe": "auto",
     "prefix": "p-tuning-v2",
     "pairs": "p-tuning-v2",  # objective "pairs" (PAIRS below)
     "pairs_lr": "p-tuning-v2",
@@ -83,6 +84,7 @@ METHODS: dict[str, str | None] = {
     "ptuning": "p-tuning",
     "prompt": "prompt-tuning",
     "probe": "linear-probe",
+    "probe_standardized": "linear-probe",
     "setfit": None,
     "finetune": None,
 }
@@ -98,6 +100,7 @@ LABELS = {
     "default_noscales": "default, no (IA)³ scales or LoRA",
     "default_noscales_refined": "default, no scales or LoRA, refined",
     "default_scales": "default, (IA)³ scales at every K",
+    "default_trainedprobe": "default, probe candidate trained by epochs",
     "prefix": "P-tuning v2 (old default)",
     "pairs": "P-tuning v2 on pairs",
     "pairs_lr": "pairs, logistic head",
@@ -106,11 +109,13 @@ LABELS = {
     "ptuning": "P-tuning",
     "prompt": "prompt tuning",
     "probe": "linear probe",
+    "probe_standardized": "linear probe, standardised fit",
     "setfit": "SetFit",
     "finetune": "full fine-tuning",
 }
 NOT_INSTALLED = "not installed"
-# ``auto`` with TrainConfig settings, each what an earlier default trained where it differs from today's.
+# TrainConfig settings of a benchmark method: ``auto`` as an earlier default trained it where that differs
+# from today's, and the linear probe fitted as ``auto``'s probe candidate is.
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "default_nolora": {"lora_rank": 0},
     "default_lora": {"lora_rank": 8},
@@ -122,6 +127,8 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "default_noscales": {"scales": False, "lora_rank": 0},
     "default_noscales_refined": {"scales": False, "lora_rank": 0, "refine_epochs": 20},
     "default_scales": {"scales": True},
+    "default_trainedprobe": {"probe_head": "trained"},  # auto's probe candidate before session 30
+    "probe_standardized": {"probe_head": "standardized"},
 }
 # Benchmark methods trained with the pairs objective (prompts/pairs.py): prefix on SetFit's pairs, then
 # the head fitted on the prefixed vectors (its pair_head), the prefix length (None: the trainer's) and

@@ -15,7 +15,9 @@ from prompts.artifact import parse_artifact
 from prompts.backbone import Backbone, load_backbone
 from prompts.data import Example, TaskData
 from prompts.forward import TaskPrompt, prompted_forward
+from prompts.pairs import fit_standardized_head
 from prompts.trainer import (
+    PROBE_HEAD_C,
     EpochStats,
     TrainConfig,
     TrainResult,
@@ -273,3 +275,55 @@ def test_probe_duration_includes_its_feature_pass(
     assert 200.0 <= result.seconds < 260.0
     assert result.artifact.manifest.training is not None
     assert result.artifact.manifest.training["duration_seconds"] >= 200.0
+
+
+def test_standardized_probe_is_the_convex_fit_on_the_frozen_vectors(
+    learnable: Backbone, data: TaskData
+) -> None:
+    """Probe head "standardized": the served head is exactly the standardised logistic regression on the
+    frozen pooled vectors (temperature from dev), whatever the seed, with nothing trained by epochs."""
+    import prompts.trainer as trainer
+
+    config = TrainConfig(method="linear-probe", probe_head="standardized")
+    first = train_task(learnable, "probe", data, config)
+    reseeded = train_task(learnable, "probe", data, dataclasses.replace(config, seed=7))
+
+    def pooled(rows: list[Example]) -> torch.Tensor:
+        ids = trainer._encode(learnable, [e.text for e in rows], 128)
+        return trainer._features(learnable, first.module, ids, 64)  # [N, hidden]
+
+    dev = (pooled(data.dev), data.label_ids(data.dev))
+    weight, bias = fit_standardized_head(
+        pooled(data.train), data.label_ids(data.train), len(data.labels), PROBE_HEAD_C, dev
+    )
+    torch.testing.assert_close(first.artifact.tensors["head.weight"].float(), weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first.artifact.tensors["head.bias"].float(), bias, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        reseeded.artifact.tensors["head.weight"], first.artifact.tensors["head.weight"]
+    )
+    # What the task scores on test is that head on the test rows' frozen vectors.
+    expected = (pooled(data.test) @ weight.T + bias).argmax(-1)  # [T]
+    accuracy = float((expected == torch.tensor(data.label_ids(data.test))).float().mean())
+    assert first.test is not None and first.test.accuracy == pytest.approx(accuracy)
+    assert first.test.accuracy >= 0.6  # well above chance (1/3): learnable from frozen vectors
+    training = first.artifact.manifest.training or {}
+    assert training["hyperparameters"]["probe_head"] == "standardized"
+    assert "epochs" not in training["hyperparameters"] and training["epochs_run"] == 1
+    # The trained head stays the method's default, and its manifest is as before.
+    assert dataclasses.replace(FAST, method="linear-probe").resolved().probe_head == "trained"
+    trained_probe = train_task(
+        learnable, "probe", data, dataclasses.replace(FAST, method="linear-probe", epochs=2)
+    )
+    assert "probe_head" not in (trained_probe.artifact.manifest.training or {})["hyperparameters"]
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (TrainConfig(method="linear-probe", probe_head="closed-form"), "probe_head must be one of"),
+        (TrainConfig(method="p-tuning-v2", probe_head="standardized"), "use method linear-probe"),
+    ],
+)
+def test_probe_head_is_checked(config: TrainConfig, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        config.resolved()

@@ -20,6 +20,7 @@ from prompts.trainer import (
     AUTO_LORA_RANK,
     AUTO_LORA_WIDE_FROM_ROWS_PER_LABEL,
     AUTO_LORA_WIDE_RANK,
+    AUTO_PROBE_HEAD,
     FEW_SHOT_ROWS_PER_LABEL,
     LORA_LR,
     PROBE_Z,
@@ -468,6 +469,10 @@ def test_auto_keeps_the_probe_where_many_dev_rows_show_it_is_better(learnable: B
     assert candidates["linear-probe"]["dev_accuracy"] > candidates["p-tuning-v2"]["dev_accuracy"]
     assert plan["mcnemar_z"] >= PROBE_Z and plan["kept"] == "linear-probe"
     assert result.artifact.manifest.method == "linear-probe" and "prefix" not in result.artifact.tensors
+    # The candidate's head is the standardised fit, recorded in the plan and the hyperparameters.
+    assert plan["probe_head"] == AUTO_PROBE_HEAD == "standardized"
+    hyperparameters = (result.artifact.manifest.training or {})["hyperparameters"]
+    assert hyperparameters["probe_head"] == "standardized" and "epochs" not in hyperparameters
     assert result.test is not None and result.artifact.manifest.metrics is not None
     assert result.artifact.manifest.metrics["test"]["accuracy"] == pytest.approx(result.test.accuracy)
 
@@ -487,3 +492,21 @@ def test_a_head_asked_for_has_no_probe_candidate(learnable: Backbone) -> None:
     plan = (result.artifact.manifest.training or {})["plan"]
     assert plan["probe_candidate"] is False and "candidates" not in plan
     assert result.artifact.manifest.method == "p-tuning-v2"
+
+
+def test_auto_records_the_probe_candidates_head_and_takes_the_one_asked_for() -> None:
+    few = _data(8, 77)
+    planned = plan_for_data(TrainConfig(method="auto"), few)
+    assert planned.plan is not None and planned.plan["probe_head"] == AUTO_PROBE_HEAD
+    assert planned.probe_head is None  # the prefix's config does not carry it
+    planned.resolved()
+    asked = plan_for_data(TrainConfig(method="auto", probe_head="trained"), few)
+    assert asked.plan is not None and asked.plan["probe_head"] == "trained"
+    # No probe candidate: nothing recorded, and the config still resolves.
+    for config, data in (
+        (TrainConfig(method="auto", probe_head="trained", head="cls"), few),
+        (TrainConfig(method="auto", probe_head="trained"), _data(FEW_SHOT_ROWS_PER_LABEL)),
+    ):
+        other = plan_for_data(config, data)
+        assert other.plan is not None and "probe_head" not in other.plan
+        assert other.resolved().probe_head is None
