@@ -346,6 +346,11 @@ class TrainConfig:
             raise ValueError(
                 f"probe_head must be one of {', '.join(map(repr, PROBE_HEADS))}, got {self.probe_head!r}"
             )
+        if self.probe_head is not None and method != "linear-probe":
+            raise ValueError(
+                f"probe_head is how the linear probe's head is fitted: use method linear-probe (or auto, "
+                f"whose probe candidate reads it), not {method}"
+            )
         if self.pair_loss not in (None, "in-batch", "sampled"):
             raise ValueError(f"pair_loss must be 'in-batch' or 'sampled', got {self.pair_loss!r}")
         if self.refine_epochs < 0:
@@ -399,11 +404,6 @@ class TrainConfig:
                 head_lr=0.0,
                 lr=self.lr if self.lr is not None else default_lr,
                 head=self.head if self.head is not None else "cls",
-            )
-        if self.probe_head is not None and method != "linear-probe":
-            raise ValueError(
-                f"probe_head is how the linear probe's head is fitted: use method linear-probe (or auto, "
-                f"whose probe candidate reads it), not {method}"
             )
         return dataclasses.replace(
             self,

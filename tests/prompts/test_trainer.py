@@ -322,6 +322,7 @@ def test_standardized_probe_is_the_convex_fit_on_the_frozen_vectors(
     [
         (TrainConfig(method="linear-probe", probe_head="closed-form"), "probe_head must be one of"),
         (TrainConfig(method="p-tuning-v2", probe_head="standardized"), "use method linear-probe"),
+        (TrainConfig(objective="pairs", probe_head="standardized"), "use method linear-probe"),
     ],
 )
 def test_probe_head_is_checked(config: TrainConfig, message: str) -> None:
