@@ -89,7 +89,7 @@ def test_aggregate_means_over_seeds_and_keeps_what_did_not_run() -> None:
         "status": "not installed",
     }
     means = fewshot.english_means(_runs(), ["default", "probe", "setfit"])
-    assert means[(8, "probe")] == (pytest.approx(0.75), 2, 4)  # sst2 and trec; comment_zh is not English
+    assert means[(8, "probe")] == pytest.approx((0.75, 2, 4))  # sst2 and trec; comment_zh is not English
     assert (8, "setfit") not in means  # not installed: left out, it does not empty the comparison
 
 
@@ -99,16 +99,16 @@ def test_english_means_compare_every_method_on_the_same_runs() -> None:
     by = {fewshot.run_key(r): r["accuracy"] for r in runs if "accuracy" in r}
     means = fewshot.english_means(runs, ["default", "probe", "setfit"])
     # SetFit ran TREC seed 0 only: every method's mean is its TREC seed-0 figure.
-    assert means[(8, "setfit")] == (pytest.approx(0.95), 1, 1)
-    assert means[(8, "default")] == (pytest.approx(by[("trec", 8, 0, "default")]), 1, 1)
-    assert means[(8, "probe")] == (pytest.approx(by[("trec", 8, 0, "probe")]), 1, 1)
+    assert means[(8, "setfit")] == pytest.approx((0.95, 1, 1))
+    assert means[(8, "default")] == pytest.approx((by[("trec", 8, 0, "default")], 1, 1))
+    assert means[(8, "probe")] == pytest.approx((by[("trec", 8, 0, "probe")], 1, 1))
     # Without SetFit in the comparison the others are compared on both sets and both seeds.
-    assert fewshot.english_means(runs, ["default", "probe"])[(8, "probe")] == (pytest.approx(0.75), 2, 4)
+    assert fewshot.english_means(runs, ["default", "probe"])[(8, "probe")] == pytest.approx((0.75, 2, 4))
     # Seeds are averaged per dataset first: three SST-2 seeds weigh as much as one TREC seed.
     more = [{**setfit, "dataset": "sst2", "seed": s, "accuracy": 0.5} for s in (0, 1, 2)]
     more += [{**setfit, "method": "probe", "dataset": "sst2", "seed": 2, "accuracy": 0.5}]
     mean, sets, cells = fewshot.english_means([*runs, *more], ["probe", "setfit"])[(8, "setfit")]
-    assert (mean, sets, cells) == (pytest.approx((0.5 + 0.95) / 2), 2, 4)
+    assert (mean, sets, cells) == pytest.approx(((0.5 + 0.95) / 2, 2, 4))
 
 
 def test_reports_are_written(tmp_path: Path) -> None:
