@@ -90,6 +90,8 @@ Method = Literal[
     "prompt-tuning",
     "linear-probe",
 ]
+# How the linear probe's head is fitted: prompts.trainer.PROBE_HEADS (a test keeps the two alike).
+ProbeHead = Literal["trained", "standardized"]
 
 
 class JobNotFoundError(NotFoundError):
@@ -183,6 +185,12 @@ class Hyperparameters(BaseModel):
         description="train LoRA of this rank on every layer's attention and feed-forward projections "
         "beside the prompt (0: none; not with the linear probe); default none, auto trains it on "
         "few-shot data of at least 5 labels: rank 8 from 12 train rows per label, rank 16 from 24",
+    )
+    probe_head: ProbeHead | None = Field(
+        default=None,
+        description="how the linear probe's head is fitted (method probe, and auto's probe candidate on "
+        "few-shot data): trained (cross-entropy by epochs, early stopping on dev; the probe's default) or "
+        "standardized (logistic regression on standardised frozen vectors to convergence; auto's default)",
     )
     head: Literal["cls", "mean", "last", "peft", "verbalizer"] | None = Field(
         default=None,

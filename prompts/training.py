@@ -43,6 +43,7 @@ def make_train_config(
     objective: str | None = None,
     scales: bool | None = None,
     lora_rank: int | None = None,
+    probe_head: str | None = None,
 ) -> TrainConfig:
     """A checked TrainConfig; ``length`` is the prefix length or the number of virtual tokens.
 
@@ -68,14 +69,17 @@ def make_train_config(
         objective=objective,
         scales=scales,
         lora_rank=lora_rank,
+        probe_head=probe_head,
     )
     if length is not None:
         config = dataclasses.replace(config, prefix_length=length, prompt_length=length)
     try:
         if config.method == AUTO:
+            # The probe head is read by auto's probe candidate, not by the prefix checked here.
             dataclasses.replace(
-                config, method="p-tuning" if head == "verbalizer" else "p-tuning-v2"
+                config, method="p-tuning" if head == "verbalizer" else "p-tuning-v2", probe_head=None
             ).resolved()
+            TrainConfig(method="linear-probe", probe_head=probe_head).resolved()
         else:
             config.resolved()
     except ValueError as exc:
@@ -138,6 +142,7 @@ def job_train_config(spec: JobSpec) -> TrainConfig:
         label_words=hp.label_words,
         scales=hp.scales,
         lora_rank=hp.lora_rank,
+        probe_head=hp.probe_head,
     )
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, get_args
 from pydantic import ValidationError
 
 from prompts.errors import PtserveError, TaskNotFoundError
-from prompts.jobs import Method
+from prompts.jobs import Method, ProbeHead
 from prompts.redis_target import is_redis_url
 from service.errors import SettingsError
 from service.settings import Settings, default_frontends
@@ -210,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="train LoRA of this rank on every layer's attention and feed-forward projections beside the "
         "prompt (0: none; not with the probe). Default: none; auto trains it on few-shot data of at "
         "least 5 labels: rank 8 from 12 train rows per label, rank 16 from 24",
+    )
+    train.add_argument(
+        "--probe-head",
+        choices=list(get_args(ProbeHead)),
+        help="how the linear probe's head is fitted (--method probe, and auto's probe candidate on "
+        "few-shot data): trained (cross-entropy by epochs, early stopping on dev; the probe's default) or "
+        "standardized (logistic regression on standardised frozen vectors to convergence; auto's default)",
     )
     train.add_argument(
         "--patience", type=_positive_int, help="epochs without a better dev accuracy before stopping"
@@ -562,6 +569,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         objective=args.objective,
         scales=args.scales,
         lora_rank=args.lora_rank,
+        probe_head=args.probe_head,
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch
 from prompts.backbone import Backbone, load_backbone
 from prompts.data import Example, TaskData
 from prompts.errors import InvalidInputError
-from prompts.jobs import JobSpec
+from prompts.jobs import JobSpec, ProbeHead
 from prompts.trainer import (
     AUTO_LORA_FROM_LABELS,
     AUTO_LORA_FROM_ROWS_PER_LABEL,
@@ -23,6 +24,7 @@ from prompts.trainer import (
     AUTO_PROBE_HEAD,
     FEW_SHOT_ROWS_PER_LABEL,
     LORA_LR,
+    PROBE_HEADS,
     PROBE_Z,
     REFINE_EPOCHS,
     REFINE_FROM_ROWS_PER_LABEL,
@@ -510,3 +512,19 @@ def test_auto_records_the_probe_candidates_head_and_takes_the_one_asked_for() ->
         other = plan_for_data(config, data)
         assert other.plan is not None and "probe_head" not in other.plan
         assert other.resolved().probe_head is None
+
+
+def test_probe_head_is_asked_for_by_the_cli_and_jobs_and_checked_there() -> None:
+    assert get_args(ProbeHead) == PROBE_HEADS  # the jobs API's and the CLI's choices are the trainer's
+    assert make_train_config("probe", probe_head="standardized").resolved().probe_head == "standardized"
+    assert make_train_config("probe").resolved().probe_head == "trained"
+    # Auto passes it to its probe candidate; the prefix it checks against does not carry it.
+    assert make_train_config("auto", probe_head="trained").probe_head == "trained"
+    with pytest.raises(InvalidInputError, match="use method linear-probe"):
+        make_train_config("prefix", probe_head="standardized")
+    with pytest.raises(InvalidInputError, match="probe_head must be one of 'trained', 'standardized'"):
+        make_train_config("auto", probe_head="svm")
+    job = {"task": "t", "train": [{"text": "a", "label": "x"}], "method": "probe"}
+    spec = JobSpec.model_validate(job | {"hyperparameters": {"probe_head": "standardized"}})
+    assert job_train_config(spec).probe_head == "standardized"
+    assert job_train_config(JobSpec.model_validate(job)).probe_head is None

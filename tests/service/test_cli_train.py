@@ -97,6 +97,25 @@ def test_train_to_a_file_with_each_method(model_dir: Path, data_dir: Path, tmp_p
         assert artifact.manifest.training is not None and artifact.manifest.training["epochs_run"] <= 2
 
 
+def test_probe_head_from_the_command_line(
+    model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["train", "--task", "keywords", "--data", str(data_dir), "--model", str(model_dir)]
+    base += ["--device", "cpu"]
+    out = tmp_path / "probe.safetensors"
+    assert cli.main([*base, "--method", "probe", "--probe-head", "standardized", "--out", str(out)]) == 0
+    hp = (parse_artifact(out.read_bytes()).manifest.training or {})["hyperparameters"]
+    assert hp["probe_head"] == "standardized" and "epochs" not in hp  # fitted to convergence, no epochs
+    assert cli.main([*base, "--method", "probe", "--epochs", "2", "--out", str(out)]) == 0
+    hp = (parse_artifact(out.read_bytes()).manifest.training or {})["hyperparameters"]
+    assert "probe_head" not in hp and hp["epochs"] == 2  # the probe's default: trained by epochs
+    assert cli.main([*base, "--method", "prefix", "--probe-head", "standardized", "--out", str(out)]) == 1
+    assert "use method linear-probe" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*base, "--probe-head", "svm", "--out", str(out)])
+    assert exit_info.value.code == 2 and "invalid choice: 'svm'" in capsys.readouterr().err
+
+
 def test_train_reports_bad_data(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad"
     write_data_dir(bad, train=12, dev=6, test=6)

@@ -107,6 +107,13 @@ def test_unreachable_job_queue_is_503(tmp_path: Path, backbone: Backbone, dead_r
         ({"task": "No Spaces"}, 422, "invalid_request", "invalid task name"),
         ({"method": "probe", "hyperparameters": {"scales": True}}, 422, "invalid_input", "linear probe"),
         ({"hyperparameters": {"scales": True, "head": "peft"}}, 422, "invalid_input", "no (IA)^3 scales"),
+        ({"hyperparameters": {"probe_head": "svm"}}, 422, "invalid_request", "hyperparameters.probe_head"),
+        (
+            {"method": "prefix", "hyperparameters": {"probe_head": "standardized"}},
+            422,
+            "invalid_input",
+            "use method linear-probe",
+        ),
         ({"train": []}, 422, "invalid_request", "train: List should have at least 1 item"),
         ({"train": None}, 422, "invalid_request", "exactly one of 'train'"),
         ({"data_path": "keywords"}, 422, "invalid_request", "exactly one of 'train'"),
