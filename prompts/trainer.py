@@ -1394,11 +1394,14 @@ def search(
     """Train every (lr, length) pair and keep the best dev accuracy (ties: macro-F1, then the earlier).
 
     ``lengths`` is the prefix length for p-tuning-v2, the prompt length for the input-prompt methods,
-    and ignored by the linear probe. Test scores play no part in the choice.
+    and ignored by the linear probe (whose fitted head, ``probe_head="standardized"``, reads no learning
+    rate either: one trial). Test scores play no part in the choice.
     """
     method = resolve_method(config.method)
     if method == "linear-probe":
         lengths = [0]
+        if config.probe_head == "standardized":
+            lrs = list(lrs)[:1]  # the fit reads no learning rate: one trial, not identical copies
     best: TrainResult | None = None
     trials: list[dict[str, Any]] = []
     for length in lengths:
