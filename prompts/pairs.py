@@ -230,11 +230,12 @@ def fit_standardized_head(
     num_labels: int,
     c: float,
     calibration: tuple[torch.Tensor, Sequence[int]] | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`standardized_logistic` times one temperature fitted on ``calibration`` (the dev rows)
     when given, else on the train rows: it sets how confident the probabilities are, never the label.
     Returns weight ``[C, hidden]`` and bias ``[C]`` for the *raw* vectors."""
-    weight, bias = standardized_logistic(features, labels, num_labels, c)
+    weight, bias = standardized_logistic(features, labels, num_labels, c, class_weights)
     x = features.detach().float()
     cx, cy = x, torch.tensor(list(labels), device=x.device)
     if calibration is not None and len(calibration[1]) > 0:
@@ -245,12 +246,17 @@ def fit_standardized_head(
 
 
 def standardized_logistic(
-    features: torch.Tensor, labels: Sequence[int], num_labels: int, c: float
+    features: torch.Tensor,
+    labels: Sequence[int],
+    num_labels: int,
+    c: float,
+    class_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression with an intercept on the pooled vectors standardised per
     dimension (the train rows' mean and standard deviation), L2-regularised (minimise
     ``0.5 * |W|^2 / c + sum of cross-entropies``; the intercept is not penalised), fitted to
-    convergence by L-BFGS. Returns weight ``[C, hidden]`` and bias ``[C]`` for the *raw* vectors.
+    convergence by L-BFGS; ``class_weights`` ``[C]`` weigh each row's cross-entropy by its label
+    (``class_balanced``). Returns weight ``[C, hidden]`` and bias ``[C]`` for the *raw* vectors.
 
     Standardising is affine, so the fit folds into the service's plain linear head exactly:
     ``W @ ((x - mu) / sd) + b = (W / sd) @ x + (b - (W / sd) @ mu)``. Unlike the prototypes (every
@@ -267,13 +273,15 @@ def standardized_logistic(
     y = torch.tensor(list(labels), device=x.device)
     weight = torch.zeros(num_labels, x.shape[1], device=x.device, requires_grad=True)  # [C, hidden]
     bias = torch.zeros(num_labels, device=x.device, requires_grad=True)  # [C]
+    weights = class_weights.to(x.device).float() if class_weights is not None else None  # [C]
     optimizer = torch.optim.LBFGS(
         [weight, bias], lr=1.0, max_iter=500, tolerance_grad=1e-6, line_search_fn="strong_wolfe"
     )
 
     def objective() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(z @ weight.T + bias, y, reduction="sum") + 0.5 / c * (weight**2).sum()
+        scores = z @ weight.T + bias  # [N, C]
+        loss = F.cross_entropy(scores, y, weight=weights, reduction="sum") + 0.5 / c * (weight**2).sum()
         loss.backward()
         return loss
 

@@ -820,6 +820,11 @@ def _class_weights(y: Sequence[int], num_labels: int, device: torch.device) -> t
     return weights.to(device)
 
 
+def _fit_weights(cfg: TrainConfig, rows: _Rows, device: torch.device) -> torch.Tensor | None:
+    """Per-label weights ``[C]`` of a fitted head's rows under ``class_balanced``, else None."""
+    return _class_weights(rows.y_train, len(rows.labels), device) if cfg.class_balanced else None
+
+
 def _features(
     backbone: Backbone, module: PromptMethod, ids: Sequence[Sequence[int]], batch: int
 ) -> torch.Tensor:
@@ -1296,7 +1301,12 @@ def _fit_probe_standardized(
         )  # [M, hidden]
         calibration = (dev_features, rows.y_dev) if dev_features is not None else None
         weight, bias = fit_standardized_head(
-            train_features, rows.y_train, len(rows.labels), PROBE_HEAD_C, calibration
+            train_features,
+            rows.y_train,
+            len(rows.labels),
+            PROBE_HEAD_C,
+            calibration,
+            _fit_weights(cfg, rows, train_features.device),
         )  # [C, hidden], [C]
         with torch.no_grad():
             module.head.weight.copy_(weight)
@@ -1364,7 +1374,12 @@ def _fit_pairs(
             calibration = (dev_features, rows.y_dev) if dev_features is not None else None
             if cfg.pair_head == "standardized":
                 weight, bias = fit_standardized_head(
-                    features, rows.y_train, len(rows.labels), STANDARDIZED_HEAD_C, calibration
+                    features,
+                    rows.y_train,
+                    len(rows.labels),
+                    STANDARDIZED_HEAD_C,
+                    calibration,
+                    _fit_weights(cfg, rows, features.device),
                 )
             else:
                 weight, bias = fit_prototype_head(features, rows.y_train, len(rows.labels), calibration)

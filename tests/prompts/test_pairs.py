@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from prompts.artifact import max_text_tokens
 from prompts.backbone import Backbone, load_backbone
-from prompts.data import Example
+from prompts.data import Example, TaskData
 from prompts.forward import TaskPrompt
 from prompts.pairs import (
     encoder_prompt,
@@ -330,3 +330,23 @@ def test_pairs_with_the_standardized_head(learnable: Backbone) -> None:
     expected = sum(int(p == t) for p, t in zip(predicted.tolist(), data.label_ids(data.test), strict=True))
     assert result.test is not None and result.test.accuracy == pytest.approx(expected / len(data.test))
     assert result.test.accuracy >= 0.8
+
+
+def test_the_standardized_pairs_head_weighs_rows_when_class_balanced(learnable: Backbone) -> None:
+    base = make_task_data(train=36, dev=12, test=12)
+    rare = base.labels[0]
+    skewed = [e for e in base.train if e.label != rare] + [e for e in base.train if e.label == rare][:3]
+    data = TaskData(labels=base.labels, train=skewed, dev=base.dev)
+    config = dataclasses.replace(PAIRS, pair_iterations=4, pair_head="standardized", class_balanced=True)
+    result = train_task(learnable, "pairs", data, config)
+    features = _pooled(learnable, result, data.train)
+    y = data.label_ids(data.train)
+    calibration = (_pooled(learnable, result, data.dev), data.label_ids(data.dev))
+    counts = torch.bincount(torch.tensor(y), minlength=len(data.labels)).float()
+    weights = len(y) / (len(data.labels) * counts)  # [C]: the rare label's rows weigh 4x more
+    weighted = fit_standardized_head(features, y, len(data.labels), STANDARDIZED_HEAD_C, calibration, weights)
+    plain = fit_standardized_head(features, y, len(data.labels), STANDARDIZED_HEAD_C, calibration)
+    torch.testing.assert_close(result.module.head.bias.detach(), weighted[1], atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(result.module.head.weight.detach(), weighted[0], atol=1e-4, rtol=1e-3)
+    # The weights move the fit: the rare label's intercept rises against the unweighted one.
+    assert float(weighted[1][0] - weighted[1][1:].mean()) > float(plain[1][0] - plain[1][1:].mean()) + 1e-3

@@ -177,6 +177,13 @@ def test_class_balanced_training_on_skewed_data(learnable: Backbone) -> None:
     assert result.dev.per_class["book"].recall > plain.dev.per_class["book"].recall
     assert result.artifact.manifest.training is not None
     assert result.artifact.manifest.training["hyperparameters"]["class_balanced"] is True
+    # The fitted head weighs the rows too (it used to ignore the setting).
+    fitted = TrainConfig(method="linear-probe", probe_head="standardized")
+    plain_fit = train_task(learnable, "t", data, fitted)
+    balanced_fit = train_task(learnable, "t", data, dataclasses.replace(fitted, class_balanced=True))
+    assert balanced_fit.dev.per_class["book"].recall > plain_fit.dev.per_class["book"].recall
+    hp = (balanced_fit.artifact.manifest.training or {})["hyperparameters"]
+    assert hp["class_balanced"] is True and hp["probe_head"] == "standardized"
 
 
 def test_search_keeps_the_best_dev_accuracy(learnable: Backbone, data: TaskData) -> None:
