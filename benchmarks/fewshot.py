@@ -13,7 +13,9 @@ rows per label from dev for early stopping (seeded), and test accuracy on up to 
   ``default_noscales`` without (IA)^3 scales or LoRA (``--no-scales --lora-rank 0``: the default until
   session 16), ``default_scales`` with scales at any size (``--scales``);
 - ``prefix``, ``ptuning``, ``prompt``, ``probe``: each ptserve method with its defaults (``prefix`` is
-  the default before "auto"; ``probe`` is the linear probe on the mean of the frozen backbone's tokens);
+  the default before "auto"; ``probe`` is the linear probe on the mean of the frozen backbone's tokens,
+  its head fitted by standardised logistic regression since session 31; ``probe_trained`` the head
+  trained by epochs, the default before: ``probe`` runs of sessions 8-30 are ``probe_trained``);
 - ``pairs``: P-tuning v2 with objective "pairs" (prompts/pairs.py: SetFit's sentence pairs train the
   prefix, then a prototype head), what "auto" trains below 100 rows per label; ``pairs_lr`` the same
   with SetFit's logistic-regression head, ``pairs_p16`` with 16 prefix positions, ``pairs_inbatch``
@@ -84,7 +86,7 @@ METHODS: dict[str, str | None] = {
     "ptuning": "p-tuning",
     "prompt": "prompt-tuning",
     "probe": "linear-probe",
-    "probe_standardized": "linear-probe",
+    "probe_trained": "linear-probe",
     "setfit": None,
     "finetune": None,
 }
@@ -108,8 +110,8 @@ LABELS = {
     "pairs_inbatch": "pairs, in-batch loss",
     "ptuning": "P-tuning",
     "prompt": "prompt tuning",
-    "probe": "linear probe",
-    "probe_standardized": "linear probe, standardised fit",
+    "probe": "linear probe (fitted)",
+    "probe_trained": "linear probe trained by epochs (default until session 31)",
     "setfit": "SetFit",
     "finetune": "full fine-tuning",
 }
@@ -128,7 +130,7 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "default_noscales_refined": {"scales": False, "lora_rank": 0, "refine_epochs": 20},
     "default_scales": {"scales": True},
     "default_trainedprobe": {"probe_head": "trained"},  # auto's probe candidate before session 30
-    "probe_standardized": {"probe_head": "standardized"},
+    "probe_trained": {"probe_head": "trained"},  # linear-probe's head until session 31
 }
 # Benchmark methods trained with the pairs objective (prompts/pairs.py): prefix on SetFit's pairs, then
 # the head fitted on the prefixed vectors (its pair_head), the prefix length (None: the trainer's) and

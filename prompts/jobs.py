@@ -189,8 +189,8 @@ class Hyperparameters(BaseModel):
     probe_head: ProbeHead | None = Field(
         default=None,
         description="how the linear probe's head is fitted (method probe, and auto's probe candidate on "
-        "few-shot data): trained (cross-entropy by epochs, early stopping on dev; the probe's default) or "
-        "standardized (logistic regression on standardised frozen vectors to convergence; auto's default)",
+        "few-shot data): standardized (logistic regression on standardised frozen vectors to convergence; "
+        "the default of both) or trained (cross-entropy by epochs, early stopping on dev)",
     )
     head: Literal["cls", "mean", "last", "peft", "verbalizer"] | None = Field(
         default=None,

@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--epochs",
         type=_positive_int,
-        help="maximum epochs (default per method: 30; probe 200); with --objective pairs, passes over "
-        "the pairs (default 1)",
+        help="maximum epochs (default per method: 30; probe with --probe-head trained 200); with "
+        "--objective pairs, passes over the pairs (default 1)",
     )
     train.add_argument(
         "--objective",
@@ -215,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--probe-head",
         choices=list(get_args(ProbeHead)),
         help="how the linear probe's head is fitted (--method probe, and auto's probe candidate on "
-        "few-shot data): trained (cross-entropy by epochs, early stopping on dev; the probe's default) or "
-        "standardized (logistic regression on standardised frozen vectors to convergence; auto's default)",
+        "few-shot data): standardized (logistic regression on standardised frozen vectors to convergence; "
+        "the default of both) or trained (cross-entropy by epochs, early stopping on dev)",
     )
     train.add_argument(
         "--patience", type=_positive_int, help="epochs without a better dev accuracy before stopping"

@@ -60,7 +60,9 @@ def test_every_method_trains_and_serves_what_it_evaluated(
     assert m.method == method and m.backbone.family == backbone.spec.family
     assert m.conventions == backbone.family.conventions()
     losses = [h.train_loss for h in result.history]
-    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    # The probe's default head is fitted once (one entry); every other method trains by epochs.
+    assert (len(losses) == 1) if method == "linear-probe" else (losses[-1] < losses[0]), losses
     expected_pooling = {"decoder": "last"}.get(backbone.spec.family)
     if expected_pooling is not None:
         assert m.head.pooling == expected_pooling

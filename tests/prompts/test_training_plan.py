@@ -517,7 +517,8 @@ def test_auto_records_the_probe_candidates_head_and_takes_the_one_asked_for() ->
 def test_probe_head_is_asked_for_by_the_cli_and_jobs_and_checked_there() -> None:
     assert get_args(ProbeHead) == PROBE_HEADS  # the jobs API's and the CLI's choices are the trainer's
     assert make_train_config("probe", probe_head="standardized").resolved().probe_head == "standardized"
-    assert make_train_config("probe").resolved().probe_head == "trained"
+    assert make_train_config("probe").resolved().probe_head == "standardized"  # the default since session 31
+    assert make_train_config("probe", probe_head="trained").resolved().probe_head == "trained"
     # Auto passes it to its probe candidate; the prefix it checks against does not carry it.
     assert make_train_config("auto", probe_head="trained").probe_head == "trained"
     with pytest.raises(InvalidInputError, match="use method linear-probe"):

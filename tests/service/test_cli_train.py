@@ -106,9 +106,15 @@ def test_probe_head_from_the_command_line(
     assert cli.main([*base, "--method", "probe", "--probe-head", "standardized", "--out", str(out)]) == 0
     hp = (parse_artifact(out.read_bytes()).manifest.training or {})["hyperparameters"]
     assert hp["probe_head"] == "standardized" and "epochs" not in hp  # fitted to convergence, no epochs
-    assert cli.main([*base, "--method", "probe", "--epochs", "2", "--out", str(out)]) == 0
+    assert cli.main([*base, "--method", "probe", "--out", str(out)]) == 0  # the probe's default
     hp = (parse_artifact(out.read_bytes()).manifest.training or {})["hyperparameters"]
-    assert "probe_head" not in hp and hp["epochs"] == 2  # the probe's default: trained by epochs
+    assert hp["probe_head"] == "standardized"
+    assert (
+        cli.main([*base, "--method", "probe", "--probe-head", "trained", "--epochs", "2", "--out", str(out)])
+        == 0
+    )
+    hp = (parse_artifact(out.read_bytes()).manifest.training or {})["hyperparameters"]
+    assert "probe_head" not in hp and hp["epochs"] == 2  # trained by epochs, its manifest as before
     assert cli.main([*base, "--method", "prefix", "--probe-head", "standardized", "--out", str(out)]) == 1
     assert "use method linear-probe" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
