@@ -1418,7 +1418,7 @@ def search(
     method = resolve_method(config.method)
     if method == "linear-probe":
         lengths = [0]
-        if config.probe_head == "standardized":
+        if (config.probe_head or PROBE_HEAD) == "standardized":
             lrs = list(lrs)[:1]  # the fit reads no learning rate: one trial, not identical copies
     best: TrainResult | None = None
     trials: list[dict[str, Any]] = []

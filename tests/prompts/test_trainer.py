@@ -207,9 +207,14 @@ def test_search_keeps_the_best_dev_accuracy(learnable: Backbone, data: TaskData)
     assert [t["lr"] for t in result.trials] == [0.0, 0.05]  # lengths mean nothing to a probe
     assert result.dev.accuracy == max(t["dev_accuracy"] for t in result.trials)
     assert result.config.head_lr == 0.05
-    fitted = dataclasses.replace(config, probe_head="standardized")
-    once = search(learnable, "t", data, fitted, lrs=[0.0, 0.05], lengths=[8, 16])
-    assert len(once.trials) == 1 and once.config.probe_head == "standardized"  # no learning rate to search
+    for fitted in (
+        dataclasses.replace(config, probe_head="standardized"),
+        dataclasses.replace(FAST, method="probe"),
+    ):
+        once = search(learnable, "t", data, fitted, lrs=[0.0, 0.05], lengths=[8, 16])
+        assert (
+            len(once.trials) == 1 and once.config.probe_head == "standardized"
+        )  # no learning rate to search
 
 
 def test_prompts_must_leave_room_for_text(learnable: Backbone, data: TaskData) -> None:
