@@ -126,8 +126,8 @@ PAIR_HEADS = ("prototype", "logistic", "standardized")
 # the fit was level or ahead on all six whole train sets and on 16 of 23 few-shot cells (README
 # "Session 31").
 PROBE_HEADS = ("trained", "standardized")
-AUTO_PROBE_HEAD = "standardized"
 PROBE_HEAD = "standardized"
+AUTO_PROBE_HEAD = PROBE_HEAD  # one fit for both since session 31; a separate name for auto's plan
 PROBE_HEAD_C = STANDARDIZED_HEAD_C
 # objective "pairs": SetFit's num_iterations, capped so that a pass stays near PAIR_BUDGET pairs (8 rows
 # per label of 4 labels: 1,280 pairs; 64 of 6 labels: 4 iterations, 3,072 pairs).

@@ -211,10 +211,9 @@ def test_search_keeps_the_best_dev_accuracy(learnable: Backbone, data: TaskData)
         dataclasses.replace(config, probe_head="standardized"),
         dataclasses.replace(FAST, method="probe"),
     ):
+        # The fitted head reads no learning rate: one trial, not one per lr.
         once = search(learnable, "t", data, fitted, lrs=[0.0, 0.05], lengths=[8, 16])
-        assert (
-            len(once.trials) == 1 and once.config.probe_head == "standardized"
-        )  # no learning rate to search
+        assert len(once.trials) == 1 and once.config.probe_head == "standardized"
 
 
 def test_prompts_must_leave_room_for_text(learnable: Backbone, data: TaskData) -> None:
