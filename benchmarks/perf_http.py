@@ -169,7 +169,7 @@ def wait_ready(server: Server, timeout_s: float) -> float:
 
 
 def upload_tasks(
-    server: Server,
+    server: Server | httpx.Client,
     backbone: Backbone,
     count: int,
     prefix_length: int,
@@ -178,10 +178,14 @@ def upload_tasks(
     prefix: str = "http-bench-",
     headers: dict[str, str] | None = None,
 ) -> list[str]:
+    """Random prefix artifacts through ``POST /v1/prompts`` of a server, or of an open client (whose
+    base URL and transport are its own: benchmarks/perf_link.py reaches the engine's unix socket)."""
     spec = backbone.spec
     g = torch.Generator().manual_seed(0)
     names = []
-    with httpx.Client(timeout=60.0, headers=headers) as client:
+    own = isinstance(server, Server)
+    client = httpx.Client(base_url=server.url, timeout=60.0) if isinstance(server, Server) else server
+    try:
         for i in range(count):
             artifact = build_artifact(
                 task=f"{prefix}{i}",
@@ -195,14 +199,18 @@ def upload_tasks(
                 head_bias=torch.zeros(num_labels),
             )
             response = client.post(
-                f"{server.url}/v1/prompts",
+                "/v1/prompts",
                 files={"file": ("artifact.safetensors", artifact.data, "application/octet-stream")},
+                headers=headers,
             )
             if response.status_code != 201:
                 raise RuntimeError(
                     f"upload of {artifact.task} failed: {response.status_code} {response.text[:300]}"
                 )
             names.append(artifact.task)
+    finally:
+        if own:
+            client.close()
     return names
 
 

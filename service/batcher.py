@@ -213,7 +213,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     async def submit(self, item: ItemT) -> ResultT:
         """Queue one item and wait for its result."""
-        (future,) = self._enqueue([item])
+        (future,) = self.enqueue([item])
         return await future
 
     async def submit_many(self, items: Sequence[ItemT]) -> list[ResultT]:
@@ -223,7 +223,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         """
         if not items:
             return []
-        futures = self._enqueue(items)
+        futures = self.enqueue(items)
         try:
             if len(futures) == 1:  # most requests: no gathering future, one wake-up fewer
                 return [await futures[0]]
@@ -233,7 +233,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 future.cancel()
             raise
 
-    def _enqueue(self, items: Sequence[ItemT]) -> list[asyncio.Future[ResultT]]:
+    def enqueue(self, items: Sequence[ItemT]) -> list[asyncio.Future[ResultT]]:
+        """Queue ``items`` now and return their futures, in order (what ``submit_many`` awaits), for a
+        caller that reacts to results in callbacks instead of a coroutine per request. Raises as
+        ``submit_many`` does, before any item is queued; cancelling a future drops its row if it has
+        not run yet. Call on the batcher's event loop."""
         loop = self._loop
         if loop is None:
             raise RuntimeError("DynamicBatcher.start() has not been called")

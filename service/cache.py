@@ -175,8 +175,27 @@ class PromptCache:
         pointer = self._pointers.get(task)
         return None if pointer is None else pointer.version
 
+    def resolve_now(self, task: str) -> LoadedTask | None:
+        """What :meth:`resolve` would answer, where that needs no wait: the pointer checked within its
+        TTL and the version on the device (a hit, counted as one). Else None, and the caller awaits
+        :meth:`resolve`, which reads the store, loads, or raises. Names that are not valid never
+        have a pointer, so they always take that path and its error."""
+        pointer = self._pointers.get(task)
+        if pointer is None or time.monotonic() - pointer.checked_at >= self._pointer_ttl:
+            return None
+        key = (task, pointer.version)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return entry
+
     async def resolve(self, task: str) -> LoadedTask:
         """The current version of ``task``, loaded; raises TaskNotFoundError for unknown tasks."""
+        entry = self.resolve_now(task)
+        if entry is not None:
+            return entry
         validate_task_name(task)
         version = await self._current_version(task)
         try:

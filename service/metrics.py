@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections import Counter as Counter_
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -104,6 +104,9 @@ class Metrics:
             registry=r,
         )
         self.registry.register(RuntimeCollector(runtime, self.tenant))
+        # (route, task, status) -> that series' counter and histogram children (request_series).
+        self._request_series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._tenant_series: dict[tuple[str, str], Any] = {}  # (tenant label, status) -> its counter
 
     def tenant(self, tenant: str | None) -> str:
         """The label of ``tenant`` (None or "": the platform), bounded by ``max_tenant_series``."""
@@ -116,13 +119,24 @@ class Metrics:
         return tenant
 
     def observe_request(self, record: RequestRecord) -> None:
-        route = record.route or "unmatched"
-        task = record.task or ""
         status = str(record.status)
-        self.requests.labels(route, task, status).inc()
-        self.latency.labels(route, task, status).observe(record.latency_ms / 1000.0)
+        labels = (record.route or "unmatched", record.task or "", status)
+        # The series' children, looked up once: ``labels()`` costs twice the increments, and the
+        # engine of serve --frontends N counts every front end's requests on its one loop.
+        series = self._request_series.get(labels)
+        if series is None:
+            series = self._request_series[labels] = (
+                self.requests.labels(*labels),
+                self.latency.labels(*labels),
+            )
+        series[0].inc()
+        series[1].observe(record.latency_ms / 1000.0)
         if record.key is not None:
-            self.tenant_requests.labels(self.tenant(record.tenant), status).inc()
+            tenant = (self.tenant(record.tenant), status)
+            counter = self._tenant_series.get(tenant)
+            if counter is None:
+                counter = self._tenant_series[tenant] = self.tenant_requests.labels(*tenant)
+            counter.inc()
 
     def observe_refusal(self, principal: Principal, reason: str) -> None:
         self.tenant_refusals.labels(self.tenant(principal.tenant), reason).inc()

@@ -52,6 +52,8 @@ class EngineEndpoint:
         self._socket.bind(address)
         self._receiver: asyncio.Task[None] | None = None
         self._answers: set[asyncio.Task[None]] = set()
+        # Rows queued by the callback path (_answer_now), until their replies are posted.
+        self._queued: set[asyncio.Future[list[float]]] = set()
         # Replies finished in this turn of the loop, per front end, sent together at its end.
         self._outbox: dict[bytes, list[Reply]] = {}
         self.messages = 0  # frames received from front ends (Calls coalesce several requests)
@@ -77,6 +79,8 @@ class EngineEndpoint:
                     self._observe(seen)
                 continue
             for call in message.calls if isinstance(message, Calls) else [message]:
+                if self._answer_now(identity, call):
+                    continue
                 answer = asyncio.get_running_loop().create_task(self._answer(identity, call))
                 self._answers.add(answer)
                 answer.add_done_callback(self._answers.discard)
@@ -100,18 +104,71 @@ class EngineEndpoint:
             )
         )
 
+    def _answer_now(self, identity: bytes, call: Call) -> bool:
+        """The common call, without a coroutine: one row of a task version already on the device,
+        queued at once and answered from its future's callback. On a GPU host the engine's loop is
+        the bound, and a task per call (its creation, the awaits down to the batcher, its wake-up)
+        was most of the loop's own work per single-text request (benchmarks/perf_link.py). False:
+        anything else (several rows, a task to read or load, any error), for :meth:`_answer`."""
+        if len(call.rows) != 1:
+            return False
+        runtime = self.runtime
+        try:
+            name = resolve(Principal(call.key_id, cast(Scope, call.scope), call.tenant), call.task)
+        except PtserveError:
+            return False
+        task = runtime.cache.resolve_now(name)
+        if task is None:
+            return False
+        encoding = runtime.backbone.text.truncate(call.rows[0], task.max_text_tokens)
+        try:
+            (future,) = runtime.batcher.enqueue([Row(task, encoding.input_ids)])
+        except PtserveError as exc:
+            self._post(identity, self._failed(call, exc))
+            return True
+        self._queued.add(future)
+
+        def deliver(done: asyncio.Future[list[float]]) -> None:
+            self._queued.discard(done)
+            if done.cancelled():
+                reply = self._failed(call, ShuttingDownError("the engine stopped before this request ran"))
+            elif (error := done.exception()) is not None:
+                reply = self._failed(call, error)
+            else:
+                reply = Reply(
+                    call.id,
+                    task=task.task,
+                    version=task.version,
+                    labels=list(task.labels),
+                    probabilities=[done.result()],
+                    truncated=[encoding.truncated],
+                )
+            self._post(identity, reply)
+
+        future.add_done_callback(deliver)
+        return True
+
     async def _answer(self, identity: bytes, call: Call) -> None:
         try:
             reply = await self._classify(call)
-        except PtserveError as exc:
+        except Exception as exc:
+            reply = self._failed(call, exc)
+        self._post(identity, reply)
+
+    @staticmethod
+    def _failed(call: Call, exc: BaseException) -> Reply:
+        """The Reply of a call that failed, as the HTTP API states the error."""
+        if isinstance(exc, PtserveError):
             status = http_status(exc)
             if status >= 500:
                 logger.error("request %s failed: %s: %s", call.request_id, exc.code, exc.message)
-            reply = Reply(call.id, error_status=status, error_code=exc.code, error_message=exc.message)
-        except Exception as exc:
-            logger.exception("request %s: unhandled error", call.request_id)
-            message = f"internal error: {type(exc).__name__}"
-            reply = Reply(call.id, error_status=500, error_code="internal_error", error_message=message)
+            return Reply(call.id, error_status=status, error_code=exc.code, error_message=exc.message)
+        logger.error("request %s: unhandled error", call.request_id, exc_info=exc)
+        message = f"internal error: {type(exc).__name__}"
+        return Reply(call.id, error_status=500, error_code="internal_error", error_message=message)
+
+    def _post(self, identity: bytes, reply: Reply) -> None:
+        """Put ``reply`` in this turn's outbox; the turn's first reply schedules the send at its end."""
         outbox = self._outbox.setdefault(identity, [])
         outbox.append(reply)
         if len(self._outbox) == 1 and len(outbox) == 1:  # the first of this turn: flush at its end
@@ -153,8 +210,8 @@ class EngineEndpoint:
             self._receiver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._receiver
-        if self._answers:
-            await asyncio.gather(*self._answers, return_exceptions=True)
+        if self._answers or self._queued:
+            await asyncio.gather(*self._answers, *self._queued, return_exceptions=True)
         self._send_replies()
         self._socket.close(linger=0)
         self._context.term()

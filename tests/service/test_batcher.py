@@ -306,6 +306,23 @@ async def test_queue_full_raises_overloaded(make: Factory) -> None:
     assert await q4 == "Q4"
 
 
+async def test_enqueue_hands_back_futures_in_order_or_queues_nothing(make: Factory) -> None:
+    h = make(FakeForward(hold=True), max_batch_size=4, max_queue=3, max_wait_ms=1)
+    spawn(h.batcher, "running")
+    await h.fake.wait_entered()
+    futures = h.batcher.enqueue([Item("a"), Item("b")])
+    assert h.batcher.queue_depth == 2
+    with pytest.raises(QueueFullError):
+        h.batcher.enqueue([Item("c"), Item("d")])  # two more would pass 3: neither is queued
+    assert h.batcher.queue_depth == 2
+    futures[0].cancel()  # the caller's future: cancelling it frees the slot
+    await until(lambda: h.batcher.queue_depth == 1)
+    (c,) = h.batcher.enqueue([Item("c")])
+    h.fake.release.set()
+    assert [await futures[1], await c] == ["B", "C"]
+    assert all("a" not in batch for batch in h.fake.batches)
+
+
 async def test_stop_with_drain_runs_everything_queued(make: Factory) -> None:
     h = make(FakeForward(hold=True), max_batch_size=2)
     first = asyncio.create_task(h.batcher.submit_many([Item("a"), Item("b")]))

@@ -123,6 +123,30 @@ async def test_versions_are_keys_and_install_switches_the_pointer(tmp_path: Path
     assert len(cache) == 0 and cache.nbytes == 0
 
 
+async def test_resolve_now_answers_only_what_resolve_would_without_waiting(
+    tmp_path: Path, backbone: Backbone
+) -> None:
+    store = DiskPromptStore(tmp_path)
+    v1 = random_artifact(backbone.spec, task="t", seed=1)
+    put(store, v1)
+    cache = make_cache(store, backbone)
+    assert cache.resolve_now("t") is None  # no pointer yet: only resolve reads the store
+    assert cache.resolve_now("../etc") is None  # never a pointer: resolve raises the name error
+    loaded = await cache.resolve("t")
+    hits = cache.hits
+    assert cache.resolve_now("t") is loaded and cache.hits == hits + 1
+    v2 = random_artifact(backbone.spec, task="t", seed=2)
+    put(store, v2)
+    await cache.install(v2)
+    now = cache.resolve_now("t")
+    assert now is not None and now.version == v2.version
+    cache.forget("t")
+    assert cache.resolve_now("t") is None
+    expiring = make_cache(store, backbone, pointer_ttl_s=0.0)
+    assert (await expiring.resolve("t")).version == v2.version
+    assert expiring.resolve_now("t") is None  # the pointer is due for a store read
+
+
 async def test_pointer_changes_by_other_processes_are_seen_after_the_ttl(
     tmp_path: Path, backbone: Backbone
 ) -> None:

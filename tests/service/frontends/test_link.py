@@ -9,14 +9,18 @@ together and the finished requests' records; errors keep their HTTP meaning.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
+from prompts.artifact import PromptArtifact
 from prompts.backbone import Backbone
 from service.app import create_app
-from service.frontends.link import EngineClient
-from service.frontends.protocol import Observed, Reply
+from service.frontends.link import EngineClient, EngineEndpoint
+from service.frontends.protocol import Call, Observed, Reply
 from service.settings import Settings
 from service.tenancy import Principal
 from tests.factories import random_artifact
@@ -104,3 +108,78 @@ def test_finished_requests_reach_the_engines_metrics_in_one_message(
         asyncio.run(report())
         eventually(lambda: served("200") == 2 and served("404") == 1, "observed requests", deadline_s=30)
         assert endpoint.messages - before == 2  # the call, then every record in one message
+
+
+def count_coroutine_answers(endpoint: EngineEndpoint) -> list[int]:
+    """The ids of the calls the endpoint answers through its coroutine path (``_answer``)."""
+    seen: list[int] = []
+    coroutine_path = endpoint._answer
+
+    async def counted(identity: bytes, call: Call) -> None:
+        seen.append(call.id)
+        await coroutine_path(identity, call)
+
+    endpoint._answer = counted  # type: ignore[method-assign]
+    return seen
+
+
+@contextlib.contextmanager
+def engine_serving_demo(
+    tmp_path: Path, backbone: Backbone, settings: Settings
+) -> Iterator[tuple[str, PromptArtifact, list[int]]]:
+    """The engine app with task "demo" uploaded and on the device (one classify through its route),
+    its ZeroMQ address, the artifact, and the ids of the calls it then answers by coroutine."""
+    address = f"ipc://{tmp_path / 'engine.sock'}"
+    app = create_app(settings, backbone=backbone, engine_address=address)
+    artifact = random_artifact(backbone.spec, task="demo", seed=5)
+    with TestClient(app) as http:
+        assert http.post("/v1/prompts", files={"file": ("a.safetensors", artifact.data)}).status_code == 201
+        assert http.post("/v1/classify", json={"task": "demo", "text": "warm"}).status_code == 200
+        yield address, artifact, count_coroutine_answers(app.state.engine_endpoint)
+
+
+def ask_rows(address: str, rows: list[list[int]]) -> Reply:
+    async def run() -> Reply:
+        client = EngineClient(address, identity="test-frontend-rows")
+        client.start()
+        try:
+            return await asyncio.wait_for(client.classify("req-rows", "demo", OPEN, rows), timeout=60)
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("pointer_ttl_s", [60.0, 0.0])
+def test_one_row_calls_of_a_cached_task_skip_the_coroutine_and_answer_alike(
+    tmp_path: Path, backbone: Backbone, pointer_ttl_s: float
+) -> None:
+    """One-row calls of a task version on the device with a fresh pointer are answered from the
+    batcher's callbacks; a multi-row call, or any call once the pointer must be read again (TTL 0),
+    goes through the coroutine. The replies are the same either way."""
+    settings = Settings(store=str(tmp_path / "store"), max_wait_ms=2, pointer_ttl_s=pointer_ttl_s)
+    with engine_serving_demo(tmp_path, backbone, settings) as (address, artifact, coroutine_calls):
+        single = ask_all(address, backbone, coalesce_s=0.05, tasks=["demo"] * len(TEXTS))
+        several = ask_rows(address, backbone.text.untruncated(TEXTS))
+
+    assert len(coroutine_calls) == (1 if pointer_ttl_s else len(TEXTS) + 1)
+    assert several.version == artifact.version and several.truncated == [False] * len(TEXTS)
+    for i, reply in enumerate(single):
+        assert (reply.error_status, reply.version, reply.labels) == (0, artifact.version, several.labels)
+        assert reply.truncated == [False]
+        assert reply.probabilities[0] == pytest.approx(several.probabilities[i], abs=1e-6)
+
+
+def test_a_full_queue_refuses_the_one_row_calls_past_it_and_runs_the_rest(
+    tmp_path: Path, backbone: Backbone
+) -> None:
+    """Five calls in one message meet a queue of two places: the engine's loop queues them in one
+    turn, so the first two run and the other three get the HTTP API's 429 ``overloaded``."""
+    settings = Settings(store=str(tmp_path / "store"), max_queue=2, max_texts_per_request=2, max_wait_ms=2)
+    with engine_serving_demo(tmp_path, backbone, settings) as (address, artifact, coroutine_calls):
+        replies = ask_all(address, backbone, coalesce_s=0.05, tasks=["demo"] * len(TEXTS))
+
+    assert coroutine_calls == []
+    assert [r.error_status for r in replies] == [0, 0, 429, 429, 429]
+    assert all(r.error_code == "overloaded" and "2 items are queued" in r.error_message for r in replies[2:])
+    assert all(r.version == artifact.version and len(r.probabilities[0]) == 3 for r in replies[:2])
