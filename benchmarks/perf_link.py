@@ -49,7 +49,7 @@ from benchmarks.common import (
     write_report,
 )
 from benchmarks.perf_http import batch_counters, threads_cpu_s, upload_tasks
-from prompts.backbone import default_model_path, load_backbone
+from prompts.backbone import DTYPES, default_model_path, load_backbone
 from service.settings import Settings
 
 ROLES = ("loop", "forward", "zmq", "other")
@@ -242,6 +242,7 @@ def main() -> None:
         "--model", type=Path, default=None, help="encoder directory (default: a tiny random BERT)"
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--torch-threads", type=int, default=1, help="the engine's torch threads")
     parser.add_argument("--tasks", type=int, default=20)
     parser.add_argument("--prefix-length", type=int, default=16)
@@ -270,6 +271,7 @@ def main() -> None:
             model=str(model),
             store=str(workdir / "store"),
             device=args.device,
+            dtype=args.dtype,
             auth="off",
             torch_threads=args.torch_threads,
             max_batch_size=args.max_batch_size,

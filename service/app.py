@@ -117,6 +117,14 @@ def install_error_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
         return error_response(request, 500, "internal_error", f"internal error: {type(exc).__name__}")
 
 
+def route_templates() -> list[str]:
+    """The path templates of every route of the app ``create_app`` builds, without building one (a
+    front end labels the requests it answers for the engine with them)."""
+    routers = (public_router, classify_router, admin_router, jobs_router, audit_router, keys_router)
+    paths = [str(getattr(route, "path", "")) for router in routers for route in router.routes]
+    return list(dict.fromkeys([*paths, "/metrics"]))
+
+
 def install_metrics_route(app: FastAPI, metrics: Metrics, public: bool, scopes: ScopeTable) -> None:
     """``GET /metrics``: public by default, as Prometheus scrapes expect; else the admin scope."""
     guard = [] if public else [Depends(require_scope("admin"))]

@@ -45,6 +45,8 @@ class RequestRecord:
     latency_ms: float
     key: str | None = None  # the public id of the request's key (None: no key checked)
     tenant: str | None = None  # the key's tenant (None: a platform key, or no key)
+    # Answered by another process's app, which counts it itself (a front end's relay to the engine).
+    relayed: bool = False
 
 
 def request_id_from(headers: Sequence[tuple[bytes, bytes]]) -> str:
@@ -138,7 +140,10 @@ class RequestLogMiddleware:
             raw = scope.get("raw_path")
             path = raw.decode("latin-1") if isinstance(raw, bytes) else decoded
             path = path.encode("unicode_escape").decode("ascii")
-            route = str(getattr(scope.get("route"), "path", ""))
+            # A route may name its own template (a front end's relay: the engine's, not its catch-all).
+            route = state.get("route")
+            if route is None:
+                route = str(getattr(scope.get("route"), "path", ""))
             if not route and self.route_of is not None:
                 try:
                     route = self.route_of(decoded)
@@ -153,6 +158,7 @@ class RequestLogMiddleware:
                 version=state.get("version"),
                 status=status,
                 latency_ms=(time.perf_counter() - started) * 1000.0,
+                relayed=bool(state.get("relayed", False)),
             )
             principal = state.get("principal")
             if principal is not None:

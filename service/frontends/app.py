@@ -19,7 +19,7 @@ import httpx
 from fastapi import Depends, FastAPI, Request, Response
 
 from prompts.backbone import TextTokenizer
-from service.app import install_error_handlers
+from service.app import install_error_handlers, route_templates
 from service.auth import AuthMiddleware, KeyRing, ScopeTable, principal_of, require_scope
 from service.errors import EngineUnavailableError, RelayedError
 from service.frontends.link import EngineClient
@@ -100,10 +100,11 @@ def create_frontend_app(settings: Settings, index: int, engine_address: str, eng
         return getattr(app.state, "frontend", None)
 
     def observe(record: RequestRecord) -> None:
-        # Classify requests are counted in the engine's registry, which /metrics (relayed) exposes;
-        # relayed requests the engine's own middleware counts.
+        # Every request is counted once, in the engine's registry, which /metrics (relayed) exposes:
+        # relayed requests by the engine's own middleware, the rest (classify, refusals before the
+        # relay, the engine not answering, /healthz) from here.
         frontend = frontend_or_none()
-        if frontend is not None and record.route == "/v1/classify":
+        if frontend is not None and not record.relayed:
             frontend.engine.observe(
                 Observed(
                     record.route, record.task, record.status, record.latency_ms, record.key, record.tenant
@@ -119,6 +120,9 @@ def create_frontend_app(settings: Settings, index: int, engine_address: str, eng
 
     scopes = ScopeTable()
     scopes.add_path("/v1/classify", {"POST"}, "classify")
+    # The engine's route templates: requests answered here (refusals before the relay, the engine not
+    # answering) are labelled with the route the engine would have counted them under.
+    templates = RouteTemplates(route_templates)
     app.add_middleware(
         LimitsMiddleware,
         limits=Limits.from_settings(settings),
@@ -129,7 +133,7 @@ def create_frontend_app(settings: Settings, index: int, engine_address: str, eng
     app.add_middleware(
         RequestLogMiddleware,
         observers=[observe],
-        route_of=RouteTemplates(lambda: ["/v1/classify", "/healthz"]),
+        route_of=templates,
     )
 
     @app.get("/healthz", response_model=HealthResponse)
@@ -168,6 +172,7 @@ def create_frontend_app(settings: Settings, index: int, engine_address: str, eng
     async def relay(path: str, request: Request) -> Response:
         """Every other route: the engine's app answers, as it would without front ends."""
         frontend = _frontend(request)
+        request.state.route = templates(request.url.path)  # not this catch-all's template
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROPPED]
         headers.append((REQUEST_ID_HEADER, str(getattr(request.state, "request_id", ""))))
         try:
@@ -182,6 +187,7 @@ def create_frontend_app(settings: Settings, index: int, engine_address: str, eng
             raise EngineUnavailableError(
                 f"the engine process is not answering ({type(exc).__name__}); retry shortly"
             ) from exc
+        request.state.relayed = True  # the engine's middleware counted it
         out = Response(content=answer.content, status_code=answer.status_code)
         for key, value in answer.headers.multi_items():
             if key.lower() not in _DROPPED and key.lower() != REQUEST_ID_HEADER.lower():

@@ -87,8 +87,11 @@ class EngineEndpoint:
 
     def _observe(self, seen: Observed) -> None:
         if seen.refusal is not None:
+            # Only the refusal: the refused request's own record follows from the front end's request
+            # log, as in one process (where the limits middleware and the log count them apart).
             principal = Principal(seen.key or "-", "classify", seen.tenant)
             self.metrics.observe_refusal(principal, seen.refusal)
+            return
         self.metrics.observe_request(
             RequestRecord(
                 request_id="",

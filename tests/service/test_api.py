@@ -17,7 +17,7 @@ from safetensors.torch import save as st_save
 from prompts.artifact import PromptArtifact
 from prompts.backbone import Backbone, load_backbone
 from prompts.forward import TaskPrompt, prompted_forward
-from service.app import create_app
+from service.app import create_app, route_templates
 from service.batcher import DynamicBatcher
 from service.engine import Row
 from service.health import StoreHealth
@@ -440,3 +440,10 @@ def test_classify_tokenises_the_same_on_the_loop_and_in_a_thread(
     monkeypatch.setattr(backbone, "encode", encode)
     torch.testing.assert_close(got, expected_probs(backbone, artifact, texts).float(), rtol=0, atol=1e-5)
     assert calls == [inline_chars > 0]
+
+
+def test_route_templates_name_every_route_of_the_app(tmp_path: Path, backbone: Backbone) -> None:
+    """What a front end labels the requests it answers for the engine with (service/frontends/app.py)
+    is the engine app's own route list, so its records land in the engine's series."""
+    app = create_app(Settings(store=str(tmp_path / "store")), backbone=backbone)
+    assert sorted(route_templates()) == sorted(app.openapi()["paths"])

@@ -242,3 +242,55 @@ def test_keys_are_checked_by_the_front_end_for_classify_and_by_the_engine_for_th
         assert missing.headers["X-Request-ID"] == missing.json()["error"]["request_id"]
     finally:
         assert server.stop() == 0
+
+
+def test_requests_a_front_end_answers_itself_are_counted_once_under_the_engines_routes(
+    tmp_path: Path, tiny_bert_dir: Path, backbone: Backbone
+) -> None:
+    """Refusals by a front end's limits reach the engine's one registry once each, under the route
+    the engine would have counted them: a classify over its key's rate (the request and the refusal,
+    as one process counts them) and a relayed route's body over max_body_bytes (never relayed)."""
+    settings = {
+        "PTSERVE_AUTH": "on",
+        "PTSERVE_API_KEYS": f"admin:{hash_key('fe-admin')},classify:{hash_key('fe-user')}",
+        "PTSERVE_KEY_RATE_PER_S": "0.001",
+        "PTSERVE_KEY_BURST": "1",
+        "PTSERVE_MAX_BODY_BYTES": "1024",
+    }
+    server, base = start(tmp_path, tiny_bert_dir, 2, **settings)
+    try:
+        admin = {"Authorization": "Bearer fe-admin"}
+        user = {"Authorization": "Bearer fe-user"}
+        data = random_artifact(backbone.spec, task="swap", seed=1).data
+        files = {"file": ("a.safetensors", data)}
+        assert httpx.post(f"{base}/v1/prompts", files=files, headers=admin, timeout=30).status_code == 201
+        body = {"task": "swap", "text": "a b c"}
+        statuses = [
+            httpx.post(f"{base}/v1/classify", json=body, headers=user, timeout=30).status_code
+            for _ in range(4)
+        ]
+        # A directory store's buckets are per process: each front end lets one request through.
+        served, refused = statuses.count(200), statuses.count(429)
+        assert served + refused == 4 and refused >= 2
+        large = httpx.post(
+            f"{base}/v1/training-jobs",
+            content=b"{" + b" " * 2048 + b"}",
+            headers={**admin, "Content-Type": "application/json"},
+            timeout=30,
+        )
+        assert large.status_code == 413 and large.json()["error"]["code"] == "payload_too_large"
+
+        def arrived() -> bool:
+            return (
+                metric(base, "ptserve_tenant_refusals_total", tenant="platform", reason="rate_limited")
+                == refused
+                and metric(base, "ptserve_requests_total", route="/v1/classify", status="200") == served
+                and metric(base, "ptserve_requests_total", route="/v1/training-jobs", status="413") == 1
+            )
+
+        eventually(arrived, "every front end's records in the engine's metrics", deadline_s=30)
+        # A refused request's two records (the refusal, the request) travel in one message.
+        assert metric(base, "ptserve_requests_total", route="/v1/classify", status="429") == refused
+        assert metric(base, "ptserve_tenant_requests_total", tenant="platform", status="429") == refused
+    finally:
+        assert server.stop() == 0
