@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -92,7 +93,10 @@ def install_error_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
         status = http_status(exc)
         if status >= 500:
             logger.error("request failed: %s: %s", exc.code, exc.message)
-        return error_response(request, status, exc.code, exc.message, retry_after_s)
+        # A key's bucket knows when its next token is due; other refusals retry after the setting.
+        due = getattr(exc, "retry_after_s", None)
+        retry = max(1, math.ceil(due)) if due else retry_after_s
+        return error_response(request, status, exc.code, exc.message, retry)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

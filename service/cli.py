@@ -18,7 +18,6 @@ from pydantic import ValidationError
 
 from prompts.errors import PtserveError, TaskNotFoundError
 from prompts.jobs import Method, ProbeHead
-from prompts.redis_target import is_redis_url
 from service.errors import SettingsError
 from service.settings import Settings, default_frontends
 
@@ -359,12 +358,6 @@ def with_frontends(settings: Settings) -> Settings:
             cuda = False
         frontends = default_frontends(cuda, os.cpu_count() or 1)
         logger.info("front ends: %d (default for %s)", frontends, "CUDA" if cuda else "a CPU")
-    if frontends > 1 and not is_redis_url(settings.store):
-        logger.warning(
-            "%d front ends with a directory store: per-key and per-tenant rate limits apply in each "
-            "front end separately (a Redis store shares them)",
-            frontends,
-        )
     return settings.model_copy(update={"frontends": frontends})
 
 

@@ -99,11 +99,12 @@ class EngineUnavailableError(PtserveError):
 class RelayedError(PtserveError):
     """An error the engine process answered a front end's call with: its status and code as they are."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         # Per instance: the engine's error class is not known here, only its code.
         self.code = code  # type: ignore[misc]
+        self.retry_after_s = retry_after_s  # the engine's own Retry-After (a key's bucket), if any
 
 
 # Most specific first; the first class an error is an instance of decides its status.

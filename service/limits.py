@@ -192,11 +192,7 @@ class LimitsMiddleware:
             verdict = limiter.take(principal.key_id, rate, burst)
         if verdict.allowed:
             return None
-        return RateLimitedError(
-            f"key {principal.key_id} is over its rate of {rate:g} requests/s (burst {burst}); "
-            f"retry after {verdict.retry_after_s:.2f} s",
-            verdict.retry_after_s,
-        )
+        return rate_limited(principal.key_id, rate, burst, verdict.retry_after_s)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, error: PtserveError) -> None:
         status = http_status(error)
@@ -208,6 +204,15 @@ class LimitsMiddleware:
             # The rest of the body is not read; the client must not reuse this connection.
             headers["Connection"] = "close"
         await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)
+
+
+def rate_limited(key_id: str, rate: float, burst: int, retry_after_s: float) -> RateLimitedError:
+    """The refusal of a key over its token bucket (here, or in the engine of serve --frontends N)."""
+    return RateLimitedError(
+        f"key {key_id} is over its rate of {rate:g} requests/s (burst {burst}); "
+        f"retry after {retry_after_s:.2f} s",
+        retry_after_s,
+    )
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -52,7 +52,9 @@ class Frontend:
     tokenizer: TextTokenizer
     engine: EngineClient
     relay: httpx.AsyncClient
-    limiter: RateLimiter
+    # Shared buckets (Redis) are taken here; local ones (a directory store) in the engine, the one
+    # process every front end reaches (Call.bucket): None then, and the limits middleware skips them.
+    limiter: RateLimiter | None
 
 
 def _frontend(request: Request) -> Frontend:
@@ -82,7 +84,8 @@ def create_frontend_app(settings: Settings, index: int, engine_address: str, eng
         relay = httpx.AsyncClient(
             transport=httpx.AsyncHTTPTransport(uds=engine_socket), base_url="http://engine", timeout=None
         )
-        app.state.frontend = Frontend(index, tokenizer, engine, relay, tenancy.limiter)
+        shared = tenancy.limiter.needs_io  # Redis: every process takes from the same buckets
+        app.state.frontend = Frontend(index, tokenizer, engine, relay, tenancy.limiter if shared else None)
         try:
             yield
         finally:
@@ -123,9 +126,10 @@ def create_frontend_app(settings: Settings, index: int, engine_address: str, eng
     # The engine's route templates: requests answered here (refusals before the relay, the engine not
     # answering) are labelled with the route the engine would have counted them under.
     templates = RouteTemplates(route_templates)
+    limits = Limits.from_settings(settings)
     app.add_middleware(
         LimitsMiddleware,
-        limits=Limits.from_settings(settings),
+        limits=limits,
         limiter=lambda: getattr(frontend_or_none(), "limiter", None),
         on_refusal=refused,
     )
@@ -156,9 +160,13 @@ def create_frontend_app(settings: Settings, index: int, engine_address: str, eng
             rows = await asyncio.to_thread(frontend.tokenizer.untruncated, texts)
         check_tokens(texts, rows, frontend.tokenizer.special_ids)
         request_id = str(getattr(request.state, "request_id", ""))
-        reply = await frontend.engine.classify(request_id, body.task, principal_of(request), rows)
+        # Keys limited as the limits middleware limits them: only a checked key (auth on) has a bucket.
+        checked: Principal | None = getattr(request.state, "principal", None)
+        bucket = limits.bucket(checked) if checked is not None and frontend.limiter is None else None
+        reply = await frontend.engine.classify(request_id, body.task, principal_of(request), rows, bucket)
         if reply.error_status:
-            raise RelayedError(reply.error_status, reply.error_code, reply.error_message)
+            retry_after_s = reply.error_retry_after_s or None
+            raise RelayedError(reply.error_status, reply.error_code, reply.error_message, retry_after_s)
         request.state.task, request.state.version = reply.task, reply.version
         return classify_response(
             body, reply.task, reply.version, reply.labels, reply.probabilities, reply.truncated

@@ -18,7 +18,7 @@ import zmq.asyncio
 
 from prompts.errors import PtserveError
 from service.engine import Row
-from service.errors import EngineUnavailableError, ShuttingDownError, http_status
+from service.errors import EngineUnavailableError, RateLimitedError, ShuttingDownError, http_status
 from service.frontends.protocol import (
     ENCODER,
     REPLIES,
@@ -30,8 +30,10 @@ from service.frontends.protocol import (
     Replies,
     Reply,
 )
+from service.limits import rate_limited
 from service.logs import RequestRecord
 from service.metrics import Metrics
+from service.ratelimit import Verdict
 from service.runtime import Runtime
 from service.tenancy import Principal, Scope, resolve
 
@@ -113,7 +115,7 @@ class EngineEndpoint:
         the bound, and a task per call (its creation, the awaits down to the batcher, its wake-up)
         was most of the loop's own work per single-text request (benchmarks/perf_link.py). False:
         anything else (several rows, a task to read or load, any error), for :meth:`_answer`."""
-        if len(call.rows) != 1:
+        if len(call.rows) != 1 or (call.bucket is not None and self.runtime.limiter.needs_io):
             return False
         runtime = self.runtime
         try:
@@ -123,6 +125,11 @@ class EngineEndpoint:
         task = runtime.cache.resolve_now(name)
         if task is None:
             return False
+        # Past every way back to _answer: a token is taken once per call.
+        refusal = self._over_rate(call)
+        if refusal is not None:
+            self._post(identity, self._failed(call, refusal))
+            return True
         encoding = runtime.backbone.text.truncate(call.rows[0], task.max_text_tokens)
         try:
             (future,) = runtime.batcher.enqueue([Row(task, encoding.input_ids)])
@@ -165,7 +172,14 @@ class EngineEndpoint:
             status = http_status(exc)
             if status >= 500:
                 logger.error("request %s failed: %s: %s", call.request_id, exc.code, exc.message)
-            return Reply(call.id, error_status=status, error_code=exc.code, error_message=exc.message)
+            retry_after_s = exc.retry_after_s if isinstance(exc, RateLimitedError) else 0.0
+            return Reply(
+                call.id,
+                error_status=status,
+                error_code=exc.code,
+                error_message=exc.message,
+                error_retry_after_s=retry_after_s,
+            )
         logger.error("request %s: unhandled error", call.request_id, exc_info=exc)
         message = f"internal error: {type(exc).__name__}"
         return Reply(call.id, error_status=500, error_code="internal_error", error_message=message)
@@ -191,8 +205,31 @@ class EngineEndpoint:
                 continue
             sent.add_done_callback(_retrieve)  # a front end that is gone: nobody waits for these
 
+    def _over_rate(self, call: Call, verdict: Verdict | None = None) -> RateLimitedError | None:
+        """The refusal of a call whose key is over its bucket (the engine's, shared by every front end),
+        counted as the limits middleware counts its own; None: the call may run."""
+        if call.bucket is None:
+            return None
+        rate, burst = call.bucket
+        if verdict is None:
+            verdict = self.runtime.limiter.take(call.key_id, rate, burst)
+        if verdict.allowed:
+            return None
+        self.metrics.observe_refusal(Principal(call.key_id, "classify", call.tenant), RateLimitedError.code)
+        return rate_limited(call.key_id, rate, burst, verdict.retry_after_s)
+
     async def _classify(self, call: Call) -> Reply:
         runtime = self.runtime
+        if call.bucket is not None:
+            limiter = runtime.limiter
+            rate, burst = call.bucket
+            if limiter.needs_io:
+                verdict = await asyncio.to_thread(limiter.take, call.key_id, rate, burst)
+            else:
+                verdict = limiter.take(call.key_id, rate, burst)
+            refusal = self._over_rate(call, verdict)
+            if refusal is not None:
+                raise refusal
         principal = Principal(call.key_id, cast(Scope, call.scope), call.tenant)
         task = await runtime.cache.resolve(resolve(principal, call.task))
         # Cut to the room of the version this request is pinned to (front ends do not know it).
@@ -257,15 +294,23 @@ class EngineClient:
                     waiter.set_result(reply)
 
     async def classify(
-        self, request_id: str, task: str, principal: Principal, rows: list[list[int]]
+        self,
+        request_id: str,
+        task: str,
+        principal: Principal,
+        rows: list[list[int]],
+        bucket: tuple[float, int] | None = None,
     ) -> Reply:
-        """The engine's Reply; the request's own deadline (the limits middleware's 504) bounds the wait."""
+        """The engine's Reply; the request's own deadline (the limits middleware's 504) bounds the wait.
+        ``bucket``: the key's (rate, burst), for the engine to take a token from (see ``Call``)."""
         if self._closed:
             raise ShuttingDownError("this front end is shutting down")
         call_id = next(self._ids)
         waiter: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[call_id] = waiter
-        call = Call(call_id, request_id, task, principal.key_id, principal.scope, principal.tenant, rows)
+        call = Call(
+            call_id, request_id, task, principal.key_id, principal.scope, principal.tenant, rows, bucket
+        )
         self._calls.add(call)
         try:
             return await waiter

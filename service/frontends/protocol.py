@@ -25,6 +25,9 @@ class Call(msgspec.Struct, array_like=True, frozen=True, tag=True):
     scope: str
     tenant: str | None
     rows: list[list[int]]
+    # The key's token bucket (rate per second, burst) for the engine to take from, where the buckets
+    # are local (a directory store): the engine's are the ones every front end shares.
+    bucket: tuple[float, int] | None = None
 
 
 class Calls(msgspec.Struct, array_like=True, frozen=True, tag=True):
@@ -65,6 +68,7 @@ class Reply(msgspec.Struct, array_like=True, frozen=True, tag=True):
     error_status: int = 0
     error_code: str = ""
     error_message: str = ""
+    error_retry_after_s: float = 0.0  # a rate-limited call: when its key's next token is due
 
 
 class Replies(msgspec.Struct, array_like=True, frozen=True, tag=True):

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from prompts.artifact import PromptArtifact
@@ -126,16 +127,16 @@ def count_coroutine_answers(endpoint: EngineEndpoint) -> list[int]:
 @contextlib.contextmanager
 def engine_serving_demo(
     tmp_path: Path, backbone: Backbone, settings: Settings
-) -> Iterator[tuple[str, PromptArtifact, list[int]]]:
-    """The engine app with task "demo" uploaded and on the device (one classify through its route),
-    its ZeroMQ address, the artifact, and the ids of the calls it then answers by coroutine."""
+) -> Iterator[tuple[str, PromptArtifact, list[int], FastAPI]]:
+    """The engine app with task "demo" uploaded and on the device (one classify through its route):
+    its ZeroMQ address, the artifact, the ids of the calls it then answers by coroutine, the app."""
     address = f"ipc://{tmp_path / 'engine.sock'}"
     app = create_app(settings, backbone=backbone, engine_address=address)
     artifact = random_artifact(backbone.spec, task="demo", seed=5)
     with TestClient(app) as http:
         assert http.post("/v1/prompts", files={"file": ("a.safetensors", artifact.data)}).status_code == 201
         assert http.post("/v1/classify", json={"task": "demo", "text": "warm"}).status_code == 200
-        yield address, artifact, count_coroutine_answers(app.state.engine_endpoint)
+        yield address, artifact, count_coroutine_answers(app.state.engine_endpoint), app
 
 
 def ask_rows(address: str, rows: list[list[int]]) -> Reply:
@@ -158,7 +159,7 @@ def test_one_row_calls_of_a_cached_task_skip_the_coroutine_and_answer_alike(
     batcher's callbacks; a multi-row call, or any call once the pointer must be read again (TTL 0),
     goes through the coroutine. The replies are the same either way."""
     settings = Settings(store=str(tmp_path / "store"), max_wait_ms=2, pointer_ttl_s=pointer_ttl_s)
-    with engine_serving_demo(tmp_path, backbone, settings) as (address, artifact, coroutine_calls):
+    with engine_serving_demo(tmp_path, backbone, settings) as (address, artifact, coroutine_calls, _):
         single = ask_all(address, backbone, coalesce_s=0.05, tasks=["demo"] * len(TEXTS))
         several = ask_rows(address, backbone.text.untruncated(TEXTS))
 
@@ -176,10 +177,43 @@ def test_a_full_queue_refuses_the_one_row_calls_past_it_and_runs_the_rest(
     """Five calls in one message meet a queue of two places: the engine's loop queues them in one
     turn, so the first two run and the other three get the HTTP API's 429 ``overloaded``."""
     settings = Settings(store=str(tmp_path / "store"), max_queue=2, max_texts_per_request=2, max_wait_ms=2)
-    with engine_serving_demo(tmp_path, backbone, settings) as (address, artifact, coroutine_calls):
+    with engine_serving_demo(tmp_path, backbone, settings) as (address, artifact, coroutine_calls, _):
         replies = ask_all(address, backbone, coalesce_s=0.05, tasks=["demo"] * len(TEXTS))
 
     assert coroutine_calls == []
     assert [r.error_status for r in replies] == [0, 0, 429, 429, 429]
     assert all(r.error_code == "overloaded" and "2 items are queued" in r.error_message for r in replies[2:])
     assert all(r.version == artifact.version and len(r.probabilities[0]) == 3 for r in replies[:2])
+
+
+def test_a_calls_bucket_is_taken_in_the_engine_on_both_paths(tmp_path: Path, backbone: Backbone) -> None:
+    """Calls that carry their key's bucket (a directory store's front ends send it) take a token in
+    the engine: two of three one-row calls pass a burst of 2, the third and a later multi-row call
+    get 429 ``rate_limited`` with the bucket's Retry-After; a call without a bucket is not limited."""
+    settings = Settings(store=str(tmp_path / "store"), max_wait_ms=2)
+    key = Principal("k1", "classify", None)
+    bucket = (0.001, 2)
+
+    async def run(address: str, rows: list[list[int]]) -> tuple[list[Reply], Reply, Reply]:
+        client = EngineClient(address, identity="test-frontend-bucket", coalesce_s=0.05)
+        client.start()
+        try:
+            calls = [client.classify(f"r{i}", "demo", key, rows[i : i + 1], bucket) for i in range(3)]
+            singles = await asyncio.wait_for(asyncio.gather(*calls), timeout=60)
+            several = await client.classify("r-rows", "demo", key, rows[:2], bucket)
+            unlimited = await client.classify("r-free", "demo", key, rows[:1])
+            return singles, several, unlimited
+        finally:
+            await client.close()
+
+    with engine_serving_demo(tmp_path, backbone, settings) as (address, artifact, coroutine_calls, app):
+        singles, several, unlimited = asyncio.run(run(address, backbone.text.untruncated(TEXTS)))
+        refusals = app.state.metrics.tenant_refusals.labels("platform", "rate_limited")._value.get()
+
+    assert [r.error_status for r in singles] == [0, 0, 429]
+    assert len(coroutine_calls) == 1  # the multi-row call
+    for refused in (singles[2], several):
+        assert (refused.error_status, refused.error_code) == (429, "rate_limited")
+        assert "key k1 is over its rate" in refused.error_message and refused.error_retry_after_s > 60
+    assert unlimited.error_status == 0 and unlimited.version == artifact.version
+    assert refusals == 2

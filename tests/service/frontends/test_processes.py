@@ -244,12 +244,13 @@ def test_keys_are_checked_by_the_front_end_for_classify_and_by_the_engine_for_th
         assert server.stop() == 0
 
 
-def test_requests_a_front_end_answers_itself_are_counted_once_under_the_engines_routes(
+def test_a_keys_rate_holds_across_front_ends_and_refusals_are_counted_once_under_the_engines_routes(
     tmp_path: Path, tiny_bert_dir: Path, backbone: Backbone
 ) -> None:
-    """Refusals by a front end's limits reach the engine's one registry once each, under the route
-    the engine would have counted them: a classify over its key's rate (the request and the refusal,
-    as one process counts them) and a relayed route's body over max_body_bytes (never relayed)."""
+    """A key's rate holds across front ends (a directory store's buckets are the engine's), and
+    refusals reach the engine's one registry once each, under the route the engine would have counted
+    them: a classify over its key's rate (the request and the refusal, as one process counts them)
+    and a relayed route's body over max_body_bytes (refused by a front end, never relayed)."""
     settings = {
         "PTSERVE_AUTH": "on",
         "PTSERVE_API_KEYS": f"admin:{hash_key('fe-admin')},classify:{hash_key('fe-user')}",
@@ -269,9 +270,13 @@ def test_requests_a_front_end_answers_itself_are_counted_once_under_the_engines_
             httpx.post(f"{base}/v1/classify", json=body, headers=user, timeout=30).status_code
             for _ in range(4)
         ]
-        # A directory store's buckets are per process: each front end lets one request through.
+        # A directory store's buckets live in the engine, which every front end asks: one token.
         served, refused = statuses.count(200), statuses.count(429)
-        assert served + refused == 4 and refused >= 2
+        assert (served, refused) == (1, 3)
+        again = httpx.post(f"{base}/v1/classify", json=body, headers=user, timeout=30)
+        assert again.status_code == 429 and again.json()["error"]["code"] == "rate_limited"
+        assert int(again.headers["Retry-After"]) > 60  # the bucket's due time, not retry_after_s (1)
+        refused += 1
         large = httpx.post(
             f"{base}/v1/training-jobs",
             content=b"{" + b" " * 2048 + b"}",
