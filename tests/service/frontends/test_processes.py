@@ -61,9 +61,10 @@ def upload(base: str, data: bytes) -> httpx.Response:
     return httpx.post(f"{base}/v1/prompts", files={"file": ("a.safetensors", data)}, timeout=30)
 
 
-def classify(base: str, task: str = "swap") -> httpx.Response:
+def classify(base: str, task: str = "swap", texts: int = 2) -> httpx.Response:
     # A fresh connection per request: the kernel picks a front end per connection (SO_REUSEPORT).
-    return httpx.post(f"{base}/v1/classify", json={"task": task, "texts": ["a b c", "d e"]}, timeout=30)
+    body = {"task": task, "texts": ["a b c", "d e"][:texts]}
+    return httpx.post(f"{base}/v1/classify", json=body, timeout=30)
 
 
 def metric(base: str, name: str, **labels: str) -> float:
@@ -88,9 +89,12 @@ class Load(LoadThreads):
 
     def _loop(self, *args: object) -> None:
         index = int(str(args[0]))
+        # Even threads send one text (the engine answers those from the batcher's callbacks), odd
+        # threads two (its coroutine path): both must see versions move only forward.
+        texts = 1 + index % 2
         while not self._stop.is_set():
             try:
-                r = classify(self.base)
+                r = classify(self.base, texts=texts)
                 status = str(r.status_code)
             except httpx.HTTPError as exc:
                 status = type(exc).__name__
