@@ -38,7 +38,7 @@ from prompts.backbone import Backbone, load_backbone
 from prompts.data import TaskData, cap_rows, load_task_data
 from prompts.methods import HeadStyle
 from prompts.metrics import Report, evaluate
-from prompts.trainer import TrainConfig, seed_everything, train_task
+from prompts.trainer import PROBE_HEADS, TrainConfig, seed_everything, train_task
 
 DATASETS = ["sst2", "agnews", "trec", "banking77", "sms_spam", "emotion", "comment_zh"]
 # comment_zh is Chinese with 63 train rows on an English vocabulary: reported on its own.
@@ -92,7 +92,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--epochs", type=int, help="epochs for prompt, ptuning and prefix (default: each method's own)"
     )
     p.add_argument(
-        "--probe-epochs", type=int, help="epochs for the probe (default 200: it trains on cached features)"
+        "--probe-head",
+        choices=PROBE_HEADS,
+        help="how the probe's head is fitted (default: ptserve's, 'standardized' since session 31; the "
+        "committed H100 probe column is 'trained')",
+    )
+    p.add_argument(
+        "--probe-epochs",
+        type=int,
+        help="epochs for the probe's head trained by epochs (--probe-head trained; default 200: it trains "
+        "on cached features); the fitted head reads none",
     )
     p.add_argument("--finetune-epochs", type=int, default=10, help="early stopping on dev (patience 2)")
     p.add_argument("--finetune-lr", type=float, default=5e-5)
@@ -260,6 +269,7 @@ def run_one(
         config = TrainConfig(
             method=METHODS[method],
             epochs=args.probe_epochs if method == "probe" else args.epochs,
+            probe_head=args.probe_head if method == "probe" else None,
             seed=args.seed,
             batch_size=args.batch_size,
             max_length=args.max_length,
@@ -482,6 +492,7 @@ def _child_argv(args: argparse.Namespace, dataset: str, method: str, out: Path) 
         "max_test_rows",
         "epochs",
         "probe_epochs",
+        "probe_head",
         "finetune_epochs",
         "finetune_lr",
         "model",
