@@ -23,6 +23,7 @@ from service.frontends.link import EngineEndpoint
 from service.jobs_routes import jobs_router
 from service.limits import Limits, LimitsMiddleware
 from service.logs import RequestLogMiddleware, RouteTemplates
+from service.memory import freeze_startup_objects
 from service.metrics import CONTENT_TYPE, Metrics
 from service.routes import admin_router, classify_router, public_router
 from service.runtime import build_runtime, open_job_queue, open_store, open_tenancy
@@ -154,11 +155,14 @@ def create_app(
     backbone: Backbone | None = None,
     store: PromptStore | None = None,
     engine_address: str | None = None,
+    freeze_gc: bool = False,
 ) -> FastAPI:
     """Build the app. ``backbone`` and ``store`` may be injected (tests share one tiny backbone).
 
     ``engine_address``: this is the engine process of ``serve --frontends N``, which also answers
     tokenised classify calls from the front ends on that ZeroMQ address (service/frontends/).
+    ``freeze_gc``: a serving process's app, whose start-up objects the collector then leaves alone
+    (service/memory.py); never in a test process.
 
     Raises SettingsError when auth is on without API keys.
     """
@@ -199,6 +203,8 @@ def create_app(
             app.state.engine_endpoint = endpoint
         app.state.runtime = runtime
         log_auth_mode(keyring)
+        if freeze_gc:
+            logger.debug("start-up objects frozen: %d", freeze_startup_objects())
         logger.info("ptserve ready: backbone %s, store %s", loaded.spec.describe(), settings.store)
         try:
             yield

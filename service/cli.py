@@ -377,7 +377,7 @@ def serve(settings: Settings, backbone: Backbone | None = None) -> None:
         KeyRing.from_settings(settings)  # auth on without keys stops start-up here, as below
         raise SystemExit(Supervisor(settings).run())
     # Built before uvicorn starts, so invalid settings (auth on without keys) stop start-up here.
-    app = create_app(settings, backbone=backbone)
+    app = create_app(settings, backbone=backbone, freeze_gc=True)
     uvicorn.run(
         app,
         host=settings.host,

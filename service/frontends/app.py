@@ -26,6 +26,7 @@ from service.frontends.link import EngineClient
 from service.frontends.protocol import Observed
 from service.limits import Limits, LimitsMiddleware
 from service.logs import REQUEST_ID_HEADER, RequestLogMiddleware, RequestRecord, RouteTemplates
+from service.memory import freeze_startup_objects
 from service.ratelimit import RateLimiter
 from service.routes import (
     INLINE_TOKENIZE_CHARS,
@@ -62,9 +63,11 @@ def _frontend(request: Request) -> Frontend:
     return frontend
 
 
-def create_frontend_app(settings: Settings, index: int, engine_address: str, engine_socket: str) -> FastAPI:
+def create_frontend_app(
+    settings: Settings, index: int, engine_address: str, engine_socket: str, freeze_gc: bool = False
+) -> FastAPI:
     """Front end number ``index`` of ``settings.frontends``, talking to the engine at ``engine_address``
-    (ZeroMQ) and ``engine_socket`` (its app, HTTP over a unix socket)."""
+    (ZeroMQ) and ``engine_socket`` (its app, HTTP over a unix socket). ``freeze_gc``: as ``create_app``'s."""
     keyring = KeyRing.from_settings(settings)
 
     @asynccontextmanager
@@ -86,6 +89,8 @@ def create_frontend_app(settings: Settings, index: int, engine_address: str, eng
         )
         shared = tenancy.limiter.needs_io  # Redis: every process takes from the same buckets
         app.state.frontend = Frontend(index, tokenizer, engine, relay, tenancy.limiter if shared else None)
+        if freeze_gc:
+            freeze_startup_objects()
         try:
             yield
         finally:

@@ -51,7 +51,7 @@ def run_engine(settings: Settings, engine_socket: str, engine_address: str) -> N
     from service.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
-    app = create_app(settings, engine_address=engine_address)
+    app = create_app(settings, engine_address=engine_address, freeze_gc=True)
     uvicorn.run(
         app,
         uds=engine_socket,
@@ -76,7 +76,7 @@ def run_frontend(settings: Settings, index: int, engine_socket: str, engine_addr
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     listener.bind((settings.host, settings.port))
-    app = create_frontend_app(settings, index, engine_address, engine_socket)
+    app = create_frontend_app(settings, index, engine_address, engine_socket, freeze_gc=True)
     config = uvicorn.Config(
         app,
         log_level=settings.log_level,

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,3 +64,48 @@ def test_engine_trims_between_batches_and_results_are_unchanged(backbone: Backbo
     assert torch.allclose(torch.tensor(trimmed), torch.tensor(plain), atol=1e-6)
     engine.run_batch(rows)
     assert trimmer.trims == 1  # not again within the interval
+
+
+# Run in a child process: a freeze in the test process would keep every later test's garbage.
+_FREEZE_CHECK = """
+import gc, sys, weakref
+from fastapi.testclient import TestClient
+from prompts.backbone import load_backbone
+from service.app import create_app
+from service.settings import Settings
+
+backbone = load_backbone(sys.argv[1], device="cpu")
+for freeze in (False, True):
+    app = create_app(Settings(store=sys.argv[2]), backbone=backbone, freeze_gc=freeze)
+    with TestClient(app) as client:
+        assert client.get("/readyz").status_code == 200
+        print(freeze, gc.get_freeze_count(), flush=True)
+
+class Node:
+    pass
+
+late = Node()
+late.loop = late  # a cycle made after the freeze: still the collector's to free
+alive = weakref.ref(late)
+del late
+gc.collect()
+print("collected", alive() is None, flush=True)
+"""
+
+
+def test_a_serving_app_freezes_its_start_up_objects_and_later_cycles_are_still_collected(
+    tmp_path: Path, tiny_bert_dir: Path
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _FREEZE_CHECK, str(tiny_bert_dir), str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.split("\n")
+    not_frozen, frozen = (line.split() for line in lines[:2])
+    assert not_frozen == ["False", "0"]  # the default (tests, embedded use): the collector as ever
+    assert frozen[0] == "True" and int(frozen[1]) > 100_000  # torch, transformers, the app, the model
+    assert lines[2] == "collected True"
