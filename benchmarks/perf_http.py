@@ -183,8 +183,8 @@ def upload_tasks(
     spec = backbone.spec
     g = torch.Generator().manual_seed(0)
     names = []
-    own = isinstance(server, Server)
     client = httpx.Client(base_url=server.url, timeout=60.0) if isinstance(server, Server) else server
+    own = client is not server
     try:
         for i in range(count):
             artifact = build_artifact(

@@ -55,29 +55,23 @@ from service.settings import Settings
 ROLES = ("loop", "forward", "zmq", "other")
 
 
-def make_tiny_model(directory: Path, tokenizer_dir: Path) -> Path:
-    """A 2-layer, hidden-32 BERT with ``tokenizer_dir``'s tokenizer and random weights."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
+def make_tiny_model(directory: Path, source: Path) -> Path:
+    """``source``'s architecture and tokenizer (the packaged MiniLM's), shrunk to 2 layers of width 32,
+    with random weights."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
+    shrunk = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64}
+    config = AutoConfig.from_pretrained(source, **shrunk)
     torch.manual_seed(0)
-    BertModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    AutoModel.from_config(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(source).save_pretrained(directory)
     return directory
 
 
 @contextmanager
 def running_engine(
     settings: Settings, workdir: Path
-) -> Iterator[tuple[multiprocessing.Process, httpx.Client, str]]:
+) -> Iterator[tuple[multiprocessing.context.SpawnProcess, httpx.Client, str]]:
     """The engine process on sockets in ``workdir``; its HTTP client (unix socket) and ZeroMQ address."""
     from service.frontends.supervisor import run_engine
 
@@ -268,7 +262,7 @@ def main() -> None:
         texts = load_texts(args.data_root, args.dataset, "test", args.texts)
         rows = [backbone.text.truncate(ids, 128).input_ids for ids in backbone.text.untruncated(texts)]
         settings = Settings(
-            model=str(model),
+            model=model,
             store=str(workdir / "store"),
             device=args.device,
             dtype=args.dtype,

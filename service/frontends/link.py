@@ -33,7 +33,6 @@ from service.frontends.protocol import (
 from service.limits import rate_limited
 from service.logs import RequestRecord
 from service.metrics import Metrics
-from service.ratelimit import Verdict
 from service.runtime import Runtime
 from service.tenancy import Principal, Scope, resolve
 
@@ -115,7 +114,7 @@ class EngineEndpoint:
         the bound, and a task per call (its creation, the awaits down to the batcher, its wake-up)
         was most of the loop's own work per single-text request (benchmarks/perf_link.py). False:
         anything else (several rows, a task to read or load, any error), for :meth:`_answer`."""
-        if len(call.rows) != 1 or (call.bucket is not None and self.runtime.limiter.needs_io):
+        if len(call.rows) != 1:
             return False
         runtime = self.runtime
         try:
@@ -149,7 +148,7 @@ class EngineEndpoint:
                     call.id,
                     task=task.task,
                     version=task.version,
-                    labels=list(task.labels),
+                    labels=task.labels,
                     probabilities=[done.result()],
                     truncated=[encoding.truncated],
                 )
@@ -205,14 +204,15 @@ class EngineEndpoint:
                 continue
             sent.add_done_callback(_retrieve)  # a front end that is gone: nobody waits for these
 
-    def _over_rate(self, call: Call, verdict: Verdict | None = None) -> RateLimitedError | None:
+    def _over_rate(self, call: Call) -> RateLimitedError | None:
         """The refusal of a call whose key is over its bucket (the engine's, shared by every front end),
-        counted as the limits middleware counts its own; None: the call may run."""
+        counted as the limits middleware counts its own; None: the call may run. Front ends send a
+        bucket only where their store's buckets are local, and the engine opens the same store, so
+        the take is a dictionary update here, never a store round trip on the loop."""
         if call.bucket is None:
             return None
         rate, burst = call.bucket
-        if verdict is None:
-            verdict = self.runtime.limiter.take(call.key_id, rate, burst)
+        verdict = self.runtime.limiter.take(call.key_id, rate, burst)
         if verdict.allowed:
             return None
         self.metrics.observe_refusal(Principal(call.key_id, "classify", call.tenant), RateLimitedError.code)
@@ -220,16 +220,9 @@ class EngineEndpoint:
 
     async def _classify(self, call: Call) -> Reply:
         runtime = self.runtime
-        if call.bucket is not None:
-            limiter = runtime.limiter
-            rate, burst = call.bucket
-            if limiter.needs_io:
-                verdict = await asyncio.to_thread(limiter.take, call.key_id, rate, burst)
-            else:
-                verdict = limiter.take(call.key_id, rate, burst)
-            refusal = self._over_rate(call, verdict)
-            if refusal is not None:
-                raise refusal
+        refusal = self._over_rate(call)
+        if refusal is not None:
+            raise refusal
         principal = Principal(call.key_id, cast(Scope, call.scope), call.tenant)
         task = await runtime.cache.resolve(resolve(principal, call.task))
         # Cut to the room of the version this request is pinned to (front ends do not know it).
@@ -239,7 +232,7 @@ class EngineEndpoint:
             call.id,
             task=task.task,
             version=task.version,
-            labels=list(task.labels),
+            labels=task.labels,
             probabilities=probabilities,
             truncated=[e.truncated for e in encodings],
         )
