@@ -13,6 +13,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -70,20 +71,32 @@ def choose_group(costs: Sequence[int], max_size: int, max_tokens: int) -> tuple[
     indices in length order and whether trimming cut the batch. Pure, so benchmarks replay exactly
     the service's rule.
     """
-    order = sorted(range(len(costs)), key=lambda i: costs[i])  # stable: equal lengths stay oldest first
+    order = sorted(range(len(costs)), key=costs.__getitem__)  # stable: equal lengths stay oldest first
     at = order.index(0)
     size = min(max_size, len(order))
+    first, last = max(0, at - size + 1), min(at, len(order) - size)  # the runs' possible starts
+    # Runs that fit the budget untrimmed (most of them) are scored from prefix sums over the costs
+    # they can reach: a window of 1,024 would otherwise sum up to 64 runs of 64 costs per batch.
+    reach = [costs[i] for i in order[first : last + size]]
+    prefix = list(itertools.accumulate(reach, initial=0))
     best, best_key, trimmed = [0], (0, 0.0), False
-    for start in range(max(0, at - size + 1), min(at, len(order) - size) + 1):
+    best_start = -1
+    for start in range(first, last + 1):
+        offset = start - first
+        longest = reach[offset + size - 1]
+        if size == 1 or size * longest <= max_tokens:
+            key = (size, (prefix[offset + size] - prefix[offset]) / max(1, size * longest))
+            if key > best_key:
+                best_start, best_key, trimmed = start, key, False
+            continue
         run = order[start : start + size]
-        cut = False
         while len(run) > 1 and len(run) * costs[run[-1]] > max_tokens:
             run.remove(run[-1] if run[-1] != 0 else run[-2])
-            cut = True
-        real = sum(costs[i] for i in run)
-        key = (len(run), real / max(1, len(run) * costs[run[-1]]))
+        key = (len(run), sum(costs[i] for i in run) / max(1, len(run) * costs[run[-1]]))
         if key > best_key:
-            best, best_key, trimmed = run, key, cut
+            best, best_start, best_key, trimmed = run, -1, key, True
+    if best_start >= 0:
+        best = order[best_start : best_start + size]
     return best, trimmed
 
 
@@ -364,8 +377,6 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 taken, consumed, closed_by = self._scan(entries)
             else:
                 taken, consumed, closed_by = self._scan_grouped(entries)
-            if view is not None:
-                consumed = -1  # not a prefix of the queue: removed by identity below
             if closed_by is None and self._running:
                 # Another batch is running: only a full batch may overlap it (see the class docstring).
                 # A batch finishing sets _wakeup, and this one is formed again without the restriction.
@@ -386,15 +397,27 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                             pass
                         continue
                     closed_by = "time"
-            if consumed >= 0:
-                # Every popped entry leaves the count here: a cancelled one's forget callback will
-                # not find it in the queue any more.
-                self._dequeued([self._queue.popleft() for _ in range(consumed)])
-            else:  # a grouped or fair batch is not a prefix of the queue
+            if view is not None:  # a fair batch may come from anywhere in the queue
                 chosen = {id(entry) for entry in taken}
                 self._queue = collections.deque(e for e in self._queue if id(e) not in chosen)
                 self._dequeued(taken)
+            elif self._group_window is None:
+                # Every popped entry leaves the count here: a cancelled one's forget callback will
+                # not find it in the queue any more.
+                self._dequeued([self._queue.popleft() for _ in range(consumed)])
+            else:
+                self._take_from_head(consumed, taken)
             return taken, closed_by
+
+    def _take_from_head(self, span: int, taken: Sequence[_Entry[ItemT, ResultT]]) -> None:
+        """Remove ``taken``, which lies within the queue's first ``span`` slots, keeping the others'
+        order. A grouped batch is picked from the window at the head, so this costs the window, not
+        the queue: rebuilding the whole deque per batch was the largest share of the engine loop's
+        CPU with thousands of rows queued (benchmarks/perf_link.py, 32-row calls)."""
+        chosen = {id(entry) for entry in taken}
+        head = [self._queue.popleft() for _ in range(span)]
+        self._queue.extendleft(reversed([entry for entry in head if id(entry) not in chosen]))
+        self._dequeued(taken)
 
     def _scan(
         self, entries: Iterable[_Entry[ItemT, ResultT]]
@@ -429,12 +452,15 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         Only the oldest ``group_window`` live items are candidates. The oldest item always goes, so
         no item waits behind more than a window's worth of others. Among the runs of up to
         ``max_batch_size`` candidates in length order that contain it, the one with the least padding
-        is taken (trimmed from its long end to the token budget). Returns ``-1`` as the consumed
-        count: the taken items are removed by identity, not as a prefix of the queue.
+        is taken (trimmed from its long end to the token budget). Returns how many slots of
+        ``entries`` the window spans (done entries included) in place of the consumed count: every
+        taken item lies within them, though they are not all taken.
         """
         assert self._group_window is not None
         window: list[_Entry[ItemT, ResultT]] = []
+        span = 0
         for entry in entries:
+            span += 1
             if not entry.future.done():
                 window.append(entry)
                 if len(window) >= self._group_window:
@@ -442,8 +468,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         chosen, trimmed = choose_group([e.cost for e in window], self._max_batch_size, self._max_batch_tokens)
         best = [window[i] for i in chosen]
         if len(best) == self._max_batch_size:
-            return best, -1, "size"
-        return best, -1, "tokens" if trimmed else None
+            return best, span, "size"
+        return best, span, "tokens" if trimmed else None
 
     async def _run(self, batch: list[_Entry[ItemT, ResultT]], closed_by: str) -> None:
         loop = asyncio.get_running_loop()

@@ -109,12 +109,13 @@ class EngineEndpoint:
         )
 
     def _answer_now(self, identity: bytes, call: Call) -> bool:
-        """The common call, without a coroutine: one row of a task version already on the device,
-        queued at once and answered from its future's callback. On a GPU host the engine's loop is
-        the bound, and a task per call (its creation, the awaits down to the batcher, its wake-up)
-        was most of the loop's own work per single-text request (benchmarks/perf_link.py). False:
-        anything else (several rows, a task to read or load, any error), for :meth:`_answer`."""
-        if len(call.rows) != 1:
+        """The common call, without a coroutine: rows of a task version already on the device, queued
+        at once and answered from their futures' callbacks. On a GPU host the engine's loop is the
+        bound, and a task per call (its creation, the awaits down to the batcher, its wake-up, and for
+        several rows a gathering future over theirs) was most of the loop's own work per request
+        (benchmarks/perf_link.py). False: anything else (no rows, a task to read or load, an unknown
+        name), for :meth:`_answer`; errors past that point are answered here."""
+        if not call.rows:
             return False
         runtime = self.runtime
         try:
@@ -129,32 +130,51 @@ class EngineEndpoint:
         if refusal is not None:
             self._post(identity, self._failed(call, refusal))
             return True
-        encoding = runtime.backbone.text.truncate(call.rows[0], task.max_text_tokens)
+        limit = task.max_text_tokens
+        if all(len(ids) <= limit for ids in call.rows):
+            # Most rows fit: the decoded lists are the rows' own, nothing to cut or copy.
+            rows, truncated = call.rows, [False] * len(call.rows)
+        else:
+            encodings = [runtime.backbone.text.truncate(ids, limit) for ids in call.rows]
+            rows, truncated = [e.input_ids for e in encodings], [e.truncated for e in encodings]
         try:
-            (future,) = runtime.batcher.enqueue([Row(task, encoding.input_ids)])
+            futures = runtime.batcher.enqueue([Row(task, ids) for ids in rows])
         except PtserveError as exc:
             self._post(identity, self._failed(call, exc))
             return True
-        self._queued.add(future)
+        self._queued.update(futures)
+        left = len(futures)
 
         def deliver(done: asyncio.Future[list[float]]) -> None:
+            nonlocal left
             self._queued.discard(done)
+            if left <= 0:  # answered already: an earlier row failed
+                return
+            error: BaseException | None
             if done.cancelled():
-                reply = self._failed(call, ShuttingDownError("the engine stopped before this request ran"))
-            elif (error := done.exception()) is not None:
-                reply = self._failed(call, error)
+                error = ShuttingDownError("the engine stopped before this request ran")
             else:
+                error = done.exception()
+            if error is not None:
+                left = 0
+                for other in futures:  # as submit_many: the rows that have not run are dropped
+                    other.cancel()
+                self._post(identity, self._failed(call, error))
+                return
+            left -= 1
+            if left == 0:
                 reply = Reply(
                     call.id,
                     task=task.task,
                     version=task.version,
                     labels=task.labels,
-                    probabilities=[done.result()],
-                    truncated=[encoding.truncated],
+                    probabilities=[future.result() for future in futures],
+                    truncated=truncated,
                 )
-            self._post(identity, reply)
+                self._post(identity, reply)
 
-        future.add_done_callback(deliver)
+        for future in futures:
+            future.add_done_callback(deliver)
         return True
 
     async def _answer(self, identity: bytes, call: Call) -> None:

@@ -97,6 +97,41 @@ def test_choose_group_trims_the_long_end_to_the_token_budget_but_keeps_the_oldes
     assert choose_group([500, 4], max_size=2, max_tokens=100) == ([0], True)
 
 
+def reference_choose_group(costs: list[int], max_size: int, max_tokens: int) -> tuple[list[int], bool]:
+    """The rule as first written (every run summed): what the prefix-sum version must equal."""
+    order = sorted(range(len(costs)), key=lambda i: costs[i])
+    at = order.index(0)
+    size = min(max_size, len(order))
+    best, best_key, trimmed = [0], (0, 0.0), False
+    for start in range(max(0, at - size + 1), min(at, len(order) - size) + 1):
+        run = order[start : start + size]
+        cut = False
+        while len(run) > 1 and len(run) * costs[run[-1]] > max_tokens:
+            run.remove(run[-1] if run[-1] != 0 else run[-2])
+            cut = True
+        key = (len(run), sum(costs[i] for i in run) / max(1, len(run) * costs[run[-1]]))
+        if key > best_key:
+            best, best_key, trimmed = run, key, cut
+    return best, trimmed
+
+
+def test_choose_group_equals_the_rule_summed_run_by_run() -> None:
+    """Windows of random lengths (ties, budgets that trim some runs and not others, batches wider
+    than the window): the same indices, in the same order, and the same trimmed flag."""
+    rng = random.Random(7)
+    trimmed_seen = untrimmed_seen = 0
+    for _ in range(3000):
+        window = rng.choice([1, 2, 5, 40, 300])
+        costs = [rng.randint(0, 6) if rng.random() < 0.3 else rng.randint(1, 120) for _ in range(window)]
+        max_size = rng.choice([1, 4, 16, 64])
+        max_tokens = rng.choice([50, 400, 2000, 100_000])
+        got = choose_group(costs, max_size, max_tokens)
+        assert got == reference_choose_group(costs, max_size, max_tokens), (costs, max_size, max_tokens)
+        trimmed_seen += got[1]
+        untrimmed_seen += not got[1]
+    assert trimmed_seen > 300 and untrimmed_seen > 300
+
+
 async def test_rows_of_several_groups_share_batches_in_round_robin() -> None:
     """One group's deep queue does not make another group's rows wait behind all of it."""
     from service.batcher import DynamicBatcher

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +18,10 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from prompts.artifact import PromptArtifact
+from prompts.artifact import PromptArtifact, max_text_tokens
 from prompts.backbone import Backbone
 from service.app import create_app
+from service.engine import Engine, Row
 from service.frontends.link import EngineClient, EngineEndpoint
 from service.frontends.protocol import Call, Observed, Reply
 from service.settings import Settings
@@ -28,12 +30,13 @@ from tests.factories import random_artifact
 from tests.processes import eventually
 
 OPEN = Principal("-", "admin", None)
+CLIENT_IDS = itertools.count()
 TEXTS = ["the battery lasts two days", "a b c", "d e f g", "hello there", "one more text"]
 
 
 def ask_all(address: str, backbone: Backbone, coalesce_s: float, tasks: list[str]) -> list[Reply]:
     async def run() -> list[Reply]:
-        client = EngineClient(address, identity="test-frontend", coalesce_s=coalesce_s)
+        client = EngineClient(address, identity=f"test-frontend-{next(CLIENT_IDS)}", coalesce_s=coalesce_s)
         client.start()
         try:
             rows = backbone.text.untruncated(TEXTS)
@@ -140,8 +143,12 @@ def engine_serving_demo(
 
 
 def ask_rows(address: str, rows: list[list[int]]) -> Reply:
+    """One call of ``rows`` from a new client. Each client has its own identity, as front ends do (the
+    pid is in theirs): a ROUTER drops a peer that connects under an identity it still holds, and the
+    reply to it would be lost."""
+
     async def run() -> Reply:
-        client = EngineClient(address, identity="test-frontend-rows")
+        client = EngineClient(address, identity=f"test-frontend-rows-{next(CLIENT_IDS)}")
         client.start()
         try:
             return await asyncio.wait_for(client.classify("req-rows", "demo", OPEN, rows), timeout=60)
@@ -152,23 +159,44 @@ def ask_rows(address: str, rows: list[list[int]]) -> Reply:
 
 
 @pytest.mark.parametrize("pointer_ttl_s", [60.0, 0.0])
-def test_one_row_calls_of_a_cached_task_skip_the_coroutine_and_answer_alike(
+def test_calls_of_a_cached_task_skip_the_coroutine_and_answer_alike(
     tmp_path: Path, backbone: Backbone, pointer_ttl_s: float
 ) -> None:
-    """One-row calls of a task version on the device with a fresh pointer are answered from the
-    batcher's callbacks; a multi-row call, or any call once the pointer must be read again (TTL 0),
-    goes through the coroutine. The replies are the same either way."""
+    """Calls of a task version on the device with a fresh pointer, one row or several, are answered
+    from the batcher's callbacks; any call once the pointer must be read again (TTL 0) goes through
+    the coroutine. The replies are the same either way."""
     settings = Settings(store=str(tmp_path / "store"), max_wait_ms=2, pointer_ttl_s=pointer_ttl_s)
     with engine_serving_demo(tmp_path, backbone, settings) as (address, artifact, coroutine_calls, _):
         single = ask_all(address, backbone, coalesce_s=0.05, tasks=["demo"] * len(TEXTS))
         several = ask_rows(address, backbone.text.untruncated(TEXTS))
 
-    assert len(coroutine_calls) == (1 if pointer_ttl_s else len(TEXTS) + 1)
+    assert len(coroutine_calls) == (0 if pointer_ttl_s else len(TEXTS) + 1)
     assert several.version == artifact.version and several.truncated == [False] * len(TEXTS)
     for i, reply in enumerate(single):
         assert (reply.error_status, reply.version, reply.labels) == (0, artifact.version, several.labels)
         assert reply.truncated == [False]
         assert reply.probabilities[0] == pytest.approx(several.probabilities[i], abs=1e-6)
+
+
+@pytest.mark.parametrize("pointer_ttl_s", [60.0, 0.0])
+def test_a_row_past_the_tasks_room_is_cut_and_flagged_on_both_paths(
+    tmp_path: Path, backbone: Backbone, pointer_ttl_s: float
+) -> None:
+    """A row longer than the room the task's version leaves is cut as the route cuts it (its head and
+    closing token) and flagged; the short row beside it is not; the same on the coroutine path."""
+    settings = Settings(store=str(tmp_path / "store"), max_wait_ms=2, pointer_ttl_s=pointer_ttl_s)
+    long_row, short_row = backbone.text.untruncated([" ".join(["phone"] * 80), "short text"])
+    with engine_serving_demo(tmp_path, backbone, settings) as (address, artifact, coroutine_calls, _):
+        limit = max_text_tokens(artifact.manifest, backbone.spec)
+        cut = backbone.text.truncate(long_row, limit).input_ids
+        assert len(long_row) > limit == len(cut) and cut[-1] == long_row[-1]
+        mixed = ask_rows(address, [long_row, short_row])
+        precut = ask_rows(address, [cut, short_row])
+
+    assert len(coroutine_calls) == (0 if pointer_ttl_s else 2)
+    assert mixed.truncated == [True, False] and precut.truncated == [False, False]
+    for got, expected in zip(mixed.probabilities, precut.probabilities, strict=True):
+        assert got == pytest.approx(expected, abs=1e-6)
 
 
 def test_a_full_queue_refuses_the_one_row_calls_past_it_and_runs_the_rest(
@@ -186,11 +214,46 @@ def test_a_full_queue_refuses_the_one_row_calls_past_it_and_runs_the_rest(
     assert all(r.version == artifact.version and len(r.probabilities[0]) == 3 for r in replies[:2])
 
 
-def test_a_calls_bucket_is_taken_in_the_engine_on_both_paths(tmp_path: Path, backbone: Backbone) -> None:
+def test_a_row_that_fails_answers_its_call_with_the_error_and_drops_the_rows_not_run(
+    tmp_path: Path, backbone: Backbone
+) -> None:
+    """A call of four rows, one row a batch: the second row's forward fails, so the call is answered
+    with the error (500, as the route answers) and its last two rows never reach the forward, as
+    ``submit_many`` drops them; the engine then answers the same rows without the fault."""
+    settings = Settings(store=str(tmp_path / "store"), max_wait_ms=2, max_batch_size=1, pipeline_depth=1)
+    rows = backbone.text.untruncated(TEXTS[:4])
+    with engine_serving_demo(tmp_path, backbone, settings) as (address, artifact, coroutine_calls, app):
+        engine: Engine = app.state.runtime.engine
+        real = engine.run_batch
+        forwarded: list[list[int]] = []
+
+        def failing(batch: list[Row]) -> list[list[float]]:
+            forwarded.extend(list(row.input_ids) for row in batch)
+            if any(list(row.input_ids) == rows[1] for row in batch):
+                raise RuntimeError("the device failed")
+            return real(batch)
+
+        engine.run_batch = failing  # type: ignore[method-assign]
+        failed = ask_rows(address, rows)
+        engine.run_batch = real  # type: ignore[method-assign]
+        again = ask_rows(address, rows)
+
+    assert coroutine_calls == []
+    assert (failed.error_status, failed.error_code) == (500, "internal_error")
+    assert "RuntimeError" in failed.error_message and failed.probabilities == []
+    assert forwarded == rows[:2]
+    assert again.error_status == 0 and again.version == artifact.version and len(again.probabilities) == 4
+
+
+@pytest.mark.parametrize("pointer_ttl_s", [60.0, 0.0])
+def test_a_calls_bucket_is_taken_in_the_engine_on_both_paths(
+    tmp_path: Path, backbone: Backbone, pointer_ttl_s: float
+) -> None:
     """Calls that carry their key's bucket (a directory store's front ends send it) take a token in
-    the engine: two of three one-row calls pass a burst of 2, the third and a later multi-row call
-    get 429 ``rate_limited`` with the bucket's Retry-After; a call without a bucket is not limited."""
-    settings = Settings(store=str(tmp_path / "store"), max_wait_ms=2)
+    the engine, on the callback path and on the coroutine's (TTL 0): two of three one-row calls pass
+    a burst of 2, the third and a later multi-row call get 429 ``rate_limited`` with the bucket's
+    Retry-After; a call without a bucket is not limited."""
+    settings = Settings(store=str(tmp_path / "store"), max_wait_ms=2, pointer_ttl_s=pointer_ttl_s)
     key = Principal("k1", "classify", None)
     bucket = (0.001, 2)
 
@@ -211,7 +274,7 @@ def test_a_calls_bucket_is_taken_in_the_engine_on_both_paths(tmp_path: Path, bac
         refusals = app.state.metrics.tenant_refusals.labels("platform", "rate_limited")._value.get()
 
     assert [r.error_status for r in singles] == [0, 0, 429]
-    assert len(coroutine_calls) == 1  # the multi-row call
+    assert len(coroutine_calls) == (0 if pointer_ttl_s else 5)
     for refused in (singles[2], several):
         assert (refused.error_status, refused.error_code) == (429, "rate_limited")
         assert "key k1 is over its rate" in refused.error_message and refused.error_retry_after_s > 60
