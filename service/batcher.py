@@ -15,6 +15,7 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
+import operator
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -115,6 +116,8 @@ class _Entry(Generic[ItemT, ResultT]):
         self.group = group
 
 
+_COST = operator.attrgetter("cost")
+
 # What the worker thread hands back: results or the error run_batch raised, and its wall time.
 _Outcome = tuple[list[ResultT] | None, Exception | None, float]
 
@@ -183,6 +186,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         )
         self._running: set[asyncio.Task[None]] = set()
         self._queue: collections.deque[_Entry[ItemT, ResultT]] = collections.deque()
+        # With length grouping, the oldest queued entries (up to group_window), every one older than
+        # those in _queue: the window batches are chosen from, kept between batches. Rebuilding it from
+        # the queue for every batch read ~1,000 entries three times per 64-row batch, most of the
+        # engine loop's work per row of multi-row calls (benchmarks/perf_link.py). Empty without it.
+        self._head: list[_Entry[ItemT, ResultT]] = []
         self._wakeup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -191,7 +199,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
     @property
     def queue_depth(self) -> int:
         """Items waiting for a batch (not counting the batches that are running)."""
-        return len(self._queue)
+        return len(self._head) + len(self._queue)
 
     @property
     def batches_running(self) -> int:
@@ -258,9 +266,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             raise BatcherClosedError("the service is shutting down")
         # Costs first, so a bad item rejects the whole request before any row is queued.
         costs = [self._item_cost(item) for item in items]
-        if self._max_queue is not None and len(self._queue) + len(items) > self._max_queue:
+        queued = self.queue_depth
+        if self._max_queue is not None and queued + len(items) > self._max_queue:
             raise QueueFullError(
-                f"the server is overloaded: {len(self._queue)} items are queued (limit {self._max_queue})"
+                f"the server is overloaded: {queued} items are queued (limit {self._max_queue})"
             )
         now = loop.time()
         futures: list[asyncio.Future[ResultT]] = []
@@ -287,13 +296,17 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             if future.cancelled():
                 # ValueError: already taken into a batch, or failed by stop().
                 with contextlib.suppress(ValueError):
-                    self._queue.remove(entry)
+                    try:
+                        self._head.remove(entry)
+                    except ValueError:
+                        self._queue.remove(entry)
                     self._dequeued([entry])
 
         return forget
 
     def _fail_queued(self, error: Exception) -> None:
-        entries = list(self._queue)
+        entries = [*self._head, *self._queue]
+        self._head.clear()
         self._queue.clear()
         self._queued_per_group.clear()
         self._fail(entries, error)
@@ -310,7 +323,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         if len(self._queued_per_group) < 2:
             return None
         members: dict[str, list[_Entry[ItemT, ResultT]]] = {}
-        for entry in self._queue:
+        for entry in itertools.chain(self._head, self._queue):
             if not entry.future.done():
                 members.setdefault(entry.group, []).append(entry)
         if len(members) < 2:
@@ -366,17 +379,24 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             self._wakeup.clear()
             while self._queue and self._queue[0].future.done():
                 self._dequeued([self._queue.popleft()])
-            if not self._queue:
+            self._refill_head()
+            if not self._head and not self._queue:
                 if self._closed:
                     return None
                 await self._wakeup.wait()
                 continue
             view = self._fair_view()
-            entries = self._queue if view is None else view
+            consumed = 0
             if self._group_window is None:
-                taken, consumed, closed_by = self._scan(entries)
+                taken, consumed, closed_by = self._scan(self._queue if view is None else view)
             else:
-                taken, consumed, closed_by = self._scan_grouped(entries)
+                window = self._head if view is None else view[: self._group_window]
+                taken, closed_by = self._scan_grouped(window)
+                if any(entry.future.done() for entry in taken):
+                    # A row cancelled in this turn, before its forget callback ran: drop the done
+                    # rows from the window now (counted here; forget will not find them) and look again.
+                    self._drop_done_from_head()
+                    continue
             if closed_by is None and self._running:
                 # Another batch is running: only a full batch may overlap it (see the class docstring).
                 # A batch finishing sets _wakeup, and this one is formed again without the restriction.
@@ -399,25 +419,38 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                     closed_by = "time"
             if view is not None:  # a fair batch may come from anywhere in the queue
                 chosen = {id(entry) for entry in taken}
+                self._head = [e for e in self._head if id(e) not in chosen]
                 self._queue = collections.deque(e for e in self._queue if id(e) not in chosen)
                 self._dequeued(taken)
             elif self._group_window is None:
                 # Every popped entry leaves the count here: a cancelled one's forget callback will
                 # not find it in the queue any more.
                 self._dequeued([self._queue.popleft() for _ in range(consumed)])
-            else:
-                self._take_from_head(consumed, taken)
+            else:  # the window's order is kept; the next look refills it from the queue
+                chosen = {id(entry) for entry in taken}
+                self._head = [e for e in self._head if id(e) not in chosen]
+                self._dequeued(taken)
             return taken, closed_by
 
-    def _take_from_head(self, span: int, taken: Sequence[_Entry[ItemT, ResultT]]) -> None:
-        """Remove ``taken``, which lies within the queue's first ``span`` slots, keeping the others'
-        order. A grouped batch is picked from the window at the head, so this costs the window, not
-        the queue: rebuilding the whole deque per batch was the largest share of the engine loop's
-        CPU with thousands of rows queued (benchmarks/perf_link.py, 32-row calls)."""
-        chosen = {id(entry) for entry in taken}
-        head = [self._queue.popleft() for _ in range(span)]
-        self._queue.extendleft(reversed([entry for entry in head if id(entry) not in chosen]))
-        self._dequeued(taken)
+    def _refill_head(self) -> None:
+        """Move the queue's oldest entries into the grouping window until it holds ``group_window``
+        (each entry moves once, so this costs the rows batched since the last look)."""
+        if self._group_window is None:
+            return
+        room = self._group_window - len(self._head)
+        if room <= 0 or not self._queue:
+            return
+        if room >= len(self._queue):
+            self._head.extend(self._queue)
+            self._queue.clear()
+        else:
+            pop = self._queue.popleft
+            self._head.extend(pop() for _ in range(room))
+
+    def _drop_done_from_head(self) -> None:
+        done = [entry for entry in self._head if entry.future.done()]
+        self._head = [entry for entry in self._head if not entry.future.done()]
+        self._dequeued(done)
 
     def _scan(
         self, entries: Iterable[_Entry[ItemT, ResultT]]
@@ -445,31 +478,21 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         return taken, consumed, None
 
     def _scan_grouped(
-        self, entries: Iterable[_Entry[ItemT, ResultT]]
-    ) -> tuple[list[_Entry[ItemT, ResultT]], int, str | None]:
+        self, window: Sequence[_Entry[ItemT, ResultT]]
+    ) -> tuple[list[_Entry[ItemT, ResultT]], str | None]:
         """Like ``_scan``, but fills the batch with queued items of lengths close to the oldest one.
 
-        Only the oldest ``group_window`` live items are candidates. The oldest item always goes, so
-        no item waits behind more than a window's worth of others. Among the runs of up to
-        ``max_batch_size`` candidates in length order that contain it, the one with the least padding
-        is taken (trimmed from its long end to the token budget). Returns how many slots of
-        ``entries`` the window spans (done entries included) in place of the consumed count: every
-        taken item lies within them, though they are not all taken.
+        ``window``: the oldest ``group_window`` items (the kept window, or the fair view's first), the
+        only candidates. The oldest item always goes, so no item waits behind more than a window's
+        worth of others. Among the runs of up to ``max_batch_size`` candidates in length order that
+        contain it, the one with the least padding is taken (trimmed from its long end to the token
+        budget).
         """
-        assert self._group_window is not None
-        window: list[_Entry[ItemT, ResultT]] = []
-        span = 0
-        for entry in entries:
-            span += 1
-            if not entry.future.done():
-                window.append(entry)
-                if len(window) >= self._group_window:
-                    break
-        chosen, trimmed = choose_group([e.cost for e in window], self._max_batch_size, self._max_batch_tokens)
+        chosen, trimmed = choose_group(list(map(_COST, window)), self._max_batch_size, self._max_batch_tokens)
         best = [window[i] for i in chosen]
         if len(best) == self._max_batch_size:
-            return best, span, "size"
-        return best, span, "tokens" if trimmed else None
+            return best, "size"
+        return best, "tokens" if trimmed else None
 
     async def _run(self, batch: list[_Entry[ItemT, ResultT]], closed_by: str) -> None:
         loop = asyncio.get_running_loop()

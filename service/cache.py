@@ -19,7 +19,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prompts.artifact import (
@@ -62,6 +62,11 @@ class LoadedTask:
     nbytes: int
     scaled: bool = False  # the task has (IA)^3 scales
     lora_rank: int = 0  # the rank of the task's LoRA (0: none)
+    # Its tenant's label, read for every queued row (the batcher's fair share), so computed once.
+    tenant: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tenant", tenant_label(self.task))
 
     @property
     def labels(self) -> list[str]:

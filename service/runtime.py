@@ -22,7 +22,6 @@ from service.memory import HeapTrimmer
 from service.pool import PromptPool
 from service.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
 from service.settings import Settings
-from service.tenancy import tenant_label
 from service.watcher import ChangeWatcher, make_watcher
 
 
@@ -154,7 +153,7 @@ def build_runtime(
         group_window=group_window(settings.max_batch_size) if settings.length_grouping else None,
         pipeline_depth=pipeline_depth(settings, engine),
         # Rows of different tenants (task namespaces) share batches in round robin while several wait.
-        fair_group=lambda row: tenant_label(row.task.task),
+        fair_group=lambda row: row.task.tenant,
     )
     watcher = None
     if settings.watch_changes:

@@ -97,6 +97,41 @@ def test_choose_group_trims_the_long_end_to_the_token_budget_but_keeps_the_oldes
     assert choose_group([500, 4], max_size=2, max_tokens=100) == ([0], True)
 
 
+async def test_a_row_cancelled_in_the_grouping_window_leaves_it(make: Factory) -> None:
+    """Two rows wait in the window for a third; one is cancelled (its slot freed at once), and the
+    batch that closes holds the other and the next two."""
+    h = make(max_batch_size=3, group_window=8)
+    a, b = h.batcher.enqueue([Item("a", 5), Item("b", 5)])
+    await until(lambda: len(h.batcher._head) == 2)  # the collector moved them into its window
+    b.cancel()
+    await until(lambda: h.batcher.queue_depth == 1)
+    c, d = h.batcher.enqueue([Item("c", 5), Item("d", 5)])
+
+    assert await asyncio.gather(a, c, d) == ["A", "C", "D"]
+    assert h.fake.batches == [["a", "c", "d"]]
+    assert b.cancelled() and h.batcher.queue_depth == 0
+
+
+async def test_a_row_cancelled_after_the_collector_was_woken_is_left_out(make: Factory) -> None:
+    """The collector is woken by new rows, then a queued row is cancelled in the same turn: the
+    collector reads the window before the cancelled row's own callback runs, leaves it out of the
+    batch, and the count of queued rows stays right (it is not taken off twice)."""
+    h = make(max_batch_size=3, group_window=8)
+    drops: list[int] = []
+    drop = h.batcher._drop_done_from_head
+    h.batcher._drop_done_from_head = lambda: (drops.append(1), drop())[1]  # type: ignore[method-assign]
+    await until(lambda: h.batcher._task is not None and h.batcher._wakeup._waiters)  # the collector waits
+    a, b, c, d = h.batcher.enqueue([Item("a", 5), Item("b", 5), Item("c", 5), Item("d", 5)])
+    b.cancel()  # its forget callback runs after the collector's wake-up, queued before it
+
+    assert await asyncio.gather(a, c, d) == ["A", "C", "D"]
+    assert h.fake.batches == [["a", "c", "d"]]
+    assert b.cancelled() and h.batcher.queue_depth == 0
+    assert drops == [1]  # the window was read with the cancelled row in it
+    assert await h.batcher.submit_many([Item("e", 5), Item("f", 5), Item("g", 5)]) == ["E", "F", "G"]
+    assert h.batcher.queue_depth == 0 and not h.batcher._queued_per_group
+
+
 def reference_choose_group(costs: list[int], max_size: int, max_tokens: int) -> tuple[list[int], bool]:
     """The rule as first written (every run summed): what the prefix-sum version must equal."""
     order = sorted(range(len(costs)), key=lambda i: costs[i])
