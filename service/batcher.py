@@ -391,7 +391,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 taken, consumed, closed_by = self._scan(self._queue if view is None else view)
             else:
                 window = self._head if view is None else view[: self._group_window]
-                taken, closed_by = self._scan_grouped(window)
+                taken, picked, closed_by = self._scan_grouped(window)
                 if any(entry.future.done() for entry in taken):
                     # A row cancelled in this turn, before its forget callback ran: drop the done
                     # rows from the window now (counted here; forget will not find them) and look again.
@@ -427,8 +427,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 # not find it in the queue any more.
                 self._dequeued([self._queue.popleft() for _ in range(consumed)])
             else:  # the window's order is kept; the next look refills it from the queue
-                chosen = {id(entry) for entry in taken}
-                self._head = [e for e in self._head if id(e) not in chosen]
+                keep = [True] * len(self._head)
+                for index in picked:
+                    keep[index] = False
+                self._head = list(itertools.compress(self._head, keep))
                 self._dequeued(taken)
             return taken, closed_by
 
@@ -479,20 +481,20 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     def _scan_grouped(
         self, window: Sequence[_Entry[ItemT, ResultT]]
-    ) -> tuple[list[_Entry[ItemT, ResultT]], str | None]:
+    ) -> tuple[list[_Entry[ItemT, ResultT]], list[int], str | None]:
         """Like ``_scan``, but fills the batch with queued items of lengths close to the oldest one.
 
         ``window``: the oldest ``group_window`` items (the kept window, or the fair view's first), the
         only candidates. The oldest item always goes, so no item waits behind more than a window's
         worth of others. Among the runs of up to ``max_batch_size`` candidates in length order that
         contain it, the one with the least padding is taken (trimmed from its long end to the token
-        budget).
+        budget). Returns the batch, its indices in ``window`` and why it closed (as ``_scan``).
         """
         chosen, trimmed = choose_group(list(map(_COST, window)), self._max_batch_size, self._max_batch_tokens)
         best = [window[i] for i in chosen]
         if len(best) == self._max_batch_size:
-            return best, "size"
-        return best, "tokens" if trimmed else None
+            return best, chosen, "size"
+        return best, chosen, "tokens" if trimmed else None
 
     async def _run(self, batch: list[_Entry[ItemT, ResultT]], closed_by: str) -> None:
         loop = asyncio.get_running_loop()
