@@ -64,6 +64,11 @@ class HeapTrimmer:
         return True
 
 
+# Allocations (net of frees) between two collections of the youngest generation in a serving process
+# (Python's default: 700); see freeze_startup_objects.
+YOUNG_GC_THRESHOLD = 20_000
+
+
 def freeze_startup_objects() -> int:
     """Move every object alive now into the collector's permanent generation; returns how many.
 
@@ -75,7 +80,14 @@ def freeze_startup_objects() -> int:
     freeze is collected first. Objects created later (loaded tasks, requests) are collected as ever.
     Call once, at the end of a process's start-up; not in tests that build many apps in one
     process, whose frozen garbage would never be collected.
+
+    It also raises the youngest generation's threshold to :data:`YOUNG_GC_THRESHOLD`: under load the
+    engine's loop makes and drops a future, a queue entry and a callback per row, and at Python's
+    700 it ran ~650 young collections (and 60 of the middle generation) per perf_link run, ~0.3 s of
+    the loop's CPU; at 20,000, 5 and 1 (~0.05 s), and the loop's CPU per 32-row call fell from a
+    median of 1,381 to 1,120 µs over five interleaved runs each (one-row calls 57 -> 49 µs).
     """
     gc.collect()
     gc.freeze()
+    gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
     return gc.get_freeze_count()

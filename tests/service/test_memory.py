@@ -10,7 +10,7 @@ import torch
 
 from prompts.backbone import Backbone
 from service.engine import Engine, Row
-from service.memory import HeapTrimmer
+from service.memory import YOUNG_GC_THRESHOLD, HeapTrimmer
 from service.pool import PromptPool
 from tests.factories import random_artifact
 
@@ -79,7 +79,7 @@ for freeze in (False, True):
     app = create_app(Settings(store=sys.argv[2]), backbone=backbone, freeze_gc=freeze)
     with TestClient(app) as client:
         assert client.get("/readyz").status_code == 200
-        print(freeze, gc.get_freeze_count(), flush=True)
+        print(freeze, gc.get_freeze_count(), gc.get_threshold()[0], flush=True)
 
 class Node:
     pass
@@ -106,6 +106,7 @@ def test_a_serving_app_freezes_its_start_up_objects_and_later_cycles_are_still_c
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.split("\n")
     not_frozen, frozen = (line.split() for line in lines[:2])
-    assert not_frozen == ["False", "0"]  # the default (tests, embedded use): the collector as ever
+    assert not_frozen == ["False", "0", "700"]  # the default (tests, embedded use): the collector as ever
     assert frozen[0] == "True" and int(frozen[1]) > 100_000  # torch, transformers, the app, the model
+    assert int(frozen[2]) == YOUNG_GC_THRESHOLD  # young collections made rarer
     assert lines[2] == "collected True"

@@ -89,8 +89,9 @@ class Load(LoadThreads):
 
     def _loop(self, *args: object) -> None:
         index = int(str(args[0]))
-        # Even threads send one text (the engine answers those from the batcher's callbacks), odd
-        # threads two (its coroutine path): both must see versions move only forward.
+        # Even threads send one text, odd threads two: the engine answers either from the batcher's
+        # callbacks while the version is on the device, and through its coroutine path when a swap
+        # makes it read the pointer or load. Both must see versions move only forward.
         texts = 1 + index % 2
         while not self._stop.is_set():
             try:

@@ -1,0 +1,27 @@
+"""benchmarks/perf_loop.py: one pass answers every call through the endpoint's callback path."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from benchmarks.perf_loop import one_pass
+from prompts.backbone import TextTokenizer
+from service.settings import Settings
+
+
+def test_a_pass_answers_every_call_and_times_the_loop_thread(tmp_path: Path) -> None:
+    rows = [[101, *range(1000, 1000 + n), 102] for n in (3, 9, 20, 5)]
+    cpu, wall = asyncio.run(
+        one_pass(
+            Settings(max_batch_size=8),
+            TextTokenizer.load(),
+            rows,
+            per_call=3,
+            calls=50,
+            labels=4,
+            workdir=tmp_path,
+        )
+    )
+    # The loop thread did the work (a failed call raises), and its CPU is at most the wall time.
+    assert 0.0 < cpu <= wall * 1.05 + 0.01
