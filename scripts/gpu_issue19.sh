@@ -5,7 +5,8 @@
 # weights (speed does not depend on their values), runs the CUDA-graph tests (tests/prompts/test_graphs.py,
 # skipped without a GPU), benchmarks/perf_engine.py --scaled --lora 8 (tasks with (IA)^3 scales, and with
 # scales and rank-8 LoRA, beside plain ones), benchmarks/perf_link.py (the engine process alone, fed by
-# 4 driver front ends without HTTP: its event loop's CPU per call, the bound of serve --frontends N),
+# 4 driver front ends without HTTP: its event loop's CPU per call, the bound of serve --frontends N;
+# benchmarks/perf_loop.py before it: the loop's own code per call on the host's CPU),
 # then benchmarks/perf_http.py on cuda in float16 (as benchmarks/RESULTS.md's H100
 # run) with 1, 2, 4 and 8 front-end processes and 4 load-generator processes: single-text and 32-text
 # throughput against the raw forward pass, p50/p99, CPU per process and per engine thread, and a py-spy
@@ -54,6 +55,10 @@ if [ -z "${SKIP_ENGINE:-}" ]; then  # scaled and LoRA tasks beside plain ones: t
   timeout 180 "$PYTHON" -m benchmarks.perf_engine --device "$DEVICE" --dtype "$DTYPE" --model /tmp/minilm-random \
     --data-root .gpu/data --dataset sst2 --tasks 1,100 --scaled --lora 8 --rounds 5 --batches 8 --batch-size 64 \
     --out "$OUT/perf_engine" 2>&1 | tail -n 20 | tee "$OUT/perf_engine.log"
+fi
+if [ -z "${SKIP_LINK:-}" ]; then  # the engine loop's own code per call on this host's CPU (no device)
+  timeout 60 "$PYTHON" -m benchmarks.perf_loop --data-root .gpu/data --repeat 3 \
+    --out "$OUT/perf_loop" 2>&1 | tail -n 6 | tee "$OUT/perf_loop.log"
 fi
 if [ -z "${SKIP_LINK:-}" ]; then  # the engine process alone, fed by 4 driver front ends without HTTP
   timeout 150 "$PYTHON" -m benchmarks.perf_link --device "$DEVICE" --dtype "$DTYPE" --model /tmp/minilm-random \
