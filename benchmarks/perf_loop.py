@@ -4,7 +4,8 @@
 loop figures move with everything else on the cores (runs of the same code differ by 1.4x). This one
 keeps only the code the loop runs for a call: the real ``EngineEndpoint`` callback path (the one a
 call of a cached task takes) and a ``DynamicBatcher`` configured as ``service.runtime`` configures it
-(batch size, token budget, length grouping window, fair groups), fed ``--calls`` Calls of pre-tokenised
+without CUDA graphs (batch size, token budget, length grouping window, fair groups, one batch in flight;
+no ``max_queue``, so every Call is admitted), fed ``--calls`` Calls of pre-tokenised
 rows in one turn, as a deep queue on a GPU host sees them. What is not the loop's is replaced: the
 forward returns fixed probabilities at once (it runs in the batcher's executor thread, whose CPU is
 not counted), the cached task is a stand-in with the attributes the loop reads, and replies are

@@ -392,9 +392,14 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             else:
                 window = self._head if view is None else view[: self._group_window]
                 taken, picked, closed_by = self._scan_grouped(window)
-                if any(entry.future.done() for entry in taken):
-                    # A row cancelled in this turn, before its forget callback ran: drop the done
-                    # rows from the window now (counted here; forget will not find them) and look again.
+                # A row cancelled in this turn, before its forget callback ran, is still in the kept
+                # window: in the batch, or, for a partial batch, perhaps what trimming cut (closing it
+                # early, as "tokens") or a candidate's place. Drop the done rows now (counted here;
+                # forget will not find them) and look again. A full batch of live rows stands.
+                stale = any(entry.future.done() for entry in taken)
+                if not stale and closed_by != "size" and view is None:
+                    stale = any(entry.future.done() for entry in window)
+                if stale:
                     self._drop_done_from_head()
                     continue
             if closed_by is None and self._running:

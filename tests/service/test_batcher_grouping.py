@@ -132,6 +132,24 @@ async def test_a_row_cancelled_after_the_collector_was_woken_is_left_out(make: F
     assert h.batcher.queue_depth == 0 and not h.batcher._queued_per_group
 
 
+async def test_a_long_row_cancelled_in_the_turn_the_collector_wakes_does_not_close_a_partial_batch(
+    make: Factory,
+) -> None:
+    """A short and a long row arrive together and the long one is cancelled at once, before its own
+    callback ran. Trimming the dead long row off the run must not count as the token budget closing
+    the batch: the short row waits for company (or its wait) as if the long one had never come."""
+    h = make(max_batch_size=4, max_batch_tokens=50, group_window=8)
+    await until(lambda: h.batcher._task is not None and h.batcher._wakeup._waiters)  # the collector waits
+    short, long = h.batcher.enqueue([Item("short", 5), Item("long", 100)])
+    long.cancel()
+    await until(lambda: h.batcher.queue_depth == 1)
+    rest = h.batcher.enqueue([Item("c", 5), Item("d", 5), Item("e", 5)])
+
+    assert await asyncio.gather(short, *rest) == ["SHORT", "C", "D", "E"]
+    assert h.fake.batches == [["short", "c", "d", "e"]]
+    assert [s.closed_by for s in h.stats] == ["size"]
+
+
 def reference_choose_group(costs: list[int], max_size: int, max_tokens: int) -> tuple[list[int], bool]:
     """The rule as first written (every run summed): what the prefix-sum version must equal."""
     order = sorted(range(len(costs)), key=lambda i: costs[i])
