@@ -455,8 +455,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             self._head.extend(pop() for _ in range(room))
 
     def _drop_done_from_head(self) -> None:
-        done = [entry for entry in self._head if entry.future.done()]
-        self._head = [entry for entry in self._head if not entry.future.done()]
+        live: list[_Entry[ItemT, ResultT]] = []
+        done: list[_Entry[ItemT, ResultT]] = []
+        for entry in self._head:
+            (done if entry.future.done() else live).append(entry)
+        self._head = live
         self._dequeued(done)
 
     def _scan(

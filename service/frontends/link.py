@@ -130,13 +130,7 @@ class EngineEndpoint:
         if refusal is not None:
             self._post(identity, self._failed(call, refusal))
             return True
-        limit = task.max_text_tokens
-        if all(len(ids) <= limit for ids in call.rows):
-            # Most rows fit: the decoded lists are the rows' own, nothing to cut or copy.
-            rows, truncated = call.rows, [False] * len(call.rows)
-        else:
-            encodings = [runtime.backbone.text.truncate(ids, limit) for ids in call.rows]
-            rows, truncated = [e.input_ids for e in encodings], [e.truncated for e in encodings]
+        rows, truncated = self._cut(call, task.max_text_tokens)
         try:
             futures = runtime.batcher.enqueue([Row(task, ids) for ids in rows])
         except PtserveError as exc:
@@ -176,6 +170,14 @@ class EngineEndpoint:
         for future in futures:
             future.add_done_callback(deliver)
         return True
+
+    def _cut(self, call: Call, limit: int) -> tuple[list[list[int]], list[bool]]:
+        """The call's rows cut to the room of the version it is pinned to (front ends do not know it),
+        and which were cut. Most rows fit: then the decoded lists are the rows, nothing is copied."""
+        if all(len(ids) <= limit for ids in call.rows):
+            return call.rows, [False] * len(call.rows)
+        encodings = [self.runtime.backbone.text.truncate(ids, limit) for ids in call.rows]
+        return [e.input_ids for e in encodings], [e.truncated for e in encodings]
 
     async def _answer(self, identity: bytes, call: Call) -> None:
         try:
@@ -245,16 +247,15 @@ class EngineEndpoint:
             raise refusal
         principal = Principal(call.key_id, cast(Scope, call.scope), call.tenant)
         task = await runtime.cache.resolve(resolve(principal, call.task))
-        # Cut to the room of the version this request is pinned to (front ends do not know it).
-        encodings = [runtime.backbone.text.truncate(ids, task.max_text_tokens) for ids in call.rows]
-        probabilities = await runtime.batcher.submit_many([Row(task, e.input_ids) for e in encodings])
+        rows, truncated = self._cut(call, task.max_text_tokens)
+        probabilities = await runtime.batcher.submit_many([Row(task, ids) for ids in rows])
         return Reply(
             call.id,
             task=task.task,
             version=task.version,
             labels=task.labels,
             probabilities=probabilities,
-            truncated=[e.truncated for e in encodings],
+            truncated=truncated,
         )
 
     async def stop(self) -> None:
