@@ -43,9 +43,9 @@ from service.settings import Settings
 class CachedTask:
     """What the loop reads of a cached task version (``service.cache.LoadedTask``)."""
 
-    def __init__(self, labels: int, prompt_length: int, max_text_tokens: int) -> None:
+    def __init__(self, labels: int, prompt_length: int, max_text_tokens: int, tenant: str = "") -> None:
         self.task = "bench"
-        self.tenant = ""
+        self.tenant = tenant
         self.version = "v1"
         self.labels = [f"label{i}" for i in range(labels)]
         self.prompt_length = prompt_length
@@ -56,18 +56,21 @@ class Runtime:
     """The part of ``service.runtime.Runtime`` the endpoint's callback path uses."""
 
     def __init__(
-        self, task: CachedTask, batcher: DynamicBatcher[Row, list[float]], tokenizer: TextTokenizer
+        self,
+        tasks: dict[str, CachedTask],
+        batcher: DynamicBatcher[Row, list[float]],
+        tokenizer: TextTokenizer,
     ) -> None:
-        self.task = task
+        self.tasks = tasks
         self.batcher = batcher
         self.cache = self
         self.backbone = types.SimpleNamespace(text=tokenizer)  # the rows fit: it cuts nothing
 
     def resolve_now(self, name: str) -> CachedTask:
-        return self.task
+        return self.tasks[name]
 
     async def resolve(self, name: str) -> CachedTask:  # the coroutine path of code without the callback path
-        return self.task
+        return self.tasks[name]
 
 
 async def one_pass(
@@ -78,8 +81,10 @@ async def one_pass(
     calls: int,
     labels: int,
     workdir: Path,
+    tenants: int = 1,
 ) -> tuple[float, float]:
-    """The loop thread's CPU seconds and the wall seconds for ``calls`` Calls of ``per_call`` rows."""
+    """The loop thread's CPU seconds and the wall seconds for ``calls`` Calls of ``per_call`` rows,
+    spread round robin over the tasks of ``tenants`` tenants (more than one: the batcher's fair view)."""
     probabilities = [1.0 / labels] * labels
     batcher: DynamicBatcher[Row, list[float]] = DynamicBatcher(
         lambda batch: [probabilities] * len(batch),
@@ -91,9 +96,15 @@ async def one_pass(
         fair_group=lambda row: cast(Any, row.task).tenant,
     )
     batcher.start()
-    task = CachedTask(labels, prompt_length=16, max_text_tokens=max(len(r) for r in rows))
+    room = max(len(r) for r in rows)
+    # A tenant's task is named "<tenant>/bench" by an admin key (service.tenancy.resolve).
+    names = ["bench"] if tenants == 1 else [f"t{i}/bench" for i in range(tenants)]
+    tasks = {
+        name: CachedTask(labels, 16, room, tenant="" if tenants == 1 else f"t{i}")
+        for i, name in enumerate(names)
+    }
     endpoint = EngineEndpoint(
-        cast(Any, Runtime(task, batcher, tokenizer)), cast(Any, None), f"ipc://{workdir}/loop.sock"
+        cast(Any, Runtime(tasks, batcher, tokenizer)), cast(Any, None), f"ipc://{workdir}/loop.sock"
     )
     answered = 0
     errors = 0
@@ -111,7 +122,7 @@ async def one_pass(
         Call(
             i,
             f"r{i}",
-            "bench",
+            names[i % tenants],
             "-",
             "admin",
             None,
@@ -154,6 +165,9 @@ def main() -> None:
     parser.add_argument("--calls", default="6000,400", help="calls per pass, one per --rows entry")
     parser.add_argument("--labels", type=int, default=4)
     parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument(
+        "--tenants", type=int, default=1, help="calls spread round robin over this many tenants' tasks"
+    )
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/perf_loop"))
     args = parser.parse_args()
@@ -171,7 +185,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ptserve-loop-") as workdir:
         for per_call, count in zip(per_calls, calls, strict=True):
             passes = [
-                run_loop(one_pass(settings, tokenizer, rows, per_call, count, args.labels, Path(workdir)))
+                run_loop(
+                    one_pass(
+                        settings, tokenizer, rows, per_call, count, args.labels, Path(workdir), args.tenants
+                    )
+                )
                 for _ in range(args.repeat)
             ]
             per_call_us = sorted(cpu / count * 1e6 for cpu, _ in passes)
@@ -208,7 +226,7 @@ def main() -> None:
     ]
     markdown = (
         f"# Engine loop alone ({args.repeat} passes; {args.dataset} rows, ≤{args.max_tokens} tokens; "
-        f"max batch {settings.max_batch_size}, grouping window "
+        f"{args.tenants} tenant(s); max batch {settings.max_batch_size}, grouping window "
         f"{group_window(settings.max_batch_size) if settings.length_grouping else 'off'}; "
         f"{platform.processor() or platform.machine()})\n\n" + markdown_table(headers, table) + "\n"
     )

@@ -10,7 +10,6 @@ overlaps the running forward (see ``DynamicBatcher``).
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import contextlib
 import itertools
@@ -102,21 +101,55 @@ def choose_group(costs: Sequence[int], max_size: int, max_tokens: int) -> tuple[
 
 
 class _Entry(Generic[ItemT, ResultT]):
-    """One queued item; compared by identity so ``deque.remove`` finds exactly this one."""
+    """One queued item; compared by identity so ``list.remove`` finds exactly this one."""
 
-    __slots__ = ("cost", "enqueued_at", "future", "group", "item")
+    __slots__ = ("cost", "enqueued_at", "future", "gone", "group", "item", "seq")
 
     def __init__(
-        self, item: ItemT, cost: int, future: asyncio.Future[ResultT], enqueued_at: float, group: str = ""
+        self,
+        item: ItemT,
+        cost: int,
+        future: asyncio.Future[ResultT],
+        enqueued_at: float,
+        group: str = "",
+        seq: int = 0,
     ) -> None:
         self.item = item
         self.cost = cost
         self.future = future
         self.enqueued_at = enqueued_at
         self.group = group
+        self.seq = seq  # arrival order (items queued in one turn share enqueued_at)
+        self.gone = False  # counted out of the queue: taken into a batch, cancelled or failed
 
 
 _COST = operator.attrgetter("cost")
+_GONE = operator.attrgetter("gone")
+
+
+def round_robin_counts(lengths: Sequence[int], limit: int) -> list[int]:
+    """How many of each group's oldest entries the first ``limit`` entries of the round robin over
+    groups hold (``lengths``: each group's queued entries, in the round robin's group order)."""
+    if sum(lengths) <= limit:
+        return list(lengths)
+    used = ranks = 0
+    groups = len(lengths)
+    for exhausted, length in enumerate(sorted(lengths)):
+        active = groups - exhausted  # groups with at least `length` entries
+        if used + (length - ranks) * active >= limit:
+            full = (limit - used) // active
+            ranks, used = ranks + full, used + full * active
+            break
+        used, ranks = used + (length - ranks) * active, length
+    extra = limit - used  # a last, partial rank: the first groups (in order) that still have entries
+    counts = []
+    for length in lengths:
+        count = min(length, ranks)
+        if extra and length > ranks:
+            count, extra = count + 1, extra - 1
+        counts.append(count)
+    return counts
+
 
 # What the worker thread hands back: results or the error run_batch raised, and its wall time.
 _Outcome = tuple[list[ResultT] | None, Exception | None, float]
@@ -176,7 +209,6 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         # round robin (each group's oldest first), so one group's deep queue cannot make another's
         # rows wait behind all of it. With one group queued, batches form exactly as without it.
         self._fair_group = fair_group
-        self._queued_per_group: collections.Counter[str] = collections.Counter()
         self._owns_executor = executor is None
         self._executor: concurrent.futures.Executor = executor or concurrent.futures.ThreadPoolExecutor(
             max_workers=pipeline_depth,
@@ -185,12 +217,16 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             initargs=(FORWARD_THREAD,),
         )
         self._running: set[asyncio.Task[None]] = set()
-        self._queue: collections.deque[_Entry[ItemT, ResultT]] = collections.deque()
-        # With length grouping, the oldest queued entries (up to group_window), every one older than
-        # those in _queue: the window batches are chosen from, kept between batches. Rebuilding it from
-        # the queue for every batch read ~1,000 entries three times per 64-row batch, most of the
-        # engine loop's work per row of multi-row calls (benchmarks/perf_link.py). Empty without it.
-        self._head: list[_Entry[ItemT, ResultT]] = []
+        # The queue: each group's entries in arrival order (one group, "", without fair_group). A
+        # batch reads only the first entries of each (the grouping window, or a batch's worth) and
+        # takes its rows out of those with one slice assignment per group: nothing per batch grows
+        # with the queue. Rebuilding a window or a round robin over the whole queue for every batch
+        # was most of the engine loop's work per row once thousands of rows waited (perf_loop.py).
+        # A row cancelled in the turn the collector looks may still be here, done: it is dropped
+        # before a batch could count it (see _next_batch).
+        self._groups: dict[str, list[_Entry[ItemT, ResultT]]] = {}
+        self._depth = 0  # entries queued and not yet counted out (gone)
+        self._seq = itertools.count()
         self._wakeup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -199,7 +235,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
     @property
     def queue_depth(self) -> int:
         """Items waiting for a batch (not counting the batches that are running)."""
-        return len(self._head) + len(self._queue)
+        return self._depth
 
     @property
     def batches_running(self) -> int:
@@ -273,14 +309,19 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             )
         now = loop.time()
         futures: list[asyncio.Future[ResultT]] = []
+        groups = self._groups
         for item, cost in zip(items, costs, strict=True):
             future: asyncio.Future[ResultT] = loop.create_future()
             group = self._fair_group(item) if self._fair_group is not None else ""
-            entry = _Entry(item, cost, future, now, group)
+            entry = _Entry(item, cost, future, now, group, next(self._seq))
             future.add_done_callback(self._make_forget(entry))
-            self._queue.append(entry)
-            self._queued_per_group[group] += 1
+            members = groups.get(group)
+            if members is None:
+                groups[group] = [entry]
+            else:
+                members.append(entry)
             futures.append(future)
+        self._depth += len(futures)
         self._wakeup.set()
         return futures
 
@@ -293,45 +334,71 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
     def _make_forget(self, entry: _Entry[ItemT, ResultT]) -> Callable[[asyncio.Future[ResultT]], None]:
         def forget(future: asyncio.Future[ResultT]) -> None:
             # A cancelled caller frees its queue slot at once, so queue_depth and max_queue stay honest.
-            if future.cancelled():
-                # ValueError: already taken into a batch, or failed by stop().
-                with contextlib.suppress(ValueError):
-                    try:
-                        self._head.remove(entry)
-                    except ValueError:
-                        self._queue.remove(entry)
-                    self._dequeued([entry])
+            # A gone entry was taken into a batch, or failed by stop(), already.
+            if future.cancelled() and not entry.gone:
+                members = self._groups.get(entry.group)
+                if members is not None:
+                    with contextlib.suppress(ValueError):  # dropped already by a look at its group
+                        members.remove(entry)
+                    if not members:
+                        del self._groups[entry.group]
+                self._dequeued([entry])
 
         return forget
 
     def _fail_queued(self, error: Exception) -> None:
-        entries = [*self._head, *self._queue]
-        self._head.clear()
-        self._queue.clear()
-        self._queued_per_group.clear()
+        entries = [entry for members in self._groups.values() for entry in members if not entry.gone]
+        self._groups.clear()
+        self._dequeued(entries)
         self._fail(entries, error)
 
-    def _dequeued(self, entries: Sequence[_Entry[ItemT, ResultT]]) -> None:
+    def _dequeued(self, entries: Iterable[_Entry[ItemT, ResultT]]) -> None:
+        """Count ``entries`` out of the queue, each once (the caller takes them out of their group)."""
         for entry in entries:
-            self._queued_per_group[entry.group] -= 1
-            if self._queued_per_group[entry.group] <= 0:
-                del self._queued_per_group[entry.group]
+            if not entry.gone:
+                entry.gone = True
+                self._depth -= 1
 
-    def _fair_view(self) -> list[_Entry[ItemT, ResultT]] | None:
-        """The live queue in round robin over groups (in the order of each group's oldest row), or
-        None while it holds one group only (then the queue order is the fair order)."""
-        if len(self._queued_per_group) < 2:
-            return None
-        members: dict[str, list[_Entry[ItemT, ResultT]]] = {}
-        for entry in itertools.chain(self._head, self._queue):
-            if not entry.future.done():
-                members.setdefault(entry.group, []).append(entry)
-        if len(members) < 2:
-            return None
-        view: list[_Entry[ItemT, ResultT]] = []
-        for rank in range(max(len(rows) for rows in members.values())):
-            view.extend(rows[rank] for rows in members.values() if rank < len(rows))
-        return view
+    def _fronts(self) -> list[list[_Entry[ItemT, ResultT]]]:
+        """The groups with queued rows, in the order of their oldest row; a done row at a group's
+        front (cancelled in this turn, before its callback ran) is counted out first."""
+        fronts = []
+        for group, members in list(self._groups.items()):
+            while members and members[0].future.done():
+                self._dequeued([members.pop(0)])
+            if members:
+                fronts.append(members)
+            else:
+                del self._groups[group]
+        if len(fronts) > 1:
+            fronts.sort(key=lambda members: members[0].seq)
+        return fronts
+
+    @staticmethod
+    def _window(
+        fronts: list[list[_Entry[ItemT, ResultT]]], limit: int
+    ) -> tuple[list[_Entry[ItemT, ResultT]], list[int]]:
+        """The first ``limit`` queued rows in round robin over ``fronts`` (each group's oldest rows
+        first, groups in order: one group's deep queue cannot make another's rows wait behind all of
+        it; with one group, the queue order), and how many rows of each group that is. Built from
+        slices, so its cost is the window's size whatever the queue holds."""
+        if len(fronts) == 1:
+            head = fronts[0][:limit]
+            return head, [len(head)]
+        counts = round_robin_counts([len(members) for members in fronts], limit)
+        window: list[_Entry[ItemT, ResultT]] = []
+        done = 0
+        for rank in sorted(set(counts)):  # ranks done..rank-1 hold one row of each group that reaches rank
+            if rank == 0:
+                continue
+            active = [members for members, count in zip(fronts, counts, strict=True) if count >= rank]
+            width = len(active)
+            block: list[_Entry[ItemT, ResultT]] = [fronts[0][0]] * (width * (rank - done))
+            for column, members in enumerate(active):
+                block[column::width] = members[done:rank]
+            window.extend(block)
+            done = rank
+        return window, counts
 
     @staticmethod
     def _fail(entries: Sequence[_Entry[ItemT, ResultT]], error: Exception) -> None:
@@ -377,31 +444,29 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         while True:
             # Cleared before looking, so a submit that lands while we wait below still wakes us.
             self._wakeup.clear()
-            while self._queue and self._queue[0].future.done():
-                self._dequeued([self._queue.popleft()])
-            self._refill_head()
-            if not self._head and not self._queue:
+            fronts = self._fronts()
+            if not fronts:
                 if self._closed:
                     return None
                 await self._wakeup.wait()
                 continue
-            view = self._fair_view()
-            consumed = 0
+            window, counts = self._window(fronts, self._group_window or self._max_batch_size)
             if self._group_window is None:
-                taken, consumed, closed_by = self._scan(self._queue if view is None else view)
+                taken, closed_by = self._scan(window)
+                picked: list[int] | None = None
             else:
-                window = self._head if view is None else view[: self._group_window]
                 taken, picked, closed_by = self._scan_grouped(window)
-                # A row cancelled in this turn, before its forget callback ran, is still in the kept
-                # window: in the batch, or, for a partial batch, perhaps what trimming cut (closing it
-                # early, as "tokens") or a candidate's place. Drop the done rows now (counted here;
-                # forget will not find them) and look again. A full batch of live rows stands.
-                stale = any(entry.future.done() for entry in taken)
-                if not stale and closed_by != "size" and view is None:
-                    stale = any(entry.future.done() for entry in window)
-                if stale:
-                    self._drop_done_from_head()
-                    continue
+            # A row cancelled in this turn, before its forget callback ran, may still be in the window:
+            # skipped by the scan, in a grouped batch, or, for a partial batch, perhaps what trimming
+            # cut (closing it early, as "tokens") or a candidate's place. Drop the done rows now
+            # (counted here; forget will not count them again) and look again. A full batch of live
+            # rows stands.
+            stale = any(entry.future.done() for entry in taken)
+            if not stale and closed_by != "size":
+                stale = any(entry.future.done() for entry in window)
+            if stale:
+                self._drop_done()
+                continue
             if closed_by is None and self._running:
                 # Another batch is running: only a full batch may overlap it (see the class docstring).
                 # A batch finishing sets _wakeup, and this one is formed again without the restriction.
@@ -422,78 +487,70 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                             pass
                         continue
                     closed_by = "time"
-            if view is not None:  # a fair batch may come from anywhere in the queue
-                chosen = {id(entry) for entry in taken}
-                self._head = [e for e in self._head if id(e) not in chosen]
-                self._queue = collections.deque(e for e in self._queue if id(e) not in chosen)
-                self._dequeued(taken)
-            elif self._group_window is None:
-                # Every popped entry leaves the count here: a cancelled one's forget callback will
-                # not find it in the queue any more.
-                self._dequeued([self._queue.popleft() for _ in range(consumed)])
-            else:  # the window's order is kept; the next look refills it from the queue
-                keep = [True] * len(self._head)
-                for index in picked:
-                    keep[index] = False
-                self._head = list(itertools.compress(self._head, keep))
-                self._dequeued(taken)
+            self._take(fronts, counts, taken, picked)
             return taken, closed_by
 
-    def _refill_head(self) -> None:
-        """Move the queue's oldest entries into the grouping window until it holds ``group_window``
-        (each entry moves once, so this costs the rows batched since the last look)."""
-        if self._group_window is None:
-            return
-        room = self._group_window - len(self._head)
-        if room <= 0 or not self._queue:
-            return
-        if room >= len(self._queue):
-            self._head.extend(self._queue)
-            self._queue.clear()
+    def _take(
+        self,
+        fronts: list[list[_Entry[ItemT, ResultT]]],
+        counts: list[int],
+        taken: list[_Entry[ItemT, ResultT]],
+        picked: list[int] | None,
+    ) -> None:
+        """Take ``taken`` out of the queue: each group keeps the rest of its first ``counts`` rows (the
+        part the window read), in order, with one slice assignment."""
+        self._dequeued(taken)
+        if len(fronts) == 1 and picked is not None:  # one group: window index == position in it
+            members, keep = fronts[0], [True] * counts[0]
+            for index in picked:
+                keep[index] = False
+            members[: counts[0]] = itertools.compress(members[: counts[0]], keep)
         else:
-            pop = self._queue.popleft
-            self._head.extend(pop() for _ in range(room))
+            for members, count in zip(fronts, counts, strict=True):
+                if count:
+                    members[:count] = itertools.filterfalse(_GONE, members[:count])
+        for group in {entry.group for entry in taken}:
+            if not self._groups.get(group, True):
+                del self._groups[group]
 
-    def _drop_done_from_head(self) -> None:
-        live: list[_Entry[ItemT, ResultT]] = []
-        done: list[_Entry[ItemT, ResultT]] = []
-        for entry in self._head:
-            (done if entry.future.done() else live).append(entry)
-        self._head = live
-        self._dequeued(done)
+    def _drop_done(self) -> None:
+        """Count out and drop every done row still queued (cancelled before its callback ran)."""
+        for group, members in list(self._groups.items()):
+            done = [entry for entry in members if entry.future.done()]
+            if done:
+                self._dequeued(done)
+                members[:] = itertools.filterfalse(_GONE, members)
+                if not members:
+                    del self._groups[group]
 
     def _scan(
         self, entries: Iterable[_Entry[ItemT, ResultT]]
-    ) -> tuple[list[_Entry[ItemT, ResultT]], int, str | None]:
-        """The batch the head of ``entries`` (the queue, or its fair view) would form now, how many
-        queue slots it spans, and why it closed. ``None`` as the reason means the batch could still
-        take more items.
+    ) -> tuple[list[_Entry[ItemT, ResultT]], str | None]:
+        """The batch the head of ``entries`` (the window, in queue or round-robin order) would form
+        now, and why it closed. ``None`` as the reason means the batch could still take more items.
         """
         taken: list[_Entry[ItemT, ResultT]] = []
         longest = 0
-        consumed = 0
         for entry in entries:
             if entry.future.done():
-                consumed += 1  # cancelled; dropped along with the batch
-                continue
+                continue  # cancelled in this turn: _next_batch drops it
             wider = max(longest, entry.cost)
             # The first item always fits, so one item over budget still runs, alone.
             if taken and (len(taken) + 1) * wider > self._max_batch_tokens:
-                return taken, consumed, "tokens"
+                return taken, "tokens"
             taken.append(entry)
             longest = wider
-            consumed += 1
             if len(taken) == self._max_batch_size:
-                return taken, consumed, "size"
-        return taken, consumed, None
+                return taken, "size"
+        return taken, None
 
     def _scan_grouped(
         self, window: Sequence[_Entry[ItemT, ResultT]]
     ) -> tuple[list[_Entry[ItemT, ResultT]], list[int], str | None]:
         """Like ``_scan``, but fills the batch with queued items of lengths close to the oldest one.
 
-        ``window``: the oldest ``group_window`` items (the kept window, or the fair view's first), the
-        only candidates. The oldest item always goes, so no item waits behind more than a window's
+        ``window``: the first ``group_window`` items in queue (or round-robin) order, the only
+        candidates. The oldest item always goes, so no item waits behind more than a window's
         worth of others. Among the runs of up to ``max_batch_size`` candidates in length order that
         contain it, the one with the least padding is taken (trimmed from its long end to the token
         budget). Returns the batch, its indices in ``window`` and why it closed (as ``_scan``).

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from benchmarks.perf_loop import one_pass
 from prompts.backbone import TextTokenizer
 from service.settings import Settings
 
 
-def test_a_pass_answers_every_call_and_times_the_loop_thread(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tenants", [1, 3])
+def test_a_pass_answers_every_call_and_times_the_loop_thread(tmp_path: Path, tenants: int) -> None:
+    """One tenant's calls, and three tenants' (the batcher's fair view, each call its tenant's task)."""
     rows = [[101, *range(1000, 1000 + n), 102] for n in (3, 9, 20, 5)]
     cpu, wall = asyncio.run(
         one_pass(
@@ -21,6 +25,7 @@ def test_a_pass_answers_every_call_and_times_the_loop_thread(tmp_path: Path) -> 
             calls=50,
             labels=4,
             workdir=tmp_path,
+            tenants=tenants,
         )
     )
     # The loop thread did the work (a failed call raises), and its CPU is at most the wall time.

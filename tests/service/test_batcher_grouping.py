@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
+
+import pytest
 
 from service.batcher import DynamicBatcher, choose_group
 from tests.service import test_batcher as base
@@ -72,7 +75,7 @@ async def test_the_wait_deadline_counts_from_the_oldest_item_not_the_shortest(ma
     await until(lambda: h.batcher.queue_depth == 2)
     # White-box: the long item now looks a minute old, so its max_wait has long passed. The
     # grouped batch lists the short item first; the deadline must still come from the old one.
-    h.batcher._queue[0].enqueued_at -= 61.0
+    h.batcher._groups[""][0].enqueued_at -= 61.0
     h.batcher._wakeup.set()
     async with asyncio.timeout(5):
         assert await old == "OLD-LONG" and await young == "YOUNG-SHORT"
@@ -101,8 +104,11 @@ async def test_a_row_cancelled_in_the_grouping_window_leaves_it(make: Factory) -
     """Two rows wait in the window for a third; one is cancelled (its slot freed at once), and the
     batch that closes holds the other and the next two."""
     h = make(max_batch_size=3, group_window=8)
+    looks: list[int] = []
+    window = h.batcher._window
+    h.batcher._window = lambda *args: (looks.append(len(args[0][0])), window(*args))[1]  # type: ignore[method-assign]
     a, b = h.batcher.enqueue([Item("a", 5), Item("b", 5)])
-    await until(lambda: len(h.batcher._head) == 2)  # the collector moved them into its window
+    await until(lambda: looks == [2])  # the collector read both into its window and waits for more
     b.cancel()
     await until(lambda: h.batcher.queue_depth == 1)
     c, d = h.batcher.enqueue([Item("c", 5), Item("d", 5)])
@@ -118,8 +124,8 @@ async def test_a_row_cancelled_after_the_collector_was_woken_is_left_out(make: F
     batch, and the count of queued rows stays right (it is not taken off twice)."""
     h = make(max_batch_size=3, group_window=8)
     drops: list[int] = []
-    drop = h.batcher._drop_done_from_head
-    h.batcher._drop_done_from_head = lambda: (drops.append(1), drop())[1]  # type: ignore[method-assign]
+    drop = h.batcher._drop_done
+    h.batcher._drop_done = lambda: (drops.append(1), drop())[1]  # type: ignore[method-assign]
     await until(lambda: h.batcher._task is not None and h.batcher._wakeup._waiters)  # the collector waits
     a, b, c, d = h.batcher.enqueue([Item("a", 5), Item("b", 5), Item("c", 5), Item("d", 5)])
     b.cancel()  # its forget callback runs after the collector's wake-up, queued before it
@@ -129,7 +135,7 @@ async def test_a_row_cancelled_after_the_collector_was_woken_is_left_out(make: F
     assert b.cancelled() and h.batcher.queue_depth == 0
     assert drops == [1]  # the window was read with the cancelled row in it
     assert await h.batcher.submit_many([Item("e", 5), Item("f", 5), Item("g", 5)]) == ["E", "F", "G"]
-    assert h.batcher.queue_depth == 0 and not h.batcher._queued_per_group
+    assert h.batcher.queue_depth == 0 and not h.batcher._groups
 
 
 async def test_a_long_row_cancelled_in_the_turn_the_collector_wakes_does_not_close_a_partial_batch(
@@ -210,4 +216,109 @@ async def test_rows_of_several_groups_share_batches_in_round_robin() -> None:
     assert seen[1] == ["a02", "b1", "a03", "a04"]  # each group in the order of its oldest row
     # Once one group is left, batches are its rows in queue order, as without fairness.
     assert [row for batch in seen[2:] for row in batch] == flood[5:]
-    assert batcher._queued_per_group == {}
+    assert batcher._groups == {} and batcher.queue_depth == 0
+
+
+def reference_round_robin(groups: list[list[str]], limit: int) -> list[str]:
+    """The fair view as first written: every group's rank-th row, rank by rank, cut at ``limit``."""
+    view = [rows[rank] for rank in range(max(map(len, groups))) for rows in groups if rank < len(rows)]
+    return view[:limit]
+
+
+def test_the_window_reads_the_round_robin_from_slices() -> None:
+    """The window built from per-group slices equals the round robin read rank by rank, for group
+    sizes that exhaust at every point of the limit, and counts say how many rows of each it holds."""
+    rng = random.Random(3)
+    for _ in range(2000):
+        sizes = [rng.choice([1, 2, 3, 7, 40, 300]) for _ in range(rng.randint(2, 9))]
+        groups = [[f"g{g}r{r}" for r in range(size)] for g, size in enumerate(sizes)]
+        limit = rng.choice([1, 3, 16, 64, 1024])
+        window, counts = DynamicBatcher._window(groups, limit)  # type: ignore[arg-type]
+        assert window == reference_round_robin(groups, limit), (sizes, limit)
+        assert counts == [sum(row.startswith(f"g{g}r") for row in window) for g in range(len(sizes))]
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+async def test_fair_batches_equal_the_rule_on_the_live_queue(grouped: bool) -> None:
+    """Random arrivals of four groups with random lengths, rows cancelled at random (some in the very
+    turn the collector looks, before their own callbacks ran), batches running while more arrive:
+    every batch is what the first rule (round robin over the live queue rebuilt from scratch, then
+    the grouping window or the FIFO scan) picks from the rows queued at that moment; every live row
+    runs exactly once and no cancelled one runs; the counts end at zero."""
+    rng = random.Random(11 if grouped else 12)
+    size, tokens, window = 8, 400, 24
+    queued_at_take: list[tuple[list[Item], list[str]]] = []
+    started: set[str] = set()
+
+    batcher: DynamicBatcher[Item, str] = DynamicBatcher(
+        lambda items: [item.name for item in items],
+        max_batch_size=size,
+        max_batch_tokens=tokens,
+        max_wait_ms=0,
+        cost=lambda item: item.cost,
+        group_window=window if grouped else None,
+        pipeline_depth=2,
+        fair_group=lambda item: item.name[0],
+    )
+    take = batcher._take
+
+    def recording_take(fronts: Any, counts: Any, taken: Any, picked: Any) -> None:
+        live = sorted(
+            (e for members in batcher._groups.values() for e in members if not e.future.done()),
+            key=lambda e: e.seq,
+        )
+        queued_at_take.append(([e.item for e in live], [e.item.name for e in taken]))
+        started.update(e.item.name for e in taken)
+        take(fronts, counts, taken, picked)
+
+    batcher._take = recording_take  # type: ignore[method-assign]
+    batcher.start()
+    futures: dict[str, asyncio.Future[str]] = {}
+    cancelled: set[str] = set()
+    for step in range(300):
+        items = [
+            Item(f"{rng.choice('abcd')}{step}-{i}", rng.choice([rng.randint(1, 12), rng.randint(30, 90)]))
+            for i in range(rng.choice([1, 1, 2, 5, 20]))
+        ]
+        futures.update(zip((item.name for item in items), batcher.enqueue(items), strict=True))
+        for name, future in rng.sample(sorted(futures.items()), min(2, len(futures))):
+            if not future.done() and rng.random() < 0.3:
+                future.cancel()
+                if name not in started:  # a row cancelled while its batch runs has run all the same
+                    cancelled.add(name)
+        # Random interleavings of arrivals, cancellations and the collector (not a wait for anything).
+        for _ in range(rng.choice([0, 0, 1, 3])):
+            await asyncio.sleep(0)
+    await batcher.stop(drain=True)
+
+    ran = [name for _, taken in queued_at_take for name in taken]
+    assert len(ran) == len(set(ran)) == len(futures) - len(cancelled)
+    assert set(ran) == set(futures) - cancelled
+    assert all(futures[name].result() == name for name in ran if not futures[name].cancelled())
+    assert batcher.queue_depth == 0 and not batcher._groups
+    several = 0
+    for live, taken in queued_at_take:
+        members: dict[str, list[Item]] = {}
+        for item in live:
+            members.setdefault(item.name[0], []).append(item)
+        several += len(members) > 1
+        view = [
+            rows[rank]
+            for rank in range(max(map(len, members.values())))
+            for rows in members.values()
+            if rank < len(rows)
+        ]
+        if grouped:
+            chosen, _ = choose_group([item.cost for item in view[:window]], size, tokens)
+            expected = [view[i].name for i in chosen]
+        else:
+            expected, longest = [], 0
+            for item in view:
+                longest = max(longest, item.cost)
+                if expected and (len(expected) + 1) * longest > tokens:
+                    break
+                expected.append(item.name)
+                if len(expected) == size:
+                    break
+        assert taken == expected
+    assert several > 50  # the fair view, not only one group's queue order, was exercised
