@@ -80,7 +80,11 @@ class EngineEndpoint:
                     self._observe(seen)
                 continue
             for call in message.calls if isinstance(message, Calls) else [message]:
-                if self._answer_now(identity, call):
+                try:
+                    if self._answer_now(identity, call):
+                        continue
+                except Exception as exc:  # a bug or a bad artifact answers this call, not every later one
+                    self._post(identity, self._failed(call, exc))
                     continue
                 answer = asyncio.get_running_loop().create_task(self._answer(identity, call))
                 self._answers.add(answer)

@@ -245,6 +245,34 @@ def test_a_row_that_fails_answers_its_call_with_the_error_and_drops_the_rows_not
     assert again.error_status == 0 and again.version == artifact.version and len(again.probabilities) == 4
 
 
+def test_an_error_in_the_callback_path_answers_its_call_and_the_loop_goes_on(
+    tmp_path: Path, backbone: Backbone
+) -> None:
+    """Cutting a row to its task's room raises (as a manifest whose room is below the special tokens
+    would): that call is answered with a 500, and the receive loop still answers the calls after it
+    (an exception there ended the receiver, and every front end's later call waited for its 504)."""
+    settings = Settings(store=str(tmp_path / "store"), max_wait_ms=2)
+    long_row = backbone.text.untruncated([" ".join(["phone"] * 80)])[0]
+    with engine_serving_demo(tmp_path, backbone, settings) as (address, artifact, coroutine_calls, app):
+        text = app.state.runtime.backbone.text
+        real = text.truncate
+
+        def broken(ids: list[int], limit: int) -> object:
+            raise ValueError("no room for the special tokens")
+
+        text.truncate = broken
+        try:
+            failed = ask_rows(address, [long_row])
+        finally:
+            text.truncate = real
+        after = ask_all(address, backbone, coalesce_s=0.0, tasks=["demo"])
+
+    assert coroutine_calls == []
+    assert (failed.error_status, failed.error_code) == (500, "internal_error")
+    assert "ValueError" in failed.error_message
+    assert after[0].error_status == 0 and after[0].version == artifact.version
+
+
 @pytest.mark.parametrize("pointer_ttl_s", [60.0, 0.0])
 def test_a_calls_bucket_is_taken_in_the_engine_on_both_paths(
     tmp_path: Path, backbone: Backbone, pointer_ttl_s: float
