@@ -72,12 +72,12 @@ class EngineEndpoint:
             except Exception:  # only front ends of this server connect; a bad frame is a bug there
                 logger.exception("undecodable message from a front end")
                 continue
-            if isinstance(message, Observed):
-                self._observe(message)
-                continue
-            if isinstance(message, Observations):
-                for seen in message.observed:
-                    self._observe(seen)
+            if isinstance(message, Observed | Observations):
+                try:
+                    for seen in message.observed if isinstance(message, Observations) else [message]:
+                        self._observe(seen)
+                except Exception:  # metrics only: the receive loop must outlive a bug there
+                    logger.exception("a front end's request records could not be counted")
                 continue
             for call in message.calls if isinstance(message, Calls) else [message]:
                 try:

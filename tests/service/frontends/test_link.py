@@ -273,6 +273,39 @@ def test_an_error_in_the_callback_path_answers_its_call_and_the_loop_goes_on(
     assert after[0].error_status == 0 and after[0].version == artifact.version
 
 
+def test_a_record_the_metrics_cannot_count_does_not_stop_the_receive_loop(
+    tmp_path: Path, backbone: Backbone
+) -> None:
+    """A front end's finished-request record whose counting raises is logged and dropped; the call
+    sent after it on the same socket is still answered."""
+    settings = Settings(store=str(tmp_path / "store"), max_wait_ms=2)
+    with engine_serving_demo(tmp_path, backbone, settings) as (address, artifact, _, app):
+        metrics = app.state.engine_endpoint.metrics
+        counted: list[str] = []
+
+        def broken(record: object) -> None:
+            counted.append("tried")
+            raise RuntimeError("a metrics bug")
+
+        metrics.observe_request = broken
+
+        async def run() -> Reply:
+            client = EngineClient(address, identity=f"test-frontend-obs-{next(CLIENT_IDS)}")
+            client.start()
+            try:
+                client.observe(Observed("/v1/classify", "demo", 200, 1.0, None, None))
+                client._observed.flush()  # sent now, ahead of the call on the same socket
+                rows = backbone.text.untruncated(["after the record"])
+                return await asyncio.wait_for(client.classify("req-obs", "demo", OPEN, rows), timeout=60)
+            finally:
+                await client.close()
+
+        reply = asyncio.run(run())
+
+    assert counted == ["tried"]
+    assert reply.error_status == 0 and reply.version == artifact.version
+
+
 @pytest.mark.parametrize("pointer_ttl_s", [60.0, 0.0])
 def test_a_calls_bucket_is_taken_in_the_engine_on_both_paths(
     tmp_path: Path, backbone: Backbone, pointer_ttl_s: float
