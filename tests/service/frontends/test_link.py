@@ -306,6 +306,34 @@ def test_a_record_the_metrics_cannot_count_does_not_stop_the_receive_loop(
     assert reply.error_status == 0 and reply.version == artifact.version
 
 
+def test_a_name_resolved_for_one_tenant_is_not_reused_for_another(tmp_path: Path, backbone: Backbone) -> None:
+    """The engine remembers the full name a call's task name resolves to, per tenant: after a platform
+    key's call of ``demo`` is served, a tenant key's call of ``demo`` means ``acme/demo`` (none) and
+    gets 404, however often either is asked."""
+    settings = Settings(store=str(tmp_path / "store"), max_wait_ms=2)
+    tenant = Principal("k_acme", "classify", "acme")
+    with engine_serving_demo(tmp_path, backbone, settings) as (address, artifact, _, _app):
+
+        async def run() -> list[Reply]:
+            client = EngineClient(address, identity=f"test-frontend-names-{next(CLIENT_IDS)}")
+            client.start()
+            rows = backbone.text.untruncated(["a text"])
+            try:
+                replies = []
+                for i, principal in enumerate([OPEN, tenant, OPEN, tenant]):
+                    call = client.classify(f"req-{i}", "demo", principal, rows)
+                    replies.append(await asyncio.wait_for(call, timeout=60))
+                return replies
+            finally:
+                await client.close()
+
+        replies = asyncio.run(run())
+
+    assert [r.error_status for r in replies] == [0, 404, 0, 404]
+    assert replies[0].version == replies[2].version == artifact.version
+    assert all(r.error_code == "task_not_found" and "demo" in r.error_message for r in replies[1::2])
+
+
 @pytest.mark.parametrize("pointer_ttl_s", [60.0, 0.0])
 def test_a_calls_bucket_is_taken_in_the_engine_on_both_paths(
     tmp_path: Path, backbone: Backbone, pointer_ttl_s: float
