@@ -301,7 +301,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         if self._closed or self._task is None or self._task.done():
             raise BatcherClosedError("the service is shutting down")
         # Costs first, so a bad item rejects the whole request before any row is queued.
-        costs = [self._item_cost(item) for item in items]
+        costs = list(map(self._cost, items))
+        if costs and min(costs) < 0:
+            raise ValueError(f"an item's cost must be >= 0, got {min(costs)}")
         queued = self.queue_depth
         if self._max_queue is not None and queued + len(items) > self._max_queue:
             raise QueueFullError(
@@ -310,9 +312,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         now = loop.time()
         futures: list[asyncio.Future[ResultT]] = []
         groups = self._groups
+        fair_group = self._fair_group
         for item, cost in zip(items, costs, strict=True):
             future: asyncio.Future[ResultT] = loop.create_future()
-            group = self._fair_group(item) if self._fair_group is not None else ""
+            group = "" if fair_group is None else fair_group(item)
             entry = _Entry(item, cost, future, now, group, next(self._seq))
             future.add_done_callback(self._make_forget(entry))
             members = groups.get(group)
@@ -324,12 +327,6 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._depth += len(futures)
         self._wakeup.set()
         return futures
-
-    def _item_cost(self, item: ItemT) -> int:
-        cost = self._cost(item)
-        if cost < 0:
-            raise ValueError(f"an item's cost must be >= 0, got {cost}")
-        return cost
 
     def _make_forget(self, entry: _Entry[ItemT, ResultT]) -> Callable[[asyncio.Future[ResultT]], None]:
         def forget(future: asyncio.Future[ResultT]) -> None:

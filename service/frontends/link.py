@@ -188,7 +188,7 @@ class EngineEndpoint:
     def _cut(self, call: Call, limit: int) -> tuple[list[list[int]], list[bool]]:
         """The call's rows cut to the room of the version it is pinned to (front ends do not know it),
         and which were cut. Most rows fit: then the decoded lists are the rows, nothing is copied."""
-        if all(len(ids) <= limit for ids in call.rows):
+        if max(map(len, call.rows), default=0) <= limit:
             return call.rows, [False] * len(call.rows)
         encodings = [self.runtime.backbone.text.truncate(ids, limit) for ids in call.rows]
         return [e.input_ids for e in encodings], [e.truncated for e in encodings]
