@@ -300,10 +300,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             raise RuntimeError("DynamicBatcher.start() has not been called")
         if self._closed or self._task is None or self._task.done():
             raise BatcherClosedError("the service is shutting down")
-        # Costs first, so a bad item rejects the whole request before any row is queued.
+        # Costs and groups first, so a bad item rejects the whole request before any row is queued.
         costs = list(map(self._cost, items))
         if costs and min(costs) < 0:
             raise ValueError(f"an item's cost must be >= 0, got {min(costs)}")
+        fair_group = self._fair_group
+        groups_of = [""] * len(items) if fair_group is None else list(map(fair_group, items))
         queued = self.queue_depth
         if self._max_queue is not None and queued + len(items) > self._max_queue:
             raise QueueFullError(
@@ -312,10 +314,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         now = loop.time()
         futures: list[asyncio.Future[ResultT]] = []
         groups = self._groups
-        fair_group = self._fair_group
-        for item, cost in zip(items, costs, strict=True):
+        for item, cost, group in zip(items, costs, groups_of, strict=True):
             future: asyncio.Future[ResultT] = loop.create_future()
-            group = "" if fair_group is None else fair_group(item)
             entry = _Entry(item, cost, future, now, group, next(self._seq))
             future.add_done_callback(self._make_forget(entry))
             members = groups.get(group)

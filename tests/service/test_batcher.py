@@ -555,12 +555,19 @@ async def test_its_own_forward_threads_carry_their_name_into_proc() -> None:
     assert names == [FORWARD_THREAD] and Path("/proc/thread-self/comm").read_text().strip() != FORWARD_THREAD
 
 
-async def test_an_item_of_negative_cost_refuses_its_whole_request_before_any_row_is_queued(
+async def test_an_item_of_negative_cost_or_no_group_refuses_its_whole_request_before_any_row_is_queued(
     make: Factory,
 ) -> None:
-    h = make(max_wait_ms=0)
+    def group(item: Item) -> str:
+        if item.name == "x":
+            raise KeyError("no group")
+        return item.name
+
+    h = make(max_wait_ms=0, max_queue=2, fair_group=group)
     with pytest.raises(ValueError, match="cost must be >= 0, got -1"):
         h.batcher.enqueue([Item("a", 1), Item("b", -1)])
+    with pytest.raises(KeyError):  # an item whose group cannot be told: the same
+        h.batcher.enqueue([Item("a", 1), Item("x", 1)])
     assert h.batcher.queue_depth == 0 and not h.batcher._groups
     assert await h.batcher.submit(Item("c", 1)) == "C"
     assert h.fake.batches == [["c"]]
