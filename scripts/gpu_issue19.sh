@@ -59,6 +59,8 @@ fi
 if [ -z "${SKIP_LINK:-}" ]; then  # the engine loop's own code per call on this host's CPU (no device)
   timeout 60 "$PYTHON" -m benchmarks.perf_loop --data-root .gpu/data --repeat 3 \
     --out "$OUT/perf_loop" 2>&1 | tail -n 6 | tee "$OUT/perf_loop.log"
+  timeout 60 "$PYTHON" -m benchmarks.perf_loop --data-root .gpu/data --repeat 3 --tenants 2 \
+    --out "$OUT/perf_loop_tenants" 2>&1 | tail -n 6 | tee "$OUT/perf_loop_tenants.log"
 fi
 if [ -z "${SKIP_LINK:-}" ]; then  # the engine process alone, fed by 4 driver front ends without HTTP
   timeout 150 "$PYTHON" -m benchmarks.perf_link --device "$DEVICE" --dtype "$DTYPE" --model /tmp/minilm-random \
