@@ -463,7 +463,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             if not stale and closed_by != "size":
                 stale = any(entry.future.done() for entry in window)
             if stale:
-                self._drop_done()
+                self._drop_done(fronts, counts)
                 continue
             if closed_by is None and self._running:
                 # Another batch is running: only a full batch may overlap it (see the class docstring).
@@ -511,15 +511,16 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             if not self._groups.get(group, True):
                 del self._groups[group]
 
-    def _drop_done(self) -> None:
-        """Count out and drop every done row still queued (cancelled before its callback ran)."""
-        for group, members in list(self._groups.items()):
-            done = [entry for entry in members if entry.future.done()]
+    def _drop_done(self, fronts: list[list[_Entry[ItemT, ResultT]]], counts: list[int]) -> None:
+        """Count out and drop the done rows (cancelled before their callbacks ran) of the part of each
+        group the window read; those further back are their callbacks' to drop."""
+        for members, count in zip(fronts, counts, strict=True):
+            done = [entry for entry in members[:count] if entry.future.done()]
             if done:
                 self._dequeued(done)
-                members[:] = itertools.filterfalse(_GONE, members)
+                members[:count] = itertools.filterfalse(_GONE, members[:count])
                 if not members:
-                    del self._groups[group]
+                    del self._groups[done[0].group]
 
     def _scan(
         self, entries: Iterable[_Entry[ItemT, ResultT]]

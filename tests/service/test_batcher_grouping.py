@@ -125,7 +125,7 @@ async def test_a_row_cancelled_after_the_collector_was_woken_is_left_out(make: F
     h = make(max_batch_size=3, group_window=8)
     drops: list[int] = []
     drop = h.batcher._drop_done
-    h.batcher._drop_done = lambda: (drops.append(1), drop())[1]  # type: ignore[method-assign]
+    h.batcher._drop_done = lambda *args: (drops.append(1), drop(*args))[1]  # type: ignore[method-assign]
     await until(lambda: h.batcher._task is not None and h.batcher._wakeup._waiters)  # the collector waits
     a, b, c, d = h.batcher.enqueue([Item("a", 5), Item("b", 5), Item("c", 5), Item("d", 5)])
     b.cancel()  # its forget callback runs after the collector's wake-up, queued before it
