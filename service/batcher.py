@@ -125,6 +125,8 @@ class _Entry(Generic[ItemT, ResultT]):
 
 _COST = operator.attrgetter("cost")
 _GONE = operator.attrgetter("gone")
+_SEQ = operator.attrgetter("seq")
+_FIRST = operator.itemgetter(0)
 
 
 def round_robin_counts(lengths: Sequence[int], limit: int) -> list[int]:
@@ -132,6 +134,8 @@ def round_robin_counts(lengths: Sequence[int], limit: int) -> list[int]:
     groups hold (``lengths``: each group's queued entries, in the round robin's group order)."""
     if sum(lengths) <= limit:
         return list(lengths)
+    if len(lengths) >= limit and min(lengths) > 0:  # many groups: the oldest row of each of the first `limit`
+        return [1] * limit + [0] * (len(lengths) - limit)
     used = ranks = 0
     groups = len(lengths)
     for exhausted, length in enumerate(sorted(lengths)):
@@ -141,13 +145,14 @@ def round_robin_counts(lengths: Sequence[int], limit: int) -> list[int]:
             ranks, used = ranks + full, used + full * active
             break
         used, ranks = used + (length - ranks) * active, length
+    counts = list(map(min, lengths, itertools.repeat(ranks)))
     extra = limit - used  # a last, partial rank: the first groups (in order) that still have entries
-    counts = []
-    for length in lengths:
-        count = min(length, ranks)
-        if extra and length > ranks:
-            count, extra = count + 1, extra - 1
-        counts.append(count)
+    for group, length in enumerate(lengths):
+        if not extra:
+            break
+        if length > ranks:
+            counts[group] += 1
+            extra -= 1
     return counts
 
 
@@ -357,18 +362,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 self._depth -= 1
 
     def _fronts(self) -> list[list[_Entry[ItemT, ResultT]]]:
-        """The groups with queued rows, in the order of their oldest row; a done row at a group's
-        front (cancelled in this turn, before its callback ran) is counted out first."""
-        fronts = []
-        for group, members in list(self._groups.items()):
-            while members and members[0].future.done():
-                self._dequeued([members.pop(0)])
-            if members:
-                fronts.append(members)
-            else:
-                del self._groups[group]
+        """The groups with queued rows (none is ever left empty), in the order of their oldest row.
+        A row cancelled in this turn, before its callback ran, still orders its group: the race is
+        one turn wide and the batch it might change is dropped and formed again if it took the row."""
+        fronts = list(self._groups.values())
         if len(fronts) > 1:
-            fronts.sort(key=lambda members: members[0].seq)
+            oldest = list(map(_SEQ, map(_FIRST, fronts)))
+            fronts = list(map(fronts.__getitem__, sorted(range(len(fronts)), key=oldest.__getitem__)))
         return fronts
 
     @staticmethod
@@ -382,7 +382,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         if len(fronts) == 1:
             head = fronts[0][:limit]
             return head, [len(head)]
-        counts = round_robin_counts([len(members) for members in fronts], limit)
+        if len(fronts) >= limit:  # many groups: the oldest row of each of the first `limit`
+            return list(map(_FIRST, fronts[:limit])), [1] * limit + [0] * (len(fronts) - limit)
+        counts = round_robin_counts(list(map(len, fronts)), limit)
         window: list[_Entry[ItemT, ResultT]] = []
         done = 0
         for rank in sorted(set(counts)):  # ranks done..rank-1 hold one row of each group that reaches rank
