@@ -497,20 +497,22 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         taken: list[_Entry[ItemT, ResultT]],
         picked: list[int] | None,
     ) -> None:
-        """Take ``taken`` out of the queue: each group keeps the rest of its first ``counts`` rows (the
-        part the window read), in order, with one slice assignment."""
+        """Take ``taken`` out of the queue: each group it came from keeps the rest of the rows the window
+        read of it, in order, with one slice assignment (groups it did not touch are not visited)."""
         self._dequeued(taken)
+        touched = {entry.group for entry in taken}
         if len(fronts) == 1 and picked is not None:  # one group: window index == position in it
             members, keep = fronts[0], [True] * counts[0]
             for index in picked:
                 keep[index] = False
             members[: counts[0]] = itertools.compress(members[: counts[0]], keep)
         else:
-            for members, count in zip(fronts, counts, strict=True):
-                if count:
-                    members[:count] = itertools.filterfalse(_GONE, members[:count])
-        for group in {entry.group for entry in taken}:
-            if not self._groups.get(group, True):
+            read = max(counts)  # no group had more of its rows in the window
+            for group in touched:
+                members = self._groups[group]
+                members[:read] = itertools.filterfalse(_GONE, members[:read])
+        for group in touched:
+            if not self._groups[group]:
                 del self._groups[group]
 
     def _drop_done(self, fronts: list[list[_Entry[ItemT, ResultT]]], counts: list[int]) -> None:
