@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import itertools
 import logging
 import operator
@@ -134,8 +133,6 @@ def round_robin_counts(lengths: Sequence[int], limit: int) -> list[int]:
     groups hold (``lengths``: each group's queued entries, in the round robin's group order)."""
     if sum(lengths) <= limit:
         return list(lengths)
-    if len(lengths) >= limit and min(lengths) > 0:  # many groups: the oldest row of each of the first `limit`
-        return [1] * limit + [0] * (len(lengths) - limit)
     used = ranks = 0
     groups = len(lengths)
     for exhausted, length in enumerate(sorted(lengths)):
@@ -337,13 +334,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         def forget(future: asyncio.Future[ResultT]) -> None:
             # A cancelled caller frees its queue slot at once, so queue_depth and max_queue stay honest.
             # A gone entry was taken into a batch, or failed by stop(), already.
+            # An entry not gone is in its group's list: rows are counted out before they leave it.
             if future.cancelled() and not entry.gone:
-                members = self._groups.get(entry.group)
-                if members is not None:
-                    with contextlib.suppress(ValueError):  # dropped already by a look at its group
-                        members.remove(entry)
-                    if not members:
-                        del self._groups[entry.group]
+                members = self._groups[entry.group]
+                members.remove(entry)
+                if not members:
+                    del self._groups[entry.group]
                 self._dequeued([entry])
 
         return forget
