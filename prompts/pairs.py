@@ -10,7 +10,7 @@ instead, and the head is fitted on the prefixed pooled vectors: each label's mea
 The result is an ordinary P-tuning v2 artifact (prefix + linear head) that the service batches with
 every other task.
 
-Measured on the packaged MiniLM in README "Few-shot data" and "Accuracy" / "Few-shot".
+Measured on the packaged MiniLM in README "Few-shot data" and benchmarks/FEWSHOT.md.
 """
 
 from __future__ import annotations

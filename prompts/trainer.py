@@ -123,8 +123,8 @@ PAIR_HEADS = ("prototype", "logistic", "standardized")
 # PROBE_HEAD_C, nothing chosen on dev. "auto"'s probe candidate fits AUTO_PROBE_HEAD (session 30): a
 # convex fit has one answer, where the trained head's epoch is picked by dev rows (banking77 K=64 seed
 # 2: dev 0.940, test 0.890; README "Few-shot data", step 4). The method's default, PROBE_HEAD, since
-# the fit was level or ahead on all six whole train sets and on 16 of 23 few-shot cells (README
-# "Session 31").
+# the fit was level or ahead on all six whole train sets and on 16 of 23 few-shot cells
+# (benchmarks/FEWSHOT.md, "Session 31").
 PROBE_HEADS = ("trained", "standardized")
 PROBE_HEAD = "standardized"
 AUTO_PROBE_HEAD = PROBE_HEAD  # one fit for both since session 31; a separate name for auto's plan
