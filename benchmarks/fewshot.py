@@ -426,8 +426,55 @@ def markdown(records: Sequence[dict[str, Any]], methods: Sequence[str], header: 
     return "\n".join(lines)
 
 
-def plot(rows: Sequence[dict[str, Any]], methods: Sequence[str], path: Path) -> str:
-    """Accuracy against K, one panel per dataset; returns what was done (matplotlib may be missing)."""
+# The lines the issue asks for, each in one colour and marker in every panel; every other method (earlier
+# defaults, ablations: FEWSHOT.md) is drawn thin and grey, so the picture stays readable as they pile up.
+PLOTTED: dict[str, tuple[str, str]] = {
+    "default": ("black", "o"),
+    "setfit": ("tab:orange", "s"),
+    "probe": ("tab:blue", "^"),
+    "prefix": ("tab:green", "v"),
+    "ptuning": ("tab:purple", "D"),
+    "prompt": ("tab:brown", "P"),
+    "finetune": ("tab:red", "*"),
+}
+MEAN_PANEL = "mean, English"
+
+
+def plot_series(
+    records: Sequence[dict[str, Any]], methods: Sequence[str]
+) -> dict[str, dict[str, list[tuple[int, float, float]]]]:
+    """Panel -> method -> [(K, mean accuracy, standard deviation over seeds)], what :func:`plot` draws:
+    one panel per dataset, then :data:`MEAN_PANEL`, the English sets' mean on the runs every plotted
+    method at that K has (:func:`english_means`; full fine-tuning, run at one K, is left out of it so
+    that it does not shrink the other Ks' runs), with no spread."""
+    runs: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        if record["method"] in methods and record.get("accuracy") is not None:
+            runs[(record["dataset"], record["method"])][int(record["k"])].append(float(record["accuracy"]))
+    panels: dict[str, dict[str, list[tuple[int, float, float]]]] = {}
+    for dataset in DATASETS:
+        lines = {
+            method: [
+                (k, statistics.fmean(accs), statistics.pstdev(accs))
+                for k, accs in sorted(runs[(dataset, method)].items())
+            ]
+            for method in methods
+            if (dataset, method) in runs
+        }
+        if lines:
+            panels[dataset] = lines
+    compared = [m for m in methods if m in PLOTTED and m != "finetune"]
+    mean_lines: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    for (k, method), (mean, _, _) in sorted(english_means(records, compared).items()):
+        mean_lines[method].append((k, mean, 0.0))
+    if mean_lines:
+        panels[MEAN_PANEL] = {m: mean_lines[m] for m in compared if m in mean_lines}
+    return panels
+
+
+def plot(records: Sequence[dict[str, Any]], methods: Sequence[str], path: Path) -> str:
+    """Accuracy against K, one panel per dataset and one for the English mean, error bars one standard
+    deviation over seeds; returns what was done (matplotlib may be missing)."""
     if importlib.util.find_spec("matplotlib") is None:
         return "plot skipped: matplotlib is not installed"
     import matplotlib
@@ -435,36 +482,49 @@ def plot(rows: Sequence[dict[str, Any]], methods: Sequence[str], path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    datasets = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
-    fig, axes = plt.subplots(1, len(datasets), figsize=(3.2 * len(datasets), 3.2), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets, strict=True):
-        for method in methods:
-            points = sorted(
-                (r["k"], r["accuracy"])
-                for r in rows
-                if r["dataset"] == dataset and r["method"] == method and "accuracy" in r
+    panels = plot_series(records, methods)
+    columns = 4
+    rows_needed = -(-len(panels) // columns)
+    fig, axes = plt.subplots(
+        rows_needed, columns, figsize=(4.0 * columns, 3.4 * rows_needed + 0.8), squeeze=False
+    )
+    cells = list(axes.flat)
+    handles: dict[str, Any] = {}
+    for ax, (panel, lines) in zip(cells, panels.items(), strict=False):
+        for method, points in lines.items():
+            ks, means, spreads = zip(*points, strict=True)
+            color, marker = PLOTTED.get(method, ("0.7", "."))
+            main = method in PLOTTED
+            drawn = ax.errorbar(
+                ks,
+                means,
+                yerr=spreads if main and any(spreads) else None,
+                color=color,
+                marker=marker,
+                linewidth=2.0 if method == "default" else 1.2 if main else 0.7,
+                markersize=6 if main else 3,
+                capsize=2,
+                zorder=3 if main else 1,
+                label=LABELS[method] if main else "earlier defaults and ablations (FEWSHOT.md)",
             )
-            if points:
-                # One colour per method in every panel (the colour cycle would restart per panel and
-                # give a method missing from one panel the next method's colour).
-                ax.plot(
-                    [p[0] for p in points],
-                    [p[1] for p in points],
-                    marker="o",
-                    color=f"C{methods.index(method)}",
-                    label=LABELS[method],
-                )
+            handles.setdefault(drawn.get_label(), drawn)
         ax.set_xscale("log", base=2)
-        ax.set_title(dataset)
+        ax.set_xticks(KS, [str(k) for k in KS])
+        ax.set_xlim(KS[0] / 1.2, KS[-1] * 1.2)
+        ax.set_title(panel if panel != MEAN_PANEL else "English mean (the runs all lines share)")
         ax.set_xlabel("examples per label (K)")
-    axes[0][0].set_ylabel("test accuracy")
-    legend: dict[str, Any] = {}
-    for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            legend.setdefault(label, handle)
-    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=len(legend), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=120)
+        ax.grid(alpha=0.3)
+    for row in axes:
+        row[0].set_ylabel("test accuracy")
+    for ax in cells[len(panels) :]:
+        ax.axis("off")
+    grey = "earlier defaults and ablations (FEWSHOT.md)"
+    order = [LABELS[m] for m in PLOTTED if LABELS[m] in handles] + [grey] * (grey in handles)
+    fig.legend(
+        [handles[label] for label in order], order, loc="lower center", ncol=4, fontsize=9, frameon=False
+    )
+    fig.tight_layout(rect=(0, 0.8 / (3.4 * rows_needed + 0.8), 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return f"saved {path}"
 
@@ -543,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.report:
         write_outputs(args.out, payload, methods)
-        print(plot(payload["summary"], methods, args.out / "fewshot.png"))
+        print(plot(payload["runs"], methods, args.out / "fewshot.png"))
         return 0
     done = {run_key(r) for r in payload["runs"]}
     backbone = load_backbone(str(model_dir) if args.model else None, device=args.device)
@@ -586,9 +646,9 @@ def main(argv: list[str] | None = None) -> int:
                     else record["status"]
                 )
                 print(f"{dataset} K={k} seed={seed} {method}: {shown}", flush=True)
-    rows = write_outputs(args.out, payload, methods)
+    write_outputs(args.out, payload, methods)
     print((args.out / "fewshot.md").read_text())
-    print(plot(rows, methods, args.out / "fewshot.png"))
+    print(plot(payload["runs"], methods, args.out / "fewshot.png"))
     return 0
 
 

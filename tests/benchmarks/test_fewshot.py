@@ -124,8 +124,26 @@ def test_reports_are_written(tmp_path: Path) -> None:
         "**0.750** (2 sets, 4 runs) | – |" in md
     )
     assert "| trec | 8 | 2.5 | 2.5 | – |" in md
-    message = fewshot.plot(saved["summary"], methods, tmp_path / "fewshot.png")
+    message = fewshot.plot(saved["runs"], methods, tmp_path / "fewshot.png")
     assert message.startswith("plot skipped") or (tmp_path / "fewshot.png").stat().st_size > 0
+
+
+def test_plot_series_spread_over_seeds_and_the_english_mean_of_the_main_lines() -> None:
+    ablation = {"dataset": "sst2", "k": 8, "seed": 0, "method": "default_nolora", "accuracy": 0.2}
+    finetune = {"dataset": "trec", "k": 64, "seed": 0, "method": "finetune", "accuracy": 0.99}
+    methods = ["default", "probe", "setfit", "default_nolora", "finetune"]
+    panels = fewshot.plot_series([*_runs(), ablation, finetune], methods)
+    assert list(panels) == ["sst2", "trec", "comment_zh", fewshot.MEAN_PANEL]
+    # Seeds 0 and 1 differ by 0.1: mean in the middle, population spread 0.05; SetFit did not run.
+    assert panels["sst2"]["default"] == [pytest.approx((8, 0.7, 0.05))]
+    assert panels["sst2"]["probe"] == [pytest.approx((8, 0.65, 0.05))]
+    assert panels["sst2"]["default_nolora"] == [pytest.approx((8, 0.2, 0.0))]
+    assert "setfit" not in panels["sst2"] and panels["trec"]["finetune"] == [pytest.approx((64, 0.99, 0.0))]
+    # The English mean: SST-2 and TREC (comment_zh is not English), the main lines only, no fine-tuning.
+    assert panels[fewshot.MEAN_PANEL] == {
+        "default": [pytest.approx((8, 0.8, 0.0))],
+        "probe": [pytest.approx((8, 0.75, 0.0))],
+    }
 
 
 def test_each_column_against_default_row_uses_every_run_the_two_have() -> None:
