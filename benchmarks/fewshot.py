@@ -365,7 +365,8 @@ def _versus_cell(column: tuple[float, int, int], default: tuple[float, int, int]
     return f"**{column[0]:.3f}** / {default[0]:.3f} ({_count(column[1], 'set')}, {_count(column[2], 'run')})"
 
 
-def markdown(records: Sequence[dict[str, Any]], methods: Sequence[str], header: str) -> str:
+def _accuracy_table(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[str]:
+    """Test accuracy per (dataset, K) and column, each K closed by the English means."""
     rows = aggregate(records)
     by_cell = {(r["dataset"], r["k"], r["method"]): r for r in rows}
     cells_seen = sorted({(r["dataset"], r["k"]) for r in rows}, key=lambda c: (c[1], DATASETS.index(c[0])))
@@ -377,14 +378,10 @@ def markdown(records: Sequence[dict[str, Any]], methods: Sequence[str], header: 
             return str(row["status"])
         return f"{row['accuracy']:.3f}"
 
-    names = [LABELS[m] for m in methods]
     lines = [
-        header,
-        "",
-        "Test accuracy, mean over seeds (seeds per cell in brackets when not all alike).",
-        "",
+        "| dataset | K | " + " | ".join(LABELS[m] for m in methods) + " |",
+        "|---|---:|" + "---:|" * len(methods),
     ]
-    lines += ["| dataset | K | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(methods)]
     means = english_means(records, methods)
     # Each column against the default on every run the two share: the row above shrinks to the cells
     # every column ran (a method run on a few cells would shrink it to those), and the target compares
@@ -399,6 +396,8 @@ def markdown(records: Sequence[dict[str, Any]], methods: Sequence[str], header: 
             if kk != k:
                 continue
             found = [by_cell.get((dataset, k, m)) for m in methods]
+            if all(r is None for r in found):
+                continue
             seeds = {r["seeds"] for r in found if r is not None and "accuracy" in r}
             note = f" ({'/'.join(str(s) for s in sorted(seeds))} seeds)" if len(seeds) > 1 else ""
             lines.append(f"| {dataset}{note} | {k} | " + " | ".join(acc(r) for r in found) + " |")
@@ -414,16 +413,55 @@ def markdown(records: Sequence[dict[str, Any]], methods: Sequence[str], header: 
                 + " | ".join(cells)
                 + " |"
             )
-    lines += ["", "Training seconds per task (mean over seeds; test scoring not included).", ""]
-    lines += ["| dataset | K | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(methods)]
+    return lines
+
+
+def _seconds_table(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[str]:
+    rows = aggregate(records)
+    by_cell = {(r["dataset"], r["k"], r["method"]): r for r in rows}
+    cells_seen = sorted({(r["dataset"], r["k"]) for r in rows}, key=lambda c: (c[1], DATASETS.index(c[0])))
+    lines = [
+        "| dataset | K | " + " | ".join(LABELS[m] for m in methods) + " |",
+        "|---|---:|" + "---:|" * len(methods),
+    ]
     for dataset, k in cells_seen:
         found = [by_cell.get((dataset, k, m)) for m in methods]
+        if all(r is None or "seconds" not in r for r in found):
+            continue
         lines.append(
             f"| {dataset} | {k} | "
             + " | ".join("–" if r is None or "seconds" not in r else f"{r['seconds']:.1f}" for r in found)
             + " |"
         )
-    return "\n".join(lines)
+    return lines
+
+
+def markdown(records: Sequence[dict[str, Any]], methods: Sequence[str], header: str) -> str:
+    """The issue's columns (``default``, each ptserve method, the probe, SetFit, full fine-tuning) in one
+    table; earlier defaults and ablations, each beside ``default``, in a second one when run."""
+    main = [m for m in methods if m in PLOTTED]
+    ran = {r["method"] for r in records}
+    rest = [m for m in methods if m not in PLOTTED and m in ran]
+    groups = [("", main or list(methods))]
+    if main and rest:
+        groups.append(
+            (
+                "Earlier defaults and ablations, beside today's default (benchmarks/FEWSHOT.md)",
+                ["default", *rest],
+            )
+        )
+    lines = [
+        header,
+        "",
+        "Test accuracy, mean over seeds (seeds per cell in brackets when not all alike).",
+        "",
+    ]
+    for title, columns in groups:
+        lines += ([f"### {title}", ""] if title else []) + _accuracy_table(records, columns) + [""]
+    lines += ["Training seconds per task (mean over seeds; test scoring not included).", ""]
+    for title, columns in groups:
+        lines += ([f"### {title}", ""] if title else []) + _seconds_table(records, columns) + [""]
+    return "\n".join(lines).rstrip("\n")
 
 
 # The lines the issue asks for, each in one colour and marker in every panel; every other method (earlier

@@ -180,3 +180,21 @@ def test_same_runs_row_is_left_out_when_no_cell_has_every_column() -> None:
         "| **mean, English: each column / default (the runs the two have)** | 8 | – | "
         "**0.850** / 0.900 (1 set, 2 runs) | **0.900** / 0.700 (1 set, 2 runs) |" in md
     )
+
+
+def test_ablations_get_their_own_table_beside_the_default() -> None:
+    """The issue's columns stay one readable table; an ablation that ran gets a second table with the
+    default beside it, and one that never ran gets no column."""
+    ablation = [
+        {"dataset": "sst2", "k": 8, "seed": s, "method": "default_nolora", "accuracy": 0.5, "macro_f1": 0.5}
+        | {"seconds": 9.0}
+        for s in (0, 1)
+    ]
+    md = fewshot.markdown([*_runs(), *ablation], ["default", "probe", "default_nolora", "pairs"], "# t")
+    main, rest = md.split("### Earlier defaults and ablations")[:2]
+    assert "| dataset | K | ptserve default (auto) | linear probe (fitted) |" in main
+    assert "| sst2 | 8 | 0.700 | 0.650 |" in main and "no LoRA" not in main.split("Training seconds")[0]
+    assert "| dataset | K | ptserve default (auto) | default, no LoRA |" in rest
+    assert "| sst2 | 8 | 0.700 | 0.500 |" in rest and "| trec | 8 | 0.900 | not run |" in rest
+    assert "pairs" not in md.replace("pairs,", "")  # never run: no column
+    assert md.count("Training seconds") == 1 and "| sst2 | 8 | 2.5 | 9.0 |" in md.split("Training seconds")[1]
