@@ -365,11 +365,25 @@ def _versus_cell(column: tuple[float, int, int], default: tuple[float, int, int]
     return f"**{column[0]:.3f}** / {default[0]:.3f} ({_count(column[1], 'set')}, {_count(column[2], 'run')})"
 
 
-def _accuracy_table(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[str]:
-    """Test accuracy per (dataset, K) and column, each K closed by the English means."""
+def _by_cell(
+    records: Sequence[dict[str, Any]],
+) -> tuple[dict[tuple[str, int, str], dict[str, Any]], list[tuple[str, int]]]:
+    """The aggregated rows by (dataset, K, method), and the (dataset, K) cells by K, then dataset."""
     rows = aggregate(records)
     by_cell = {(r["dataset"], r["k"], r["method"]): r for r in rows}
-    cells_seen = sorted({(r["dataset"], r["k"]) for r in rows}, key=lambda c: (c[1], DATASETS.index(c[0])))
+    return by_cell, sorted({(r["dataset"], r["k"]) for r in rows}, key=lambda c: (c[1], DATASETS.index(c[0])))
+
+
+def _table_head(methods: Sequence[str]) -> list[str]:
+    return [
+        "| dataset | K | " + " | ".join(LABELS[m] for m in methods) + " |",
+        "|---|---:|" + "---:|" * len(methods),
+    ]
+
+
+def _accuracy_table(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[str]:
+    """Test accuracy per (dataset, K) and column, each K closed by the English means."""
+    by_cell, cells_seen = _by_cell(records)
 
     def acc(row: dict[str, Any] | None) -> str:
         if row is None:
@@ -378,10 +392,7 @@ def _accuracy_table(records: Sequence[dict[str, Any]], methods: Sequence[str]) -
             return str(row["status"])
         return f"{row['accuracy']:.3f}"
 
-    lines = [
-        "| dataset | K | " + " | ".join(LABELS[m] for m in methods) + " |",
-        "|---|---:|" + "---:|" * len(methods),
-    ]
+    lines = _table_head(methods)
     means = english_means(records, methods)
     # Each column against the default on every run the two share: the row above shrinks to the cells
     # every column ran (a method run on a few cells would shrink it to those), and the target compares
@@ -417,13 +428,8 @@ def _accuracy_table(records: Sequence[dict[str, Any]], methods: Sequence[str]) -
 
 
 def _seconds_table(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[str]:
-    rows = aggregate(records)
-    by_cell = {(r["dataset"], r["k"], r["method"]): r for r in rows}
-    cells_seen = sorted({(r["dataset"], r["k"]) for r in rows}, key=lambda c: (c[1], DATASETS.index(c[0])))
-    lines = [
-        "| dataset | K | " + " | ".join(LABELS[m] for m in methods) + " |",
-        "|---|---:|" + "---:|" * len(methods),
-    ]
+    by_cell, cells_seen = _by_cell(records)
+    lines = _table_head(methods)
     for dataset, k in cells_seen:
         found = [by_cell.get((dataset, k, m)) for m in methods]
         if all(r is None or "seconds" not in r for r in found):
