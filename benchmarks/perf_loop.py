@@ -13,6 +13,11 @@ counted instead of sent (their encoding and the ZeroMQ send are perf_link's). Th
 (``time.thread_time``) from the first Call to the last reply, per call and per row, after the start-up
 objects are frozen as the engine freezes them; best and median of ``--repeat`` passes.
 
+``--observed``: the same loop's CPU per finished request's metrics record, from the front ends'
+``Tallies`` frames (decode and count, into the real ``Metrics``), with ``--observed-per-message``
+records per frame spread over ``--observed-tasks`` tasks (a front end sends what its requests finished
+in 50 ms as one frame; 1 is a front end with one request per interval).
+
     .venv/bin/python -m benchmarks.perf_loop --data-root ../shared/data
     PYTHONPATH=<other checkout> .venv/bin/python -m benchmarks.perf_loop ...   # the same for other code
 """
@@ -35,8 +40,9 @@ from prompts.backbone import TextTokenizer
 from service.batcher import DynamicBatcher, group_window
 from service.engine import Row
 from service.frontends.link import EngineEndpoint
-from service.frontends.protocol import Call, Reply
+from service.frontends.protocol import ENCODER, TO_ENGINE, Call, Observed, Reply, Tallies
 from service.memory import freeze_startup_objects
+from service.metrics import Metrics
 from service.settings import Settings
 
 
@@ -144,6 +150,35 @@ async def one_pass(
     return cpu, wall
 
 
+def observed_pass(records: int, per_message: int, tasks: int) -> tuple[float, float]:
+    """The loop thread's CPU seconds to decode and count ``records`` request records arriving as
+    Tallies frames of ``per_message`` records each (what ``EngineEndpoint._receive`` does with them),
+    and the requests the registry then holds."""
+    endpoint = EngineEndpoint.__new__(EngineEndpoint)  # the counting only: no socket, no runtime
+    endpoint.metrics = Metrics(lambda: None)
+    observed = [
+        Observed("/v1/classify", f"task{i % tasks}", 200, 1.0 + (i % 97) / 4, "key", None)
+        for i in range(records)
+    ]
+    frames = [
+        ENCODER.encode(Tallies.of(observed[i : i + per_message])) for i in range(0, records, per_message)
+    ]
+    started = time.thread_time()
+    for frame in frames:
+        message = TO_ENGINE.decode(frame)
+        for tally in cast(Tallies, message).tallies:
+            endpoint._count(tally)
+    cpu = time.thread_time() - started
+    counted = sum(
+        endpoint.metrics.registry.get_sample_value(
+            "ptserve_requests_total", {"route": "/v1/classify", "task": f"task{i}", "status": "200"}
+        )
+        or 0.0
+        for i in range(tasks)
+    )
+    return cpu, counted
+
+
 def run_loop(coroutine: Coroutine[Any, Any, tuple[float, float]]) -> tuple[float, float]:
     """On uvloop where it is installed (uvicorn's choice for the engine), else asyncio's loop."""
     try:
@@ -169,6 +204,13 @@ def main() -> None:
         "--tenants", type=int, default=1, help="calls spread round robin over this many tenants' tasks"
     )
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument(
+        "--observed", type=int, default=20000, help="request records per metrics pass (0: no such pass)"
+    )
+    parser.add_argument(
+        "--observed-per-message", default="1,50", help="records per Tallies frame, one pass each"
+    )
+    parser.add_argument("--observed-tasks", type=int, default=20, help="tasks the records spread over")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/perf_loop"))
     args = parser.parse_args()
 
@@ -209,6 +251,29 @@ def main() -> None:
                 f"({point['best_us_per_row']:.2f} µs/row), median {point['median_us_per_call']:.1f}",
                 flush=True,
             )
+    observed_points = []
+    for per_message in (
+        [int(x) for x in args.observed_per_message.split(",") if x.strip()] if args.observed else []
+    ):
+        per_record_us = sorted(
+            observed_pass(args.observed, per_message, args.observed_tasks)[0] / args.observed * 1e6
+            for _ in range(args.repeat)
+        )
+        observed_points.append(
+            {
+                "records_per_message": per_message,
+                "records": args.observed,
+                "tasks": args.observed_tasks,
+                "cpu_us_per_record": per_record_us,
+                "best_us_per_record": per_record_us[0],
+                "median_us_per_record": statistics.median(per_record_us),
+            }
+        )
+        print(
+            f"metrics records, {per_message}/frame over {args.observed_tasks} tasks: loop CPU best "
+            f"{per_record_us[0]:.2f} µs/record, median {statistics.median(per_record_us):.2f}",
+            flush=True,
+        )
     headers = [
         "rows/call",
         "calls per pass",
@@ -230,6 +295,22 @@ def main() -> None:
         f"{group_window(settings.max_batch_size) if settings.length_grouping else 'off'}; "
         f"{platform.processor() or platform.machine()})\n\n" + markdown_table(headers, table) + "\n"
     )
+    if observed_points:
+        markdown += (
+            "\nMetrics records from front ends (Tallies frames, decode and count):\n\n"
+            + markdown_table(
+                ["records per frame", "tasks", "loop CPU µs per record: best / median"],
+                [
+                    [
+                        p["records_per_message"],
+                        p["tasks"],
+                        f"{p['best_us_per_record']:.2f} / {p['median_us_per_record']:.2f}",
+                    ]
+                    for p in observed_points
+                ],
+            )
+            + "\n"
+        )
     write_report(
         args.out,
         "perf_loop",
@@ -237,6 +318,7 @@ def main() -> None:
             "machine": machine(),
             "args": vars(args) | {"out": str(args.out), "data_root": str(args.data_root)},
             "points": points,
+            "observed": observed_points,
         },
         markdown,
     )

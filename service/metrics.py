@@ -119,8 +119,22 @@ class Metrics:
         return tenant
 
     def observe_request(self, record: RequestRecord) -> None:
-        status = str(record.status)
-        labels = (record.route or "unmatched", record.task or "", status)
+        self.observe_requests(
+            record.route, record.task, record.status, record.key, record.tenant, (record.latency_ms,)
+        )
+
+    def observe_requests(
+        self,
+        route: str | None,
+        task: str | None,
+        status_code: int,
+        key: str | None,
+        tenant: str | None,
+        latencies_ms: Sequence[float],
+    ) -> None:
+        """Requests of one series, one per latency (a front end's tally, or one request here)."""
+        status = str(status_code)
+        labels = (route or "unmatched", task or "", status)
         # The series' children, looked up once: ``labels()`` costs twice the increments, and the
         # engine of serve --frontends N counts every front end's requests on its one loop.
         series = self._request_series.get(labels)
@@ -129,17 +143,18 @@ class Metrics:
                 self.requests.labels(*labels),
                 self.latency.labels(*labels),
             )
-        series[0].inc()
-        series[1].observe(record.latency_ms / 1000.0)
-        if record.key is not None:
-            tenant = (self.tenant(record.tenant), status)
-            counter = self._tenant_series.get(tenant)
+        series[0].inc(len(latencies_ms))
+        for latency_ms in latencies_ms:
+            series[1].observe(latency_ms / 1000.0)
+        if key is not None:
+            group = (self.tenant(tenant), status)
+            counter = self._tenant_series.get(group)
             if counter is None:
-                counter = self._tenant_series[tenant] = self.tenant_requests.labels(*tenant)
-            counter.inc()
+                counter = self._tenant_series[group] = self.tenant_requests.labels(*group)
+            counter.inc(len(latencies_ms))
 
-    def observe_refusal(self, principal: Principal, reason: str) -> None:
-        self.tenant_refusals.labels(self.tenant(principal.tenant), reason).inc()
+    def observe_refusal(self, principal: Principal, reason: str, count: int = 1) -> None:
+        self.tenant_refusals.labels(self.tenant(principal.tenant), reason).inc(count)
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batches.labels(stats.closed_by).inc()

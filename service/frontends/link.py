@@ -25,13 +25,13 @@ from service.frontends.protocol import (
     TO_ENGINE,
     Call,
     Calls,
-    Observations,
     Observed,
     Replies,
     Reply,
+    Tallies,
+    Tally,
 )
 from service.limits import rate_limited
-from service.logs import RequestRecord
 from service.metrics import Metrics
 from service.runtime import Runtime
 from service.tenancy import Principal, Scope, resolve
@@ -41,7 +41,7 @@ T = TypeVar("T")
 
 
 class EngineEndpoint:
-    """The engine's ROUTER socket: classifies Calls with the engine's runtime, records Observed."""
+    """The engine's ROUTER socket: classifies Calls with the engine's runtime, counts Tallies."""
 
     NAMES_KEPT = 4096  # resolved names remembered (then forgotten all at once)
 
@@ -77,10 +77,10 @@ class EngineEndpoint:
             except Exception:  # only front ends of this server connect; a bad frame is a bug there
                 logger.exception("undecodable message from a front end")
                 continue
-            if isinstance(message, Observed | Observations):
+            if isinstance(message, Tallies):
                 try:
-                    for seen in message.observed if isinstance(message, Observations) else [message]:
-                        self._observe(seen)
+                    for tally in message.tallies:
+                        self._count(tally)
                 except Exception:  # metrics only: the receive loop must outlive a bug there
                     logger.exception("a front end's request records could not be counted")
                 continue
@@ -95,26 +95,15 @@ class EngineEndpoint:
                 self._answers.add(answer)
                 answer.add_done_callback(self._answers.discard)
 
-    def _observe(self, seen: Observed) -> None:
-        if seen.refusal is not None:
-            # Only the refusal: the refused request's own record follows from the front end's request
+    def _count(self, tally: Tally) -> None:
+        if tally.refusal is not None:
+            # Only the refusals: the refused requests' own records follow from the front end's request
             # log, as in one process (where the limits middleware and the log count them apart).
-            principal = Principal(seen.key or "-", "classify", seen.tenant)
-            self.metrics.observe_refusal(principal, seen.refusal)
+            principal = Principal(tally.key or "-", "classify", tally.tenant)
+            self.metrics.observe_refusal(principal, tally.refusal, len(tally.latencies_ms))
             return
-        self.metrics.observe_request(
-            RequestRecord(
-                request_id="",
-                method="POST",
-                path=seen.route,
-                route=seen.route,
-                task=seen.task,
-                version=None,
-                status=seen.status,
-                latency_ms=seen.latency_ms,
-                key=seen.key,
-                tenant=seen.tenant,
-            )
+        self.metrics.observe_requests(
+            tally.route, tally.task, tally.status, tally.key, tally.tenant, tally.latencies_ms
         )
 
     def _answer_now(self, identity: bytes, call: Call) -> bool:
@@ -366,7 +355,7 @@ class EngineClient:
         self._observed.add(seen)
 
     def _send_observed(self, observed: list[Observed]) -> None:
-        message = observed[0] if len(observed) == 1 else Observations(observed)
+        message = Tallies.of(observed)
         with contextlib.suppress(zmq.ZMQError):
             self._socket.send(ENCODER.encode(message), flags=zmq.NOBLOCK)
 

@@ -4,9 +4,10 @@ A front end's DEALER socket sends a :class:`Call` and the engine's ROUTER socket
 :class:`Reply` carrying the same ``id``; ZeroMQ routes the reply back to the front end that asked.
 Both directions coalesce: Calls gathered for about a millisecond travel as one :class:`Calls`, the
 Replies finished in one turn of the engine's loop as one :class:`Replies`, and finished requests'
-:class:`Observed` records as one :class:`Observations` every few tens of milliseconds. On a GPU the
-engine's loop is the bound (one core for every front end's requests), and each message costs it a
-wake-up, a decode and a socket operation whatever it carries.
+:class:`Observed` records, every few tens of milliseconds, as one :class:`Tallies`: one :class:`Tally`
+per metrics series with the latencies of its requests. On a GPU the engine's loop is the bound (one
+core for every front end's requests), and each message costs it a wake-up, a decode and a socket
+operation whatever it carries, each record a decode and a series lookup.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ class Calls(msgspec.Struct, array_like=True, frozen=True, tag=True):
     calls: list[Call]
 
 
-class Observed(msgspec.Struct, array_like=True, frozen=True, tag=True):
+class Observed(msgspec.Struct, frozen=True):
     """A request a front end finished (or refused), for the engine's metrics: one registry, so one
-    ``/metrics`` scrape covers every process. Fire and forget: no reply."""
+    ``/metrics`` scrape covers every process. Gathered in the front end and sent as :class:`Tally`."""
 
     route: str
     task: str | None
@@ -49,11 +50,37 @@ class Observed(msgspec.Struct, array_like=True, frozen=True, tag=True):
     tenant: str | None
     refusal: str | None = None  # the reason of a tenant's refusal (rate, share), counted apart
 
+    def series(self) -> tuple[str, str | None, int, str | None, str | None, str | None]:
+        """What the engine's metrics label by: records alike here are counted together."""
+        return (self.route, self.task, self.status, self.key, self.tenant, self.refusal)
 
-class Observations(msgspec.Struct, array_like=True, frozen=True, tag=True):
-    """Observed records a front end gathered (metrics may lag a request by a flush interval)."""
 
-    observed: list[Observed]
+class Tally(msgspec.Struct, array_like=True, frozen=True, tag=True):
+    """Observed records of one series (:meth:`Observed.series`): the engine looks the series up once
+    and counts ``len(latencies_ms)`` requests (about 4 µs of the engine loop's CPU per record as
+    single records, under 1 µs a record in tallies; ``benchmarks/perf_loop.py --observed``)."""
+
+    route: str
+    task: str | None
+    status: int
+    key: str | None
+    tenant: str | None
+    refusal: str | None
+    latencies_ms: list[float]
+
+
+class Tallies(msgspec.Struct, array_like=True, frozen=True, tag=True):
+    """The tallies of the records a front end gathered (metrics may lag a request by a flush
+    interval). Fire and forget: no reply."""
+
+    tallies: list[Tally]
+
+    @classmethod
+    def of(cls, observed: list[Observed]) -> Tallies:
+        latencies: dict[tuple[str, str | None, int, str | None, str | None, str | None], list[float]] = {}
+        for seen in observed:
+            latencies.setdefault(seen.series(), []).append(seen.latency_ms)
+        return cls([Tally(*series, spent) for series, spent in latencies.items()])
 
 
 class Reply(msgspec.Struct, array_like=True, frozen=True, tag=True):
@@ -77,6 +104,6 @@ class Replies(msgspec.Struct, array_like=True, frozen=True, tag=True):
     replies: list[Reply]
 
 
-TO_ENGINE = msgspec.msgpack.Decoder(Call | Calls | Observed | Observations)
+TO_ENGINE = msgspec.msgpack.Decoder(Call | Calls | Tallies)
 REPLIES = msgspec.msgpack.Decoder(Reply | Replies)
 ENCODER = msgspec.msgpack.Encoder()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.perf_loop import one_pass
+from benchmarks.perf_loop import observed_pass, one_pass
 from prompts.backbone import TextTokenizer
 from service.settings import Settings
 
@@ -30,3 +30,9 @@ def test_a_pass_answers_every_call_and_times_the_loop_thread(tmp_path: Path, ten
     )
     # The loop thread did the work (a failed call raises), and its CPU is at most the wall time.
     assert 0.0 < cpu <= wall * 1.05 + 0.01
+
+
+@pytest.mark.parametrize("per_message", [1, 7])
+def test_a_metrics_pass_counts_every_record(per_message: int) -> None:
+    cpu, counted = observed_pass(records=50, per_message=per_message, tasks=3)
+    assert counted == 50 and cpu > 0.0

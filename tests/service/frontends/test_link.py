@@ -283,11 +283,11 @@ def test_a_record_the_metrics_cannot_count_does_not_stop_the_receive_loop(
         metrics = app.state.engine_endpoint.metrics
         counted: list[str] = []
 
-        def broken(record: object) -> None:
+        def broken(*args: object) -> None:
             counted.append("tried")
             raise RuntimeError("a metrics bug")
 
-        metrics.observe_request = broken
+        metrics.observe_requests = broken
 
         async def run() -> Reply:
             client = EngineClient(address, identity=f"test-frontend-obs-{next(CLIENT_IDS)}")
