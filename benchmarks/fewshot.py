@@ -482,6 +482,7 @@ PLOTTED: dict[str, tuple[str, str]] = {
     "finetune": ("tab:red", "*"),
 }
 MEAN_PANEL = "mean, English"
+GREY = "earlier defaults and ablations (FEWSHOT.md)"  # the legend's one entry for every other method
 
 
 def plot_series(
@@ -549,7 +550,7 @@ def plot(records: Sequence[dict[str, Any]], methods: Sequence[str], path: Path) 
                 markersize=6 if main else 3,
                 capsize=2,
                 zorder=3 if main else 1,
-                label=LABELS[method] if main else "earlier defaults and ablations (FEWSHOT.md)",
+                label=LABELS[method] if main else GREY,
             )
             handles.setdefault(drawn.get_label(), drawn)
         ax.set_xscale("log", base=2)
@@ -562,8 +563,7 @@ def plot(records: Sequence[dict[str, Any]], methods: Sequence[str], path: Path) 
         row[0].set_ylabel("test accuracy")
     for ax in cells[len(panels) :]:
         ax.axis("off")
-    grey = "earlier defaults and ablations (FEWSHOT.md)"
-    order = [LABELS[m] for m in PLOTTED if LABELS[m] in handles] + [grey] * (grey in handles)
+    order = [LABELS[m] for m in PLOTTED if LABELS[m] in handles] + [GREY] * (GREY in handles)
     fig.legend(
         [handles[label] for label in order], order, loc="lower center", ncol=4, fontsize=9, frameon=False
     )
@@ -573,10 +573,9 @@ def plot(records: Sequence[dict[str, Any]], methods: Sequence[str], path: Path) 
     return f"saved {path}"
 
 
-def write_outputs(out: Path, payload: dict[str, Any], methods: Sequence[str]) -> list[dict[str, Any]]:
+def write_outputs(out: Path, payload: dict[str, Any], methods: Sequence[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    rows = aggregate(payload["runs"])
-    payload["summary"] = rows
+    payload["summary"] = aggregate(payload["runs"])
     (out / "fewshot.json").write_text(json.dumps(payload, indent=2) + "\n")
     header = (
         f"# Few-shot benchmark\n\nBackbone: {payload['model']}; dev: at most {payload['dev_per_label']} "
@@ -584,7 +583,6 @@ def write_outputs(out: Path, payload: dict[str, Any], methods: Sequence[str]) ->
         f"torch threads: {payload['torch_threads']}."
     )
     (out / "fewshot.md").write_text(markdown(payload["runs"], methods, header) + "\n")
-    return rows
 
 
 # ------------------------------------------------------------------------------------------------ main
