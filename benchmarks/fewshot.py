@@ -328,7 +328,10 @@ def english_means(
     """(K, method) -> (mean accuracy over the English datasets, how many sets, how many runs each), over
     the same (dataset, seed) cells for every method compared at that K: the cells all of ``methods``
     with an English result at K ran (a method run on fewer sets or seeds would otherwise be compared on
-    other samples). Seeds are averaged per dataset first, so each dataset weighs the same."""
+    other samples). Where those share no cell, the method with the fewest runs (on ties the later one)
+    is left out until the rest share one: full fine-tuning run on banking77 alone, where SetFit never
+    ran, must not empty the comparison of the others. Seeds are averaged per dataset first, so each
+    dataset weighs the same."""
     acc: dict[tuple[str, int, int, str], float] = {
         run_key(record): float(record["accuracy"])
         for record in records
@@ -339,8 +342,11 @@ def english_means(
         ran = {m: {(d, s) for d, kk, s, mm in acc if kk == k and mm == m} for m in methods}
         present = [m for m in methods if ran[m]]
         common = set.intersection(*(ran[m] for m in present))
+        while not common:
+            present.remove(min(reversed(present), key=lambda m: len(ran[m])))
+            common = set.intersection(*(ran[m] for m in present))
         datasets = sorted({d for d, _ in common})
-        for method in present if common else []:
+        for method in present:
             per_set = [
                 statistics.fmean(acc[(d, k, s, method)] for dd, s in common if dd == d) for d in datasets
             ]
@@ -413,7 +419,7 @@ def _accuracy_table(records: Sequence[dict[str, Any]], methods: Sequence[str]) -
             note = f" ({'/'.join(str(s) for s in sorted(seeds))} seeds)" if len(seeds) > 1 else ""
             lines.append(f"| {dataset}{note} | {k} | " + " | ".join(acc(r) for r in found) + " |")
         english = [means.get((k, m)) for m in methods]
-        if any(e is not None for e in english):  # no cell that every column ran: nothing to compare
+        if any(e is not None for e in english):  # no English run at this K: nothing to compare
             lines.append(_mean_row("mean, English (the same runs)", k, english))
         pairs = {m: (v[(k, m)], v[(k, "default")]) for m, v in versus.items() if (k, m) in v}
         shrunk = any(pairs[m] != (means.get((k, m)), means.get((k, "default"))) for m in pairs)

@@ -165,21 +165,38 @@ def test_each_column_against_default_row_uses_every_run_the_two_have() -> None:
     assert "each column / default" not in fewshot.markdown(full, ["default", "probe", "setfit"], "# t")
 
 
-def test_same_runs_row_is_left_out_when_no_cell_has_every_column() -> None:
-    """SetFit on SST-2 only and the probe on TREC only share no cell: the all-methods row would be
-    dashes; the row of each column against the default still compares each on its own runs."""
+def test_a_column_sharing_no_cell_is_left_out_of_the_same_runs_row() -> None:
+    """Full fine-tuning on banking77 alone, where SetFit never ran, shares no cell with SetFit: it is
+    left out of the all-methods row (which compares the rest on their shared cells) and still compared
+    with the default on its own runs."""
     setfit = {"k": 8, "method": "setfit", "macro_f1": 0.9, "seconds": 1.0}
-    runs = [
+    runs = [r for r in _runs() if r["method"] != "setfit"]
+    runs += [{**setfit, "dataset": d, "seed": s, "accuracy": 0.9} for d in ("sst2", "trec") for s in (0, 1)]
+    banking = {"dataset": "banking77", "k": 8, "seed": 0, "macro_f1": 0.9, "seconds": 1.0}
+    runs += [
+        {**banking, "method": "default", "accuracy": 0.6},
+        {**banking, "method": "finetune", "accuracy": 0.7},
+    ]
+    methods = ["default", "probe", "setfit", "finetune"]
+    means = fewshot.english_means(runs, methods)
+    assert (8, "finetune") not in means
+    assert means[(8, "default")] == pytest.approx((0.8, 2, 4)) and means[(8, "setfit")] == pytest.approx(
+        (0.9, 2, 4)
+    )
+    md = fewshot.markdown(runs, methods, "# t")
+    assert (
+        "| **mean, English (the same runs)** | 8 | **0.800** (2 sets, 4 runs) | **0.750** (2 sets, 4 runs) | "
+        "**0.900** (2 sets, 4 runs) | – |" in md
+    )
+    assert md.count("**0.700** / 0.600 (1 set, 1 run)") == 1  # finetune against default on banking77
+    # Two columns of as many runs on different sets: the later one is left out.
+    disjoint = [
         r for r in _runs() if r["method"] == "default" or (r["method"] == "probe" and r["dataset"] == "trec")
     ]
-    runs += [{**setfit, "dataset": "sst2", "seed": s, "accuracy": 0.9} for s in (0, 1)]
-    md = fewshot.markdown(runs, ["default", "probe", "setfit"], "# t")
-    assert "mean, English (the same runs)" not in md
-    # default: sst2 0.65 / 0.75, trec 0.85 / 0.95; probe trec 0.80 / 0.90
-    assert (
-        "| **mean, English: each column / default (the runs the two have)** | 8 | – | "
-        "**0.850** / 0.900 (1 set, 2 runs) | **0.900** / 0.700 (1 set, 2 runs) |" in md
-    )
+    disjoint += [{**setfit, "dataset": "sst2", "seed": s, "accuracy": 0.9} for s in (0, 1)]
+    means = fewshot.english_means(disjoint, ["default", "probe", "setfit"])
+    # default: trec 0.85 / 0.95; probe trec 0.80 / 0.90
+    assert means == {(8, "default"): pytest.approx((0.9, 1, 2)), (8, "probe"): pytest.approx((0.85, 1, 2))}
 
 
 def test_ablations_get_their_own_table_beside_the_default() -> None:
