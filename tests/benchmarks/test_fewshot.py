@@ -195,8 +195,14 @@ def test_a_column_sharing_no_cell_is_left_out_of_the_same_runs_row() -> None:
     ]
     disjoint += [{**setfit, "dataset": "sst2", "seed": s, "accuracy": 0.9} for s in (0, 1)]
     means = fewshot.english_means(disjoint, ["default", "probe", "setfit"])
-    # default: trec 0.85 / 0.95; probe trec 0.80 / 0.90
+    # default: sst2 0.65 / 0.75, trec 0.85 / 0.95; probe trec 0.80 / 0.90
     assert means == {(8, "default"): pytest.approx((0.9, 1, 2)), (8, "probe"): pytest.approx((0.85, 1, 2))}
+    # Each column against the default still reads every run the two share.
+    assert (
+        "| **mean, English: each column / default (the runs the two have)** | 8 | – | "
+        "**0.850** / 0.900 (1 set, 2 runs) | **0.900** / 0.700 (1 set, 2 runs) |"
+        in fewshot.markdown(disjoint, ["default", "probe", "setfit"], "# t")
+    )
 
 
 def test_ablations_get_their_own_table_beside_the_default() -> None:
